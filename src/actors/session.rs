@@ -1,0 +1,338 @@
+//! Session (≈ Postfix's smtpd): one per connection. The actor holds the
+//! protocol state machine and the body being received, and talks to the
+//! AliasResolver, the spool writer and the QueueRunner. The socket is not
+//! here: each connection's I/O task ([`serve_connection`]) owns it, sends
+//! every frame to this actor, waits for the answer and writes it, so a
+//! client that stops reading stops being read, and timeouts live in plain
+//! `tokio::time`.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+use tokio_util::codec::Framed;
+
+use crate::actors::alias_resolver::{AliasResolver, Resolve};
+use crate::actors::queue_runner::{Enqueued, QueueRunner};
+use crate::protocol::codec::{Frame, SmtpCodec};
+use crate::protocol::command::{self, ReversePath};
+use crate::protocol::data::BareLineEnding;
+use crate::protocol::reply::{self, Reply};
+use crate::protocol::session::{
+    Action, ClientInfo, Event, MessageDraft, RcptDecision, SessionConfig, SessionMachine,
+};
+use crate::spool::{Delivery, DeliveryState, Envelope, IncomingBody, Spool};
+
+/// What every session shares.
+pub struct SessionDeps {
+    pub config: Arc<SessionConfig>,
+    pub limits: SessionLimits,
+    pub spool: Spool,
+    pub resolver: Addr<AliasResolver>,
+    pub queue_runner: Addr<QueueRunner>,
+}
+
+/// Timing and framing limits of the I/O task.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionLimits {
+    pub connect_limit: Duration,
+    pub command_timeout: Duration,
+    pub data_timeout: Duration,
+    pub bare_lf: BareLineEnding,
+    pub max_message_size: u64,
+}
+
+/// Input from the I/O task; answered with what to write.
+#[derive(Message)]
+#[rtype(result = "Response")]
+pub enum Input {
+    Connected,
+    Frame(Frame),
+    IdleTimeout,
+    ConnectLimit,
+}
+
+/// The connection is gone; drop whatever was being received.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Disconnected;
+
+/// What the I/O task should do.
+#[derive(Debug, Default)]
+pub struct Response {
+    pub replies: Vec<Reply>,
+    pub enter_data: bool,
+    pub close: bool,
+}
+
+pub struct Session {
+    machine: SessionMachine,
+    client: ClientInfo,
+    deps: Arc<SessionDeps>,
+    body: Option<IncomingBody>,
+    /// A write to the body file failed: the message must not be queued.
+    body_failed: Option<crate::spool::SpoolError>,
+}
+
+impl Session {
+    pub fn new(deps: Arc<SessionDeps>, client: ClientInfo) -> Self {
+        Session {
+            machine: SessionMachine::new(Arc::clone(&deps.config), client.clone()),
+            client,
+            deps,
+            body: None,
+            body_failed: None,
+        }
+    }
+
+    /// Runs the machine's actions in order. The two that wait on another
+    /// actor (Resolve, Commit) end the synchronous run; their answer is fed
+    /// back to the machine and the remaining actions continue from there.
+    fn run(
+        &mut self,
+        mut work: VecDeque<Action>,
+        mut out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        while let Some(action) = work.pop_front() {
+            match action {
+                Action::Reply(r) => out.replies.push(r),
+                Action::EnterData => out.enter_data = true,
+                Action::Close => out.close = true,
+                Action::AppendBody(bytes) => self.append(&bytes),
+                Action::DiscardBody => {
+                    self.body = None;
+                    self.body_failed = None;
+                }
+                Action::OpenBody => {
+                    let now = SystemTime::now();
+                    let result = match self.deps.spool.begin(now) {
+                        Ok(body) => {
+                            let id = body.id().to_string();
+                            self.body = Some(body);
+                            self.body_failed = None;
+                            Ok(id)
+                        }
+                        Err(e) => {
+                            tracing::error!("cannot start a queue file: {e}");
+                            Err(e.storage_failure())
+                        }
+                    };
+                    work.extend(self.machine.handle(Event::BodyOpened { result, now }));
+                }
+                Action::Resolve(address) => {
+                    let asked = self.deps.resolver.send(Resolve(address));
+                    return Box::pin(asked.into_actor(self).then(move |answer, act, _| {
+                        let decision = answer.unwrap_or_else(|e| {
+                            tracing::error!("alias resolver unavailable: {e}");
+                            RcptDecision::Refuse(reply::LOCAL_ERROR)
+                        });
+                        work.extend(act.machine.handle(Event::Resolved(decision)));
+                        act.run(work, out)
+                    }));
+                }
+                Action::Commit(draft) => return self.commit(*draft, work, out),
+            }
+        }
+        Box::pin(actix::fut::ready(out))
+    }
+
+    fn append(&mut self, bytes: &[u8]) {
+        if self.body_failed.is_some() {
+            return;
+        }
+        if let Some(body) = self.body.as_mut() {
+            if let Err(e) = body.append(bytes) {
+                tracing::error!("cannot write queue file: {e}");
+                self.body_failed = Some(e);
+            }
+        }
+    }
+
+    fn commit(
+        &mut self,
+        draft: MessageDraft,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        let body = self.body.take();
+        let failed = self.body_failed.take();
+        let (Some(body), None) = (body, failed.clone()) else {
+            let failure = failed
+                .map(|e| e.storage_failure())
+                .unwrap_or(crate::protocol::session::StorageFailure::Unavailable);
+            work.extend(self.machine.handle(Event::Committed(Err(failure))));
+            return self.run(work, out);
+        };
+        let envelope = envelope_from(draft, &self.client, SystemTime::now());
+        let pending = self.deps.spool.commit(body, envelope.clone()).wait();
+        Box::pin(pending.into_actor(self).then(move |result, act, _| {
+            let outcome = match result {
+                Ok(()) => {
+                    tracing::info!(
+                        queue_id = %envelope.id,
+                        client = %envelope.client_address,
+                        sender = %envelope.sender,
+                        recipients = envelope.deliveries.len(),
+                        size = envelope.size,
+                        "queued"
+                    );
+                    let id = envelope.id.clone();
+                    act.deps.queue_runner.do_send(Enqueued(Box::new(envelope)));
+                    Ok(id)
+                }
+                Err(e) => {
+                    tracing::error!(queue_id = %envelope.id, "cannot queue message: {e}");
+                    Err(e.storage_failure())
+                }
+            };
+            work.extend(act.machine.handle(Event::Committed(outcome)));
+            act.run(work, out)
+        }))
+    }
+}
+
+/// The envelope of a message whose data is complete.
+fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> Envelope {
+    let (sender, return_path) = match &draft.sender {
+        ReversePath::Null => (String::new(), String::new()),
+        ReversePath::Address(a) => (a.to_plain(), a.to_smtp()),
+    };
+    let deliveries = draft
+        .recipients
+        .iter()
+        .flat_map(|r| {
+            r.targets.iter().map(move |t| Delivery {
+                original_recipient: r.original.clone(),
+                recipient: t.recipient.clone(),
+                local: t.local.clone(),
+                extension: t.extension.clone(),
+                domain: t.domain.clone(),
+                target: t.target.clone(),
+                state: DeliveryState::Pending,
+                attempts: 0,
+                last_attempt: None,
+                last_error: String::new(),
+            })
+        })
+        .collect();
+    Envelope {
+        id: draft.id,
+        sender,
+        return_path,
+        arrival: now,
+        client_address: client.address.to_string(),
+        client_helo: draft.helo,
+        channel: client.channel.clone(),
+        size: draft.size,
+        smtputf8: draft.params.smtputf8,
+        body_8bit: draft.params.body_8bit,
+        held: false,
+        next_attempt: now,
+        deliveries,
+    }
+}
+
+impl Actor for Session {
+    type Context = Context<Self>;
+}
+
+impl Handler<Input> for Session {
+    type Result = ResponseActFuture<Self, Response>;
+
+    fn handle(&mut self, input: Input, _: &mut Self::Context) -> Self::Result {
+        let event = match input {
+            Input::Connected => Event::Connected,
+            Input::IdleTimeout => Event::IdleTimeout,
+            Input::ConnectLimit => Event::ConnectLimit,
+            Input::Frame(Frame::Line(line)) => Event::Command(command::parse(&line)),
+            Input::Frame(Frame::LineTooLong) => {
+                Event::Command(Err(command::CommandError::LineTooLong))
+            }
+            Input::Frame(Frame::Data(chunk)) => Event::DataChunk(chunk),
+            Input::Frame(Frame::DataEnd { size, too_big }) => Event::DataEnd { size, too_big },
+            Input::Frame(Frame::DataRejected) => Event::DataRejected,
+        };
+        let actions = self.machine.handle(event);
+        self.run(actions.into(), Response::default())
+    }
+}
+
+impl Handler<Disconnected> for Session {
+    type Result = ();
+
+    fn handle(&mut self, _: Disconnected, ctx: &mut Self::Context) {
+        self.body = None;
+        ctx.stop();
+    }
+}
+
+/// The connection's I/O task: reads frames, asks the session, writes the
+/// answers. Applies `connect_limit` (a hard deadline however busy the client
+/// is) and the idle timeouts.
+pub async fn serve_connection(stream: TcpStream, session: Addr<Session>, limits: SessionLimits) {
+    let deadline = Instant::now() + limits.connect_limit;
+    let mut framed = Framed::new(
+        stream,
+        SmtpCodec::new(limits.bare_lf, limits.max_message_size),
+    );
+    let mut input = Input::Connected;
+    loop {
+        let Ok(response) = session.send(input).await else {
+            // The session actor is gone: say so rather than hang up silently.
+            let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
+            break;
+        };
+        if response.enter_data {
+            framed.codec_mut().enter_data();
+        }
+        let more_commands_buffered =
+            !framed.codec().in_data() && framed.read_buffer().contains(&b'\n');
+        let flush = response.close || !more_commands_buffered;
+        if write_replies(&mut framed, response.replies, flush, limits)
+            .await
+            .is_err()
+            || response.close
+        {
+            break;
+        }
+        let idle = if framed.codec().in_data() {
+            limits.data_timeout
+        } else {
+            limits.command_timeout
+        };
+        input = tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => Input::ConnectLimit,
+            next = tokio::time::timeout(idle, framed.next()) => match next {
+                Err(_) => Input::IdleTimeout,
+                Ok(Some(Ok(frame))) => Input::Frame(frame),
+                Ok(None) | Ok(Some(Err(_))) => break,
+            },
+        };
+    }
+    session.do_send(Disconnected);
+}
+
+async fn write_replies(
+    framed: &mut Framed<TcpStream, SmtpCodec>,
+    replies: Vec<Reply>,
+    flush: bool,
+    limits: SessionLimits,
+) -> std::io::Result<()> {
+    let write = async {
+        for r in replies {
+            framed.feed(r).await?;
+        }
+        if flush {
+            framed.flush().await?;
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    // A client that never reads its replies must not hold the session forever.
+    tokio::time::timeout(limits.command_timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}

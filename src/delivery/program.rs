@@ -1,0 +1,417 @@
+//! Running an alias's program: `/bin/sh -c COMMAND` with a clean environment,
+//! in its own process group, as an unprivileged user when we are root, fed
+//! the message on stdin, killed (with everything it started) at the timeout.
+//! Its exit status becomes a [`DeliveryStatus`].
+
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::Command;
+
+/// Most of a program's output we keep for the log and the bounce.
+pub const OUTPUT_LIMIT: usize = 1024;
+/// The `PATH` programs get.
+pub const PROGRAM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+/// After the program exits, how long we still collect output that it (or a
+/// child holding its pipe) had written.
+const OUTPUT_GRACE: Duration = Duration::from_millis(100);
+
+/// sysexits.h codes that matter here.
+pub const EX_USAGE: i32 = 64;
+pub const EX_CONFIG: i32 = 78;
+pub const EX_OSERR: i32 = 71;
+pub const EX_TEMPFAIL: i32 = 75;
+
+/// The outcome of one delivery attempt, typed as temporary or permanent
+/// rather than passed around as a number.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeliveryStatus {
+    Delivered,
+    /// Try again later; the text says why.
+    Temporary(String),
+    /// Return to the sender; the text says why.
+    Permanent(String),
+}
+
+/// The user programs run as when mailnode runs as root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+/// Why the delivery user cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunAsError {
+    #[error("delivery user {0:?} does not exist")]
+    NoSuchUser(String),
+    #[error("delivery user {0:?} has uid 0 or gid 0; programs never run as root")]
+    Privileged(String),
+    #[error("cannot look up delivery user {0:?}: {1}")]
+    Lookup(String, String),
+}
+
+impl RunAs {
+    /// Whom programs should run as: `None` when we are not root (programs
+    /// run as we do); else `[delivery] user`, refused if it is privileged.
+    pub fn for_delivery_user(user: &str) -> Result<Option<RunAs>, RunAsError> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let found = nix::unistd::User::from_name(user)
+            .map_err(|e| RunAsError::Lookup(user.to_string(), e.to_string()))?
+            .ok_or_else(|| RunAsError::NoSuchUser(user.to_string()))?;
+        if found.uid.is_root() || found.gid.as_raw() == 0 {
+            return Err(RunAsError::Privileged(user.to_string()));
+        }
+        Ok(Some(RunAs {
+            name: found.name,
+            uid: found.uid.as_raw(),
+            gid: found.gid.as_raw(),
+            home: found.dir,
+        }))
+    }
+}
+
+/// One program to run.
+#[derive(Debug, Clone)]
+pub struct ProgramRequest {
+    pub command: String,
+    /// The contract's variables (`SENDER`, `RECIPIENT`, ...).
+    pub env: Vec<(String, String)>,
+    pub run_as: Option<RunAs>,
+    pub timeout: Duration,
+    /// `Return-Path:` and `Delivered-To:` lines, written before the body.
+    pub stdin_prefix: Vec<u8>,
+    /// The spooled message (LF line ends), copied to stdin after the prefix.
+    pub body_path: PathBuf,
+}
+
+/// How the program ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    Status(ExitStatus),
+    TimedOut,
+    SpawnFailed(String),
+}
+
+/// What running the program gave.
+#[derive(Debug, Clone)]
+pub struct ProgramOutcome {
+    pub exit: Exit,
+    /// The first [`OUTPUT_LIMIT`] bytes of stdout and stderr.
+    pub output: Vec<u8>,
+    pub duration: Duration,
+}
+
+impl ProgramOutcome {
+    /// The contract's mapping of the outcome.
+    pub fn status(&self) -> DeliveryStatus {
+        classify(&self.exit, &self.output)
+    }
+}
+
+/// Exit 0: delivered. 75, 71, a signal, the timeout, a failure to start and
+/// anything outside 64-78: temporary. The rest of 64-78: permanent.
+pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
+    let said = String::from_utf8_lossy(output).trim().to_string();
+    let with_output = |what: String| {
+        if said.is_empty() {
+            what
+        } else {
+            format!("{what}: {said}")
+        }
+    };
+    match exit {
+        Exit::TimedOut => DeliveryStatus::Temporary(with_output("program timed out".into())),
+        Exit::SpawnFailed(e) => DeliveryStatus::Temporary(format!("cannot run program: {e}")),
+        Exit::Status(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            match (status.code(), status.signal()) {
+                (Some(0), _) => DeliveryStatus::Delivered,
+                (Some(code), _) if code == EX_TEMPFAIL || code == EX_OSERR => {
+                    DeliveryStatus::Temporary(with_output(format!("program exited {code}")))
+                }
+                (Some(code), _) if (EX_USAGE..=EX_CONFIG).contains(&code) => {
+                    DeliveryStatus::Permanent(with_output(format!("program exited {code}")))
+                }
+                (Some(code), _) => {
+                    DeliveryStatus::Temporary(with_output(format!("program exited {code}")))
+                }
+                (None, Some(sig)) => DeliveryStatus::Temporary(with_output(format!(
+                    "program killed by signal {sig}"
+                ))),
+                (None, None) => {
+                    DeliveryStatus::Temporary(with_output("program ended oddly".into()))
+                }
+            }
+        }
+    }
+}
+
+/// Runs the program to its end or its timeout.
+pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
+    let started = Instant::now();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg(&request.command)
+        .env_clear()
+        .envs(request.env.iter().map(|(k, v)| (k, v)))
+        .env("PATH", PROGRAM_PATH)
+        .env("SHELL", "/bin/sh")
+        .env("LANG", "C.UTF-8")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        // Its own group, so the timeout can kill everything it started.
+        .process_group(0)
+        .kill_on_drop(true);
+    match &request.run_as {
+        Some(user) => {
+            // std drops supplementary groups (setgroups(0)) when we are root
+            // and set a uid: the program keeps only the user's own gid.
+            cmd.uid(user.uid)
+                .gid(user.gid)
+                .env("HOME", &user.home)
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name);
+        }
+        None => {
+            if let Ok(Some(me)) = nix::unistd::User::from_uid(nix::unistd::geteuid()) {
+                cmd.env("HOME", &me.dir)
+                    .env("USER", &me.name)
+                    .env("LOGNAME", &me.name);
+            }
+        }
+    }
+    let mut child = match cmd.spawn() {
+        Ok(c) => c,
+        Err(e) => {
+            return ProgramOutcome {
+                exit: Exit::SpawnFailed(e.to_string()),
+                output: Vec::new(),
+                duration: started.elapsed(),
+            }
+        }
+    };
+    let pgid = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
+    let stdin = child.stdin.take();
+    let feed = feed_stdin(
+        stdin,
+        request.stdin_prefix.clone(),
+        request.body_path.clone(),
+    );
+    let mut stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let mut output = Vec::new();
+
+    let waited = tokio::time::timeout(request.timeout, async {
+        let wait = child.wait();
+        tokio::pin!(wait);
+        tokio::pin!(feed);
+        let mut feeding = true;
+        loop {
+            tokio::select! {
+                status = &mut wait => return status,
+                _ = &mut feed, if feeding => feeding = false,
+                chunk = read_some(&mut stdout), if stdout.is_some() => keep(&mut output, &chunk),
+                chunk = read_some(&mut stderr), if stderr.is_some() => keep(&mut output, &chunk),
+            }
+        }
+    })
+    .await;
+
+    let exit = match waited {
+        Ok(Ok(status)) => {
+            // Output written just before exit may still be in the pipes.
+            let _ = tokio::time::timeout(OUTPUT_GRACE, async {
+                while stdout.is_some() || stderr.is_some() {
+                    tokio::select! {
+                        chunk = read_some(&mut stdout), if stdout.is_some() => keep(&mut output, &chunk),
+                        chunk = read_some(&mut stderr), if stderr.is_some() => keep(&mut output, &chunk),
+                    }
+                }
+            })
+            .await;
+            Exit::Status(status)
+        }
+        Ok(Err(e)) => Exit::SpawnFailed(e.to_string()),
+        Err(_) => {
+            if let Some(pgid) = pgid {
+                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+            }
+            let _ = child.wait().await;
+            Exit::TimedOut
+        }
+    };
+    ProgramOutcome {
+        exit,
+        output,
+        duration: started.elapsed(),
+    }
+}
+
+/// Reads one chunk from a pipe; clears the pipe at EOF. Everything is read,
+/// even past the limit, so a chatty program never blocks on a full pipe.
+async fn read_some<R: tokio::io::AsyncRead + Unpin>(pipe: &mut Option<R>) -> Vec<u8> {
+    let Some(reader) = pipe.as_mut() else {
+        return std::future::pending().await;
+    };
+    let mut buf = vec![0u8; 8192];
+    match reader.read(&mut buf).await {
+        Ok(0) | Err(_) => {
+            *pipe = None;
+            Vec::new()
+        }
+        Ok(n) => {
+            buf.truncate(n);
+            buf
+        }
+    }
+}
+
+/// Keeps output up to [`OUTPUT_LIMIT`].
+fn keep(output: &mut Vec<u8>, chunk: &[u8]) {
+    let room = OUTPUT_LIMIT.saturating_sub(output.len());
+    output.extend_from_slice(&chunk[..chunk.len().min(room)]);
+}
+
+/// Writes the prefix and the body to the program. A program that stops
+/// reading (or never starts) is not an error here: its exit status decides.
+async fn feed_stdin(stdin: Option<tokio::process::ChildStdin>, prefix: Vec<u8>, body: PathBuf) {
+    let Some(mut stdin) = stdin else { return };
+    if stdin.write_all(&prefix).await.is_err() {
+        return;
+    }
+    let Ok(mut file) = tokio::fs::File::open(&body).await else {
+        return;
+    };
+    let _ = tokio::io::copy(&mut file, &mut stdin).await;
+    let _ = stdin.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn exited(code: i32) -> Exit {
+        Exit::Status(ExitStatus::from_raw(code << 8))
+    }
+
+    #[test]
+    fn exit_status_mapping_follows_the_contract() {
+        assert_eq!(classify(&exited(0), b""), DeliveryStatus::Delivered);
+        for temp in [75, 71, 1, 2, 63, 79, 126, 127, 255] {
+            assert!(
+                matches!(classify(&exited(temp), b""), DeliveryStatus::Temporary(_)),
+                "exit {temp}"
+            );
+        }
+        for perm in [64, 65, 66, 67, 68, 69, 70, 72, 73, 74, 76, 77, 78] {
+            assert!(
+                matches!(classify(&exited(perm), b""), DeliveryStatus::Permanent(_)),
+                "exit {perm}"
+            );
+        }
+        let killed = Exit::Status(ExitStatus::from_raw(9));
+        assert!(matches!(
+            classify(&killed, b""),
+            DeliveryStatus::Temporary(_)
+        ));
+        assert!(matches!(
+            classify(&Exit::TimedOut, b""),
+            DeliveryStatus::Temporary(_)
+        ));
+        assert!(matches!(
+            classify(&Exit::SpawnFailed("x".into()), b""),
+            DeliveryStatus::Temporary(_)
+        ));
+    }
+
+    #[test]
+    fn diagnostics_carry_the_programs_words() {
+        assert_eq!(
+            classify(&exited(67), b"no such user\n"),
+            DeliveryStatus::Permanent("program exited 67: no such user".into())
+        );
+    }
+
+    fn request(command: &str, body: &std::path::Path, timeout: Duration) -> ProgramRequest {
+        ProgramRequest {
+            command: command.into(),
+            env: vec![("SENDER".into(), "s@example.org".into())],
+            run_as: None,
+            timeout,
+            stdin_prefix: b"Return-Path: <s@example.org>\n".to_vec(),
+            body_path: body.to_path_buf(),
+        }
+    }
+
+    #[tokio::test]
+    async fn program_gets_stdin_env_and_its_output_is_capped() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"Subject: t\n\nhi\n").unwrap();
+        let out = dir.path().join("out");
+        let cmd = format!(
+            "cat > {}; echo \"$SENDER:$PATH\"; head -c 5000 /dev/zero | tr '\\0' x",
+            out.display()
+        );
+        let outcome = run(&request(&cmd, &body, Duration::from_secs(10))).await;
+        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"Return-Path: <s@example.org>\nSubject: t\n\nhi\n".to_vec()
+        );
+        assert!(outcome
+            .output
+            .starts_with(format!("s@example.org:{PROGRAM_PATH}\n").as_bytes()));
+        assert_eq!(outcome.output.len(), OUTPUT_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn timeout_kills_the_whole_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        let pidfile = dir.path().join("child.pid");
+        // A child in the background that would outlive its parent.
+        let cmd = format!("sleep 30 & echo $! > {}; wait", pidfile.display());
+        let outcome = run(&request(&cmd, &body, Duration::from_millis(300))).await;
+        assert_eq!(outcome.exit, Exit::TimedOut);
+        assert!(outcome.duration < Duration::from_secs(10));
+        let pid: i32 = std::fs::read_to_string(&pidfile)
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        // The background child got SIGKILL too (it may linger as a zombie
+        // of init for a moment; poll until it is gone or a zombie).
+        let mut gone = false;
+        for _ in 0..100 {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            if stat.is_empty() || stat.contains(") Z ") {
+                gone = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(gone, "background child {pid} survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_program_that_ignores_stdin_is_judged_by_its_exit() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, vec![b'a'; 1 << 20]).unwrap();
+        let outcome = run(&request("exit 0", &body, Duration::from_secs(10))).await;
+        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        let outcome = run(&request("exit 67", &body, Duration::from_secs(10))).await;
+        assert!(matches!(outcome.status(), DeliveryStatus::Permanent(_)));
+    }
+}

@@ -1,0 +1,260 @@
+//! mailnode: a supervised SMTP mail node that accepts mail for the addresses
+//! in an aliases file and pipes each message into the program its alias
+//! names, keeping every accepted message in a durable queue until the
+//! program has taken it.
+//!
+//! The crate is also a library: [`Node::start`] runs a node in-process from a
+//! [`config::Config`] (port 0 works; [`NodeHandle::local_addrs`] tells the
+//! bound addresses), [`NodeHandle::stop`] releases the listeners while
+//! sessions finish, and [`NodeHandle::shutdown`] ends everything.
+
+pub mod access;
+pub mod actors;
+pub mod aliases;
+pub mod config;
+pub mod delivery;
+pub mod protocol;
+pub mod spool;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use actix::prelude::*;
+
+use actors::acceptor::Acceptor;
+use actors::alias_resolver::AliasResolver;
+use actors::delivery_worker::DeliveryWorker;
+use actors::queue_runner::{QueueCounts, QueueRunner, RetryPolicy};
+use actors::session::{SessionDeps, SessionLimits};
+use actors::supervisor::{Children, QueueStatus, ReloadAliases, StopIntake, Supervisor};
+use config::{BareLf, Config};
+use delivery::program::{RunAs, RunAsError};
+use protocol::data::BareLineEnding;
+use protocol::session::SessionConfig;
+use spool::{Spool, SpoolError, SpoolWriter};
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Aliases(#[from] aliases::LoadError),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    DeliveryUser(#[from] RunAsError),
+    #[error("cannot start the actor system: {0}")]
+    Runtime(String),
+}
+
+/// Starts nodes.
+pub struct Node;
+
+impl Node {
+    /// Loads the aliases, binds the listeners, opens the spool (picking up
+    /// what an earlier run left), starts the actors, and returns once the
+    /// node accepts connections.
+    pub fn start(config: Config) -> Result<NodeHandle, StartError> {
+        let loaded = aliases::load(&config.aliases.path)?;
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for addr in &config.smtp.listen {
+            let bind = |addr: &SocketAddr| {
+                let l = std::net::TcpListener::bind(addr)?;
+                l.set_nonblocking(true)?;
+                Ok::<_, std::io::Error>(l)
+            };
+            let listener = bind(addr).map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?;
+            addrs.push(listener.local_addr().map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?);
+            listeners.push(listener);
+        }
+        let (spool, writer) = Spool::open(&config.spool.path)?;
+        let report = spool.scan()?;
+        for damaged in &report.corrupt {
+            tracing::error!("{damaged}; moved to corrupt/");
+        }
+        if !report.envelopes.is_empty() || report.orphans_removed > 0 {
+            tracing::info!(
+                queued = report.envelopes.len(),
+                orphans_removed = report.orphans_removed,
+                "picked up the queue an earlier run left"
+            );
+        }
+
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let table = Arc::new(loaded.table);
+        let thread = std::thread::Builder::new()
+            .name("mailnode-actors".into())
+            .spawn(move || {
+                let system = System::new();
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+                let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+                let supervisor = system.block_on(async move {
+                    build_tree(
+                        config,
+                        spool,
+                        table,
+                        run_as,
+                        report.envelopes,
+                        listeners,
+                        handles,
+                    )
+                });
+                let _ = ready_tx.send((System::current(), supervisor));
+                let _ = system.run();
+                for arbiter in arbiters {
+                    arbiter.stop();
+                    let _ = arbiter.join();
+                }
+            })
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        let (system, supervisor) = ready_rx
+            .recv()
+            .map_err(|_| StartError::Runtime("actor system failed to start".into()))?;
+        Ok(NodeHandle {
+            addrs,
+            supervisor,
+            system,
+            thread: Some(thread),
+            writer: Some(writer),
+        })
+    }
+}
+
+fn build_tree(
+    config: Config,
+    spool: Spool,
+    table: Arc<aliases::AliasTable>,
+    run_as: Option<RunAs>,
+    recovered: Vec<spool::Envelope>,
+    listeners: Vec<std::net::TcpListener>,
+    arbiters: Vec<ArbiterHandle>,
+) -> Addr<Supervisor> {
+    let resolver =
+        AliasResolver::new(config.aliases.path.clone(), table, config.hostname.clone()).start();
+    let workers = arbiters
+        .iter()
+        .map(|arbiter| {
+            let spool = spool.clone();
+            let run_as = run_as.clone();
+            let timeout = config.delivery.timeout;
+            DeliveryWorker::start_in_arbiter(arbiter, move |_| {
+                DeliveryWorker::new(spool, run_as, timeout)
+            })
+        })
+        .collect();
+    let queue_runner = QueueRunner::new(
+        spool.clone(),
+        workers,
+        config.delivery.concurrency,
+        RetryPolicy {
+            retry_min: config.queue.retry_min,
+            retry_max: config.queue.retry_max,
+        },
+        recovered,
+    )
+    .start();
+    let smtp = &config.smtp;
+    let deps = Arc::new(SessionDeps {
+        config: Arc::new(SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: smtp.max_message_size,
+            max_recipients: smtp.max_recipients,
+            local_domains: smtp.local_domains.clone(),
+        }),
+        limits: SessionLimits {
+            connect_limit: smtp.connect_limit,
+            command_timeout: smtp.command_timeout,
+            data_timeout: smtp.data_timeout,
+            bare_lf: match smtp.bare_lf {
+                BareLf::Reject => BareLineEnding::Reject,
+                BareLf::Normalize => BareLineEnding::Normalize,
+            },
+            max_message_size: smtp.max_message_size,
+        },
+        spool,
+        resolver: resolver.clone(),
+        queue_runner: queue_runner.clone(),
+    });
+    let channels = config.access.channel.clone();
+    let channel_of = Arc::new(move |ip| access::channel_for(ip, &channels).to_string());
+    let acceptor = Acceptor::new(listeners, arbiters, deps, channel_of).start();
+    Supervisor::new(Children {
+        acceptor,
+        resolver,
+        queue_runner,
+    })
+    .start()
+}
+
+/// A running node.
+pub struct NodeHandle {
+    addrs: Vec<SocketAddr>,
+    supervisor: Addr<Supervisor>,
+    system: System,
+    thread: Option<JoinHandle<()>>,
+    writer: Option<SpoolWriter>,
+}
+
+impl NodeHandle {
+    /// The addresses SMTP listens on (with the real port when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Releases the listeners; sessions in progress finish.
+    pub fn stop(&self) {
+        self.supervisor.do_send(StopIntake);
+    }
+
+    /// Re-reads the aliases file; on failure the old table stays in force.
+    pub async fn reload_aliases(&self) -> Result<usize, String> {
+        self.supervisor
+            .send(ReloadAliases)
+            .await
+            .unwrap_or_else(|e| Err(format!("node not running: {e}")))
+    }
+
+    /// How many messages are queued, by state.
+    pub async fn queue_counts(&self) -> Option<QueueCounts> {
+        self.supervisor.send(QueueStatus).await.ok().flatten()
+    }
+
+    /// Ends everything and waits until every acknowledged change is on disk.
+    pub fn shutdown(mut self) {
+        self.shutdown_in_place();
+    }
+
+    fn shutdown_in_place(&mut self) {
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.join();
+        }
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.shutdown_in_place();
+    }
+}

@@ -1,0 +1,212 @@
+//! The `mailnode` command: the CLI over the library. `anyhow` lives only here.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+
+use mailnode::config::{self, Config, LogFormat};
+use mailnode::{aliases, Node};
+
+/// sysexits.h EX_CONFIG: the configuration or aliases are wrong.
+const EX_CONFIG: u8 = 78;
+/// Used when no `-c` is given and this file exists.
+const DEFAULT_CONFIG: &str = "config/mailnode.toml";
+
+#[derive(Parser)]
+#[command(
+    name = "mailnode",
+    version,
+    about = "An SMTP mail node that pipes mail into programs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(clap::Args)]
+struct Files {
+    /// Configuration file (default: config/mailnode.toml if it exists, else built-in defaults)
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Alternate aliases file
+    #[arg(short = 'a', long = "aliases")]
+    aliases: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the mail node
+    Serve {
+        #[command(flatten)]
+        files: Files,
+        /// Address to accept SMTP on (repeatable); replaces [smtp] listen
+        #[arg(long = "listen")]
+        listen: Vec<SocketAddr>,
+        /// Spool directory
+        #[arg(long = "spool")]
+        spool: Option<PathBuf>,
+        /// Control socket path
+        #[arg(long = "control")]
+        control: Option<PathBuf>,
+        /// Metrics address, or "off"
+        #[arg(long = "metrics")]
+        metrics: Option<String>,
+    },
+    /// Validate the configuration and the aliases, then exit
+    Check {
+        #[command(flatten)]
+        files: Files,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Cmd::Check { files } => match load(&files) {
+            Ok((_, warnings)) => {
+                for w in warnings {
+                    eprintln!("{w}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(problems) => report(problems),
+        },
+        Cmd::Serve {
+            files,
+            listen,
+            spool,
+            control,
+            metrics,
+        } => {
+            let (mut config, warnings) = match load(&files) {
+                Ok(loaded) => loaded,
+                Err(problems) => return report(problems),
+            };
+            if !listen.is_empty() {
+                config.smtp.listen = listen;
+            }
+            if let Some(spool) = spool {
+                config.spool.path = spool;
+            }
+            if let Some(control) = control {
+                config.control.socket = control;
+            }
+            if let Some(metrics) = metrics {
+                config.metrics.listen = match metrics.as_str() {
+                    "off" => None,
+                    addr => match addr.parse() {
+                        Ok(a) => Some(a),
+                        Err(_) => {
+                            eprintln!("--metrics: expected IP:PORT or \"off\", got {addr:?}");
+                            return ExitCode::from(64);
+                        }
+                    },
+                };
+            }
+            init_logging(&config);
+            for w in warnings {
+                tracing::warn!("{w}");
+            }
+            match serve(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e:#}");
+                    eprintln!("mailnode: {e:#}");
+                    ExitCode::from(
+                        if e.downcast_ref::<mailnode::StartError>()
+                            .is_some_and(|s| matches!(s, mailnode::StartError::Aliases(_)))
+                        {
+                            EX_CONFIG
+                        } else {
+                            1
+                        },
+                    )
+                }
+            }
+        }
+    }
+}
+
+fn report(problems: Vec<String>) -> ExitCode {
+    for p in problems {
+        eprintln!("{p}");
+    }
+    ExitCode::from(EX_CONFIG)
+}
+
+/// The configuration and the aliases file, checked; or every problem as a
+/// `FILE:LINE: message` line. Warnings come back with the config.
+fn load(files: &Files) -> Result<(Config, Vec<String>), Vec<String>> {
+    let config_path = files.config.clone().or_else(|| {
+        let default = Path::new(DEFAULT_CONFIG);
+        default.exists().then(|| default.to_path_buf())
+    });
+    let mut config = match &config_path {
+        Some(path) => config::load(path)
+            .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?,
+        None => Config::default(),
+    };
+    if let Some(aliases) = &files.aliases {
+        config.aliases.path = aliases.clone();
+    }
+    match aliases::load(&config.aliases.path) {
+        Ok(loaded) => Ok((
+            config,
+            loaded.warnings.iter().map(ToString::to_string).collect(),
+        )),
+        Err(aliases::LoadError::Invalid(errors)) => {
+            Err(errors.iter().map(ToString::to_string).collect())
+        }
+        Err(e) => Err(vec![e.to_string()]),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::new(format!(
+        "{},actix=warn,actix_rt=warn",
+        config.log.level.as_str()
+    ));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log.format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
+fn serve(config: Config) -> anyhow::Result<()> {
+    let node = Node::start(config).context("cannot start")?;
+    for addr in node.local_addrs() {
+        tracing::info!(%addr, "listening for SMTP");
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the signal runtime")?;
+    runtime.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                _ = hup.recv() => {
+                    if let Ok(n) = node.reload_aliases().await {
+                        tracing::info!(aliases = n, "SIGHUP: aliases reloaded");
+                    }
+                }
+            }
+        }
+        Ok::<(), anyhow::Error>(())
+    })?;
+    tracing::info!("shutting down");
+    node.shutdown();
+    Ok(())
+}

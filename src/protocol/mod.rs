@@ -1,0 +1,8 @@
+//! SMTP, free of I/O: command parsing, the DATA reader, replies, the session
+//! state machine, and the codec that frames a byte stream for them.
+
+pub mod codec;
+pub mod command;
+pub mod data;
+pub mod reply;
+pub mod session;

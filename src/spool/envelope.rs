@@ -1,0 +1,401 @@
+//! The on-disk envelope: a versioned, length-prefixed binary record with a
+//! checksum. No client-supplied byte is ever read as structure here (Exim's
+//! 21Nails bugs came from a text format clients could forge): every field is
+//! a counted string or a fixed-width number, in a fixed order.
+//!
+//! Layout: `MNQE` magic, u16 version, fields, CRC-32 of everything before it.
+//! Integers are little-endian; strings are a u32 length and UTF-8 bytes.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::aliases::Target;
+
+const MAGIC: &[u8; 4] = b"MNQE";
+const VERSION: u16 = 1;
+/// No field of a sane envelope comes near this; a larger length is damage.
+const MAX_FIELD: usize = 1 << 20;
+
+/// The fate of one delivery so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliveryState {
+    /// Not yet delivered; will be attempted (again).
+    Pending,
+    /// The program took it (exit 0) or the relay accepted it.
+    Delivered,
+    /// Failed permanently; to be returned to the sender.
+    Failed,
+}
+
+/// One recipient target of one message, tracked on its own: a retry never
+/// runs a program again for a delivery that already succeeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub original_recipient: String,
+    pub recipient: String,
+    pub local: String,
+    pub extension: String,
+    pub domain: String,
+    pub target: Target,
+    pub state: DeliveryState,
+    pub attempts: u32,
+    pub last_attempt: Option<SystemTime>,
+    pub last_error: String,
+}
+
+/// A queued message's envelope.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub id: String,
+    /// Plain form (quoting undone); empty for `<>`.
+    pub sender: String,
+    /// RFC 5321 form for `Return-Path: <...>`; empty for `<>`.
+    pub return_path: String,
+    pub arrival: SystemTime,
+    pub client_address: String,
+    pub client_helo: String,
+    pub channel: String,
+    pub size: u64,
+    pub smtputf8: bool,
+    pub body_8bit: bool,
+    /// Parked: not attempted until released.
+    pub held: bool,
+    pub next_attempt: SystemTime,
+    pub deliveries: Vec<Delivery>,
+}
+
+impl Envelope {
+    /// Deliveries still to be attempted.
+    pub fn pending(&self) -> impl Iterator<Item = (usize, &Delivery)> {
+        self.deliveries
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| d.state == DeliveryState::Pending)
+    }
+
+    /// `DELIVERY_ID`: stable across retries of one delivery of one message.
+    pub fn delivery_id(&self, index: usize) -> String {
+        format!("{}.{}", self.id, index)
+    }
+}
+
+/// Why bytes are not an envelope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("not an envelope (bad magic)")]
+    BadMagic,
+    #[error("unsupported envelope version {0}")]
+    BadVersion(u16),
+    #[error("envelope checksum mismatch")]
+    BadChecksum,
+    #[error("envelope truncated")]
+    Truncated,
+    #[error("envelope field too long")]
+    TooLong,
+    #[error("envelope field is not UTF-8")]
+    BadUtf8,
+    #[error("envelope has an unknown {0} tag")]
+    BadTag(&'static str),
+    #[error("envelope has trailing bytes")]
+    Trailing,
+}
+
+/// Serialises an envelope.
+pub fn encode(env: &Envelope) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(256));
+    w.0.extend_from_slice(MAGIC);
+    w.0.extend_from_slice(&VERSION.to_le_bytes());
+    w.str(&env.id);
+    w.str(&env.sender);
+    w.str(&env.return_path);
+    w.time(Some(env.arrival));
+    w.str(&env.client_address);
+    w.str(&env.client_helo);
+    w.str(&env.channel);
+    w.u64(env.size);
+    w.flag(env.smtputf8);
+    w.flag(env.body_8bit);
+    w.flag(env.held);
+    w.time(Some(env.next_attempt));
+    w.u32(env.deliveries.len() as u32);
+    for d in &env.deliveries {
+        w.str(&d.original_recipient);
+        w.str(&d.recipient);
+        w.str(&d.local);
+        w.str(&d.extension);
+        w.str(&d.domain);
+        match &d.target {
+            Target::Pipe { command } => {
+                w.u8(1);
+                w.str(command);
+            }
+            Target::Forward { address } => {
+                w.u8(2);
+                w.str(address);
+            }
+        }
+        w.u8(match d.state {
+            DeliveryState::Pending => 0,
+            DeliveryState::Delivered => 1,
+            DeliveryState::Failed => 2,
+        });
+        w.u32(d.attempts);
+        w.time(d.last_attempt);
+        w.str(&d.last_error);
+    }
+    let crc = crc32fast::hash(&w.0);
+    w.u32(crc);
+    w.0
+}
+
+/// Parses an envelope, refusing anything damaged.
+pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
+    if bytes.len() < MAGIC.len() + 2 + 4 {
+        return Err(EnvelopeError::Truncated);
+    }
+    if &bytes[..4] != MAGIC {
+        return Err(EnvelopeError::BadMagic);
+    }
+    let (body, crc) = bytes.split_at(bytes.len() - 4);
+    let version = u16::from_le_bytes([bytes[4], bytes[5]]);
+    if version != VERSION {
+        return Err(EnvelopeError::BadVersion(version));
+    }
+    let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
+    if crc32fast::hash(body) != stored {
+        return Err(EnvelopeError::BadChecksum);
+    }
+    let mut r = Reader {
+        bytes: &body[6..],
+        pos: 0,
+    };
+    let id = r.str()?;
+    let sender = r.str()?;
+    let return_path = r.str()?;
+    let arrival = r.time()?.unwrap_or(UNIX_EPOCH);
+    let client_address = r.str()?;
+    let client_helo = r.str()?;
+    let channel = r.str()?;
+    let size = r.u64()?;
+    let smtputf8 = r.flag()?;
+    let body_8bit = r.flag()?;
+    let held = r.flag()?;
+    let next_attempt = r.time()?.unwrap_or(UNIX_EPOCH);
+    let count = r.u32()? as usize;
+    let mut deliveries = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
+        let original_recipient = r.str()?;
+        let recipient = r.str()?;
+        let local = r.str()?;
+        let extension = r.str()?;
+        let domain = r.str()?;
+        let target = match r.u8()? {
+            1 => Target::Pipe { command: r.str()? },
+            2 => Target::Forward { address: r.str()? },
+            _ => return Err(EnvelopeError::BadTag("target")),
+        };
+        let state = match r.u8()? {
+            0 => DeliveryState::Pending,
+            1 => DeliveryState::Delivered,
+            2 => DeliveryState::Failed,
+            _ => return Err(EnvelopeError::BadTag("state")),
+        };
+        deliveries.push(Delivery {
+            original_recipient,
+            recipient,
+            local,
+            extension,
+            domain,
+            target,
+            state,
+            attempts: r.u32()?,
+            last_attempt: r.time()?,
+            last_error: r.str()?,
+        });
+    }
+    if r.pos != r.bytes.len() {
+        return Err(EnvelopeError::Trailing);
+    }
+    Ok(Envelope {
+        id,
+        sender,
+        return_path,
+        arrival,
+        client_address,
+        client_helo,
+        channel,
+        size,
+        smtputf8,
+        body_8bit,
+        held,
+        next_attempt,
+        deliveries,
+    })
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn u8(&mut self, v: u8) {
+        self.0.push(v);
+    }
+    fn flag(&mut self, v: bool) {
+        self.0.push(u8::from(v));
+    }
+    fn u32(&mut self, v: u32) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn u64(&mut self, v: u64) {
+        self.0.extend_from_slice(&v.to_le_bytes());
+    }
+    fn str(&mut self, s: &str) {
+        // Fields are bounded at intake (512-octet commands, 1 KiB of program
+        // output); clamping here keeps the record decodable whatever happens.
+        let bytes = &s.as_bytes()[..s.len().min(MAX_FIELD)];
+        self.u32(bytes.len() as u32);
+        self.0.extend_from_slice(bytes);
+    }
+    /// Microseconds since the epoch; u64::MAX for "none".
+    fn time(&mut self, t: Option<SystemTime>) {
+        let v = match t {
+            None => u64::MAX,
+            Some(t) => t
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_micros().min(u128::from(u64::MAX - 1)) as u64)
+                .unwrap_or(0),
+        };
+        self.u64(v);
+    }
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], EnvelopeError> {
+        let end = self.pos.checked_add(n).ok_or(EnvelopeError::Truncated)?;
+        let s = self
+            .bytes
+            .get(self.pos..end)
+            .ok_or(EnvelopeError::Truncated)?;
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, EnvelopeError> {
+        Ok(self.take(1)?[0])
+    }
+    fn flag(&mut self) -> Result<bool, EnvelopeError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(EnvelopeError::BadTag("flag")),
+        }
+    }
+    fn u32(&mut self) -> Result<u32, EnvelopeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    }
+    fn u64(&mut self) -> Result<u64, EnvelopeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+    fn str(&mut self) -> Result<String, EnvelopeError> {
+        let len = self.u32()? as usize;
+        if len > MAX_FIELD {
+            return Err(EnvelopeError::TooLong);
+        }
+        let b = self.take(len)?;
+        String::from_utf8(b.to_vec()).map_err(|_| EnvelopeError::BadUtf8)
+    }
+    fn time(&mut self) -> Result<Option<SystemTime>, EnvelopeError> {
+        Ok(match self.u64()? {
+            u64::MAX => None,
+            v => Some(UNIX_EPOCH + Duration::from_micros(v)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> Envelope {
+        let t = UNIX_EPOCH + Duration::from_micros(1_790_000_000_123_456);
+        Envelope {
+            id: "0123456789ABCDE".into(),
+            sender: "a \"b\"@example.org".into(),
+            return_path: "\"a \\\"b\\\"\"@example.org".into(),
+            arrival: t,
+            client_address: "127.0.0.1".into(),
+            client_helo: "$(touch /tmp/x)".into(),
+            channel: "local".into(),
+            size: 4096,
+            smtputf8: true,
+            body_8bit: false,
+            held: false,
+            next_attempt: t + Duration::from_secs(60),
+            deliveries: vec![
+                Delivery {
+                    original_recipient: "team+x@example.org".into(),
+                    recipient: "team+x@example.org".into(),
+                    local: "team".into(),
+                    extension: "x".into(),
+                    domain: "example.org".into(),
+                    target: Target::Pipe {
+                        command: "/bin/cat > /dev/null".into(),
+                    },
+                    state: DeliveryState::Delivered,
+                    attempts: 1,
+                    last_attempt: Some(t),
+                    last_error: String::new(),
+                },
+                Delivery {
+                    original_recipient: "team+x@example.org".into(),
+                    recipient: "ops@example.org".into(),
+                    local: "ops".into(),
+                    extension: String::new(),
+                    domain: "example.org".into(),
+                    target: Target::Forward {
+                        address: "oncall@partner.example".into(),
+                    },
+                    state: DeliveryState::Pending,
+                    attempts: 0,
+                    last_attempt: None,
+                    last_error: "exit 75: try later\nsecond line".into(),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn round_trip() {
+        let env = sample();
+        assert_eq!(decode(&encode(&env)), Ok(env));
+    }
+
+    #[test]
+    fn every_truncation_and_every_flipped_byte_is_refused() {
+        let bytes = encode(&sample());
+        for len in 0..bytes.len() {
+            assert!(decode(&bytes[..len]).is_err(), "truncated to {len}");
+        }
+        for i in 0..bytes.len() {
+            let mut damaged = bytes.clone();
+            damaged[i] ^= 0x40;
+            assert!(decode(&damaged).is_err(), "flipped byte {i}");
+        }
+    }
+
+    #[test]
+    fn other_versions_are_refused_by_name() {
+        let mut bytes = encode(&sample());
+        bytes[4] = 9;
+        let n = bytes.len();
+        let crc = crc32fast::hash(&bytes[..n - 4]).to_le_bytes();
+        bytes[n - 4..].copy_from_slice(&crc);
+        assert_eq!(decode(&bytes), Err(EnvelopeError::BadVersion(9)));
+    }
+}

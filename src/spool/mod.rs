@@ -1,0 +1,535 @@
+//! The durable queue. Its promise: `250` means the message survives kill -9
+//! and power loss; no file is ever half-visible; each delivery's fate is
+//! recorded on its own.
+//!
+//! Layout under the spool directory:
+//! - `lock`: held exclusively by the one queue runner (`serve` or `runq`);
+//! - `incoming/ID.msg`: a body being received (never acknowledged, so
+//!   start-up deletes whatever is left here);
+//! - `queue/ID.msg` + `queue/ID.env`: a queued message; the envelope's
+//!   rename into `queue/` is the commit point;
+//! - `corrupt/`: damaged envelopes moved aside for an operator, never
+//!   silently deleted.
+
+pub mod envelope;
+pub mod id;
+mod writer;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use crossbeam_channel::Sender;
+use tokio::sync::oneshot;
+
+pub use envelope::{Delivery, DeliveryState, Envelope, EnvelopeError};
+
+use crate::protocol::session::StorageFailure;
+use writer::Job;
+
+/// What can go wrong with the spool.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpoolError {
+    #[error("{context}: {message}")]
+    Io {
+        context: String,
+        message: String,
+        /// The file system is full (ENOSPC, EDQUOT).
+        full: bool,
+    },
+    #[error("spool {} is in use by another mailnode queue runner (serve or runq)", .0.display())]
+    Locked(PathBuf),
+    #[error("queue file {0} not found")]
+    NotFound(String),
+    #[error("queue file {id} is damaged: {reason}")]
+    Corrupt { id: String, reason: EnvelopeError },
+    #[error("the spool writer thread has stopped")]
+    WriterGone,
+}
+
+impl SpoolError {
+    pub(crate) fn io(context: impl Into<String>, e: std::io::Error) -> Self {
+        let full = matches!(
+            e.raw_os_error(),
+            Some(code) if code == nix::errno::Errno::ENOSPC as i32
+                || code == nix::errno::Errno::EDQUOT as i32
+        );
+        SpoolError::Io {
+            context: context.into(),
+            message: e.to_string(),
+            full,
+        }
+    }
+
+    /// How a client hears of it: 452 4.3.1 when the disk is full, else 451 4.3.0.
+    pub fn storage_failure(&self) -> StorageFailure {
+        match self {
+            SpoolError::Io { full: true, .. } => StorageFailure::Full,
+            _ => StorageFailure::Unavailable,
+        }
+    }
+}
+
+/// A message body being received into `incoming/`. Dropped without a
+/// successful commit, it removes its files: a message that was never
+/// acknowledged leaves nothing behind.
+#[derive(Debug)]
+pub struct IncomingBody {
+    id: String,
+    path: PathBuf,
+    envelope_path: Option<PathBuf>,
+    file: Option<BufWriter<File>>,
+    committed: bool,
+}
+
+impl IncomingBody {
+    /// The queue id the message will have.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn set_envelope_path(&mut self, path: PathBuf) {
+        self.envelope_path = Some(path);
+    }
+
+    /// Appends content.
+    pub fn append(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
+        match self.file.as_mut() {
+            Some(f) => f
+                .write_all(bytes)
+                .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e)),
+            None => Err(SpoolError::WriterGone),
+        }
+    }
+
+    fn flush_and_sync(&mut self) -> Result<(), SpoolError> {
+        let context = || format!("fsync {}", self.path.display());
+        let file = self.file.take().ok_or(SpoolError::WriterGone)?;
+        let file = file
+            .into_inner()
+            .map_err(|e| SpoolError::io(context(), e.into_error()))?;
+        file.sync_data().map_err(|e| SpoolError::io(context(), e))
+    }
+
+    fn mark_committed(&mut self) {
+        self.committed = true;
+    }
+}
+
+impl Drop for IncomingBody {
+    fn drop(&mut self) {
+        if !self.committed {
+            self.file = None;
+            let _ = fs::remove_file(&self.path);
+            if let Some(env) = &self.envelope_path {
+                let _ = fs::remove_file(env);
+            }
+        }
+    }
+}
+
+struct Inner {
+    root: PathBuf,
+    incoming: PathBuf,
+    queue: PathBuf,
+    corrupt: PathBuf,
+    jobs: Sender<Job>,
+    _lock: File,
+}
+
+/// A handle on an open spool; cheap to clone and shared by all actors.
+#[derive(Clone)]
+pub struct Spool {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Spool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Spool")
+            .field("root", &self.inner.root)
+            .finish()
+    }
+}
+
+/// The writer thread; join it after the last [`Spool`] handle is dropped to
+/// be sure every acknowledged change reached the disk.
+pub struct SpoolWriter {
+    thread: Option<JoinHandle<()>>,
+}
+
+impl SpoolWriter {
+    /// Waits for the writer to finish its last batch.
+    pub fn join(mut self) {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// What `scan` found in `queue/`.
+#[derive(Debug, Default)]
+pub struct ScanReport {
+    pub envelopes: Vec<Envelope>,
+    /// Damaged envelopes, moved to `corrupt/`.
+    pub corrupt: Vec<SpoolError>,
+    /// Bodies without an envelope (never acknowledged), removed.
+    pub orphans_removed: usize,
+}
+
+impl Spool {
+    /// Opens (creating if needed) the spool at `root`, takes its lock,
+    /// clears `incoming/` and starts the writer thread.
+    pub fn open(root: &Path) -> Result<(Spool, SpoolWriter), SpoolError> {
+        let incoming = root.join("incoming");
+        let queue = root.join("queue");
+        let corrupt = root.join("corrupt");
+        for dir in [root, &incoming, &queue, &corrupt] {
+            fs::create_dir_all(dir)
+                .map_err(|e| SpoolError::io(format!("create {}", dir.display()), e))?;
+        }
+        let lock_path = root.join("lock");
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&lock_path)
+            .map_err(|e| SpoolError::io(format!("open {}", lock_path.display()), e))?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(SpoolError::Locked(root.to_path_buf()))
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(SpoolError::io(format!("lock {}", lock_path.display()), e))
+            }
+        }
+        // Whatever is in incoming/ was never acknowledged to a client.
+        remove_all_files(&incoming)?;
+        let (jobs, rx) = crossbeam_channel::unbounded();
+        let dirs = writer::Dirs {
+            incoming: incoming.clone(),
+            queue: queue.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("spool-writer".into())
+            .spawn(move || writer::run(rx, dirs))
+            .map_err(|e| SpoolError::io("start spool writer thread", e))?;
+        let spool = Spool {
+            inner: Arc::new(Inner {
+                root: root.to_path_buf(),
+                incoming,
+                queue,
+                corrupt,
+                jobs,
+                _lock: lock,
+            }),
+        };
+        Ok((
+            spool,
+            SpoolWriter {
+                thread: Some(thread),
+            },
+        ))
+    }
+
+    /// The spool directory.
+    pub fn root(&self) -> &Path {
+        &self.inner.root
+    }
+
+    /// Starts receiving a new message: allocates its id and body file.
+    pub fn begin(&self, now: SystemTime) -> Result<IncomingBody, SpoolError> {
+        loop {
+            let id = id::new_id(now);
+            if self.inner.queue.join(format!("{id}.env")).exists() {
+                continue;
+            }
+            let path = self.inner.incoming.join(format!("{id}.msg"));
+            match OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(f) => {
+                    return Ok(IncomingBody {
+                        id,
+                        path,
+                        envelope_path: None,
+                        file: Some(BufWriter::with_capacity(64 * 1024, f)),
+                        committed: false,
+                    })
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(SpoolError::io(format!("create {}", path.display()), e)),
+            }
+        }
+    }
+
+    fn submit(&self, make: impl FnOnce(writer::Reply) -> Job) -> Pending {
+        let (tx, rx) = oneshot::channel();
+        // If the writer is gone, the job (and its reply sender) drops, and
+        // the receiver reports WriterGone.
+        let _ = self.inner.jobs.send(make(tx));
+        Pending(rx)
+    }
+
+    /// Makes a received message durable. Resolves once body, envelope and
+    /// directory are fsynced: only then may the client hear `250`.
+    pub fn commit(&self, body: IncomingBody, envelope: Envelope) -> Pending {
+        self.submit(|reply| Job::Commit {
+            body,
+            envelope: Box::new(envelope),
+            reply,
+        })
+    }
+
+    /// Durably replaces a queued message's envelope.
+    pub fn update(&self, envelope: Envelope) -> Pending {
+        self.submit(|reply| Job::Update {
+            envelope: Box::new(envelope),
+            reply,
+        })
+    }
+
+    /// Removes a message from the queue.
+    pub fn remove(&self, id: &str) -> Pending {
+        let id = id.to_string();
+        self.submit(|reply| Job::Remove { id, reply })
+    }
+
+    /// Where a queued message's body is.
+    pub fn body_path(&self, id: &str) -> PathBuf {
+        self.inner.queue.join(format!("{id}.msg"))
+    }
+
+    /// Reads one queued envelope.
+    pub fn read_envelope(&self, id: &str) -> Result<Envelope, SpoolError> {
+        if !id::is_valid_id(id) {
+            return Err(SpoolError::NotFound(id.to_string()));
+        }
+        let path = self.inner.queue.join(format!("{id}.env"));
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(SpoolError::NotFound(id.to_string()))
+            }
+            Err(e) => return Err(SpoolError::io(format!("read {}", path.display()), e)),
+        };
+        envelope::decode(&bytes).map_err(|reason| SpoolError::Corrupt {
+            id: id.to_string(),
+            reason,
+        })
+    }
+
+    /// Reads every queued envelope (start-up). Removes leftovers of crashes:
+    /// bodies without envelopes and half-written envelope updates; moves
+    /// damaged envelopes to `corrupt/`.
+    pub fn scan(&self) -> Result<ScanReport, SpoolError> {
+        let queue = &self.inner.queue;
+        let entries = fs::read_dir(queue)
+            .map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
+        let mut envelope_ids = Vec::new();
+        let mut body_ids = Vec::new();
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".env") {
+                envelope_ids.push(id.to_string());
+            } else if let Some(id) = name.strip_suffix(".msg") {
+                body_ids.push(id.to_string());
+            } else if name.ends_with(".env.tmp") {
+                let _ = fs::remove_file(entry.path());
+            }
+        }
+        envelope_ids.sort();
+        let mut report = ScanReport::default();
+        for id in &body_ids {
+            if envelope_ids.binary_search(id).is_err() {
+                let _ = fs::remove_file(queue.join(format!("{id}.msg")));
+                report.orphans_removed += 1;
+            }
+        }
+        body_ids.sort();
+        for id in envelope_ids {
+            let damaged = match self.read_envelope(&id) {
+                Ok(env) if body_ids.binary_search(&id).is_ok() => {
+                    report.envelopes.push(env);
+                    continue;
+                }
+                Ok(_) => SpoolError::Corrupt {
+                    id: id.clone(),
+                    reason: EnvelopeError::Truncated,
+                },
+                Err(e) => e,
+            };
+            for ext in ["env", "msg"] {
+                let from = queue.join(format!("{id}.{ext}"));
+                if from.exists() {
+                    let _ = fs::rename(&from, self.inner.corrupt.join(format!("{id}.{ext}")));
+                }
+            }
+            report.corrupt.push(damaged);
+        }
+        Ok(report)
+    }
+}
+
+/// The answer to a writer job.
+#[must_use = "the change is durable only once this resolves to Ok"]
+pub struct Pending(oneshot::Receiver<Result<(), SpoolError>>);
+
+impl Pending {
+    /// Waits asynchronously.
+    pub async fn wait(self) -> Result<(), SpoolError> {
+        self.0.await.unwrap_or(Err(SpoolError::WriterGone))
+    }
+
+    /// Waits on a thread that is not running async tasks (`runq`, tests).
+    pub fn wait_blocking(self) -> Result<(), SpoolError> {
+        self.0
+            .blocking_recv()
+            .unwrap_or(Err(SpoolError::WriterGone))
+    }
+}
+
+fn remove_all_files(dir: &Path) -> Result<(), SpoolError> {
+    let entries =
+        fs::read_dir(dir).map_err(|e| SpoolError::io(format!("read {}", dir.display()), e))?;
+    for entry in entries.flatten() {
+        let _ = fs::remove_file(entry.path());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aliases::Target;
+
+    fn envelope_for(id: &str) -> Envelope {
+        Envelope {
+            id: id.to_string(),
+            sender: "a@example.org".into(),
+            return_path: "a@example.org".into(),
+            arrival: SystemTime::now(),
+            client_address: "127.0.0.1".into(),
+            client_helo: "client".into(),
+            channel: "local".into(),
+            size: 5,
+            smtputf8: false,
+            body_8bit: false,
+            held: false,
+            next_attempt: SystemTime::now(),
+            deliveries: vec![Delivery {
+                original_recipient: "x@example.org".into(),
+                recipient: "x@example.org".into(),
+                local: "x".into(),
+                extension: String::new(),
+                domain: "example.org".into(),
+                target: Target::Pipe {
+                    command: "cat".into(),
+                },
+                state: DeliveryState::Pending,
+                attempts: 0,
+                last_attempt: None,
+                last_error: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn commit_makes_body_and_envelope_visible_together() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(dir.path()).unwrap();
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(b"hello\n").unwrap();
+        let id = body.id().to_string();
+        spool
+            .commit(body, envelope_for(&id))
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(fs::read(spool.body_path(&id)).unwrap(), b"hello\n".to_vec());
+        assert_eq!(spool.read_envelope(&id).unwrap().id, id);
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
+
+        let mut env = spool.read_envelope(&id).unwrap();
+        env.deliveries[0].state = DeliveryState::Delivered;
+        spool.update(env.clone()).wait_blocking().unwrap();
+        assert_eq!(spool.read_envelope(&id).unwrap(), env);
+
+        spool.remove(&id).wait_blocking().unwrap();
+        assert!(matches!(
+            spool.read_envelope(&id),
+            Err(SpoolError::NotFound(_))
+        ));
+        drop(spool);
+        writer.join();
+    }
+
+    #[test]
+    fn a_dropped_body_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _writer) = Spool::open(dir.path()).unwrap();
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(b"partial").unwrap();
+        drop(body);
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn second_opener_is_refused_while_the_first_holds_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, _w) = Spool::open(dir.path()).unwrap();
+        assert!(matches!(
+            Spool::open(dir.path()),
+            Err(SpoolError::Locked(_))
+        ));
+        drop(first);
+    }
+
+    #[test]
+    fn scan_recovers_queued_and_cleans_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let id;
+        {
+            let (spool, writer) = Spool::open(dir.path()).unwrap();
+            let body = spool.begin(SystemTime::now()).unwrap();
+            id = body.id().to_string();
+            spool
+                .commit(body, envelope_for(&id))
+                .wait_blocking()
+                .unwrap();
+            drop(spool);
+            writer.join();
+        }
+        let queue = dir.path().join("queue");
+        fs::write(dir.path().join("incoming/LEFTOVER.msg"), b"x").unwrap();
+        fs::write(queue.join("0000000000000ZZ.msg"), b"orphan").unwrap();
+        fs::write(queue.join("0000000000001ZZ.env"), b"garbage").unwrap();
+        fs::write(queue.join("0000000000001ZZ.msg"), b"body").unwrap();
+        fs::write(queue.join(format!("{id}.env.tmp")), b"half").unwrap();
+
+        let (spool, _w) = Spool::open(dir.path()).unwrap();
+        let report = spool.scan().unwrap();
+        assert_eq!(report.envelopes.len(), 1);
+        assert_eq!(report.envelopes[0].id, id);
+        assert_eq!(report.orphans_removed, 1);
+        assert_eq!(report.corrupt.len(), 1);
+        assert!(dir.path().join("corrupt/0000000000001ZZ.env").exists());
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
+        assert!(!queue.join(format!("{id}.env.tmp")).exists());
+    }
+}

@@ -1,0 +1,173 @@
+//! The group-commit thread. Every change to `queue/` passes through here, in
+//! order, so fsyncs never block an actor's thread and concurrent sessions
+//! share the one directory fsync that makes a batch of renames durable.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crossbeam_channel::Receiver;
+use tokio::sync::oneshot;
+
+use super::envelope::{encode, Envelope};
+use super::{IncomingBody, SpoolError};
+
+/// Most jobs taken into one batch: enough to share fsyncs, few enough that
+/// the first waiter is not kept long.
+const MAX_BATCH: usize = 256;
+
+pub(super) type Reply = oneshot::Sender<Result<(), SpoolError>>;
+
+/// Work for the writer thread.
+pub(super) enum Job {
+    /// Make a new message durable: body, envelope, renames into `queue/`.
+    Commit {
+        body: IncomingBody,
+        envelope: Box<Envelope>,
+        reply: Reply,
+    },
+    /// Replace a queued message's envelope atomically.
+    Update {
+        envelope: Box<Envelope>,
+        reply: Reply,
+    },
+    /// Forget a message: envelope first, so a crash leaves only an orphan body.
+    Remove { id: String, reply: Reply },
+}
+
+pub(super) struct Dirs {
+    pub incoming: PathBuf,
+    pub queue: PathBuf,
+}
+
+/// Runs until every sender is gone.
+pub(super) fn run(jobs: Receiver<Job>, dirs: Dirs) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+        process_batch(batch, &dirs);
+    }
+}
+
+struct Done {
+    reply: Reply,
+    result: Result<(), SpoolError>,
+    /// Files to unlink if the batch's directory fsync fails.
+    undo: Vec<PathBuf>,
+    committed: Option<IncomingBody>,
+}
+
+fn process_batch(batch: Vec<Job>, dirs: &Dirs) {
+    let mut done = Vec::with_capacity(batch.len());
+    for job in batch {
+        done.push(match job {
+            Job::Commit {
+                mut body,
+                envelope,
+                reply,
+            } => match commit_one(&mut body, &envelope, dirs) {
+                Ok(undo) => Done {
+                    reply,
+                    result: Ok(()),
+                    undo,
+                    committed: Some(body),
+                },
+                // `body` drops here and removes its incoming files.
+                Err(e) => Done {
+                    reply,
+                    result: Err(e),
+                    undo: Vec::new(),
+                    committed: None,
+                },
+            },
+            Job::Update { envelope, reply } => Done {
+                reply,
+                result: update_one(&envelope, &dirs.queue),
+                undo: Vec::new(),
+                committed: None,
+            },
+            Job::Remove { id, reply } => Done {
+                reply,
+                result: remove_one(&id, &dirs.queue),
+                undo: Vec::new(),
+                committed: None,
+            },
+        });
+    }
+    // One directory fsync makes every rename of the batch durable.
+    let synced = sync_dir(&dirs.queue);
+    for mut d in done {
+        if let (Err(e), Ok(())) = (&synced, &d.result) {
+            for path in &d.undo {
+                let _ = fs::remove_file(path);
+            }
+            d.result = Err(e.clone());
+        }
+        if let Some(mut body) = d.committed.take() {
+            if d.result.is_ok() {
+                body.mark_committed();
+            }
+        }
+        let _ = d.reply.send(d.result);
+    }
+}
+
+fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {
+    SpoolError::io(format!("{context} {}", path.display()), e)
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
+    let mut f = File::create(path).map_err(|e| io_err("create", path, e))?;
+    f.write_all(bytes).map_err(|e| io_err("write", path, e))?;
+    f.sync_data().map_err(|e| io_err("fsync", path, e))
+}
+
+/// Returns the queue files to remove should the directory fsync fail.
+fn commit_one(
+    body: &mut IncomingBody,
+    envelope: &Envelope,
+    dirs: &Dirs,
+) -> Result<Vec<PathBuf>, SpoolError> {
+    body.flush_and_sync()?;
+    let env_incoming = dirs.incoming.join(format!("{}.env", body.id()));
+    body.set_envelope_path(env_incoming.clone());
+    write_synced(&env_incoming, &encode(envelope))?;
+    let msg_queued = dirs.queue.join(format!("{}.msg", body.id()));
+    let env_queued = dirs.queue.join(format!("{}.env", body.id()));
+    fs::rename(body.path(), &msg_queued).map_err(|e| io_err("rename", body.path(), e))?;
+    // The envelope's rename is the commit point: a body without an envelope
+    // is an orphan that start-up removes.
+    if let Err(e) = fs::rename(&env_incoming, &env_queued) {
+        let _ = fs::remove_file(&msg_queued);
+        return Err(io_err("rename", &env_incoming, e));
+    }
+    Ok(vec![env_queued, msg_queued])
+}
+
+fn update_one(envelope: &Envelope, queue: &Path) -> Result<(), SpoolError> {
+    let tmp = queue.join(format!("{}.env.tmp", envelope.id));
+    let path = queue.join(format!("{}.env", envelope.id));
+    if !path.exists() {
+        return Err(SpoolError::NotFound(envelope.id.clone()));
+    }
+    write_synced(&tmp, &encode(envelope))?;
+    fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))
+}
+
+fn remove_one(id: &str, queue: &Path) -> Result<(), SpoolError> {
+    for ext in ["env", "msg"] {
+        let path = queue.join(format!("{id}.{ext}"));
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &path, e)),
+        }
+    }
+    Ok(())
+}
+
+pub(super) fn sync_dir(dir: &Path) -> Result<(), SpoolError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_err("fsync directory", dir, e))
+}
