@@ -127,7 +127,10 @@ impl DataReader {
                     self.bare(out)?;
                     self.state = State::LineStart;
                 }
-                (State::LineStart | State::Text, _) => self.push(b, out),
+                (State::LineStart | State::Text, _) => {
+                    self.push(b, out);
+                    self.state = State::Text;
+                }
                 (State::Cr, b'\n') => {
                     self.line_end(out);
                     self.after_bare = false;
@@ -230,6 +233,48 @@ mod tests {
         assert!(done);
         assert_eq!(out, b"Subject: x\n\nhello\n");
         assert_eq!(consumed, b"Subject: x\r\n\r\nhello\r\n.\r\n".len());
+    }
+
+    #[test]
+    fn dots_inside_a_line_are_text() {
+        let (out, consumed, done) = read_all(b"bob@example.org\r\nHello.\r\n..\r\nend.\r\n.\r\n");
+        assert!(done);
+        assert_eq!(out, b"bob@example.org\nHello.\n.\nend.\n");
+        assert_eq!(consumed, 38);
+    }
+
+    /// Dot-stuffing round trip: any message of lines, stuffed as a client
+    /// must, terminated, reads back as itself, whatever the chunking.
+    #[test]
+    fn stuffed_messages_read_back_exactly() {
+        let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move |n: u64| {
+            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (seed >> 33) % n
+        };
+        for _ in 0..2000 {
+            let lines: Vec<Vec<u8>> = (0..next(6))
+                .map(|_| (0..next(5)).map(|_| b".a\xff"[next(3) as usize]).collect())
+                .collect();
+            let mut wire = Vec::new();
+            let mut expected = Vec::new();
+            for line in &lines {
+                if line.first() == Some(&b'.') {
+                    wire.push(b'.');
+                }
+                wire.extend_from_slice(line);
+                wire.extend_from_slice(b"\r\n");
+                expected.extend_from_slice(line);
+                expected.push(b'\n');
+            }
+            wire.extend_from_slice(b".\r\nNEXT");
+            let chunk = 1 + next(wire.len() as u64) as usize;
+            let (out, consumed, done) =
+                read_chunked(&wire, chunk, BareLineEnding::Reject).unwrap();
+            assert!(done, "{wire:?}");
+            assert_eq!(out, expected, "{wire:?} in chunks of {chunk}");
+            assert_eq!(consumed, wire.len() - 4);
+        }
     }
 
     #[test]

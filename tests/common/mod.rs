@@ -1,0 +1,240 @@
+//! Shared by the integration tests: a node on port 0 with its own temporary
+//! spool and aliases, a raw SMTP client, and bounded polling.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use mailnode::config::Config;
+use mailnode::{Node, NodeHandle};
+
+/// A running node and the directories the test owns.
+pub struct TestNode {
+    pub node: Option<NodeHandle>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    /// Where test programs write what they received (world-writable: when
+    /// the tests run as root, programs run as `nobody`).
+    pub outbox: PathBuf,
+    pub spool: PathBuf,
+}
+
+/// A temporary directory that programs running as `nobody` can use.
+pub fn shared_tempdir() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let outbox = dir.path().join("outbox");
+    std::fs::create_dir(&outbox).expect("outbox");
+    std::fs::set_permissions(&outbox, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    (dir, outbox)
+}
+
+/// A test config: port 0, short timeouts and retries, paths in `dir`.
+pub fn test_config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.hostname = "mx.test".into();
+    config.smtp.listen = vec!["127.0.0.1:0".parse().expect("addr")];
+    config.spool.path = dir.join("spool");
+    config.aliases.path = dir.join("aliases");
+    config.queue.retry_min = Duration::from_millis(200);
+    config.queue.retry_max = Duration::from_secs(1);
+    config.delivery.timeout = Duration::from_secs(20);
+    config
+}
+
+impl TestNode {
+    /// Starts a node whose aliases file is `aliases`; `OUTBOX` in it is
+    /// replaced by the outbox path.
+    pub fn start(aliases: &str) -> TestNode {
+        Self::start_with(aliases, |_| {})
+    }
+
+    pub fn start_with(aliases: &str, adjust: impl FnOnce(&mut Config)) -> TestNode {
+        let (dir, outbox) = shared_tempdir();
+        let mut config = test_config(dir.path());
+        std::fs::write(
+            &config.aliases.path,
+            aliases.replace("OUTBOX", &outbox.display().to_string()),
+        )
+        .expect("write aliases");
+        adjust(&mut config);
+        let spool = config.spool.path.clone();
+        let node = Node::start(config).expect("node starts");
+        let addr = node.local_addrs()[0];
+        TestNode {
+            node: Some(node),
+            addr,
+            dir,
+            outbox,
+            spool,
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// Files in `queue/` (two per queued message).
+    pub fn queue_files(&self) -> usize {
+        std::fs::read_dir(self.spool.join("queue"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn incoming_files(&self) -> usize {
+        std::fs::read_dir(self.spool.join("incoming"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for TestNode {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take() {
+            node.shutdown();
+        }
+    }
+}
+
+/// One parsed reply: code, enhanced code (if any), full text.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub code: u16,
+    pub enhanced: String,
+    pub text: String,
+}
+
+impl Reply {
+    pub fn is(&self, code: u16, enhanced: &str) -> bool {
+        self.code == code && self.enhanced == enhanced
+    }
+}
+
+/// A raw SMTP client: writes exactly the bytes it is given.
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        Client {
+            reader: BufReader::new(stream.try_clone().expect("clone")),
+            writer: stream,
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).expect("write");
+    }
+
+    /// Reads one (possibly multi-line) reply.
+    pub fn reply(&mut self) -> Reply {
+        let mut text = String::new();
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).expect("read reply");
+            assert!(n > 0, "connection closed while waiting for a reply");
+            let line = line.trim_end_matches(['\r', '\n']);
+            assert!(line.len() >= 3, "short reply line {line:?}");
+            text.push_str(line);
+            text.push('\n');
+            if line.as_bytes().get(3) != Some(&b'-') {
+                let code: u16 = line[..3].parse().expect("reply code");
+                let enhanced = line
+                    .get(4..)
+                    .and_then(|t| t.split_whitespace().next())
+                    .filter(|w| w.split('.').count() == 3 && w.starts_with(['2', '4', '5']))
+                    .unwrap_or("")
+                    .to_string();
+                return Reply {
+                    code,
+                    enhanced,
+                    text,
+                };
+            }
+        }
+    }
+
+    /// Sends one command line (CRLF added) and reads its reply.
+    pub fn cmd(&mut self, line: &str) -> Reply {
+        self.send(format!("{line}\r\n").as_bytes());
+        self.reply()
+    }
+
+    /// Whether the server closed the connection (EOF within the timeout).
+    pub fn is_closed(&mut self) -> bool {
+        let mut buf = [0u8; 64];
+        matches!(self.reader.read(&mut buf), Ok(0))
+    }
+}
+
+/// Polls `check` every 20 ms until it returns `Some`, at most `limit`.
+pub fn wait_for<T>(limit: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check() {
+            return Some(v);
+        }
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until `path` exists and its content is stable.
+pub fn wait_for_file(path: &Path) -> Vec<u8> {
+    wait_for(Duration::from_secs(20), || {
+        let first = std::fs::read(path).ok()?;
+        std::thread::sleep(Duration::from_millis(30));
+        let second = std::fs::read(path).ok()?;
+        (first == second).then_some(second)
+    })
+    .unwrap_or_else(|| panic!("{} never appeared", path.display()))
+}
+
+/// Parses `env` output (one VAR=value a line).
+pub fn parse_env(text: &[u8]) -> std::collections::BTreeMap<String, String> {
+    String::from_utf8_lossy(text)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// The queue id of a `250 2.0.0 Ok: queued as ID` reply.
+pub fn queued_id(reply: &Reply) -> String {
+    assert!(reply.is(250, "2.0.0"), "not queued: {reply:?}");
+    reply
+        .text
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("id")
+        .to_string()
+}
+
+/// Runs python3 with `script`, passing `args`; returns stdout, panics on failure.
+pub fn python(script: &str, args: &[&str]) -> String {
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "python failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
