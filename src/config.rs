@@ -843,7 +843,7 @@ impl Checker<'_> {
             if is_domain(item.get_ref()) {
                 // Domains compare without regard to case; storing them
                 // lowercased lets the rest of the program compare plainly.
-                domains.push(item.get_ref().to_ascii_lowercase());
+                domains.push(item.get_ref().to_lowercase());
             } else {
                 self.error(
                     item.span(),

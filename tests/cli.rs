@@ -16,7 +16,10 @@ use common::*;
 const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 
 fn mailnode(args: &[&str]) -> std::process::Output {
-    Command::new(BIN).args(args).output().expect("mailnode runs")
+    Command::new(BIN)
+        .args(args)
+        .output()
+        .expect("mailnode runs")
 }
 
 fn write(path: &Path, text: &str) -> String {
@@ -53,7 +56,15 @@ fn check_reports_bad_alias_lines_with_file_and_line_and_exits_78() {
     assert!(lines[0].starts_with(&format!("{aliases}:3: ")), "{stderr}");
     assert!(lines[1].starts_with(&format!("{aliases}:4: ")), "{stderr}");
     // serve refuses to start on the same problems, with the same lines.
-    let served = mailnode(&["serve", "-c", &config, "-a", &aliases, "--listen", "127.0.0.1:0"]);
+    let served = mailnode(&[
+        "serve",
+        "-c",
+        &config,
+        "-a",
+        &aliases,
+        "--listen",
+        "127.0.0.1:0",
+    ]);
     assert_eq!(served.status.code(), Some(78));
     assert_eq!(String::from_utf8_lossy(&served.stderr), stderr);
 }
@@ -86,8 +97,14 @@ fn unsupported_alias_kinds_are_warnings_not_errors() {
     let out = mailnode(&["check", "-c", &config, "-a", &aliases]);
     assert_eq!(out.status.code(), Some(0));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&format!("{aliases}:2: warning: ")), "{stderr}");
-    assert!(stderr.contains(&format!("{aliases}:3: warning: ")), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{aliases}:2: warning: ")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("{aliases}:3: warning: ")),
+        "{stderr}"
+    );
 }
 
 /// A `mailnode serve` child and the address it reported.
@@ -154,7 +171,12 @@ fn readme_demo_runs_from_the_repository_root() {
     let spool = dir.path().join("spool");
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let served = serve(
-        &["--listen", "127.0.0.1:0", "--spool", spool.to_str().unwrap()],
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--spool",
+            spool.to_str().unwrap(),
+        ],
         root,
         &[],
     );
@@ -196,7 +218,13 @@ fn kill_9_after_250_loses_nothing() {
     let mut first = serve(&["-c", &config], dir.path(), &secret);
     const N: usize = 30;
     let ids: Vec<String> = (0..N)
-        .map(|i| send_one(first.addr, "hold@example.org", &format!("Subject: m{i}\r\n\r\nbody {i}\r\n")))
+        .map(|i| {
+            send_one(
+                first.addr,
+                "hold@example.org",
+                &format!("Subject: m{i}\r\n\r\nbody {i}\r\n"),
+            )
+        })
         .collect();
     first.child.kill().expect("SIGKILL");
     first.child.wait().expect("reaped");

@@ -48,7 +48,12 @@ fn split_delivered(stdin: &[u8], sender: &str, recipient: &str) -> (String, Vec<
         "unexpected start: {:?}",
         String::from_utf8_lossy(&stdin[..stdin.len().min(200)])
     );
-    let after_prefix = &stdin["Return-Path: <".len() + sender.len() + 2 + "Delivered-To: ".len() + recipient.len() + 1..];
+    let after_prefix = &stdin["Return-Path: <".len()
+        + sender.len()
+        + 2
+        + "Delivered-To: ".len()
+        + recipient.len()
+        + 1..];
     // The Received header ends at the first line that does not start with a tab.
     let mut end = after_prefix
         .iter()
@@ -80,7 +85,12 @@ fn assert_clean_env(env: &std::collections::BTreeMap<String, String>) {
 fn assert_never_root(uid_file: &[u8]) {
     let text = String::from_utf8_lossy(uid_file);
     let mut lines = text.lines();
-    let uid: u32 = lines.next().expect("uid").trim().parse().expect("uid number");
+    let uid: u32 = lines
+        .next()
+        .expect("uid")
+        .trim()
+        .parse()
+        .expect("uid number");
     let groups: Vec<u32> = lines
         .next()
         .expect("groups")
@@ -122,9 +132,14 @@ s.quit()
     let env = parse_env(&wait_for_file(&node.outbox.join(format!("{delivery}.env"))));
     let stdin = std::fs::read(node.outbox.join(format!("{delivery}.msg"))).unwrap();
     let (received, rest) = split_delivered(&stdin, "alice@example.org", "record+Ext@example.org");
-    assert!(received.starts_with("Received: from client.example ([127.0.0.1])\n\tby mx.test (mailnode) with ESMTP id "));
+    assert!(received.starts_with(
+        "Received: from client.example ([127.0.0.1])\n\tby mx.test (mailnode) with ESMTP id "
+    ));
     assert!(received.contains(&format!(" id {id}\n")), "{received}");
-    assert!(received.contains("for <record+Ext@Example.ORG>"), "{received}");
+    assert!(
+        received.contains("for <record+Ext@Example.ORG>"),
+        "{received}"
+    );
     assert_eq!(
         rest,
         b"Subject: test\nX-Eight: caf\xc3\xa9\n\nline one\n.leading dot\n..two dots\n.\n\xff raw byte\nlast line without dot\n"
@@ -166,12 +181,25 @@ fn curl_message_reaches_the_program_and_the_queue_empties() {
     .unwrap();
     let out = std::process::Command::new("curl")
         .args(["-sS", "--url"])
-        .arg(format!("smtp://127.0.0.1:{}/curl.example", node.addr.port()))
-        .args(["--mail-from", "bob@example.org", "--mail-rcpt", "record@example.org", "-T"])
+        .arg(format!(
+            "smtp://127.0.0.1:{}/curl.example",
+            node.addr.port()
+        ))
+        .args([
+            "--mail-from",
+            "bob@example.org",
+            "--mail-rcpt",
+            "record@example.org",
+            "-T",
+        ])
         .arg(&mail)
         .output()
         .expect("curl runs");
-    assert!(out.status.success(), "curl: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let msg = wait_for(Duration::from_secs(20), || {
         let entry = std::fs::read_dir(&node.outbox)
             .ok()?
@@ -179,7 +207,10 @@ fn curl_message_reaches_the_program_and_the_queue_empties() {
             .find(|e| e.file_name().to_string_lossy().ends_with(".env"))?;
         let env = parse_env(&std::fs::read(entry.path()).ok()?);
         let delivery = env.get("DELIVERY_ID")?.clone();
-        Some((env, std::fs::read(node.outbox.join(format!("{delivery}.msg"))).ok()?))
+        Some((
+            env,
+            std::fs::read(node.outbox.join(format!("{delivery}.msg"))).ok()?,
+        ))
     })
     .expect("curl's message delivered");
     let (env, stdin) = msg;
@@ -191,7 +222,9 @@ fn curl_message_reaches_the_program_and_the_queue_empties() {
         b"From: bob@example.org\nSubject: via curl\n\nHello.\n.\nStill body.\n".to_vec()
     );
     assert!(
-        wait_for(Duration::from_secs(20), || (node.queue_files() == 0).then_some(())).is_some(),
+        wait_for(Duration::from_secs(20), || (node.queue_files() == 0)
+            .then_some(()))
+        .is_some(),
         "delivered message left in the queue"
     );
 }
@@ -199,14 +232,35 @@ fn curl_message_reaches_the_program_and_the_queue_empties() {
 #[test]
 fn shell_metacharacters_reach_programs_only_through_the_environment() {
     let node = TestNode::start(RECORD);
-    let m = |name: &str| node.outbox.join(format!("marker-{name}")).display().to_string();
+    let m = |name: &str| {
+        node.outbox
+            .join(format!("marker-{name}"))
+            .display()
+            .to_string()
+    };
     // Each field carries one construct that would run a command if it were
     // ever interpreted by a shell.
     let cases = [
-        (format!("$(touch {})", m("helo")), format!("\"$(touch {})\"@example.org", m("s1")), format!("\"record+$(touch {})\"@example.org", m("r1"))),
-        (format!("`touch {}`", m("helo2")), format!("\"`touch {}`\"@example.org", m("s2")), format!("\"record+`touch {}`\"@example.org", m("r2"))),
-        (format!("x;touch {}", m("helo3")), format!("\";touch {};\"@example.org", m("s3")), format!("\"record+;touch {}\"@example.org", m("r3"))),
-        (format!("'\"|touch {}", m("helo4")), format!("\"'\\\"|touch {}\"@example.org", m("s4")), format!("\"record+'\\\"|touch {}\"@example.org", m("r4"))),
+        (
+            format!("$(touch {})", m("helo")),
+            format!("\"$(touch {})\"@example.org", m("s1")),
+            format!("\"record+$(touch {})\"@example.org", m("r1")),
+        ),
+        (
+            format!("`touch {}`", m("helo2")),
+            format!("\"`touch {}`\"@example.org", m("s2")),
+            format!("\"record+`touch {}`\"@example.org", m("r2")),
+        ),
+        (
+            format!("x;touch {}", m("helo3")),
+            format!("\";touch {};\"@example.org", m("s3")),
+            format!("\"record+;touch {}\"@example.org", m("r3")),
+        ),
+        (
+            format!("'\"|touch {}", m("helo4")),
+            format!("\"'\\\"|touch {}\"@example.org", m("s4")),
+            format!("\"record+'\\\"|touch {}\"@example.org", m("r4")),
+        ),
     ];
     let mut client = node.client();
     assert_eq!(client.reply().code, 220);
@@ -219,7 +273,12 @@ fn shell_metacharacters_reach_programs_only_through_the_environment() {
         assert!(r.is(250, "2.1.5"), "RCPT {rcpt}: {r:?}");
         assert_eq!(client.cmd("DATA").code, 354);
         client.send(b"Subject: hostile\r\n\r\nbody\r\n.\r\n");
-        ids.push((queued_id(&client.reply()), helo.clone(), sender.clone(), rcpt.clone()));
+        ids.push((
+            queued_id(&client.reply()),
+            helo.clone(),
+            sender.clone(),
+            rcpt.clone(),
+        ));
     }
     assert_eq!(client.cmd("QUIT").code, 221);
     for (id, helo, sender, rcpt) in &ids {
@@ -245,7 +304,10 @@ fn shell_metacharacters_reach_programs_only_through_the_environment() {
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("marker-"))
         .collect();
-    assert!(markers.is_empty(), "client text ran as a command: {markers:?}");
+    assert!(
+        markers.is_empty(),
+        "client text ran as a command: {markers:?}"
+    );
 }
 
 #[test]
@@ -268,14 +330,20 @@ both: steady, flaky
 
     // Done once the message has left the queue: every delivery succeeded.
     assert!(
-        wait_for(Duration::from_secs(20), || (node.queue_files() == 0).then_some(())).is_some(),
+        wait_for(Duration::from_secs(20), || (node.queue_files() == 0)
+            .then_some(()))
+        .is_some(),
         "message never fully delivered"
     );
     let steady = std::fs::read_to_string(node.outbox.join("steady.log")).unwrap();
     let flaky = std::fs::read_to_string(node.outbox.join("flaky.log")).unwrap();
     let count = std::fs::read_to_string(node.outbox.join("count")).unwrap();
     assert_eq!(steady, format!("{id}.0 1\n"), "steady ran again");
-    assert_eq!(flaky, format!("{id}.1 2\n"), "flaky delivered other than once, on attempt 2");
+    assert_eq!(
+        flaky,
+        format!("{id}.1 2\n"),
+        "flaky delivered other than once, on attempt 2"
+    );
     assert_eq!(count.trim(), "2");
 }
 
@@ -311,5 +379,8 @@ ok: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/ok.log
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(names, BTreeSet::from([format!("{id}.env"), format!("{id}.msg")]));
+    assert_eq!(
+        names,
+        BTreeSet::from([format!("{id}.env"), format!("{id}.msg")])
+    );
 }

@@ -18,12 +18,18 @@ fn session(node: &TestNode) -> Client {
     let mut c = node.client();
     let greeting = c.reply();
     assert_eq!(greeting.code, 220);
-    assert!(greeting.text.starts_with("220 mx.test ESMTP mailnode"), "{greeting:?}");
+    assert!(
+        greeting.text.starts_with("220 mx.test ESMTP mailnode"),
+        "{greeting:?}"
+    );
     c
 }
 
 fn assert_reply(r: &Reply, code: u16, enhanced: &str) {
-    assert!(r.is(code, enhanced), "expected {code} {enhanced}, got {r:?}");
+    assert!(
+        r.is(code, enhanced),
+        "expected {code} {enhanced}, got {r:?}"
+    );
 }
 
 #[test]
@@ -32,8 +38,18 @@ fn ehlo_advertises_the_contract_extensions() {
     let mut c = session(&node);
     let r = c.cmd("EHLO client.example");
     assert_eq!(r.code, 250);
-    for ext in ["PIPELINING", "SIZE 26214400", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8"] {
-        assert!(r.text.lines().any(|l| &l[4..] == ext), "{ext} missing: {}", r.text);
+    for ext in [
+        "PIPELINING",
+        "SIZE 26214400",
+        "8BITMIME",
+        "ENHANCEDSTATUSCODES",
+        "SMTPUTF8",
+    ] {
+        assert!(
+            r.text.lines().any(|l| &l[4..] == ext),
+            "{ext} missing: {}",
+            r.text
+        );
     }
     assert_eq!(c.cmd("HELO client.example").code, 250);
     assert_eq!(c.cmd("NOOP").code, 250);
@@ -57,7 +73,11 @@ fn recipient_replies() {
     assert_reply(&c.cmd("RCPT TO:<OK@Example.Org>"), 250, "2.1.5");
     assert_reply(&c.cmd("RCPT TO:<a@@b>"), 501, "5.1.3");
     assert_reply(&c.cmd("RCPT TO:<jörg@example.org>"), 553, "5.6.7");
-    assert_reply(&c.cmd(&format!("RCPT TO:<{}@example.org>", "a".repeat(65))), 501, "5.1.3");
+    assert_reply(
+        &c.cmd(&format!("RCPT TO:<{}@example.org>", "a".repeat(65))),
+        501,
+        "5.1.3",
+    );
 }
 
 #[test]
@@ -142,7 +162,13 @@ fn pipelined_commands_get_their_replies_in_order() {
 #[test]
 fn bare_lf_is_refused_closes_and_queues_nothing() {
     let node = TestNode::start(ALIASES);
-    for smuggle in [&b"\n.\n"[..], b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\r\n.\n"] {
+    for smuggle in [
+        &b"\n.\n"[..],
+        b"\n.\r\n",
+        b"\r.\r\n",
+        b"\r\n.\r",
+        b"\r\n.\n",
+    ] {
         let mut c = session(&node);
         c.cmd("EHLO client");
         c.cmd("MAIL FROM:<a@example.org>");
@@ -156,13 +182,19 @@ fn bare_lf_is_refused_closes_and_queues_nothing() {
         assert!(c.is_closed(), "{smuggle:?}: connection left open");
     }
     // Nothing queued, nothing half-written.
-    assert!(wait_for(Duration::from_secs(5), || (node.incoming_files() == 0).then_some(())).is_some());
+    assert!(
+        wait_for(Duration::from_secs(5), || (node.incoming_files() == 0)
+            .then_some(()))
+        .is_some()
+    );
     assert_eq!(node.queue_files(), 0);
 }
 
 #[test]
 fn normalize_mode_accepts_bare_lf_but_only_crlf_dot_crlf_ends_data() {
-    let node = TestNode::start_with(ALIASES, |c| c.smtp.bare_lf = mailnode::config::BareLf::Normalize);
+    let node = TestNode::start_with(ALIASES, |c| {
+        c.smtp.bare_lf = mailnode::config::BareLf::Normalize
+    });
     let mut c = session(&node);
     c.cmd("EHLO client");
     c.cmd("MAIL FROM:<a@example.org>");

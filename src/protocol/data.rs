@@ -249,7 +249,9 @@ mod tests {
     fn stuffed_messages_read_back_exactly() {
         let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut next = move |n: u64| {
-            seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             (seed >> 33) % n
         };
         for _ in 0..2000 {
@@ -269,8 +271,7 @@ mod tests {
             }
             wire.extend_from_slice(b".\r\nNEXT");
             let chunk = 1 + next(wire.len() as u64) as usize;
-            let (out, consumed, done) =
-                read_chunked(&wire, chunk, BareLineEnding::Reject).unwrap();
+            let (out, consumed, done) = read_chunked(&wire, chunk, BareLineEnding::Reject).unwrap();
             assert!(done, "{wire:?}");
             assert_eq!(out, expected, "{wire:?} in chunks of {chunk}");
             assert_eq!(consumed, wire.len() - 4);

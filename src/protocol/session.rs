@@ -336,8 +336,7 @@ impl SessionMachine {
         }
         if let Some(domain) = &to.domain {
             let domain = domain.to_lowercase();
-            if !self.config.local_domains.is_empty()
-                && !self.config.local_domains.contains(&domain)
+            if !self.config.local_domains.is_empty() && !self.config.local_domains.contains(&domain)
             {
                 return vec![Action::Reply(reply::DOMAIN_NOT_LOCAL)];
             }
@@ -348,11 +347,12 @@ impl SessionMachine {
     }
 
     fn on_resolved(&mut self, decision: RcptDecision) -> Vec<Action> {
-        let pending = match (self.phase, self.transaction.as_mut()) {
-            (Phase::Resolving, Some(tx)) => tx.pending.take(),
-            _ => None,
-        };
+        if self.phase != Phase::Resolving {
+            // Only a confused driver sends this; leave the phase alone.
+            return vec![Action::Reply(reply::LOCAL_ERROR)];
+        }
         self.phase = Phase::Command;
+        let pending = self.transaction.as_mut().and_then(|tx| tx.pending.take());
         let (Some(address), Some(tx)) = (pending, self.transaction.as_mut()) else {
             return vec![Action::Reply(reply::LOCAL_ERROR)];
         };
@@ -507,3 +507,634 @@ fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
 
 /// Re-exported for the driver: the command parser.
 pub use command::parse as parse_command;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+    use std::sync::Arc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    const HOST: &str = "mx.example.org";
+    const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 7);
+
+    fn config() -> SessionConfig {
+        SessionConfig {
+            hostname: HOST.into(),
+            max_message_size: 1000,
+            max_recipients: 3,
+            local_domains: Vec::new(),
+        }
+    }
+
+    fn machine_with(config: SessionConfig) -> SessionMachine {
+        SessionMachine::new(
+            Arc::new(config),
+            ClientInfo {
+                address: IpAddr::V4(CLIENT_IP),
+                channel: "local".into(),
+            },
+        )
+    }
+
+    fn machine() -> SessionMachine {
+        machine_with(config())
+    }
+
+    /// Feeds one command line, parsed as the driver would.
+    fn cmd(m: &mut SessionMachine, line: &str) -> Vec<Action> {
+        m.handle(Event::Command(command::parse(line.as_bytes())))
+    }
+
+    fn now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn addr(local: &str, domain: &str) -> Address {
+        Address {
+            local: local.into(),
+            domain: Some(domain.into()),
+        }
+    }
+
+    fn pipe_target(recipient: &str) -> DeliveryTarget {
+        let (local, domain) = recipient.split_once('@').unwrap();
+        DeliveryTarget {
+            recipient: recipient.into(),
+            local: local.into(),
+            extension: String::new(),
+            domain: domain.into(),
+            target: Target::Pipe {
+                command: "/usr/local/bin/intake".into(),
+            },
+        }
+    }
+
+    /// The one reply the actions consist of; anything else fails the test.
+    fn only_reply(actions: &[Action]) -> &Reply {
+        match actions {
+            [Action::Reply(r)] => r,
+            other => panic!("expected exactly one reply, got {other:?}"),
+        }
+    }
+
+    /// Asserts the actions are exactly one reply with this code and enhanced code.
+    #[track_caller]
+    fn assert_reply(actions: &[Action], code: u16, enhanced: &str) {
+        let r = only_reply(actions);
+        assert_eq!(r.code(), code, "{r}");
+        assert_eq!(r.enhanced_code(), Some(enhanced), "{r}");
+    }
+
+    /// Asserts the actions are exactly `[Reply(code enhanced), Close]`.
+    #[track_caller]
+    fn assert_reply_and_close(actions: &[Action], code: u16, enhanced: &str) {
+        match actions {
+            [Action::Reply(r), Action::Close] => {
+                assert_eq!(r.code(), code, "{r}");
+                assert_eq!(r.enhanced_code(), Some(enhanced), "{r}");
+            }
+            other => panic!("expected a reply and Close, got {other:?}"),
+        }
+    }
+
+    /// A session after `EHLO client.example`.
+    fn greeted(config: SessionConfig) -> SessionMachine {
+        let mut m = machine_with(config);
+        assert_eq!(m.handle(Event::Connected).len(), 1);
+        let a = cmd(&mut m, "EHLO client.example");
+        assert_eq!(only_reply(&a).code(), 250);
+        m
+    }
+
+    /// A session inside a transaction from `<sender@client.example>`.
+    fn with_sender(config: SessionConfig) -> SessionMachine {
+        let mut m = greeted(config);
+        assert_reply(
+            &cmd(&mut m, "MAIL FROM:<sender@client.example>"),
+            250,
+            "2.1.0",
+        );
+        m
+    }
+
+    /// RCPT that the resolver accepts: 250 2.1.5.
+    fn accept_rcpt(m: &mut SessionMachine, address: &str) {
+        let a = cmd(m, &format!("RCPT TO:<{address}>"));
+        let (local, domain) = address.split_once('@').unwrap();
+        assert_eq!(a, vec![Action::Resolve(addr(local, domain))]);
+        let a = m.handle(Event::Resolved(RcptDecision::Accept(vec![pipe_target(
+            address,
+        )])));
+        assert_reply(&a, 250, "2.1.5");
+    }
+
+    /// DATA up to the open body; returns the Received header appended.
+    fn open_data(m: &mut SessionMachine, id: &str) -> String {
+        assert_eq!(cmd(m, "DATA"), vec![Action::OpenBody]);
+        let a = m.handle(Event::BodyOpened {
+            result: Ok(id.into()),
+            now: now(),
+        });
+        match a.as_slice() {
+            [Action::Reply(r), Action::EnterData, Action::AppendBody(h)] => {
+                assert_eq!(r.code(), 354, "{r}");
+                assert_eq!(r.enhanced_code(), None, "{r}");
+                assert!(m.in_data());
+                String::from_utf8(h.to_vec()).unwrap()
+            }
+            other => panic!("expected 354, EnterData, AppendBody; got {other:?}"),
+        }
+    }
+
+    /// A session in DATA with one accepted recipient and body `Q1`.
+    fn in_data() -> SessionMachine {
+        let mut m = with_sender(config());
+        accept_rcpt(&mut m, "support@example.org");
+        open_data(&mut m, "Q1");
+        m
+    }
+
+    #[test]
+    fn greeting_names_host_and_mailnode() {
+        let mut m = machine();
+        let a = m.handle(Event::Connected);
+        let r = only_reply(&a);
+        assert_eq!(r.code(), 220);
+        assert_eq!(r.text(), format!("{HOST} ESMTP mailnode"));
+        assert_eq!(r.to_bytes(), b"220 mx.example.org ESMTP mailnode\r\n");
+    }
+
+    #[test]
+    fn ehlo_advertises_the_contract_extensions() {
+        let mut m = machine();
+        let a = cmd(&mut m, "EHLO client.example");
+        let r = only_reply(&a);
+        assert_eq!(r.code(), 250);
+        let lines: Vec<&str> = r.text().split('\n').collect();
+        assert_eq!(lines[0], HOST);
+        for ext in [
+            "PIPELINING",
+            "SIZE 1000",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+            "SMTPUTF8",
+        ] {
+            assert!(lines[1..].contains(&ext), "{ext} missing from {lines:?}");
+        }
+        let a = cmd(&mut m, "HELO client.example");
+        assert_eq!(only_reply(&a).code(), 250);
+        assert_eq!(only_reply(&a).text(), HOST);
+    }
+
+    #[test]
+    fn happy_transaction_then_a_second_one_in_the_same_session() {
+        let mut m = with_sender(config());
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q1");
+        assert!(header.starts_with("Received: from client.example ([192.0.2.7])"));
+        assert!(header.contains(" id Q1"), "{header}");
+        assert!(
+            header.contains("\n\tfor <support@example.org>;"),
+            "{header}"
+        );
+        assert!(header.ends_with('\n'), "{header}");
+
+        let a = m.handle(Event::DataChunk(Bytes::from_static(
+            b"Subject: hi\n\nbody\n",
+        )));
+        assert_eq!(
+            a,
+            vec![Action::AppendBody(Bytes::from_static(
+                b"Subject: hi\n\nbody\n"
+            ))]
+        );
+        let a = m.handle(Event::DataEnd {
+            size: 20,
+            too_big: false,
+        });
+        let draft = match a.as_slice() {
+            [Action::Commit(d)] => d.clone(),
+            other => panic!("expected Commit, got {other:?}"),
+        };
+        assert!(!m.in_data());
+        assert_eq!(draft.id, "Q1");
+        assert_eq!(
+            draft.sender,
+            ReversePath::Address(addr("sender", "client.example"))
+        );
+        assert_eq!(draft.helo, "client.example");
+        assert_eq!(draft.size, 20);
+        assert_eq!(
+            draft.recipients,
+            vec![AcceptedRecipient {
+                original: "support@example.org".into(),
+                targets: vec![pipe_target("support@example.org")],
+            }]
+        );
+        let a = m.handle(Event::Committed(Ok("Q1".into())));
+        assert_reply(&a, 250, "2.0.0");
+        assert_eq!(only_reply(&a).text(), "2.0.0 Ok: queued as Q1");
+
+        // The state is reset: a new MAIL is not nested, and only the new
+        // transaction's recipients reach the next draft.
+        assert_reply(&cmd(&mut m, "MAIL FROM:<>"), 250, "2.1.0");
+        accept_rcpt(&mut m, "billing@example.org");
+        accept_rcpt(&mut m, "team@example.org");
+        let header = open_data(&mut m, "Q2");
+        assert!(header.contains(" id Q2"), "{header}");
+        assert!(!header.contains("for <"), "two recipients: {header}");
+        let a = m.handle(Event::DataEnd {
+            size: 7,
+            too_big: false,
+        });
+        let [Action::Commit(draft)] = a.as_slice() else {
+            panic!("expected Commit, got {a:?}");
+        };
+        assert_eq!(draft.id, "Q2");
+        assert_eq!(draft.sender, ReversePath::Null);
+        assert_eq!(draft.size, 7);
+        let originals: Vec<&str> = draft
+            .recipients
+            .iter()
+            .map(|r| r.original.as_str())
+            .collect();
+        assert_eq!(originals, ["billing@example.org", "team@example.org"]);
+        let a = m.handle(Event::Committed(Ok("Q2".into())));
+        assert_eq!(only_reply(&a).text(), "2.0.0 Ok: queued as Q2");
+    }
+
+    #[test]
+    fn rset_clears_the_transaction() {
+        let mut m = with_sender(config());
+        accept_rcpt(&mut m, "support@example.org");
+        assert_reply(&cmd(&mut m, "RSET"), 250, "2.0.0");
+        assert_reply(&cmd(&mut m, "RCPT TO:<support@example.org>"), 503, "5.5.1");
+        assert_reply(&cmd(&mut m, "DATA"), 503, "5.5.1");
+        // And a new MAIL is accepted, not nested.
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+    }
+
+    #[test]
+    fn helo_and_ehlo_mid_transaction_reset_it() {
+        for greeting in ["HELO other.example", "EHLO other.example"] {
+            let mut m = with_sender(config());
+            accept_rcpt(&mut m, "support@example.org");
+            assert_eq!(only_reply(&cmd(&mut m, greeting)).code(), 250);
+            assert_reply(&cmd(&mut m, "RCPT TO:<support@example.org>"), 503, "5.5.1");
+            assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        }
+    }
+
+    #[test]
+    fn quit_says_bye_and_closes() {
+        let mut m = with_sender(config());
+        assert_reply_and_close(&cmd(&mut m, "QUIT"), 221, "2.0.0");
+        assert!(m.is_closed());
+        assert_eq!(cmd(&mut m, "NOOP"), Vec::<Action>::new());
+    }
+
+    #[test]
+    fn vrfy_noop_and_help() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "VRFY support"), 252, "2.0.0");
+        assert_reply(&cmd(&mut m, "NOOP"), 250, "2.0.0");
+        assert_reply(&cmd(&mut m, "HELP"), 214, "2.0.0");
+    }
+
+    #[test]
+    fn unknown_recipient_is_550_5_1_1() {
+        let mut m = with_sender(config());
+        let a = cmd(&mut m, "RCPT TO:<nobody@example.org>");
+        assert_eq!(a, vec![Action::Resolve(addr("nobody", "example.org"))]);
+        let a = m.handle(Event::Resolved(RcptDecision::Refuse(
+            reply::UNKNOWN_RECIPIENT,
+        )));
+        assert_reply(&a, 550, "5.1.1");
+        // The refused recipient does not count as accepted.
+        assert_reply(&cmd(&mut m, "DATA"), 554, "5.5.1");
+    }
+
+    #[test]
+    fn alias_of_unsupported_kind_is_550_5_1_1() {
+        let mut m = with_sender(config());
+        let a = cmd(&mut m, "RCPT TO:<archive@example.org>");
+        assert_eq!(a, vec![Action::Resolve(addr("archive", "example.org"))]);
+        let a = m.handle(Event::Resolved(RcptDecision::Refuse(
+            reply::UNSUPPORTED_RECIPIENT,
+        )));
+        assert_reply(&a, 550, "5.1.1");
+        // An acceptance with nowhere to deliver is refused the same way.
+        let _ = cmd(&mut m, "RCPT TO:<empty@example.org>");
+        let a = m.handle(Event::Resolved(RcptDecision::Accept(Vec::new())));
+        assert_reply(&a, 550, "5.1.1");
+        assert_reply(&cmd(&mut m, "DATA"), 554, "5.5.1");
+    }
+
+    #[test]
+    fn domain_not_local_is_554_5_7_1_and_case_is_ignored() {
+        let mut m = with_sender(SessionConfig {
+            local_domains: vec!["example.org".into()],
+            ..config()
+        });
+        assert_reply(
+            &cmd(&mut m, "RCPT TO:<support@other.example>"),
+            554,
+            "5.7.1",
+        );
+        assert_reply(
+            &cmd(&mut m, "RCPT TO:<support@example.org.evil>"),
+            554,
+            "5.7.1",
+        );
+        let a = cmd(&mut m, "RCPT TO:<support@EXAMPLE.Org>");
+        assert_eq!(a, vec![Action::Resolve(addr("support", "EXAMPLE.Org"))]);
+        let a = m.handle(Event::Resolved(RcptDecision::Accept(vec![pipe_target(
+            "support@example.org",
+        )])));
+        assert_reply(&a, 250, "2.1.5");
+    }
+
+    #[test]
+    fn empty_local_domains_accepts_any_domain() {
+        let mut m = with_sender(config());
+        let a = cmd(&mut m, "RCPT TO:<support@anything.example>");
+        assert_eq!(
+            a,
+            vec![Action::Resolve(addr("support", "anything.example"))]
+        );
+    }
+
+    #[test]
+    fn too_many_recipients_is_452_4_5_3() {
+        let mut m = with_sender(SessionConfig {
+            max_recipients: 2,
+            ..config()
+        });
+        // A refused recipient does not use up the allowance.
+        let _ = cmd(&mut m, "RCPT TO:<nobody@example.org>");
+        let a = m.handle(Event::Resolved(RcptDecision::Refuse(
+            reply::UNKNOWN_RECIPIENT,
+        )));
+        assert_reply(&a, 550, "5.1.1");
+        accept_rcpt(&mut m, "a@example.org");
+        accept_rcpt(&mut m, "b@example.org");
+        assert_reply(&cmd(&mut m, "RCPT TO:<c@example.org>"), 452, "4.5.3");
+        // The transaction goes on with the two it has.
+        assert_eq!(cmd(&mut m, "DATA"), vec![Action::OpenBody]);
+    }
+
+    #[test]
+    fn bad_sequence_is_503_5_5_1() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "DATA"), 503, "5.5.1");
+        assert_reply(&cmd(&mut m, "RCPT TO:<support@example.org>"), 503, "5.5.1");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 503, "5.5.1");
+        // A command while the machine waits for the resolver.
+        let _ = cmd(&mut m, "RCPT TO:<support@example.org>");
+        assert_reply(&cmd(&mut m, "NOOP"), 503, "5.5.1");
+    }
+
+    #[test]
+    fn data_without_accepted_recipient_is_554_5_5_1() {
+        let mut m = with_sender(config());
+        assert_reply(&cmd(&mut m, "DATA"), 554, "5.5.1");
+    }
+
+    #[test]
+    fn unknown_command_is_500_5_5_2() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "ETRN example.org"), 500, "5.5.2");
+        assert_reply(&cmd(&mut m, "MAILX FROM:<a@b>"), 500, "5.5.2");
+    }
+
+    #[test]
+    fn syntax_error_is_501_5_5_4() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "EHLO"), 501, "5.5.4");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example> SIZE=x"), 501, "5.5.4");
+        assert_reply(&cmd(&mut m, "MAIL TO:<a@b.example>"), 501, "5.5.4");
+        assert_reply(&cmd(&mut m, "HELO a\0b"), 501, "5.5.4");
+    }
+
+    #[test]
+    fn line_too_long_is_500_5_5_6() {
+        let mut m = greeted(config());
+        let a = m.handle(Event::Command(Err(CommandError::LineTooLong)));
+        assert_reply(&a, 500, "5.5.6");
+        assert!(!m.is_closed());
+    }
+
+    #[test]
+    fn malformed_address_is_501_5_1_3() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@@b.example>"), 501, "5.1.3");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        assert_reply(&cmd(&mut m, "RCPT TO:<a@b..example>"), 501, "5.1.3");
+        assert_reply(&cmd(&mut m, "RCPT TO:<>"), 501, "5.1.3");
+    }
+
+    #[test]
+    fn non_ascii_address_without_smtputf8_is_553_5_6_7() {
+        let mut m = greeted(config());
+        assert_reply(&cmd(&mut m, "MAIL FROM:<jörg@example.org>"), 553, "5.6.7");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        assert_reply(&cmd(&mut m, "RCPT TO:<jörg@example.org>"), 553, "5.6.7");
+
+        // With SMTPUTF8 both are taken.
+        let mut m = greeted(config());
+        assert_reply(
+            &cmd(&mut m, "MAIL FROM:<jörg@example.org> SMTPUTF8"),
+            250,
+            "2.1.0",
+        );
+        let a = cmd(&mut m, "RCPT TO:<jörg@bücher.example>");
+        assert_eq!(a, vec![Action::Resolve(addr("jörg", "bücher.example"))]);
+    }
+
+    #[test]
+    fn size_parameter_above_limit_is_552_5_3_4() {
+        let mut m = greeted(config());
+        assert_reply(
+            &cmd(&mut m, "MAIL FROM:<a@b.example> SIZE=1001"),
+            552,
+            "5.3.4",
+        );
+        // Refused: no transaction was started.
+        assert_reply(&cmd(&mut m, "RCPT TO:<support@example.org>"), 503, "5.5.1");
+        assert_reply(
+            &cmd(&mut m, "MAIL FROM:<a@b.example> SIZE=1000"),
+            250,
+            "2.1.0",
+        );
+    }
+
+    #[test]
+    fn message_above_limit_is_552_5_3_4_and_discarded() {
+        let mut m = in_data();
+        let _ = m.handle(Event::DataChunk(Bytes::from_static(b"x\n")));
+        let a = m.handle(Event::DataEnd {
+            size: 5000,
+            too_big: true,
+        });
+        match a.as_slice() {
+            [Action::DiscardBody, Action::Reply(r)] => {
+                assert_eq!(r.code(), 552, "{r}");
+                assert_eq!(r.enhanced_code(), Some("5.3.4"), "{r}");
+            }
+            other => panic!("expected DiscardBody and 552, got {other:?}"),
+        }
+        assert!(!a.iter().any(|x| matches!(x, Action::Commit(_))));
+        // The session goes on, without the transaction.
+        assert_reply(&cmd(&mut m, "RCPT TO:<support@example.org>"), 503, "5.5.1");
+    }
+
+    #[test]
+    fn bare_lf_is_521_5_5_2_close_and_nothing_committed() {
+        let mut m = in_data();
+        let a = m.handle(Event::DataRejected);
+        match a.as_slice() {
+            [Action::DiscardBody, Action::Reply(r), Action::Close] => {
+                assert_eq!(r.code(), 521, "{r}");
+                assert_eq!(r.enhanced_code(), Some("5.5.2"), "{r}");
+            }
+            other => panic!("expected DiscardBody, 521 and Close, got {other:?}"),
+        }
+        assert!(m.is_closed());
+        // Whatever the reader still delivers commits nothing.
+        let a = m.handle(Event::DataEnd {
+            size: 10,
+            too_big: false,
+        });
+        assert_eq!(a, Vec::<Action>::new());
+        assert_eq!(cmd(&mut m, "QUIT"), Vec::<Action>::new());
+    }
+
+    #[test]
+    fn storage_failure_opening_the_body_is_451_or_452() {
+        for (failure, code, enhanced) in [
+            (StorageFailure::Unavailable, 451, "4.3.0"),
+            (StorageFailure::Full, 452, "4.3.1"),
+        ] {
+            let mut m = with_sender(config());
+            accept_rcpt(&mut m, "support@example.org");
+            assert_eq!(cmd(&mut m, "DATA"), vec![Action::OpenBody]);
+            let a = m.handle(Event::BodyOpened {
+                result: Err(failure),
+                now: now(),
+            });
+            assert_reply(&a, code, enhanced);
+            assert!(!m.in_data());
+            // The session survives and can start over.
+            assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        }
+    }
+
+    #[test]
+    fn storage_failure_at_commit_is_451_or_452() {
+        for (failure, code, enhanced) in [
+            (StorageFailure::Unavailable, 451, "4.3.0"),
+            (StorageFailure::Full, 452, "4.3.1"),
+        ] {
+            let mut m = in_data();
+            let a = m.handle(Event::DataEnd {
+                size: 3,
+                too_big: false,
+            });
+            assert!(matches!(a.as_slice(), [Action::Commit(_)]), "{a:?}");
+            let a = m.handle(Event::Committed(Err(failure)));
+            assert_reply(&a, code, enhanced);
+            assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        }
+    }
+
+    #[test]
+    fn idle_timeout_is_421_4_4_2_and_close() {
+        let mut m = greeted(config());
+        assert_reply_and_close(&m.handle(Event::IdleTimeout), 421, "4.4.2");
+        assert!(m.is_closed());
+
+        // Inside DATA the open body is discarded first.
+        let mut m = in_data();
+        let a = m.handle(Event::IdleTimeout);
+        assert_eq!(a.first(), Some(&Action::DiscardBody));
+        assert_reply_and_close(&a[1..], 421, "4.4.2");
+    }
+
+    #[test]
+    fn connect_limit_is_421_4_4_2_and_close() {
+        let mut m = with_sender(config());
+        assert_reply_and_close(&m.handle(Event::ConnectLimit), 421, "4.4.2");
+        assert!(m.is_closed());
+        assert_eq!(cmd(&mut m, "NOOP"), Vec::<Action>::new());
+
+        let mut m = in_data();
+        let a = m.handle(Event::ConnectLimit);
+        assert_eq!(a.first(), Some(&Action::DiscardBody));
+        assert_reply_and_close(&a[1..], 421, "4.4.2");
+    }
+
+    #[test]
+    fn hostile_helo_stays_inside_the_received_header() {
+        let mut m = machine();
+        let _ = m.handle(Event::Connected);
+        let hostile =
+            "evil) (by trusted.example); <x@y> \"q\" \\ \tReceived: from forged ([10.0.0.1])";
+        assert_eq!(
+            only_reply(&cmd(&mut m, &format!("EHLO {hostile}"))).code(),
+            250
+        );
+        assert_reply(&cmd(&mut m, "MAIL FROM:<a@b.example>"), 250, "2.1.0");
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q9");
+
+        assert!(header.ends_with('\n'));
+        let lines: Vec<&str> = header.trim_end_matches('\n').split('\n').collect();
+        assert_eq!(lines.len(), 4, "{header}");
+        assert!(lines[0].starts_with("Received: from "), "{header}");
+        for line in &lines[1..] {
+            assert!(line.starts_with('\t'), "continuation without tab: {line:?}");
+        }
+        assert!(!header.contains('\r'), "{header}");
+
+        // The client's text is one token before our own comment: none of
+        // its comment, address or field delimiters survive.
+        let from = lines[0]
+            .strip_prefix("Received: from ")
+            .and_then(|rest| rest.strip_suffix(" ([192.0.2.7])"))
+            .unwrap_or_else(|| panic!("first line out of shape: {:?}", lines[0]));
+        assert!(!from.is_empty());
+        assert!(
+            !from.contains([' ', '\t', '(', ')', ';', '<', '>', '"', '\\']),
+            "{from:?}"
+        );
+        assert_eq!(lines[1], "\tby mx.example.org (mailnode) with ESMTP id Q9");
+        assert_eq!(lines[2], "\tfor <support@example.org>;");
+        assert!(lines[3].starts_with("\tTue, 14 Nov 2023"), "{header}");
+        // Exactly our own structural characters, nothing of the client's.
+        assert_eq!(header.matches('(').count(), 2, "{header}");
+        assert_eq!(header.matches(')').count(), 2, "{header}");
+        assert_eq!(header.matches(';').count(), 1, "{header}");
+        assert_eq!(header.matches('<').count(), 1, "{header}");
+        // The forged field name survives only as data inside the token.
+        assert!(!header.contains("\nReceived:"), "{header}");
+        assert!(!header.contains("\n\tReceived:"), "{header}");
+    }
+
+    #[test]
+    fn received_header_protocol_follows_helo_and_smtputf8() {
+        let mut m = machine();
+        let _ = cmd(&mut m, "HELO old.example");
+        let _ = cmd(&mut m, "MAIL FROM:<a@b.example>");
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q3");
+        assert!(header.contains(" with SMTP id Q3"), "{header}");
+
+        let mut m = greeted(config());
+        let _ = cmd(&mut m, "MAIL FROM:<a@b.example> SMTPUTF8");
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q4");
+        assert!(header.contains(" with UTF8SMTP id Q4"), "{header}");
+    }
+}

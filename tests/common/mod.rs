@@ -34,8 +34,10 @@ pub fn shared_tempdir() -> (tempfile::TempDir, PathBuf) {
 
 /// A test config: port 0, short timeouts and retries, paths in `dir`.
 pub fn test_config(dir: &Path) -> Config {
-    let mut config = Config::default();
-    config.hostname = "mx.test".into();
+    let mut config = Config {
+        hostname: "mx.test".into(),
+        ..Config::default()
+    };
     config.smtp.listen = vec!["127.0.0.1:0".parse().expect("addr")];
     config.spool.path = dir.join("spool");
     config.aliases.path = dir.join("aliases");
