@@ -384,3 +384,63 @@ ok: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/ok.log
         BTreeSet::from([format!("{id}.env"), format!("{id}.msg")])
     );
 }
+
+#[test]
+fn start_up_finishes_messages_a_crash_left_fully_delivered() {
+    use mailnode::aliases::Target;
+    use mailnode::spool::{Delivery, DeliveryState, Envelope, Spool};
+    use std::time::SystemTime;
+
+    let (dir, _outbox) = shared_tempdir();
+    let config = test_config(dir.path());
+    std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
+    // A message whose only delivery is recorded as done, as if the node died
+    // before removing it.
+    {
+        let (spool, writer) = Spool::open(&config.spool.path).unwrap();
+        let body = spool.begin(SystemTime::now()).unwrap();
+        let id = body.id().to_string();
+        let envelope = Envelope {
+            id: id.clone(),
+            sender: "a@example.org".into(),
+            return_path: "a@example.org".into(),
+            arrival: SystemTime::now(),
+            client_address: "127.0.0.1".into(),
+            client_helo: "client".into(),
+            channel: "local".into(),
+            size: 0,
+            smtputf8: false,
+            body_8bit: false,
+            held: false,
+            next_attempt: SystemTime::now(),
+            deliveries: vec![Delivery {
+                original_recipient: "ok@example.org".into(),
+                recipient: "ok@example.org".into(),
+                local: "ok".into(),
+                extension: String::new(),
+                domain: "example.org".into(),
+                target: Target::Pipe {
+                    command: "exit 99".into(),
+                },
+                state: DeliveryState::Delivered,
+                attempts: 1,
+                last_attempt: Some(SystemTime::now()),
+                last_error: String::new(),
+            }],
+        };
+        spool.commit(body, envelope).wait_blocking().unwrap();
+        drop(spool);
+        writer.join();
+    }
+    let queue = config.spool.path.join("queue");
+    assert_eq!(std::fs::read_dir(&queue).unwrap().count(), 2);
+    let node = mailnode::Node::start(config).unwrap();
+    let emptied = wait_for(Duration::from_secs(20), || {
+        (std::fs::read_dir(&queue).ok()?.count() == 0).then_some(())
+    });
+    node.shutdown();
+    assert!(
+        emptied.is_some(),
+        "a delivered message stayed queued after restart"
+    );
+}

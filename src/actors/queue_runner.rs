@@ -308,6 +308,17 @@ impl Actor for QueueRunner {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        // A crash between recording the last result and acting on it leaves
+        // messages with nothing pending: finish what was decided.
+        let undecided: Vec<String> = self
+            .messages
+            .iter()
+            .filter(|(_, t)| !t.envelope.held && t.envelope.pending().next().is_none())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in undecided {
+            self.settle(&id, ctx);
+        }
         self.dispatch(ctx);
         self.arm_wakeup(ctx);
     }

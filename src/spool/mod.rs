@@ -474,6 +474,26 @@ mod tests {
     }
 
     #[test]
+    fn a_full_disk_is_told_apart_from_other_failures() {
+        let full = SpoolError::io(
+            "write",
+            std::io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        );
+        assert_eq!(full.storage_failure(), StorageFailure::Full);
+        let quota = SpoolError::io(
+            "write",
+            std::io::Error::from_raw_os_error(nix::libc::EDQUOT),
+        );
+        assert_eq!(quota.storage_failure(), StorageFailure::Full);
+        let other = SpoolError::io("write", std::io::Error::from_raw_os_error(nix::libc::EIO));
+        assert_eq!(other.storage_failure(), StorageFailure::Unavailable);
+        assert_eq!(
+            SpoolError::WriterGone.storage_failure(),
+            StorageFailure::Unavailable
+        );
+    }
+
+    #[test]
     fn a_dropped_body_leaves_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _writer) = Spool::open(dir.path()).unwrap();
