@@ -115,15 +115,15 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("mailnode: {e:#}");
-                    ExitCode::from(
-                        if e.downcast_ref::<mailnode::StartError>()
-                            .is_some_and(|s| matches!(s, mailnode::StartError::Aliases(_)))
-                        {
-                            EX_CONFIG
-                        } else {
-                            1
-                        },
-                    )
+                    // Problems an operator fixes in a file are EX_CONFIG.
+                    let is_config = e.downcast_ref::<mailnode::StartError>().is_some_and(|s| {
+                        matches!(
+                            s,
+                            mailnode::StartError::Aliases(_)
+                                | mailnode::StartError::DeliveryUser(_)
+                        )
+                    });
+                    ExitCode::from(if is_config { EX_CONFIG } else { 1 })
                 }
             }
         }

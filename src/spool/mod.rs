@@ -17,6 +17,7 @@ mod writer;
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -190,8 +191,13 @@ impl Spool {
         let incoming = root.join("incoming");
         let queue = root.join("queue");
         let corrupt = root.join("corrupt");
+        // Mail is private: directories we create are ours alone (an
+        // existing directory keeps the mode its installer gave it).
         for dir in [root, &incoming, &queue, &corrupt] {
-            fs::create_dir_all(dir)
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
                 .map_err(|e| SpoolError::io(format!("create {}", dir.display()), e))?;
         }
         let lock_path = root.join("lock");
@@ -252,7 +258,12 @@ impl Spool {
                 continue;
             }
             let path = self.inner.incoming.join(format!("{id}.msg"));
-            match OpenOptions::new().write(true).create_new(true).open(&path) {
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)
+            {
                 Ok(f) => {
                     return Ok(IncomingBody {
                         id,

@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crossbeam_channel::Receiver;
@@ -117,7 +118,13 @@ fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let mut f = File::create(path).map_err(|e| io_err("create", path, e))?;
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| io_err("create", path, e))?;
     f.write_all(bytes).map_err(|e| io_err("write", path, e))?;
     f.sync_data().map_err(|e| io_err("fsync", path, e))
 }
