@@ -30,6 +30,7 @@ pub use envelope::{Delivery, DeliveryState, Envelope, EnvelopeError};
 
 use crate::protocol::session::StorageFailure;
 use writer::Job;
+pub use writer::WriterStats;
 
 /// What can go wrong with the spool.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -142,6 +143,7 @@ struct Inner {
     queue: PathBuf,
     corrupt: PathBuf,
     jobs: Sender<Job>,
+    stats: Arc<WriterStats>,
     _lock: File,
 }
 
@@ -223,9 +225,11 @@ impl Spool {
             incoming: incoming.clone(),
             queue: queue.clone(),
         };
+        let stats = Arc::new(WriterStats::default());
+        let writer_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer::run(rx, dirs))
+            .spawn(move || writer::run(rx, dirs, writer_stats))
             .map_err(|e| SpoolError::io("start spool writer thread", e))?;
         let spool = Spool {
             inner: Arc::new(Inner {
@@ -234,6 +238,7 @@ impl Spool {
                 queue,
                 corrupt,
                 jobs,
+                stats,
                 _lock: lock,
             }),
         };
@@ -243,6 +248,11 @@ impl Spool {
                 thread: Some(thread),
             },
         ))
+    }
+
+    /// What the writer thread has done so far.
+    pub fn writer_stats(&self) -> &WriterStats {
+        &self.inner.stats
     }
 
     /// The spool directory.
@@ -501,6 +511,33 @@ mod tests {
         assert_eq!(
             SpoolError::WriterGone.storage_failure(),
             StorageFailure::Unavailable
+        );
+    }
+
+    #[test]
+    fn concurrent_commits_share_directory_fsyncs() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _writer) = Spool::open(dir.path()).unwrap();
+        const N: usize = 64;
+        // Submitted together, as N sessions ending DATA at once would.
+        let pending: Vec<Pending> = (0..N)
+            .map(|_| {
+                let mut body = spool.begin(SystemTime::now()).unwrap();
+                body.append(b"x\n").unwrap();
+                let id = body.id().to_string();
+                spool.commit(body, envelope_for(&id))
+            })
+            .collect();
+        for p in pending {
+            p.wait_blocking().unwrap();
+        }
+        let stats = spool.writer_stats();
+        assert_eq!(stats.commits.load(Ordering::Relaxed), N as u64);
+        let batches = stats.batches.load(Ordering::Relaxed);
+        assert!(
+            batches < N as u64 / 2,
+            "{batches} directory fsyncs for {N} commits"
         );
     }
 

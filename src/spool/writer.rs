@@ -6,6 +6,8 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use crossbeam_channel::Receiver;
 use tokio::sync::oneshot;
@@ -41,12 +43,24 @@ pub(super) struct Dirs {
     pub queue: PathBuf,
 }
 
+/// What the writer has done, for tests and metrics: how well concurrent
+/// commits share directory fsyncs.
+#[derive(Debug, Default)]
+pub struct WriterStats {
+    /// Batches, each ending in one directory fsync.
+    pub batches: AtomicU64,
+    /// Messages made durable.
+    pub commits: AtomicU64,
+}
+
 /// Runs until every sender is gone.
-pub(super) fn run(jobs: Receiver<Job>, dirs: Dirs) {
+pub(super) fn run(jobs: Receiver<Job>, dirs: Dirs, stats: Arc<WriterStats>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-        process_batch(batch, &dirs);
+        let commits = process_batch(batch, &dirs);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+        stats.commits.fetch_add(commits, Ordering::Relaxed);
     }
 }
 
@@ -58,7 +72,9 @@ struct Done {
     committed: Option<IncomingBody>,
 }
 
-fn process_batch(batch: Vec<Job>, dirs: &Dirs) {
+/// Returns how many messages the batch made durable.
+fn process_batch(batch: Vec<Job>, dirs: &Dirs) -> u64 {
+    let mut commits = 0;
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
         done.push(match job {
@@ -107,10 +123,12 @@ fn process_batch(batch: Vec<Job>, dirs: &Dirs) {
         if let Some(mut body) = d.committed.take() {
             if d.result.is_ok() {
                 body.mark_committed();
+                commits += 1;
             }
         }
         let _ = d.reply.send(d.result);
     }
+    commits
 }
 
 fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {
