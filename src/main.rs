@@ -181,19 +181,24 @@ fn init_logging(config: &Config) {
 
 /// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
 fn serve(config: Config) -> anyhow::Result<()> {
-    let node = Node::start(config).context("cannot start")?;
-    for addr in node.local_addrs() {
-        tracing::info!(%addr, "listening for SMTP");
-    }
+    use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("cannot start the signal runtime")?;
+    // Handlers first: a SIGHUP right after start must not kill the node.
+    let (mut term, mut int, mut hup) = runtime.block_on(async {
+        Ok::<_, anyhow::Error>((
+            signal(SignalKind::terminate()).context("SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("SIGINT handler")?,
+            signal(SignalKind::hangup()).context("SIGHUP handler")?,
+        ))
+    })?;
+    let node = Node::start(config).context("cannot start")?;
+    for addr in node.local_addrs() {
+        tracing::info!(%addr, "listening for SMTP");
+    }
     runtime.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-        let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-        let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
         loop {
             tokio::select! {
                 _ = term.recv() => break,

@@ -444,3 +444,27 @@ fn start_up_finishes_messages_a_crash_left_fully_delivered() {
         "a delivered message stayed queued after restart"
     );
 }
+
+#[test]
+fn a_recipient_given_twice_runs_its_program_once() {
+    let node =
+        TestNode::start("once: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/once.log\n");
+    let mut client = node.client();
+    client.reply();
+    client.cmd("HELO client");
+    client.cmd("MAIL FROM:<a@example.org>");
+    for rcpt in ["once@example.org", "once@example.org", "ONCE@Example.org"] {
+        assert!(client.cmd(&format!("RCPT TO:<{rcpt}>")).is(250, "2.1.5"));
+    }
+    client.cmd("DATA");
+    client.send(b"Subject: dup\r\n\r\nx\r\n.\r\n");
+    let id = queued_id(&client.reply());
+    assert!(
+        wait_for(Duration::from_secs(20), || (node.queue_files() == 0)
+            .then_some(()))
+        .is_some(),
+        "not delivered"
+    );
+    let log = std::fs::read_to_string(node.outbox.join("once.log")).unwrap();
+    assert_eq!(log, format!("{id}.0\n"));
+}

@@ -93,9 +93,10 @@ impl StreamHandler<Accepted> for Acceptor {
             return;
         };
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
+        let address = crate::access::canonical(peer.ip());
         let client = ClientInfo {
-            address: peer.ip(),
-            channel: (self.channel_of)(peer.ip()),
+            address,
+            channel: (self.channel_of)(address),
         };
         let deps = Arc::clone(&self.deps);
         let limits = deps.limits;

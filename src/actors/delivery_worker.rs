@@ -25,6 +25,9 @@ pub struct Deliver {
 pub struct DeliveryReport {
     pub status: DeliveryStatus,
     pub duration: Duration,
+    /// False when no attempt was made (the worker was lost): it does not
+    /// count towards `ATTEMPT` or the backoff.
+    pub attempted: bool,
 }
 
 pub struct DeliveryWorker {
@@ -57,6 +60,7 @@ impl Handler<Deliver> for DeliveryWorker {
                 DeliveryReport {
                     status: DeliveryStatus::Permanent("no such delivery".into()),
                     duration: Duration::ZERO,
+                    attempted: true,
                 }
             });
         };
@@ -70,6 +74,7 @@ impl Handler<Deliver> for DeliveryWorker {
                     DeliveryReport {
                         status,
                         duration: Duration::ZERO,
+                        attempted: true,
                     }
                 });
             }
@@ -99,6 +104,7 @@ impl Handler<Deliver> for DeliveryWorker {
             DeliveryReport {
                 status,
                 duration: outcome.duration,
+                attempted: true,
             }
         })
     }

@@ -13,6 +13,9 @@ use crate::actors::delivery_worker::{Deliver, DeliveryReport, DeliveryWorker};
 use crate::delivery::program::DeliveryStatus;
 use crate::spool::{DeliveryState, Envelope, Spool};
 
+/// How soon a failed write of delivery results is tried again.
+const RECORD_RETRY: Duration = Duration::from_secs(1);
+
 /// A message was just made durable by a session.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -164,6 +167,7 @@ impl QueueRunner {
                 let report = result.unwrap_or_else(|e| DeliveryReport {
                     status: DeliveryStatus::Temporary(format!("delivery worker lost: {e}")),
                     duration: Duration::ZERO,
+                    attempted: false,
                 });
                 act.on_report(id, index, report, ctx);
             }));
@@ -183,10 +187,11 @@ impl QueueRunner {
             return;
         };
         t.running -= 1;
-        let envelope = Arc::make_mut(&mut t.envelope);
-        if let Some(d) = envelope.deliveries.get_mut(index) {
-            d.attempts += 1;
-            d.last_attempt = Some(SystemTime::now());
+        if let Some(d) = Arc::make_mut(&mut t.envelope).deliveries.get_mut(index) {
+            if report.attempted {
+                d.attempts += 1;
+                d.last_attempt = Some(SystemTime::now());
+            }
             match report.status {
                 DeliveryStatus::Delivered => {
                     d.state = DeliveryState::Delivered;
@@ -199,17 +204,26 @@ impl QueueRunner {
                 }
             }
         }
-        // The result is on disk before anything else is decided about the
-        // message; a crash before this point means a second delivery, never
-        // a lost one.
-        let persisted = self.spool.update(envelope.clone()).wait();
-        ctx.spawn(persisted.into_actor(self).map(move |result, act, ctx| {
-            if let Err(e) = result {
-                tracing::error!(queue_id = %id, "cannot record delivery result: {e}");
-            }
-            act.settle(&id, ctx);
-        }));
+        self.record_then_settle(id, ctx);
         self.dispatch(ctx);
+    }
+
+    /// The results are on disk before anything else is decided about the
+    /// message; a crash before that means a second delivery, never a lost
+    /// one. A failed write is retried: until it lands the message is not
+    /// settled (not removed, not rescheduled).
+    fn record_then_settle(&mut self, id: String, ctx: &mut Context<Self>) {
+        let Some(t) = self.messages.get(&id) else {
+            return;
+        };
+        let persisted = self.spool.update((*t.envelope).clone()).wait();
+        ctx.spawn(persisted.into_actor(self).map(move |result, act, ctx| match result {
+            Ok(()) => act.settle(&id, ctx),
+            Err(e) => {
+                tracing::error!(queue_id = %id, "cannot record delivery result, retrying: {e}");
+                ctx.run_later(RECORD_RETRY, move |act, ctx| act.record_then_settle(id, ctx));
+            }
+        }));
     }
 
     /// Once no delivery of the message is running or waiting: remove it,
@@ -229,7 +243,10 @@ impl QueueRunner {
             .any(|d| d.state == DeliveryState::Failed);
         match pending_attempts {
             Some(attempts) => {
-                let until = SystemTime::now() + self.retry.delay_after(attempts);
+                let now = SystemTime::now();
+                let until = now
+                    .checked_add(self.retry.delay_after(attempts))
+                    .unwrap_or(now + Duration::from_secs(86400));
                 let envelope = Arc::make_mut(&mut t.envelope);
                 envelope.next_attempt = until;
                 let update = self.spool.update(envelope.clone()).wait();
@@ -297,6 +314,9 @@ impl QueueRunner {
             let current = self.messages.get(&id).and_then(|t| t.deferred_until);
             if current == Some(due) {
                 self.make_ready(&id);
+                // Nothing pending (a clock that stepped back across a
+                // restart): finish the message instead of forgetting it.
+                self.settle(&id, ctx);
             }
         }
         self.dispatch(ctx);

@@ -201,22 +201,25 @@ fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> E
         ReversePath::Null => (String::new(), String::new()),
         ReversePath::Address(a) => (a.to_plain(), a.to_smtp()),
     };
+    // The same recipient given twice, or reached twice through aliases,
+    // runs its program once (as Postfix does).
+    let mut seen = std::collections::HashSet::new();
     let deliveries = draft
         .recipients
         .iter()
-        .flat_map(|r| {
-            r.targets.iter().map(move |t| Delivery {
-                original_recipient: r.original.clone(),
-                recipient: t.recipient.clone(),
-                local: t.local.clone(),
-                extension: t.extension.clone(),
-                domain: t.domain.clone(),
-                target: t.target.clone(),
-                state: DeliveryState::Pending,
-                attempts: 0,
-                last_attempt: None,
-                last_error: String::new(),
-            })
+        .flat_map(|r| r.targets.iter().map(move |t| (r, t)))
+        .filter(|(_, t)| seen.insert((t.recipient.clone(), t.target.clone())))
+        .map(|(r, t)| Delivery {
+            original_recipient: r.original.clone(),
+            recipient: t.recipient.clone(),
+            local: t.local.clone(),
+            extension: t.extension.clone(),
+            domain: t.domain.clone(),
+            target: t.target.clone(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_attempt: None,
+            last_error: String::new(),
         })
         .collect();
     Envelope {
@@ -274,7 +277,10 @@ impl Handler<Disconnected> for Session {
 /// answers. Applies `connect_limit` (a hard deadline however busy the client
 /// is) and the idle timeouts.
 pub async fn serve_connection(stream: TcpStream, session: Addr<Session>, limits: SessionLimits) {
-    let deadline = Instant::now() + limits.connect_limit;
+    // A limit too large to add is as good as none.
+    let deadline = Instant::now()
+        .checked_add(limits.connect_limit)
+        .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86400));
     let mut framed = Framed::new(
         stream,
         SmtpCodec::new(limits.bare_lf, limits.max_message_size),

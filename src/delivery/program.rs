@@ -97,6 +97,8 @@ pub enum Exit {
     Status(ExitStatus),
     TimedOut,
     SpawnFailed(String),
+    /// The queued message could not be read to the program.
+    InputFailed(String),
 }
 
 /// What running the program gave.
@@ -129,6 +131,7 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
     match exit {
         Exit::TimedOut => DeliveryStatus::Temporary(with_output("program timed out".into())),
         Exit::SpawnFailed(e) => DeliveryStatus::Temporary(format!("cannot run program: {e}")),
+        Exit::InputFailed(e) => DeliveryStatus::Temporary(e.clone()),
         Exit::Status(status) => {
             use std::os::unix::process::ExitStatusExt;
             match (status.code(), status.signal()) {
@@ -168,8 +171,7 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         // Its own group, so the timeout can kill everything it started.
-        .process_group(0)
-        .kill_on_drop(true);
+        .process_group(0);
     match &request.run_as {
         Some(user) => {
             // std drops supplementary groups (setgroups(0)) when we are root
@@ -188,6 +190,21 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             }
         }
     }
+    // Open the message before the program starts: a program must never
+    // exit 0 on an empty stdin because we could not read the queue file.
+    let body = match tokio::fs::File::open(&request.body_path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return ProgramOutcome {
+                exit: Exit::InputFailed(format!(
+                    "cannot open {}: {e}",
+                    request.body_path.display()
+                )),
+                output: Vec::new(),
+                duration: started.elapsed(),
+            }
+        }
+    };
     let mut child = match cmd.spawn() {
         Ok(c) => c,
         Err(e) => {
@@ -198,16 +215,12 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             }
         }
     };
-    let pgid = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
-    let stdin = child.stdin.take();
-    let feed = feed_stdin(
-        stdin,
-        request.stdin_prefix.clone(),
-        request.body_path.clone(),
-    );
+    let mut group = GroupGuard(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
+    let feed = feed_stdin(child.stdin.take(), request.stdin_prefix.clone(), body);
     let mut stdout = child.stdout.take();
     let mut stderr = child.stderr.take();
     let mut output = Vec::new();
+    let mut input_failure = None;
 
     let waited = tokio::time::timeout(request.timeout, async {
         let wait = child.wait();
@@ -217,7 +230,15 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
         loop {
             tokio::select! {
                 status = &mut wait => return status,
-                _ = &mut feed, if feeding => feeding = false,
+                fed = &mut feed, if feeding => {
+                    feeding = false;
+                    if let Err(e) = fed {
+                        // The program got a truncated message: whatever it
+                        // says now, this attempt has not delivered.
+                        input_failure = Some(e);
+                        group.kill();
+                    }
+                }
                 chunk = read_some(&mut stdout), if stdout.is_some() => keep(&mut output, &chunk),
                 chunk = read_some(&mut stderr), if stderr.is_some() => keep(&mut output, &chunk),
             }
@@ -227,6 +248,9 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
 
     let exit = match waited {
         Ok(Ok(status)) => {
+            // Reaped: the group id may now be reused; never signal it again.
+            // Children it left behind may go on (like Postfix's pipe).
+            group.disarm();
             // Output written just before exit may still be in the pipes.
             let _ = tokio::time::timeout(OUTPUT_GRACE, async {
                 while stdout.is_some() || stderr.is_some() {
@@ -237,14 +261,16 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
                 }
             })
             .await;
-            Exit::Status(status)
+            match input_failure {
+                Some(e) => Exit::InputFailed(e),
+                None => Exit::Status(status),
+            }
         }
         Ok(Err(e)) => Exit::SpawnFailed(e.to_string()),
         Err(_) => {
-            if let Some(pgid) = pgid {
-                let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
-            }
+            group.kill();
             let _ = child.wait().await;
+            group.disarm();
             Exit::TimedOut
         }
     };
@@ -252,6 +278,28 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
         exit,
         output,
         duration: started.elapsed(),
+    }
+}
+
+/// The program's process group, killed whole if the attempt is abandoned
+/// (timeout, a dropped future at shutdown) before the program was reaped.
+struct GroupGuard(Option<nix::unistd::Pid>);
+
+impl GroupGuard {
+    fn kill(&self) {
+        if let Some(pgid) = self.0 {
+            let _ = nix::sys::signal::killpg(pgid, nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 
@@ -282,16 +330,33 @@ fn keep(output: &mut Vec<u8>, chunk: &[u8]) {
 
 /// Writes the prefix and the body to the program. A program that stops
 /// reading (or never starts) is not an error here: its exit status decides.
-async fn feed_stdin(stdin: Option<tokio::process::ChildStdin>, prefix: Vec<u8>, body: PathBuf) {
-    let Some(mut stdin) = stdin else { return };
-    if stdin.write_all(&prefix).await.is_err() {
-        return;
-    }
-    let Ok(mut file) = tokio::fs::File::open(&body).await else {
-        return;
+/// Failing to read the queued message is: the program got less than the mail.
+async fn feed_stdin(
+    stdin: Option<tokio::process::ChildStdin>,
+    prefix: Vec<u8>,
+    mut body: tokio::fs::File,
+) -> Result<(), String> {
+    let Some(mut stdin) = stdin else {
+        return Ok(());
     };
-    let _ = tokio::io::copy(&mut file, &mut stdin).await;
+    if stdin.write_all(&prefix).await.is_err() {
+        return Ok(());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = body
+            .read(&mut buf)
+            .await
+            .map_err(|e| format!("cannot read queued message: {e}"))?;
+        if n == 0 {
+            break;
+        }
+        if stdin.write_all(&buf[..n]).await.is_err() {
+            return Ok(());
+        }
+    }
     let _ = stdin.shutdown().await;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -402,6 +467,25 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(gone, "background child {pid} survived the timeout");
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_message_is_a_temporary_failure_and_nothing_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("ran");
+        let cmd = format!("cat > /dev/null; touch {}", marker.display());
+        let outcome = run(&request(
+            &cmd,
+            &dir.path().join("gone"),
+            Duration::from_secs(10),
+        ))
+        .await;
+        assert!(
+            matches!(outcome.status(), DeliveryStatus::Temporary(ref why) if why.contains("gone")),
+            "{:?}",
+            outcome.status()
+        );
+        assert!(!marker.exists(), "the program ran without its message");
     }
 
     #[tokio::test]

@@ -136,6 +136,11 @@ impl CommandError {
 
 /// Parses one command line (without its line terminator).
 pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
+    // NUL and other control bytes have no place in a command; an attacker
+    // uses them to make two programs disagree about where a field ends.
+    if line.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(CommandError::Syntax);
+    }
     let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     let verb = &line[..verb_end];
     let known = [
@@ -146,11 +151,6 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let Some(verb) = known else {
         return Err(CommandError::UnknownCommand);
     };
-    // NUL and other control bytes have no place in a command; an attacker
-    // uses them to make two programs disagree about where a field ends.
-    if line.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
-        return Err(CommandError::Syntax);
-    }
     let rest = std::str::from_utf8(&line[verb_end..]).map_err(|_| CommandError::Syntax)?;
     let arg = rest.trim_matches([' ', '\t']);
     match verb {
@@ -462,6 +462,8 @@ mod tests {
         assert_eq!(parse(b"MAIL FROM:<a\0@b>"), Err(CommandError::Syntax));
         assert_eq!(parse(b"HELO a\rb"), Err(CommandError::Syntax));
         assert_eq!(parse(b"NOOP \x7f"), Err(CommandError::Syntax));
+        assert_eq!(parse(b"MAIL\0FROM:<a@b>"), Err(CommandError::Syntax));
+        assert_eq!(parse(b"\0"), Err(CommandError::Syntax));
     }
 
     #[test]

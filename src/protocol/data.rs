@@ -94,53 +94,13 @@ impl DataReader {
     /// Reads from `input`, appending content to `out`.
     pub fn feed(&mut self, input: &[u8], out: &mut Vec<u8>) -> Result<Progress, DataError> {
         for (i, &b) in input.iter().enumerate() {
-            match (self.state, b) {
-                (State::Done, _) => {
-                    return Ok(Progress {
-                        consumed: i,
-                        done: true,
-                    })
-                }
-                (State::LineStart, b'.') => self.state = State::Dot,
-                (State::Dot, b'\r') => self.state = State::DotCr,
-                (State::DotCr, b'\n') if self.after_bare => {
-                    // Not an end: the line "." is content.
-                    self.push(b'.', out);
-                    self.line_end(out);
-                    self.after_bare = false;
-                    self.state = State::LineStart;
-                }
-                (State::DotCr, b'\n') => self.state = State::Done,
-                // ".\r" followed by anything but LF: the CR is bare.
-                (State::DotCr, _) => {
-                    self.bare(out)?;
-                    self.resume_line(b, out)?;
-                }
-                // A dot-stuffed line: the leading dot goes, the rest stays.
-                (State::Dot, b'\n') => {
-                    self.bare(out)?;
-                    self.state = State::LineStart;
-                }
-                (State::Dot, _) => self.resume_line(b, out)?,
-                (State::LineStart | State::Text, b'\r') => self.state = State::Cr,
-                (State::LineStart | State::Text, b'\n') => {
-                    self.bare(out)?;
-                    self.state = State::LineStart;
-                }
-                (State::LineStart | State::Text, _) => {
-                    self.push(b, out);
-                    self.state = State::Text;
-                }
-                (State::Cr, b'\n') => {
-                    self.line_end(out);
-                    self.after_bare = false;
-                    self.state = State::LineStart;
-                }
-                (State::Cr, _) => {
-                    self.bare(out)?;
-                    self.resume_line(b, out)?;
-                }
+            if self.state == State::Done {
+                return Ok(Progress {
+                    consumed: i,
+                    done: true,
+                });
             }
+            self.step(b, out)?;
         }
         Ok(Progress {
             consumed: input.len(),
@@ -148,18 +108,60 @@ impl DataReader {
         })
     }
 
-    /// Continue a line with byte `b` (which may itself be a CR or LF).
-    fn resume_line(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), DataError> {
-        self.state = State::Text;
-        match b {
-            b'\r' => self.state = State::Cr,
-            b'\n' => {
+    fn step(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), DataError> {
+        match (self.state, b) {
+            (State::Done, _) => {}
+            (State::LineStart, b'.') => self.state = State::Dot,
+            (State::Dot, b'\r') => self.state = State::DotCr,
+            (State::DotCr, b'\n') if self.after_bare => {
+                // Not an end: the line "." is content.
+                self.push(b'.', out);
+                self.line_end(out);
+                self.after_bare = false;
+                self.state = State::LineStart;
+            }
+            (State::DotCr, b'\n') => self.state = State::Done,
+            // ".\r" then anything but LF: a line "." ended by a bare CR.
+            (State::DotCr, _) => {
+                self.push(b'.', out);
+                self.bare_then(b, out)?;
+            }
+            // A line "." ended by a bare LF.
+            (State::Dot, b'\n') => {
+                self.push(b'.', out);
                 self.bare(out)?;
                 self.state = State::LineStart;
             }
-            _ => self.push(b, out),
+            // A dot-stuffed line: the leading dot goes, the rest stays.
+            (State::Dot, _) => {
+                self.state = State::Text;
+                self.step(b, out)?;
+            }
+            (State::LineStart | State::Text, b'\r') => self.state = State::Cr,
+            (State::LineStart | State::Text, b'\n') => {
+                self.bare(out)?;
+                self.state = State::LineStart;
+            }
+            (State::LineStart | State::Text, _) => {
+                self.push(b, out);
+                self.state = State::Text;
+            }
+            (State::Cr, b'\n') => {
+                self.line_end(out);
+                self.after_bare = false;
+                self.state = State::LineStart;
+            }
+            (State::Cr, _) => self.bare_then(b, out)?,
         }
         Ok(())
+    }
+
+    /// A bare CR followed by `b`: once normalised into a line end, `b` is
+    /// the first byte of a new line (so a dot there is unstuffed too).
+    fn bare_then(&mut self, b: u8, out: &mut Vec<u8>) -> Result<(), DataError> {
+        self.bare(out)?;
+        self.state = State::LineStart;
+        self.step(b, out)
     }
 
     fn push(&mut self, b: u8, out: &mut Vec<u8>) {
@@ -322,10 +324,15 @@ mod tests {
 
     #[test]
     fn normalize_turns_bare_endings_into_lines() {
-        let (out, _, done) =
-            read_chunked(b"a\nb\rc\r\n.\n\r\n.\r\n", 64, BareLineEnding::Normalize).unwrap();
+        let (out, _, done) = read_chunked(
+            b"a\nb\rc\r\n.\n\r\n.\rx\r\na\r..b\r\n.\r\n",
+            64,
+            BareLineEnding::Normalize,
+        )
+        .unwrap();
         assert!(done);
-        assert_eq!(out, b"a\nb\nc\n\n\n");
+        // Lines "." keep their dot; a line after a bare CR is unstuffed.
+        assert_eq!(out, b"a\nb\nc\n.\n\n.\nx\na\n.b\n");
     }
 
     #[test]

@@ -491,9 +491,12 @@ fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
     let date = time::OffsetDateTime::from(info.now)
         .format(&time::format_description::well_known::Rfc2822)
         .unwrap_or_else(|_| String::from("Thu, 01 Jan 1970 00:00:00 +0000"));
+    let address = match info.client.address {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("IPv6:{v6}"),
+    };
     let mut h = format!(
-        "Received: from {helo} ([{}])\n\tby {} (mailnode) with {} id {}",
-        info.client.address,
+        "Received: from {helo} ([{address}])\n\tby {} (mailnode) with {} id {}",
         header_safe(info.hostname),
         info.protocol,
         info.id

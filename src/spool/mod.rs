@@ -377,7 +377,7 @@ impl Spool {
         body_ids.sort();
         for id in envelope_ids {
             let damaged = match self.read_envelope(&id) {
-                Ok(env) if body_ids.binary_search(&id).is_ok() => {
+                Ok(env) if body_ids.binary_search(&id).is_ok() && env.id == id => {
                     report.envelopes.push(env);
                     continue;
                 }
@@ -385,7 +385,10 @@ impl Spool {
                     id: id.clone(),
                     reason: EnvelopeError::Truncated,
                 },
-                Err(e) => e,
+                Err(e @ SpoolError::Corrupt { .. }) => e,
+                // Unreadable is not damaged (a wrong owner, EIO): refuse to
+                // start rather than set acknowledged mail aside.
+                Err(e) => return Err(e),
             };
             for ext in ["env", "msg"] {
                 let from = queue.join(format!("{id}.{ext}"));
