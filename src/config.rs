@@ -1239,15 +1239,9 @@ fn is_domain(s: &str) -> bool {
     // The length limits are DNS's; a longer name could never be looked up.
     !s.is_empty()
         && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
+        && s
+            .split('.')
+            .all(|label| crate::protocol::command::is_label(label, false))
 }
 
 /// Whether `s` is an SMTP address literal such as `[192.0.2.1]` or

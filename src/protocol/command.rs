@@ -407,15 +407,19 @@ pub fn is_domain(d: &str) -> bool {
                     .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\".contains(&b))
         });
     }
-    d.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b >= 0x80)
-    })
+    d.split('.').all(|label| is_label(label, true))
+}
+
+/// One DNS label: letters, digits and inner hyphens, at most 63 octets;
+/// with `utf8`, also the UTF-8 octets of an SMTPUTF8 (U-label) domain.
+pub fn is_label(label: &str, utf8: bool) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || (utf8 && b >= 0x80))
 }
 
 #[cfg(test)]
