@@ -1239,8 +1239,7 @@ fn is_domain(s: &str) -> bool {
     // The length limits are DNS's; a longer name could never be looked up.
     !s.is_empty()
         && s.len() <= 253
-        && s
-            .split('.')
+        && s.split('.')
             .all(|label| crate::protocol::command::is_label(label, false))
 }
 

@@ -14,6 +14,7 @@ pub mod aliases;
 pub mod config;
 pub mod delivery;
 pub mod protocol;
+pub mod queue;
 pub mod spool;
 
 use std::net::SocketAddr;
@@ -25,14 +26,20 @@ use actix::prelude::*;
 use actors::acceptor::Acceptor;
 use actors::alias_resolver::AliasResolver;
 use actors::delivery_worker::DeliveryWorker;
-use actors::queue_runner::{QueueCounts, QueueRunner, RetryPolicy};
+use actors::queue_runner::{QueueCounts, QueueRunner};
 use actors::session::{SessionDeps, SessionLimits};
 use actors::supervisor::{Children, QueueStatus, ReloadAliases, StopIntake, Supervisor};
 use config::{BareLf, Config};
 use delivery::program::{RunAs, RunAsError};
+use delivery::relay::RelayTarget;
 use protocol::data::BareLineEnding;
 use protocol::session::SessionConfig;
+use queue::QueuePolicy;
 use spool::{Spool, SpoolError, SpoolWriter};
+
+/// How long the relay may take to answer, per step (RFC 5321 4.5.3.2
+/// suggests minutes; five is the usual client choice).
+const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,16 +154,33 @@ fn build_tree(
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
 ) -> Addr<Supervisor> {
-    let resolver =
-        AliasResolver::new(config.aliases.path.clone(), table, config.hostname.clone()).start();
+    let resolver = AliasResolver::new(
+        config.aliases.path.clone(),
+        table,
+        config.hostname.clone(),
+        config.relay.host.is_some(),
+    )
+    .start();
+    let relay = config.relay.host.as_ref().map(|r| RelayTarget {
+        host: r.host.clone(),
+        port: r.port,
+        helo: config
+            .relay
+            .helo
+            .clone()
+            .unwrap_or_else(|| config.hostname.clone()),
+        timeout: RELAY_TIMEOUT,
+    });
     let workers = arbiters
         .iter()
         .map(|arbiter| {
             let spool = spool.clone();
             let run_as = run_as.clone();
             let timeout = config.delivery.timeout;
+            let relay = relay.clone();
+            let hostname = config.hostname.clone();
             DeliveryWorker::start_in_arbiter(arbiter, move |_| {
-                DeliveryWorker::new(spool, run_as, timeout)
+                DeliveryWorker::new(spool, run_as, timeout, relay, hostname)
             })
         })
         .collect();
@@ -164,10 +188,12 @@ fn build_tree(
         spool.clone(),
         workers,
         config.delivery.concurrency,
-        RetryPolicy {
+        QueuePolicy {
             retry_min: config.queue.retry_min,
             retry_max: config.queue.retry_max,
+            max_age: config.queue.max_age,
         },
+        relay.is_some(),
         recovered,
     )
     .start();

@@ -413,19 +413,19 @@ fn start_up_finishes_messages_a_crash_left_fully_delivered() {
             body_8bit: false,
             held: false,
             next_attempt: SystemTime::now(),
-            deliveries: vec![Delivery {
-                original_recipient: "ok@example.org".into(),
-                recipient: "ok@example.org".into(),
-                local: "ok".into(),
-                extension: String::new(),
-                domain: "example.org".into(),
-                target: Target::Pipe {
-                    command: "exit 99".into(),
-                },
-                state: DeliveryState::Delivered,
-                attempts: 1,
-                last_attempt: Some(SystemTime::now()),
-                last_error: String::new(),
+            deliveries: vec![{
+                let mut d = Delivery::new(
+                    "ok@example.org".into(),
+                    "ok@example.org".into(),
+                    "ok".into(),
+                    String::new(),
+                    "example.org".into(),
+                    Target::Pipe {
+                        command: "exit 99".into(),
+                    },
+                );
+                d.state = DeliveryState::Delivered;
+                d
             }],
         };
         spool.commit(body, envelope).wait_blocking().unwrap();

@@ -28,14 +28,17 @@ pub struct AliasResolver {
     table: Arc<AliasTable>,
     /// The node's own name: the domain of `<postmaster>` without one.
     hostname: String,
+    /// A relay is configured, so address aliases can be forwarded.
+    can_forward: bool,
 }
 
 impl AliasResolver {
-    pub fn new(path: PathBuf, table: Arc<AliasTable>, hostname: String) -> Self {
+    pub fn new(path: PathBuf, table: Arc<AliasTable>, hostname: String, can_forward: bool) -> Self {
         AliasResolver {
             path,
             table,
             hostname,
+            can_forward,
         }
     }
 }
@@ -48,7 +51,12 @@ impl Handler<Resolve> for AliasResolver {
     type Result = MessageResult<Resolve>;
 
     fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
-        MessageResult(decide(&self.table, &msg.0, &self.hostname))
+        MessageResult(decide(
+            &self.table,
+            &msg.0,
+            &self.hostname,
+            self.can_forward,
+        ))
     }
 }
 
@@ -74,9 +82,14 @@ impl Handler<Reload> for AliasResolver {
 }
 
 /// The pure decision: which deliveries a recipient makes, or which reply
-/// refuses it. Address aliases (`user@domain` targets) are refused until
-/// relaying exists, like any other unsupported kind.
-pub fn decide(table: &AliasTable, address: &Address, hostname: &str) -> RcptDecision {
+/// refuses it. Address aliases (`user@domain` targets) go through the
+/// relay; with none they are refused like any other unsupported kind.
+pub fn decide(
+    table: &AliasTable,
+    address: &Address,
+    hostname: &str,
+    can_forward: bool,
+) -> RcptDecision {
     let domain = address.domain.as_deref().unwrap_or(hostname).to_lowercase();
     match table.resolve(&address.local) {
         Resolution::Unknown => RcptDecision::Refuse(reply::UNKNOWN_RECIPIENT),
@@ -87,7 +100,7 @@ pub fn decide(table: &AliasTable, address: &Address, hostname: &str) -> RcptDeci
             let extension = extension.unwrap_or_default();
             let mut deliveries = Vec::with_capacity(targets.len());
             for expanded in targets {
-                if matches!(expanded.target, Target::Forward { .. }) {
+                if matches!(expanded.target, Target::Forward { .. }) && !can_forward {
                     return RcptDecision::Refuse(reply::UNSUPPORTED_RECIPIENT);
                 }
                 let local = expanded.via_alias;
@@ -130,7 +143,8 @@ mod tests {
     #[test]
     fn expansion_names_each_delivery_by_the_alias_that_holds_it() {
         let t = table("support: |rt\nteam: \"|notify\", support\n");
-        let RcptDecision::Accept(d) = decide(&t, &addr("Team+Urgent", "Example.ORG"), "mx") else {
+        let RcptDecision::Accept(d) = decide(&t, &addr("Team+Urgent", "Example.ORG"), "mx", false)
+        else {
             panic!("refused");
         };
         assert_eq!(d.len(), 2);
@@ -150,7 +164,7 @@ mod tests {
     fn unknown_unsupported_and_forward_are_refused_with_550() {
         let t = table("file: /var/mail/x\nops: oncall@partner.example\n");
         for local in ["nobody-here", "file", "ops"] {
-            match decide(&t, &addr(local, "example.org"), "mx") {
+            match decide(&t, &addr(local, "example.org"), "mx", false) {
                 RcptDecision::Refuse(r) => {
                     assert_eq!(
                         (r.code(), r.enhanced_code()),
@@ -164,13 +178,27 @@ mod tests {
     }
 
     #[test]
+    fn forwards_are_accepted_when_a_relay_is_configured() {
+        let t = table("ops: oncall@partner.example\n");
+        let RcptDecision::Accept(d) = decide(&t, &addr("ops", "example.org"), "mx", true) else {
+            panic!("refused");
+        };
+        assert_eq!(
+            d[0].target,
+            Target::Forward {
+                address: "oncall@partner.example".into()
+            }
+        );
+    }
+
+    #[test]
     fn domainless_postmaster_gets_the_node_hostname() {
         let t = table("postmaster: |cat\n");
         let a = Address {
             local: "Postmaster".into(),
             domain: None,
         };
-        let RcptDecision::Accept(d) = decide(&t, &a, "mx.example") else {
+        let RcptDecision::Accept(d) = decide(&t, &a, "mx.example", false) else {
             panic!("refused");
         };
         assert_eq!(d[0].recipient, "postmaster@mx.example");

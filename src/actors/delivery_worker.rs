@@ -1,15 +1,18 @@
-//! DeliveryWorker (≈ Postfix's pipe/local): runs one delivery when the
-//! QueueRunner asks and answers with its typed outcome. It holds no queue
-//! state, so it can die and be recreated without losing anything.
+//! DeliveryWorker (≈ Postfix's pipe/local and smtp): runs one delivery when
+//! the QueueRunner asks (a program, or a forward through `[relay]`), or
+//! returns a message to its sender, and answers with the typed outcome. It
+//! holds no queue state, so it can die and be recreated losing nothing.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use actix::prelude::*;
+use tokio::io::AsyncReadExt;
 
 use crate::aliases::Target;
 use crate::delivery::program::{self, DeliveryStatus, ProgramRequest, RunAs};
-use crate::delivery::{program_env, stdin_prefix};
+use crate::delivery::relay::{self, Outgoing, RelayTarget};
+use crate::delivery::{dsn, program_env, stdin_prefix};
 use crate::spool::{Envelope, Spool};
 
 /// Attempt delivery `index` of `envelope`.
@@ -24,24 +27,44 @@ pub struct Deliver {
 #[derive(Debug, Clone)]
 pub struct DeliveryReport {
     pub status: DeliveryStatus,
+    /// Enhanced status code (RFC 3463) of the outcome.
+    pub code: String,
     pub duration: Duration,
     /// False when no attempt was made (the worker was lost): it does not
     /// count towards `ATTEMPT` or the backoff.
     pub attempted: bool,
 }
 
+/// Return deliveries `failed` of `envelope` to its sender.
+#[derive(Message)]
+#[rtype(result = "DeliveryStatus")]
+pub struct Bounce {
+    pub envelope: Arc<Envelope>,
+    pub failed: Vec<usize>,
+}
+
 pub struct DeliveryWorker {
     spool: Spool,
     run_as: Option<RunAs>,
     timeout: Duration,
+    relay: Option<RelayTarget>,
+    hostname: String,
 }
 
 impl DeliveryWorker {
-    pub fn new(spool: Spool, run_as: Option<RunAs>, timeout: Duration) -> Self {
+    pub fn new(
+        spool: Spool,
+        run_as: Option<RunAs>,
+        timeout: Duration,
+        relay: Option<RelayTarget>,
+        hostname: String,
+    ) -> Self {
         DeliveryWorker {
             spool,
             run_as,
             timeout,
+            relay,
+            hostname,
         }
     }
 }
@@ -54,58 +77,148 @@ impl Handler<Deliver> for DeliveryWorker {
     type Result = ResponseFuture<DeliveryReport>;
 
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
-        let env = &msg.envelope;
-        let Some(delivery) = env.deliveries.get(msg.index) else {
-            return Box::pin(async {
-                DeliveryReport {
+        let env = Arc::clone(&msg.envelope);
+        let index = msg.index;
+        let body_path = self.spool.body_path(&env.id);
+        let run_as = self.run_as.clone();
+        let timeout = self.timeout;
+        let relay = self.relay.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let Some(delivery) = env.deliveries.get(index) else {
+                return DeliveryReport {
                     status: DeliveryStatus::Permanent("no such delivery".into()),
+                    code: "5.0.0".into(),
                     duration: Duration::ZERO,
                     attempted: true,
+                };
+            };
+            let (status, code, output) = match &delivery.target {
+                Target::Pipe { command } => {
+                    let request = ProgramRequest {
+                        command: command.clone(),
+                        env: program_env(&env, index),
+                        run_as,
+                        timeout,
+                        stdin_prefix: stdin_prefix(&env, index),
+                        body_path,
+                    };
+                    let outcome = program::run(&request).await;
+                    let status = outcome.status();
+                    let code = match status {
+                        DeliveryStatus::Delivered => "2.0.0",
+                        DeliveryStatus::Temporary(_) => "4.3.0",
+                        DeliveryStatus::Permanent(_) => "5.3.0",
+                    };
+                    let output = String::from_utf8_lossy(&outcome.output).trim().to_string();
+                    (status, code.to_string(), output)
                 }
-            });
-        };
-        let command = match &delivery.target {
-            Target::Pipe { command } => command.clone(),
-            Target::Forward { address } => {
-                let status = DeliveryStatus::Permanent(format!(
-                    "forwarding to {address} needs a relay, which this node does not use"
-                ));
-                return Box::pin(async move {
-                    DeliveryReport {
-                        status,
-                        duration: Duration::ZERO,
-                        attempted: true,
-                    }
-                });
-            }
-        };
-        let request = ProgramRequest {
-            command,
-            env: program_env(env, msg.index),
-            run_as: self.run_as.clone(),
-            timeout: self.timeout,
-            stdin_prefix: stdin_prefix(env, msg.index),
-            body_path: self.spool.body_path(&env.id),
-        };
-        let id = env.id.clone();
-        let recipient = delivery.recipient.clone();
-        Box::pin(async move {
-            let outcome = program::run(&request).await;
-            let status = outcome.status();
-            let output = String::from_utf8_lossy(&outcome.output);
+                Target::Forward { address } => {
+                    let (status, code) = forward(relay.as_ref(), &env, address, &body_path).await;
+                    (status, code, String::new())
+                }
+            };
+            let duration = started.elapsed();
             tracing::info!(
-                queue_id = %id,
-                recipient = %recipient,
+                queue_id = %env.id,
+                recipient = %delivery.recipient,
+                attempt = delivery.attempts + 1,
                 result = ?status,
-                duration_ms = outcome.duration.as_millis() as u64,
-                output = %output.trim(),
+                status = %code,
+                duration_ms = duration.as_millis() as u64,
+                output = %output,
                 "delivery attempt"
             );
             DeliveryReport {
                 status,
-                duration: outcome.duration,
+                code,
+                duration,
                 attempted: true,
             }
+        })
+    }
+}
+
+/// An address alias: the message goes on through the relay with its
+/// original envelope sender.
+async fn forward(
+    relay: Option<&RelayTarget>,
+    env: &Envelope,
+    address: &str,
+    body_path: &std::path::Path,
+) -> (DeliveryStatus, String) {
+    let Some(relay) = relay else {
+        return (
+            DeliveryStatus::Permanent(format!("forwarding to {address} needs [relay]")),
+            "5.3.5".into(),
+        );
+    };
+    let body = match tokio::fs::File::open(body_path).await {
+        Ok(f) => f,
+        Err(e) => {
+            return (
+                DeliveryStatus::Temporary(format!("cannot open {}: {e}", body_path.display())),
+                "4.3.0".into(),
+            )
+        }
+    };
+    let recipients = [address.to_string()];
+    let message = Outgoing {
+        sender: &env.return_path,
+        recipients: &recipients,
+        body_8bit: env.body_8bit,
+        smtputf8: env.smtputf8,
+    };
+    relay::recipient_status(&relay::send(relay, &message, body).await, 0)
+}
+
+impl Handler<Bounce> for DeliveryWorker {
+    type Result = ResponseFuture<DeliveryStatus>;
+
+    fn handle(&mut self, msg: Bounce, _: &mut Self::Context) -> Self::Result {
+        let relay = self.relay.clone();
+        let hostname = self.hostname.clone();
+        let body_path = self.spool.body_path(&msg.envelope.id);
+        Box::pin(async move {
+            let Some(relay) = relay else {
+                return DeliveryStatus::Permanent(
+                    "no [relay] to return the message through".into(),
+                );
+            };
+            let env = msg.envelope;
+            let mut head = Vec::new();
+            match tokio::fs::File::open(&body_path).await {
+                Ok(f) => {
+                    if let Err(e) = f
+                        .take(dsn::MAX_ORIGINAL_HEADERS as u64)
+                        .read_to_end(&mut head)
+                        .await
+                    {
+                        return DeliveryStatus::Temporary(format!("cannot read the message: {e}"));
+                    }
+                }
+                Err(e) => {
+                    return DeliveryStatus::Temporary(format!("cannot open the message: {e}"))
+                }
+            }
+            let notice = dsn::build(
+                &env,
+                &msg.failed,
+                &hostname,
+                dsn::header_section(&head),
+                SystemTime::now(),
+            );
+            let recipients = [env.return_path.clone()];
+            let message = Outgoing {
+                sender: "",
+                recipients: &recipients,
+                body_8bit: true,
+                smtputf8: env.smtputf8,
+            };
+            let (status, _) =
+                relay::recipient_status(&relay::send(&relay, &message, &notice[..]).await, 0);
+            tracing::info!(queue_id = %env.id, to = %env.sender, result = ?status, "bounce");
+            status
         })
     }
 }

@@ -1,7 +1,8 @@
 //! QueueRunner (≈ Postfix's qmgr): knows every queued message, hands each
 //! pending delivery to a DeliveryWorker as soon as the message is durable,
 //! records every result in the spool before deciding anything else about
-//! the message, and schedules retries with a doubling backoff.
+//! the message, then carries out the decision of [`crate::queue`]: remove,
+//! retry later, return to the sender, or hold.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -9,9 +10,10 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
-use crate::actors::delivery_worker::{Deliver, DeliveryReport, DeliveryWorker};
+use crate::actors::delivery_worker::{Bounce, Deliver, DeliveryReport, DeliveryWorker};
 use crate::delivery::program::DeliveryStatus;
-use crate::spool::{DeliveryState, Envelope, Spool};
+use crate::queue::{self, QueuePolicy, Step};
+use crate::spool::{Envelope, Spool};
 
 /// How soon a failed write of delivery results is tried again.
 const RECORD_RETRY: Duration = Duration::from_secs(1);
@@ -32,26 +34,8 @@ pub struct QueueCounts {
     pub active: usize,
     /// Waiting for their next attempt.
     pub deferred: usize,
-    /// Parked: failed permanently with no way to return them, or put aside.
+    /// Parked: failed with no way to return them, or put aside.
     pub held: usize,
-}
-
-/// Retry timing.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub retry_min: Duration,
-    pub retry_max: Duration,
-}
-
-impl RetryPolicy {
-    /// The wait after the `attempts`-th failed attempt: `retry_min` doubling
-    /// each attempt, never above `retry_max`.
-    pub fn delay_after(&self, attempts: u32) -> Duration {
-        let doublings = attempts.saturating_sub(1).min(32);
-        self.retry_min
-            .saturating_mul(1u32 << doublings.min(31))
-            .min(self.retry_max)
-    }
 }
 
 struct Tracked {
@@ -61,6 +45,10 @@ struct Tracked {
     /// Deliveries waiting in `ready`.
     waiting: usize,
     deferred_until: Option<SystemTime>,
+    /// A bounce is being sent.
+    bouncing: bool,
+    /// Bounces tried and failed temporarily, for their backoff.
+    bounce_attempts: u32,
 }
 
 pub struct QueueRunner {
@@ -69,7 +57,9 @@ pub struct QueueRunner {
     next_worker: usize,
     concurrency: usize,
     running: usize,
-    retry: RetryPolicy,
+    policy: QueuePolicy,
+    /// A relay is configured: failed mail can be returned.
+    can_bounce: bool,
     messages: HashMap<String, Tracked>,
     ready: VecDeque<(String, usize)>,
     deferred: BTreeSet<(SystemTime, String)>,
@@ -82,7 +72,8 @@ impl QueueRunner {
         spool: Spool,
         workers: Vec<Addr<DeliveryWorker>>,
         concurrency: usize,
-        retry: RetryPolicy,
+        policy: QueuePolicy,
+        can_bounce: bool,
         recovered: Vec<Envelope>,
     ) -> Self {
         let mut runner = QueueRunner {
@@ -91,7 +82,8 @@ impl QueueRunner {
             next_worker: 0,
             concurrency: concurrency.max(1),
             running: 0,
-            retry,
+            policy,
+            can_bounce,
             messages: HashMap::new(),
             ready: VecDeque::new(),
             deferred: BTreeSet::new(),
@@ -123,6 +115,8 @@ impl QueueRunner {
                 running: 0,
                 waiting: 0,
                 deferred_until: None,
+                bouncing: false,
+                bounce_attempts: 0,
             },
         );
     }
@@ -146,19 +140,24 @@ impl QueueRunner {
         }
     }
 
+    fn worker(&mut self) -> Addr<DeliveryWorker> {
+        let worker = self.workers[self.next_worker % self.workers.len()].clone();
+        self.next_worker = self.next_worker.wrapping_add(1);
+        worker
+    }
+
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
         while self.running < self.concurrency {
             let Some((id, index)) = self.ready.pop_front() else {
                 break;
             };
+            let worker = self.worker();
             let Some(t) = self.messages.get_mut(&id) else {
                 continue;
             };
             t.waiting -= 1;
             t.running += 1;
             self.running += 1;
-            let worker = &self.workers[self.next_worker % self.workers.len()];
-            self.next_worker = self.next_worker.wrapping_add(1);
             let request = worker.send(Deliver {
                 envelope: Arc::clone(&t.envelope),
                 index,
@@ -166,6 +165,7 @@ impl QueueRunner {
             ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
                 let report = result.unwrap_or_else(|e| DeliveryReport {
                     status: DeliveryStatus::Temporary(format!("delivery worker lost: {e}")),
+                    code: "4.3.0".into(),
                     duration: Duration::ZERO,
                     attempted: false,
                 });
@@ -182,29 +182,18 @@ impl QueueRunner {
         ctx: &mut Context<Self>,
     ) {
         self.running -= 1;
-        let Some(t) = self.messages.get_mut(&id) else {
-            self.dispatch(ctx);
-            return;
-        };
-        t.running -= 1;
-        if let Some(d) = Arc::make_mut(&mut t.envelope).deliveries.get_mut(index) {
-            if report.attempted {
-                d.attempts += 1;
-                d.last_attempt = Some(SystemTime::now());
-            }
-            match report.status {
-                DeliveryStatus::Delivered => {
-                    d.state = DeliveryState::Delivered;
-                    d.last_error.clear();
-                }
-                DeliveryStatus::Temporary(why) => d.last_error = why,
-                DeliveryStatus::Permanent(why) => {
-                    d.state = DeliveryState::Failed;
-                    d.last_error = why;
-                }
-            }
+        if let Some(t) = self.messages.get_mut(&id) {
+            t.running -= 1;
+            queue::record_result(
+                Arc::make_mut(&mut t.envelope),
+                index,
+                &report.status,
+                &report.code,
+                report.attempted,
+                SystemTime::now(),
+            );
+            self.record_then_settle(id, ctx);
         }
-        self.record_then_settle(id, ctx);
         self.dispatch(ctx);
     }
 
@@ -226,66 +215,114 @@ impl QueueRunner {
         }));
     }
 
-    /// Once no delivery of the message is running or waiting: remove it,
-    /// schedule its retry, or hold it.
+    /// Once no delivery of the message is running or waiting, carries out
+    /// the queue policy's decision.
     fn settle(&mut self, id: &str, ctx: &mut Context<Self>) {
         let Some(t) = self.messages.get_mut(id) else {
             return;
         };
-        if t.running > 0 || t.waiting > 0 || t.deferred_until.is_some() || t.envelope.held {
+        let busy = t.running > 0 || t.waiting > 0 || t.bouncing;
+        if busy || t.deferred_until.is_some() || t.envelope.held {
             return;
         }
-        let env = &t.envelope;
-        let pending_attempts = env.pending().map(|(_, d)| d.attempts).min();
-        let failed = env
-            .deliveries
-            .iter()
-            .any(|d| d.state == DeliveryState::Failed);
-        match pending_attempts {
-            Some(attempts) => {
-                let now = SystemTime::now();
-                let until = now
-                    .checked_add(self.retry.delay_after(attempts))
-                    .unwrap_or(now + Duration::from_secs(86400));
-                let envelope = Arc::make_mut(&mut t.envelope);
-                envelope.next_attempt = until;
-                let update = self.spool.update(envelope.clone()).wait();
-                let id_owned = id.to_string();
-                ctx.spawn(update.into_actor(self).map(move |result, _, _| {
+        let now = SystemTime::now();
+        let step = queue::next_step(
+            Arc::make_mut(&mut t.envelope),
+            now,
+            &self.policy,
+            self.can_bounce,
+        );
+        match step {
+            Step::Remove => {
+                self.messages.remove(id);
+                let removal = self.spool.remove(id).wait();
+                let owned = id.to_string();
+                ctx.spawn(removal.into_actor(self).map(move |result, _, _| {
                     if let Err(e) = result {
-                        tracing::error!(queue_id = %id_owned, "cannot record retry time: {e}");
+                        tracing::error!(queue_id = %owned, "cannot remove finished message: {e}");
                     }
                 }));
-                tracing::info!(queue_id = %id, retry_in = ?self.retry.delay_after(attempts), "deferred");
+                tracing::info!(queue_id = %id, "done with every recipient; removed");
+            }
+            Step::Defer(until) => {
+                Arc::make_mut(&mut t.envelope).next_attempt = until;
+                self.persist(id, ctx);
+                tracing::info!(queue_id = %id, retry_in = ?until.duration_since(now).unwrap_or_default(), "deferred");
                 self.defer(id, until);
                 self.arm_wakeup(ctx);
             }
-            None if failed => {
-                // Returning mail to its sender needs [relay]; until it can be
-                // sent the message is kept, visibly, as held.
-                let envelope = Arc::make_mut(&mut t.envelope);
-                envelope.held = true;
-                let update = self.spool.update(envelope.clone()).wait();
-                let id_owned = id.to_string();
-                ctx.spawn(update.into_actor(self).map(move |result, _, _| {
-                    if let Err(e) = result {
-                        tracing::error!(queue_id = %id_owned, "cannot hold message: {e}");
-                    }
-                }));
-                tracing::warn!(queue_id = %id, "failed permanently; held (no bounce can be sent)");
+            Step::Hold(why) => {
+                Arc::make_mut(&mut t.envelope).held = true;
+                self.persist(id, ctx);
+                tracing::warn!(queue_id = %id, "held: {why}");
             }
-            None => {
-                self.messages.remove(id);
-                let removal = self.spool.remove(id).wait();
-                let id_owned = id.to_string();
-                ctx.spawn(removal.into_actor(self).map(move |result, _, _| {
-                    if let Err(e) = result {
-                        tracing::error!(queue_id = %id_owned, "cannot remove delivered message: {e}");
-                    }
+            Step::Bounce(failed) => {
+                t.bouncing = true;
+                let envelope = Arc::clone(&t.envelope);
+                // The expiry the policy may just have recorded goes to disk
+                // before the bounce is sent.
+                self.persist(id, ctx);
+                let request = self.worker().send(Bounce {
+                    envelope,
+                    failed: failed.clone(),
+                });
+                let owned = id.to_string();
+                ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
+                    let status = result.unwrap_or_else(|e| {
+                        DeliveryStatus::Temporary(format!("delivery worker lost: {e}"))
+                    });
+                    act.on_bounced(owned, failed, status, ctx);
                 }));
-                tracing::info!(queue_id = %id, "delivered to every recipient; removed");
             }
         }
+    }
+
+    fn on_bounced(
+        &mut self,
+        id: String,
+        failed: Vec<usize>,
+        status: DeliveryStatus,
+        ctx: &mut Context<Self>,
+    ) {
+        let Some(t) = self.messages.get_mut(&id) else {
+            return;
+        };
+        t.bouncing = false;
+        match status {
+            DeliveryStatus::Delivered => {
+                queue::mark_bounced(Arc::make_mut(&mut t.envelope), &failed);
+                self.record_then_settle(id, ctx);
+            }
+            DeliveryStatus::Temporary(why) => {
+                t.bounce_attempts += 1;
+                let now = SystemTime::now();
+                let until = self
+                    .policy
+                    .later(now, self.policy.delay_after(t.bounce_attempts));
+                tracing::warn!(queue_id = %id, "bounce not sent, will retry: {why}");
+                self.defer(&id, until);
+                self.arm_wakeup(ctx);
+            }
+            DeliveryStatus::Permanent(why) => {
+                Arc::make_mut(&mut t.envelope).held = true;
+                self.persist(&id, ctx);
+                tracing::warn!(queue_id = %id, "held: the relay refused the bounce: {why}");
+            }
+        }
+    }
+
+    /// Writes the envelope as it is now; the message's fate does not wait.
+    fn persist(&mut self, id: &str, ctx: &mut Context<Self>) {
+        let Some(t) = self.messages.get(id) else {
+            return;
+        };
+        let update = self.spool.update((*t.envelope).clone()).wait();
+        let owned = id.to_string();
+        ctx.spawn(update.into_actor(self).map(move |result, _, _| {
+            if let Err(e) = result {
+                tracing::error!(queue_id = %owned, "cannot update queue file: {e}");
+            }
+        }));
     }
 
     /// Wakes at the earliest deferred time.
@@ -314,8 +351,8 @@ impl QueueRunner {
             let current = self.messages.get(&id).and_then(|t| t.deferred_until);
             if current == Some(due) {
                 self.make_ready(&id);
-                // Nothing pending (a clock that stepped back across a
-                // restart): finish the message instead of forgetting it.
+                // Nothing pending (a bounce to retry, or a clock that stepped
+                // back across a restart): settle instead of forgetting it.
                 self.settle(&id, ctx);
             }
         }
@@ -333,7 +370,11 @@ impl Actor for QueueRunner {
         let undecided: Vec<String> = self
             .messages
             .iter()
-            .filter(|(_, t)| !t.envelope.held && t.envelope.pending().next().is_none())
+            .filter(|(_, t)| {
+                !t.envelope.held
+                    && t.deferred_until.is_none()
+                    && t.envelope.pending().next().is_none()
+            })
             .map(|(id, _)| id.clone())
             .collect();
         for id in undecided {
@@ -351,6 +392,9 @@ impl Handler<Enqueued> for QueueRunner {
         let id = msg.0.id.clone();
         self.track(*msg.0);
         self.make_ready(&id);
+        // A message whose every delivery failed at intake (a mail loop)
+        // has nothing to run: return it at once.
+        self.settle(&id, ctx);
         self.dispatch(ctx);
     }
 }
@@ -370,21 +414,5 @@ impl Handler<Counts> for QueueRunner {
             }
         }
         MessageResult(counts)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_from_retry_min_to_retry_max() {
-        let p = RetryPolicy {
-            retry_min: Duration::from_secs(60),
-            retry_max: Duration::from_secs(3600),
-        };
-        let delays: Vec<u64> = (1..=8).map(|a| p.delay_after(a).as_secs()).collect();
-        assert_eq!(delays, vec![60, 120, 240, 480, 960, 1920, 3600, 3600]);
-        assert_eq!(p.delay_after(1000).as_secs(), 3600);
     }
 }

@@ -209,17 +209,23 @@ fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> E
         .iter()
         .flat_map(|r| r.targets.iter().map(move |t| (r, t)))
         .filter(|(_, t)| seen.insert((t.recipient.clone(), t.target.clone())))
-        .map(|(r, t)| Delivery {
-            original_recipient: r.original.clone(),
-            recipient: t.recipient.clone(),
-            local: t.local.clone(),
-            extension: t.extension.clone(),
-            domain: t.domain.clone(),
-            target: t.target.clone(),
-            state: DeliveryState::Pending,
-            attempts: 0,
-            last_attempt: None,
-            last_error: String::new(),
+        .map(|(r, t)| {
+            let mut d = Delivery::new(
+                r.original.clone(),
+                t.recipient.clone(),
+                t.local.clone(),
+                t.extension.clone(),
+                t.domain.clone(),
+                t.target.clone(),
+            );
+            // Already delivered to this recipient once on the message's
+            // way: a loop. It is returned, never delivered.
+            if draft.delivered_to.contains(&t.recipient.to_lowercase()) {
+                d.state = DeliveryState::Failed;
+                d.last_error = format!("mail forwarding loop for {}", t.recipient);
+                d.record(now, "5.4.6", &d.last_error.clone());
+            }
+            d
         })
         .collect();
     Envelope {

@@ -1,7 +1,9 @@
 //! Leaving the node: what a program is given (environment, stdin headers)
 //! and how it is run ([`program`]).
 
+pub mod dsn;
 pub mod program;
+pub mod relay;
 
 use crate::spool::Envelope;
 

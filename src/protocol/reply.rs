@@ -159,6 +159,8 @@ pub const BARE_LF: Reply = Reply::fixed(
 pub const LOCAL_ERROR: Reply = Reply::fixed(451, "4.3.0 Error: queue file write error");
 /// Disk full.
 pub const INSUFFICIENT_STORAGE: Reply = Reply::fixed(452, "4.3.1 Insufficient system storage");
+/// More than 50 `Received:` headers: a mail loop.
+pub const TOO_MANY_HOPS: Reply = Reply::fixed(554, "5.4.6 Too many hops: mail loop");
 pub const CONNECT_LIMIT: Reply =
     Reply::fixed(421, "4.4.2 Error: connection time limit exceeded, closing");
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2 Error: timeout exceeded, closing");

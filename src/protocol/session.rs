@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::command::{self, Address, Command, CommandError, MailParams, ReversePath};
+use super::headers::{HeaderScan, MAX_HOPS};
 use super::reply::{self, Reply};
 use crate::aliases::Target;
 
@@ -90,6 +91,9 @@ pub struct MessageDraft {
     pub recipients: Vec<AcceptedRecipient>,
     /// Content size as the client counted it (CRLF line ends).
     pub size: u64,
+    /// `Delivered-To:` addresses already in the message (lowercased): a
+    /// delivery to one of them would be a mail loop.
+    pub delivered_to: Vec<String>,
 }
 
 /// Input to the machine.
@@ -161,6 +165,7 @@ struct Transaction {
     recipients: Vec<AcceptedRecipient>,
     pending: Option<Address>,
     id: Option<String>,
+    headers: HeaderScan,
 }
 
 /// One SMTP session's state.
@@ -208,6 +213,9 @@ impl SessionMachine {
             Event::Resolved(decision) => self.on_resolved(decision),
             Event::BodyOpened { result, now } => self.on_body_opened(result, now),
             Event::DataChunk(chunk) if self.phase == Phase::Data => {
+                if let Some(tx) = self.transaction.as_mut() {
+                    tx.headers.feed(&chunk);
+                }
                 vec![Action::AppendBody(chunk)]
             }
             Event::DataEnd { size, too_big } if self.phase == Phase::Data => {
@@ -319,6 +327,7 @@ impl SessionMachine {
             recipients: Vec::new(),
             pending: None,
             id: None,
+            headers: HeaderScan::default(),
         });
         reply::SENDER_OK
     }
@@ -439,6 +448,10 @@ impl SessionMachine {
             self.phase = Phase::Command;
             return vec![Action::DiscardBody, Action::Reply(reply::LOCAL_ERROR)];
         };
+        if tx.headers.hops > MAX_HOPS {
+            self.phase = Phase::Command;
+            return vec![Action::DiscardBody, Action::Reply(reply::TOO_MANY_HOPS)];
+        }
         self.phase = Phase::Committing;
         vec![Action::Commit(Box::new(MessageDraft {
             id,
@@ -447,6 +460,7 @@ impl SessionMachine {
             helo: self.helo.clone().unwrap_or_default(),
             recipients: tx.recipients,
             size,
+            delivered_to: tx.headers.delivered_to,
         }))]
     }
 }

@@ -24,7 +24,21 @@ pub enum DeliveryState {
     Delivered,
     /// Failed permanently; to be returned to the sender.
     Failed,
+    /// Failed, and the sender has been sent a delivery status notification.
+    Bounced,
 }
+
+/// One attempt in a delivery's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attempt {
+    pub at: SystemTime,
+    /// Enhanced status code of the outcome (RFC 3463): `2.0.0`, `4.3.0`, ...
+    pub status: String,
+    pub diagnostic: String,
+}
+
+/// The most attempts a delivery remembers (the newest are kept).
+pub const HISTORY_LIMIT: usize = 32;
 
 /// One recipient target of one message, tracked on its own: a retry never
 /// runs a program again for a delivery that already succeeded.
@@ -40,6 +54,49 @@ pub struct Delivery {
     pub attempts: u32,
     pub last_attempt: Option<SystemTime>,
     pub last_error: String,
+    /// Enhanced status code of the latest outcome; empty before any.
+    pub status: String,
+    pub history: Vec<Attempt>,
+}
+
+impl Delivery {
+    /// A delivery not yet attempted.
+    pub fn new(
+        original_recipient: String,
+        recipient: String,
+        local: String,
+        extension: String,
+        domain: String,
+        target: Target,
+    ) -> Self {
+        Delivery {
+            original_recipient,
+            recipient,
+            local,
+            extension,
+            domain,
+            target,
+            state: DeliveryState::Pending,
+            attempts: 0,
+            last_attempt: None,
+            last_error: String::new(),
+            status: String::new(),
+            history: Vec::new(),
+        }
+    }
+
+    /// Records one attempt's outcome in the history (bounded).
+    pub fn record(&mut self, at: SystemTime, status: &str, diagnostic: &str) {
+        if self.history.len() >= HISTORY_LIMIT {
+            self.history.remove(0);
+        }
+        self.history.push(Attempt {
+            at,
+            status: status.to_string(),
+            diagnostic: diagnostic.to_string(),
+        });
+        self.status = status.to_string();
+    }
 }
 
 /// A queued message's envelope.
@@ -137,10 +194,18 @@ pub fn encode(env: &Envelope) -> Vec<u8> {
             DeliveryState::Pending => 0,
             DeliveryState::Delivered => 1,
             DeliveryState::Failed => 2,
+            DeliveryState::Bounced => 3,
         });
         w.u32(d.attempts);
         w.time(d.last_attempt);
         w.str(&d.last_error);
+        w.str(&d.status);
+        w.u32(d.history.len() as u32);
+        for a in &d.history {
+            w.time(Some(a.at));
+            w.str(&a.status);
+            w.str(&a.diagnostic);
+        }
     }
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
@@ -197,8 +262,22 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
             0 => DeliveryState::Pending,
             1 => DeliveryState::Delivered,
             2 => DeliveryState::Failed,
+            3 => DeliveryState::Bounced,
             _ => return Err(EnvelopeError::BadTag("state")),
         };
+        let attempts = r.u32()?;
+        let last_attempt = r.time()?;
+        let last_error = r.str()?;
+        let status = r.str()?;
+        let entries = r.u32()? as usize;
+        let mut history = Vec::with_capacity(entries.min(HISTORY_LIMIT));
+        for _ in 0..entries {
+            history.push(Attempt {
+                at: r.time()?.unwrap_or(UNIX_EPOCH),
+                status: r.str()?,
+                diagnostic: r.str()?,
+            });
+        }
         deliveries.push(Delivery {
             original_recipient,
             recipient,
@@ -207,9 +286,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
             domain,
             target,
             state,
-            attempts: r.u32()?,
-            last_attempt: r.time()?,
-            last_error: r.str()?,
+            attempts,
+            last_attempt,
+            last_error,
+            status,
+            history,
         });
     }
     if r.pos != r.bytes.len() {
@@ -351,6 +432,12 @@ mod tests {
                     attempts: 1,
                     last_attempt: Some(t),
                     last_error: String::new(),
+                    status: "2.0.0".into(),
+                    history: vec![Attempt {
+                        at: t,
+                        status: "2.0.0".into(),
+                        diagnostic: String::new(),
+                    }],
                 },
                 Delivery {
                     original_recipient: "team+x@example.org".into(),
@@ -361,10 +448,12 @@ mod tests {
                     target: Target::Forward {
                         address: "oncall@partner.example".into(),
                     },
-                    state: DeliveryState::Pending,
+                    state: DeliveryState::Bounced,
                     attempts: 0,
                     last_attempt: None,
                     last_error: "exit 75: try later\nsecond line".into(),
+                    status: String::new(),
+                    history: Vec::new(),
                 },
             ],
         }

@@ -26,7 +26,7 @@ use std::time::SystemTime;
 use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
-pub use envelope::{Delivery, DeliveryState, Envelope, EnvelopeError};
+pub use envelope::{Attempt, Delivery, DeliveryState, Envelope, EnvelopeError};
 
 use crate::protocol::session::StorageFailure;
 use writer::Job;
@@ -448,20 +448,16 @@ mod tests {
             body_8bit: false,
             held: false,
             next_attempt: SystemTime::now(),
-            deliveries: vec![Delivery {
-                original_recipient: "x@example.org".into(),
-                recipient: "x@example.org".into(),
-                local: "x".into(),
-                extension: String::new(),
-                domain: "example.org".into(),
-                target: Target::Pipe {
+            deliveries: vec![Delivery::new(
+                "x@example.org".into(),
+                "x@example.org".into(),
+                "x".into(),
+                String::new(),
+                "example.org".into(),
+                Target::Pipe {
                     command: "cat".into(),
                 },
-                state: DeliveryState::Pending,
-                attempts: 0,
-                last_attempt: None,
-                last_error: String::new(),
-            }],
+            )],
         }
     }
 

@@ -1,0 +1,265 @@
+//! Queue policy, pure: how a delivery result is recorded, and what becomes
+//! of a message once none of its deliveries is running: removed, retried
+//! later (doubling from `retry_min` to `retry_max`), expired at `max_age`,
+//! returned to its sender, or held. The QueueRunner actor only carries
+//! these decisions out.
+
+use std::time::{Duration, SystemTime};
+
+use crate::delivery::program::DeliveryStatus;
+use crate::spool::{DeliveryState, Envelope};
+
+/// Retry timing and the age limit (`[queue]`).
+#[derive(Debug, Clone, Copy)]
+pub struct QueuePolicy {
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_age: Duration,
+}
+
+impl QueuePolicy {
+    /// The wait after the `attempts`-th failed attempt: `retry_min` doubling
+    /// each attempt, never above `retry_max`.
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let doublings = attempts.saturating_sub(1).min(31);
+        self.retry_min
+            .saturating_mul(1u32 << doublings)
+            .min(self.retry_max)
+    }
+
+    /// `now + delay`, saturating far in the future instead of overflowing.
+    pub fn later(&self, now: SystemTime, delay: Duration) -> SystemTime {
+        now.checked_add(delay)
+            .unwrap_or(now + Duration::from_secs(365 * 86400))
+    }
+}
+
+/// What to do with a message none of whose deliveries is running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// Every delivery is done (delivered or returned): forget the message.
+    Remove,
+    /// Some deliveries failed temporarily: try again then.
+    Defer(SystemTime),
+    /// Return these failed deliveries to the sender.
+    Bounce(Vec<usize>),
+    /// Park it, visibly, for an operator: it cannot be returned.
+    Hold(String),
+}
+
+/// Records one attempt's result in the envelope. An attempt that was never
+/// made (a lost worker) leaves the count alone.
+pub fn record_result(
+    env: &mut Envelope,
+    index: usize,
+    status: &DeliveryStatus,
+    code: &str,
+    attempted: bool,
+    now: SystemTime,
+) {
+    let Some(d) = env.deliveries.get_mut(index) else {
+        return;
+    };
+    if attempted {
+        d.attempts += 1;
+        d.last_attempt = Some(now);
+    }
+    let diagnostic = match status {
+        DeliveryStatus::Delivered => {
+            d.state = DeliveryState::Delivered;
+            d.last_error.clear();
+            String::new()
+        }
+        DeliveryStatus::Temporary(why) => {
+            d.last_error = why.clone();
+            why.clone()
+        }
+        DeliveryStatus::Permanent(why) => {
+            d.state = DeliveryState::Failed;
+            d.last_error = why.clone();
+            why.clone()
+        }
+    };
+    d.record(now, code, &diagnostic);
+}
+
+/// Decides the message's next step. Expiry happens here: once the message
+/// is older than `max_age`, what is still pending fails with 4.4.7.
+pub fn next_step(
+    env: &mut Envelope,
+    now: SystemTime,
+    policy: &QueuePolicy,
+    can_bounce: bool,
+) -> Step {
+    if let Some(attempts) = env.pending().map(|(_, d)| d.attempts).min() {
+        let age = now.duration_since(env.arrival).unwrap_or(Duration::ZERO);
+        if age < policy.max_age {
+            return Step::Defer(policy.later(now, policy.delay_after(attempts)));
+        }
+        let limit = humantime::format_duration(policy.max_age);
+        for d in env
+            .deliveries
+            .iter_mut()
+            .filter(|d| d.state == DeliveryState::Pending)
+        {
+            d.state = DeliveryState::Failed;
+            d.last_error = format!(
+                "message expired after {limit} in the queue; last error: {}",
+                d.last_error
+            );
+            let why = d.last_error.clone();
+            d.record(now, "4.4.7", &why);
+        }
+    }
+    let failed: Vec<usize> = env
+        .deliveries
+        .iter()
+        .enumerate()
+        .filter(|(_, d)| d.state == DeliveryState::Failed)
+        .map(|(i, _)| i)
+        .collect();
+    if failed.is_empty() {
+        Step::Remove
+    } else if env.sender.is_empty() {
+        Step::Hold("failed; a message from <> is never returned".into())
+    } else if !can_bounce {
+        Step::Hold("failed; no [relay] to return it to its sender through".into())
+    } else {
+        Step::Bounce(failed)
+    }
+}
+
+/// The sender has been told about these deliveries.
+pub fn mark_bounced(env: &mut Envelope, failed: &[usize]) {
+    for &i in failed {
+        if let Some(d) = env.deliveries.get_mut(i) {
+            if d.state == DeliveryState::Failed {
+                d.state = DeliveryState::Bounced;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aliases::Target;
+    use crate::spool::Delivery;
+
+    fn policy() -> QueuePolicy {
+        QueuePolicy {
+            retry_min: Duration::from_secs(60),
+            retry_max: Duration::from_secs(3600),
+            max_age: Duration::from_secs(3 * 86400),
+        }
+    }
+
+    fn envelope(sender: &str, n: usize, arrival: SystemTime) -> Envelope {
+        Envelope {
+            id: "ID".into(),
+            sender: sender.into(),
+            return_path: sender.into(),
+            arrival,
+            client_address: "127.0.0.1".into(),
+            client_helo: "c".into(),
+            channel: "local".into(),
+            size: 1,
+            smtputf8: false,
+            body_8bit: false,
+            held: false,
+            next_attempt: arrival,
+            deliveries: (0..n)
+                .map(|i| {
+                    Delivery::new(
+                        format!("r{i}@x"),
+                        format!("r{i}@x"),
+                        format!("r{i}"),
+                        String::new(),
+                        "x".into(),
+                        Target::Pipe {
+                            command: "cat".into(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_from_retry_min_to_retry_max() {
+        let delays: Vec<u64> = (1..=8).map(|a| policy().delay_after(a).as_secs()).collect();
+        assert_eq!(delays, vec![60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(policy().delay_after(1000).as_secs(), 3600);
+    }
+
+    #[test]
+    fn temporary_failures_defer_by_the_backoff_of_the_least_tried() {
+        let now = SystemTime::now();
+        let mut env = envelope("a@x", 2, now);
+        let temp = DeliveryStatus::Temporary("later".into());
+        record_result(&mut env, 0, &temp, "4.3.0", true, now);
+        record_result(&mut env, 0, &temp, "4.3.0", true, now);
+        record_result(&mut env, 1, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        assert_eq!(
+            next_step(&mut env, now, &policy(), true),
+            Step::Defer(now + Duration::from_secs(120))
+        );
+        assert_eq!(env.deliveries[0].history.len(), 2);
+        assert_eq!(env.deliveries[0].status, "4.3.0");
+    }
+
+    #[test]
+    fn all_delivered_is_removed_and_a_lost_worker_is_not_an_attempt() {
+        let now = SystemTime::now();
+        let mut env = envelope("a@x", 1, now);
+        let lost = DeliveryStatus::Temporary("worker lost".into());
+        record_result(&mut env, 0, &lost, "4.3.0", false, now);
+        assert_eq!(env.deliveries[0].attempts, 0);
+        record_result(&mut env, 0, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        assert_eq!(env.deliveries[0].attempts, 1);
+        assert_eq!(next_step(&mut env, now, &policy(), true), Step::Remove);
+    }
+
+    #[test]
+    fn permanent_failures_bounce_unless_from_null_or_without_relay() {
+        let now = SystemTime::now();
+        let perm = DeliveryStatus::Permanent("exit 67".into());
+        let mut env = envelope("a@x", 2, now);
+        record_result(&mut env, 1, &perm, "5.3.0", true, now);
+        record_result(&mut env, 0, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        assert_eq!(
+            next_step(&mut env, now, &policy(), true),
+            Step::Bounce(vec![1])
+        );
+        assert!(matches!(
+            next_step(&mut env, now, &policy(), false),
+            Step::Hold(_)
+        ));
+        mark_bounced(&mut env, &[1]);
+        assert_eq!(next_step(&mut env, now, &policy(), true), Step::Remove);
+
+        let mut from_null = envelope("", 1, now);
+        record_result(&mut from_null, 0, &perm, "5.3.0", true, now);
+        assert!(matches!(
+            next_step(&mut from_null, now, &policy(), true),
+            Step::Hold(_)
+        ));
+    }
+
+    #[test]
+    fn past_max_age_pending_deliveries_expire_and_bounce() {
+        let arrival = SystemTime::now() - Duration::from_secs(3 * 86400 + 1);
+        let now = SystemTime::now();
+        let mut env = envelope("a@x", 1, arrival);
+        let temp = DeliveryStatus::Temporary("exit 75".into());
+        record_result(&mut env, 0, &temp, "4.3.0", true, now);
+        assert_eq!(
+            next_step(&mut env, now, &policy(), true),
+            Step::Bounce(vec![0])
+        );
+        let d = &env.deliveries[0];
+        assert_eq!(d.state, DeliveryState::Failed);
+        assert_eq!(d.status, "4.4.7");
+        assert!(d.last_error.contains("expired") && d.last_error.contains("exit 75"));
+    }
+}
