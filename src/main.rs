@@ -8,6 +8,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use mailnode::config::{self, Config, LogFormat};
+use mailnode::delivery::relay::{self, sysexits, Outgoing, RelayTarget};
 use mailnode::{aliases, Node};
 
 /// sysexits.h EX_CONFIG: the configuration or aliases are wrong.
@@ -60,11 +61,41 @@ enum Cmd {
         #[command(flatten)]
         files: Files,
     },
+    /// Send the message on stdin to an SMTP server; exit with sysexits codes
+    #[command(disable_help_flag = true)]
+    Send {
+        /// Name to greet the server with (default: this host's name)
+        #[arg(short = 'h', value_name = "HELOHOST")]
+        helo: Option<String>,
+        /// Print help
+        #[arg(long, action = clap::ArgAction::Help)]
+        help: Option<bool>,
+        /// Server as HOST or HOST:PORT (port 25 by default)
+        target: String,
+        /// Envelope sender; "" or "<>" for none
+        sender: String,
+        /// Envelope recipients
+        #[arg(required = true)]
+        recipients: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { sysexits::USAGE } else { 0 });
+        }
+    };
     match cli.command {
+        Cmd::Send {
+            helo,
+            help: _,
+            target,
+            sender,
+            recipients,
+        } => ExitCode::from(send(helo, &target, &sender, &recipients)),
         Cmd::Check { files } => match load(&files) {
             Ok((_, warnings)) => {
                 for w in warnings {
@@ -215,4 +246,65 @@ fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     node.shutdown();
     Ok(())
+}
+
+/// `mailnode send`: the seed's `smtp` talker.
+fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String]) -> u8 {
+    let Some((host, port)) = relay::parse_host_port(target) else {
+        eprintln!("mailnode send: bad target {target:?}: expected HOST or HOST:PORT");
+        return sysexits::USAGE;
+    };
+    let sender = sender.trim_start_matches('<').trim_end_matches('>');
+    let recipients: Vec<String> = recipients
+        .iter()
+        .map(|r| r.trim_start_matches('<').trim_end_matches('>').to_string())
+        .collect();
+    if recipients.iter().any(String::is_empty) {
+        eprintln!("mailnode send: empty recipient");
+        return sysexits::USAGE;
+    }
+    let mut message = Vec::new();
+    if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
+        eprintln!("mailnode send: cannot read the message: {e}");
+        return sysexits::NOINPUT;
+    }
+    let target = RelayTarget {
+        host,
+        port,
+        helo: helo.unwrap_or_else(config::system_hostname),
+        timeout: std::time::Duration::from_secs(300),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailnode send: {e}");
+            return sysexits::TEMPFAIL;
+        }
+    };
+    let outgoing = Outgoing {
+        sender,
+        recipients: &recipients,
+        body_8bit: !message.is_ascii(),
+        smtputf8: !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
+    };
+    let outcome = runtime.block_on(relay::send(&target, &outgoing, &message[..]));
+    match &outcome {
+        Err(e) => eprintln!("mailnode send: {e}"),
+        Ok(o) => {
+            for r in o.refused.iter().chain(o.data.iter()) {
+                if !r.is_positive() {
+                    eprintln!("mailnode send: {r}");
+                }
+            }
+            for (rcpt, r) in recipients.iter().zip(&o.recipients) {
+                if !r.is_positive() {
+                    eprintln!("mailnode send: <{rcpt}>: {r}");
+                }
+            }
+        }
+    }
+    relay::exit_status(&outcome)
 }

@@ -252,3 +252,71 @@ fn kill_9_after_250_loses_nothing() {
     assert!(!env.contains("hunter2"), "server environment leaked: {env}");
     drop(second);
 }
+
+fn run_send(args: &[&str], stdin: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .arg("send")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("send runs");
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn send_exits_with_sysexits_codes() {
+    let sink = Sink::start(|rcpt| {
+        rcpt.starts_with("nobody@")
+            .then(|| "550 5.1.1 unknown".to_string())
+    });
+    let target = format!("127.0.0.1:{}", sink.addr.port());
+    let message = b"Subject: sent\n\n.leading dot\nbody\n";
+    let (code, err) = run_send(
+        &[
+            "-h",
+            "talker.example",
+            &target,
+            "me@example.org",
+            "you@example.org",
+        ],
+        message,
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let got = sink.wait_for(1);
+    assert_eq!(got[0].helo, "talker.example");
+    assert_eq!(got[0].from, "me@example.org");
+    assert_eq!(got[0].rcpts, vec!["you@example.org".to_string()]);
+    assert_eq!(
+        got[0].data,
+        b"Subject: sent\r\n\r\n.leading dot\r\nbody\r\n".to_vec()
+    );
+
+    let (code, err) = run_send(&[&target, "me@example.org", "nobody@example.org"], message);
+    assert_eq!(code, Some(67), "{err}");
+    assert!(err.contains("550 5.1.1"), "{err}");
+
+    // A port nothing listens on: try again later.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let (code, _) = run_send(
+        &[
+            &format!("127.0.0.1:{port}"),
+            "me@example.org",
+            "you@example.org",
+        ],
+        message,
+    );
+    assert_eq!(code, Some(75));
+
+    let (code, _) = run_send(&[&target, "me@example.org"], message);
+    assert_eq!(code, Some(64), "no recipient is a usage error");
+}

@@ -271,6 +271,65 @@ pub fn recipient_status(
     }
 }
 
+/// sysexits.h codes of `mailnode send` (the seed's `smtp` talker).
+pub mod sysexits {
+    pub const OK: u8 = 0;
+    pub const USAGE: u8 = 64;
+    pub const NOINPUT: u8 = 66;
+    pub const NOUSER: u8 = 67;
+    pub const UNAVAILABLE: u8 = 69;
+    pub const TEMPFAIL: u8 = 75;
+}
+
+/// The exit status for a transaction: 75 if anything must be tried again
+/// (4xx, no connection, timeout), else 69 for a refused transaction or
+/// message, else 67 for a refused recipient, else 0.
+pub fn exit_status(outcome: &Result<TransactionOutcome, RelayError>) -> u8 {
+    let o = match outcome {
+        Err(_) => return sysexits::TEMPFAIL,
+        Ok(o) => o,
+    };
+    let replies = o
+        .refused
+        .iter()
+        .chain(o.recipients.iter())
+        .chain(o.data.iter());
+    let mut status = sysexits::OK;
+    for r in replies.filter(|r| !r.is_positive()) {
+        if !r.is_permanent() {
+            return sysexits::TEMPFAIL;
+        }
+        let refused_whole = o.refused.as_ref() == Some(r) || o.data.as_ref() == Some(r);
+        status = if refused_whole || status == sysexits::UNAVAILABLE {
+            sysexits::UNAVAILABLE
+        } else {
+            sysexits::NOUSER
+        };
+    }
+    status
+}
+
+/// Splits `host[:port]` or `[v6]:port`; the port defaults to 25.
+pub fn parse_host_port(text: &str) -> Option<(String, u16)> {
+    if let Some(rest) = text.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => 25,
+            None => return None,
+        };
+        return (!host.is_empty()).then(|| (host.to_string(), port));
+    }
+    match text.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') => {
+            let port: u16 = port.parse().ok()?;
+            (!host.is_empty() && port != 0).then(|| (host.to_string(), port))
+        }
+        Some(_) => Some((text.to_string(), 25)),
+        None => (!text.is_empty()).then(|| (text.to_string(), 25)),
+    }
+}
+
 /// `250-text` → (250, (more, "text")).
 fn parse_reply_line(line: &str) -> Option<(u16, (bool, &str))> {
     let code = line.get(..3)?;
@@ -388,6 +447,68 @@ mod tests {
             assert_eq!(p.consumed, bytes.len());
             assert_eq!(out, content);
         }
+    }
+
+    #[test]
+    fn exit_statuses_follow_sysexits() {
+        let ok = Reply::new(250, "2.0.0 ok");
+        let temp = Reply::new(451, "4.3.0 later");
+        let no_user = Reply::new(550, "5.1.1 unknown");
+        let outcome = |refused: Option<Reply>, recipients: Vec<Reply>, data: Option<Reply>| {
+            Ok(TransactionOutcome {
+                refused,
+                recipients,
+                data,
+            })
+        };
+        assert_eq!(
+            exit_status(&outcome(None, vec![ok.clone()], Some(ok.clone()))),
+            0
+        );
+        assert_eq!(
+            exit_status(&outcome(
+                None,
+                vec![no_user.clone(), ok.clone()],
+                Some(ok.clone())
+            )),
+            67
+        );
+        assert_eq!(exit_status(&outcome(None, vec![no_user.clone()], None)), 67);
+        assert_eq!(
+            exit_status(&outcome(
+                None,
+                vec![ok.clone()],
+                Some(Reply::new(554, "5.3.0 no"))
+            )),
+            69
+        );
+        assert_eq!(
+            exit_status(&outcome(Some(Reply::new(554, "no")), vec![], None)),
+            69
+        );
+        assert_eq!(
+            exit_status(&outcome(None, vec![no_user, temp.clone()], Some(ok))),
+            75
+        );
+        assert_eq!(exit_status(&outcome(Some(temp), vec![], None)), 75);
+        assert_eq!(exit_status(&Err(RelayError::Timeout("x".into()))), 75);
+    }
+
+    #[test]
+    fn host_and_port() {
+        assert_eq!(
+            parse_host_port("mx.example"),
+            Some(("mx.example".into(), 25))
+        );
+        assert_eq!(
+            parse_host_port("127.0.0.1:2525"),
+            Some(("127.0.0.1".into(), 2525))
+        );
+        assert_eq!(parse_host_port("[::1]:26"), Some(("::1".into(), 26)));
+        assert_eq!(parse_host_port("::1"), Some(("::1".into(), 25)));
+        assert_eq!(parse_host_port("host:x"), None);
+        assert_eq!(parse_host_port(""), None);
+        assert_eq!(parse_host_port(":25"), None);
     }
 
     #[test]

@@ -240,3 +240,142 @@ pub fn python(script: &str, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// One message an SMTP sink received.
+#[derive(Debug, Clone)]
+pub struct SinkMessage {
+    pub helo: String,
+    pub from: String,
+    pub rcpts: Vec<String>,
+    /// Content with dot-stuffing undone and CRLF line ends.
+    pub data: Vec<u8>,
+}
+
+/// A small SMTP server standing in for `[relay]`: records what it is sent
+/// and refuses recipients `refuse` names (with the reply it returns).
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<SinkMessage>>>,
+}
+
+type Refusal = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+impl Sink {
+    pub fn start(refuse: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Sink {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("sink binds");
+        let addr = listener.local_addr().expect("sink addr");
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let store = std::sync::Arc::clone(&received);
+        let refuse: std::sync::Arc<Refusal> = std::sync::Arc::new(refuse);
+        std::thread::spawn(move || {
+            for stream in listener.incoming().map_while(Result::ok) {
+                let store = std::sync::Arc::clone(&store);
+                let refuse = std::sync::Arc::clone(&refuse);
+                std::thread::spawn(move || sink_session(stream, &store, &*refuse));
+            }
+        });
+        Sink { addr, received }
+    }
+
+    pub fn messages(&self) -> Vec<SinkMessage> {
+        self.received.lock().expect("sink lock").clone()
+    }
+
+    /// Waits until the sink holds at least `n` messages.
+    pub fn wait_for(&self, n: usize) -> Vec<SinkMessage> {
+        wait_for(Duration::from_secs(30), || {
+            let m = self.messages();
+            (m.len() >= n).then_some(m)
+        })
+        .unwrap_or_else(|| panic!("the sink never got {n} messages: {:?}", self.messages()))
+    }
+}
+
+fn sink_session(stream: TcpStream, store: &std::sync::Mutex<Vec<SinkMessage>>, refuse: &Refusal) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(30)));
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(stream);
+    let mut say = |text: &str| writer.write_all(text.as_bytes()).is_ok();
+    if !say("220 sink ESMTP\r\n") {
+        return;
+    }
+    let mut current = SinkMessage {
+        helo: String::new(),
+        from: String::new(),
+        rcpts: Vec::new(),
+        data: Vec::new(),
+    };
+    let path = |line: &str| {
+        let start = line.find('<').map_or(0, |i| i + 1);
+        let end = line.rfind('>').unwrap_or(line.len());
+        line.get(start..end).unwrap_or("").to_string()
+    };
+    loop {
+        let mut raw = Vec::new();
+        match reader.read_until(b'\n', &mut raw) {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+        let line = String::from_utf8_lossy(&raw).trim_end().to_string();
+        let verb = line
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .to_ascii_uppercase();
+        let ok = match verb.as_str() {
+            "EHLO" | "HELO" => {
+                current.helo = line[4..].trim().to_string();
+                say("250-sink\r\n250-8BITMIME\r\n250 SMTPUTF8\r\n")
+            }
+            "MAIL" => {
+                current.from = path(&line);
+                current.rcpts.clear();
+                say("250 2.1.0 ok\r\n")
+            }
+            "RCPT" => {
+                let rcpt = path(&line);
+                match refuse(&rcpt) {
+                    Some(reply) => say(&format!("{reply}\r\n")),
+                    None => {
+                        current.rcpts.push(rcpt);
+                        say("250 2.1.5 ok\r\n")
+                    }
+                }
+            }
+            "DATA" => {
+                if !say("354 go ahead\r\n") {
+                    return;
+                }
+                let mut data = Vec::new();
+                loop {
+                    let mut l = Vec::new();
+                    match reader.read_until(b'\n', &mut l) {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {}
+                    }
+                    if l == b".\r\n" {
+                        break;
+                    }
+                    if l.starts_with(b"..") {
+                        l.remove(0);
+                    }
+                    data.extend_from_slice(&l);
+                }
+                current.data = data;
+                store.lock().expect("sink lock").push(current.clone());
+                say("250 2.0.0 queued\r\n")
+            }
+            "QUIT" => {
+                say("221 bye\r\n");
+                return;
+            }
+            "RSET" | "NOOP" => say("250 ok\r\n"),
+            _ => say("500 what\r\n"),
+        };
+        if !ok {
+            return;
+        }
+    }
+}
