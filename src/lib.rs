@@ -171,7 +171,7 @@ fn build_tree(
             .unwrap_or_else(|| config.hostname.clone()),
         timeout: RELAY_TIMEOUT,
     });
-    let workers = arbiters
+    let workers: Vec<_> = arbiters
         .iter()
         .map(|arbiter| {
             let spool = spool.clone();
@@ -186,7 +186,7 @@ fn build_tree(
         .collect();
     let queue_runner = QueueRunner::new(
         spool.clone(),
-        workers,
+        workers.clone(),
         config.delivery.concurrency,
         QueuePolicy {
             retry_min: config.queue.retry_min,
@@ -217,7 +217,8 @@ fn build_tree(
         },
         spool,
         resolver: resolver.clone(),
-        queue_runner: queue_runner.clone(),
+        queue: queue_runner.clone().recipient(),
+        inline: (config.delivery.mode == config::DeliveryMode::Inline).then_some(workers),
     });
     let channels = config.access.channel.clone();
     let channel_of = Arc::new(move |ip| access::channel_for(ip, &channels).to_string());

@@ -7,6 +7,7 @@
 use std::time::{Duration, SystemTime};
 
 use crate::delivery::program::DeliveryStatus;
+use crate::protocol::session::InlineOutcome;
 use crate::spool::{DeliveryState, Envelope};
 
 /// Retry timing and the age limit (`[queue]`).
@@ -129,6 +130,24 @@ pub fn next_step(
     }
 }
 
+/// Inline mode (UnderSMTPD): any temporary failure makes the client try
+/// again later; otherwise any permanent failure refuses the message.
+pub fn inline_verdict(id: &str, statuses: &[DeliveryStatus]) -> InlineOutcome {
+    if statuses
+        .iter()
+        .any(|s| matches!(s, DeliveryStatus::Temporary(_)))
+    {
+        InlineOutcome::Temporary
+    } else if statuses
+        .iter()
+        .any(|s| matches!(s, DeliveryStatus::Permanent(_)))
+    {
+        InlineOutcome::Permanent
+    } else {
+        InlineOutcome::Delivered(id.to_string())
+    }
+}
+
 /// The sender has been told about these deliveries.
 pub fn mark_bounced(env: &mut Envelope, failed: &[usize]) {
     for &i in failed {
@@ -244,6 +263,22 @@ mod tests {
             next_step(&mut from_null, now, &policy(), true),
             Step::Hold(_)
         ));
+    }
+
+    #[test]
+    fn inline_verdict_prefers_temporary_then_permanent() {
+        let ok = DeliveryStatus::Delivered;
+        let temp = DeliveryStatus::Temporary("t".into());
+        let perm = DeliveryStatus::Permanent("p".into());
+        assert_eq!(
+            inline_verdict("ID", &[ok.clone(), ok.clone()]),
+            InlineOutcome::Delivered("ID".into())
+        );
+        assert_eq!(
+            inline_verdict("ID", &[perm.clone(), temp]),
+            InlineOutcome::Temporary
+        );
+        assert_eq!(inline_verdict("ID", &[ok, perm]), InlineOutcome::Permanent);
     }
 
     #[test]

@@ -394,3 +394,41 @@ fn an_address_alias_is_forwarded_with_the_original_sender() {
         "{block:?}"
     );
 }
+
+#[test]
+fn inline_mode_answers_with_the_programs_verdict_and_queues_nothing() {
+    let node = TestNode::start_with(
+        "ok: |cat > OUTBOX/inline.$QUEUE_ID\nlater: |echo busy; exit 75\nno: |exit 67\n",
+        |c| c.delivery.mode = mailnode::config::DeliveryMode::Inline,
+    );
+    let mut c = node.client();
+    c.reply();
+    c.cmd("EHLO client");
+    let mut transaction = |rcpt: &str| {
+        c.cmd("MAIL FROM:<a@example.org>");
+        assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).is(250, "2.1.5"));
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(b"Subject: inline\r\n\r\nnow\r\n.\r\n");
+        c.reply()
+    };
+    let delivered = transaction("ok@example.org");
+    assert!(delivered.is(250, "2.0.0"), "{delivered:?}");
+    let id = delivered
+        .text
+        .trim()
+        .rsplit(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(delivered.text.contains("delivered as"), "{delivered:?}");
+    // Already there when the client hears 250.
+    let got = std::fs::read_to_string(node.outbox.join(format!("inline.{id}"))).unwrap();
+    assert!(got.ends_with("Subject: inline\n\nnow\n"));
+
+    let later = transaction("later@example.org");
+    assert!(later.is(451, "4.3.0"), "{later:?}");
+    let refused = transaction("no@example.org");
+    assert!(refused.is(554, "5.3.0"), "{refused:?}");
+    assert_eq!(node.queue_files(), 0, "inline mode left a queue file");
+    assert_eq!(node.incoming_files(), 0, "inline mode left a body behind");
+}

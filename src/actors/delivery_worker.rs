@@ -21,6 +21,8 @@ use crate::spool::{Envelope, Spool};
 pub struct Deliver {
     pub envelope: Arc<Envelope>,
     pub index: usize,
+    /// The message: in `queue/`, or in `incoming/` for inline delivery.
+    pub body: std::path::PathBuf,
 }
 
 /// The result of one attempt.
@@ -79,7 +81,7 @@ impl Handler<Deliver> for DeliveryWorker {
     fn handle(&mut self, msg: Deliver, _: &mut Self::Context) -> Self::Result {
         let env = Arc::clone(&msg.envelope);
         let index = msg.index;
-        let body_path = self.spool.body_path(&env.id);
+        let body_path = msg.body;
         let run_as = self.run_as.clone();
         let timeout = self.timeout;
         let relay = self.relay.clone();

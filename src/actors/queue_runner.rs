@@ -161,6 +161,7 @@ impl QueueRunner {
             let request = worker.send(Deliver {
                 envelope: Arc::clone(&t.envelope),
                 index,
+                body: self.spool.body_path(&id),
             });
             ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
                 let report = result.unwrap_or_else(|e| DeliveryReport {

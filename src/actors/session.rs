@@ -17,7 +17,9 @@ use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
 use crate::actors::alias_resolver::{AliasResolver, Resolve};
-use crate::actors::queue_runner::{Enqueued, QueueRunner};
+use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
+use crate::actors::queue_runner::Enqueued;
+use crate::delivery::program::DeliveryStatus;
 use crate::protocol::codec::{Frame, SmtpCodec};
 use crate::protocol::command::{self, ReversePath};
 use crate::protocol::data::BareLineEnding;
@@ -33,7 +35,12 @@ pub struct SessionDeps {
     pub limits: SessionLimits,
     pub spool: Spool,
     pub resolver: Addr<AliasResolver>,
-    pub queue_runner: Addr<QueueRunner>,
+    /// Told of every message made durable (the QueueRunner, or in inetd
+    /// mode whoever delivers after the session).
+    pub queue: Recipient<Enqueued>,
+    /// Inline mode (`[delivery] mode = "inline"`): programs run during DATA
+    /// on these workers and the reply waits for them.
+    pub inline: Option<Vec<Addr<DeliveryWorker>>>,
 }
 
 /// Timing and framing limits of the I/O task.
@@ -168,6 +175,10 @@ impl Session {
             return self.run(work, out);
         };
         let envelope = envelope_from(draft, &self.client, SystemTime::now());
+        if let Some(workers) = &self.deps.inline {
+            let workers = workers.clone();
+            return self.deliver_inline(body, envelope, workers, work, out);
+        }
         let pending = self.deps.spool.commit(body, envelope.clone()).wait();
         Box::pin(pending.into_actor(self).then(move |result, act, _| {
             let outcome = match result {
@@ -181,7 +192,7 @@ impl Session {
                         "queued"
                     );
                     let id = envelope.id.clone();
-                    act.deps.queue_runner.do_send(Enqueued(Box::new(envelope)));
+                    act.deps.queue.do_send(Enqueued(Box::new(envelope)));
                     Ok(id)
                 }
                 Err(e) => {
@@ -190,6 +201,62 @@ impl Session {
                 }
             };
             work.extend(act.machine.handle(Event::Committed(outcome)));
+            act.run(work, out)
+        }))
+    }
+}
+
+impl Session {
+    /// Inline mode: every program runs now, on the body still in
+    /// `incoming/`; the client hears the verdict, and nothing stays queued
+    /// whatever it is.
+    fn deliver_inline(
+        &mut self,
+        mut body: IncomingBody,
+        envelope: Envelope,
+        workers: Vec<Addr<DeliveryWorker>>,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        if let Err(e) = body.flush() {
+            tracing::error!(queue_id = %envelope.id, "cannot write message: {e}");
+            work.extend(
+                self.machine
+                    .handle(Event::Committed(Err(e.storage_failure()))),
+            );
+            return self.run(work, out);
+        }
+        let envelope = Arc::new(envelope);
+        let path = body.path().to_path_buf();
+        // Deliveries that failed at intake (a mail loop) count as refused.
+        let mut refused: Vec<DeliveryStatus> = envelope
+            .deliveries
+            .iter()
+            .filter(|d| d.state == DeliveryState::Failed)
+            .map(|d| DeliveryStatus::Permanent(d.last_error.clone()))
+            .collect();
+        let attempts: Vec<_> = envelope
+            .pending()
+            .enumerate()
+            .map(|(n, (index, _))| {
+                workers[n % workers.len().max(1)].send(Deliver {
+                    envelope: Arc::clone(&envelope),
+                    index,
+                    body: path.clone(),
+                })
+            })
+            .collect();
+        let all = futures_util::future::join_all(attempts);
+        Box::pin(all.into_actor(self).then(move |results, act, _| {
+            // The programs are done with it: the body goes.
+            drop(body);
+            refused.extend(results.into_iter().map(|r| match r {
+                Ok(report) => report.status,
+                Err(e) => DeliveryStatus::Temporary(format!("delivery worker lost: {e}")),
+            }));
+            let verdict = crate::queue::inline_verdict(&envelope.id, &refused);
+            tracing::info!(queue_id = %envelope.id, sender = %envelope.sender, result = ?verdict, "inline delivery");
+            work.extend(act.machine.handle(Event::DeliveredInline(verdict)));
             act.run(work, out)
         }))
     }

@@ -155,6 +155,19 @@ pub const BARE_LF: Reply = Reply::fixed(
     521,
     "5.5.2 Bare LF or CR in message data is not allowed (RFC 5321 2.3.8)",
 );
+/// Inline mode: every program took the message.
+pub fn delivered(id: &str) -> Reply {
+    Reply::new(250, format!("2.0.0 Ok: delivered as {id}"))
+}
+
+/// Inline mode: a program failed temporarily; nothing stays queued.
+pub const INLINE_TEMPORARY: Reply = Reply::fixed(
+    451,
+    "4.3.0 Error: delivery failed temporarily, try again later",
+);
+/// Inline mode: a program refused the message.
+pub const INLINE_PERMANENT: Reply = Reply::fixed(554, "5.3.0 Error: delivery failed");
+
 /// Program trouble in inline mode; the spool could not be written.
 pub const LOCAL_ERROR: Reply = Reply::fixed(451, "4.3.0 Error: queue file write error");
 /// Disk full.

@@ -81,6 +81,17 @@ impl StorageFailure {
     }
 }
 
+/// Inline mode's verdict on a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InlineOutcome {
+    /// Every delivery succeeded: `250 ... delivered as ID`.
+    Delivered(String),
+    /// Some delivery failed temporarily: 451 4.3.0, the client retries.
+    Temporary,
+    /// Otherwise some delivery failed for good: 554 5.3.0.
+    Permanent,
+}
+
 /// Everything known about a message when its data is complete.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MessageDraft {
@@ -117,6 +128,8 @@ pub enum Event {
     /// The DATA reader met a bare LF or CR and the policy is to refuse.
     DataRejected,
     Committed(Result<String, StorageFailure>),
+    /// Inline mode: what running the programs during DATA gave.
+    DeliveredInline(InlineOutcome),
     /// The client stayed silent too long.
     IdleTimeout,
     /// The session reached `connect_limit`.
@@ -233,6 +246,15 @@ impl SessionMachine {
                     Err(failure) => vec![Action::Reply(failure.reply())],
                 }
             }
+            Event::DeliveredInline(outcome) if self.phase == Phase::Committing => {
+                self.phase = Phase::Command;
+                self.transaction = None;
+                vec![Action::Reply(match outcome {
+                    InlineOutcome::Delivered(id) => reply::delivered(&id),
+                    InlineOutcome::Temporary => reply::INLINE_TEMPORARY,
+                    InlineOutcome::Permanent => reply::INLINE_PERMANENT,
+                })]
+            }
             Event::IdleTimeout | Event::ConnectLimit => {
                 let discard = if self.phase == Phase::Data {
                     vec![Action::DiscardBody]
@@ -251,7 +273,8 @@ impl SessionMachine {
             Event::DataChunk(_)
             | Event::DataEnd { .. }
             | Event::DataRejected
-            | Event::Committed(_) => {
+            | Event::Committed(_)
+            | Event::DeliveredInline(_) => {
                 self.transaction = None;
                 self.phase = Phase::Command;
                 vec![Action::Reply(reply::LOCAL_ERROR)]

@@ -93,8 +93,20 @@ impl IncomingBody {
         &self.id
     }
 
-    fn path(&self) -> &Path {
+    /// Where the body is being written (in `incoming/`).
+    pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Pushes buffered content to the file so another process (an inline
+    /// delivery) can read it; no fsync: nothing durable is promised yet.
+    pub fn flush(&mut self) -> Result<(), SpoolError> {
+        match self.file.as_mut() {
+            Some(f) => f
+                .flush()
+                .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e)),
+            None => Err(SpoolError::WriterGone),
+        }
     }
 
     fn set_envelope_path(&mut self, path: PathBuf) {
