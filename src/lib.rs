@@ -11,6 +11,7 @@
 pub mod access;
 pub mod actors;
 pub mod aliases;
+pub mod batch;
 pub mod config;
 pub mod delivery;
 pub mod protocol;
@@ -35,11 +36,14 @@ use delivery::relay::RelayTarget;
 use protocol::data::BareLineEnding;
 use protocol::session::SessionConfig;
 use queue::QueuePolicy;
-use spool::{Spool, SpoolError, SpoolWriter};
+use spool::{QueueLock, Spool, SpoolError, SpoolWriter};
 
 /// How long the relay may take to answer, per step (RFC 5321 4.5.3.2
 /// suggests minutes; five is the usual client choice).
 const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long `serve` waits for another queue runner to release the spool.
+const SERVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +95,9 @@ impl Node {
             })?);
             listeners.push(listener);
         }
+        // One queue runner per spool; a second `serve` waits a little (a
+        // restart racing its predecessor's exit), then says so.
+        let lock = QueueLock::acquire(&config.spool.path, SERVE_LOCK_WAIT)?;
         let (spool, writer) = Spool::open(&config.spool.path)?;
         let report = spool.scan()?;
         for damaged in &report.corrupt {
@@ -141,27 +148,14 @@ impl Node {
             system,
             thread: Some(thread),
             writer: Some(writer),
+            lock: Some(lock),
         })
     }
 }
 
-fn build_tree(
-    config: Config,
-    spool: Spool,
-    table: Arc<aliases::AliasTable>,
-    run_as: Option<RunAs>,
-    recovered: Vec<spool::Envelope>,
-    listeners: Vec<std::net::TcpListener>,
-    arbiters: Vec<ArbiterHandle>,
-) -> Addr<Supervisor> {
-    let resolver = AliasResolver::new(
-        config.aliases.path.clone(),
-        table,
-        config.hostname.clone(),
-        config.relay.host.is_some(),
-    )
-    .start();
-    let relay = config.relay.host.as_ref().map(|r| RelayTarget {
+/// The relay, when `[relay] host` names one.
+pub(crate) fn relay_target(config: &Config) -> Option<RelayTarget> {
+    config.relay.host.as_ref().map(|r| RelayTarget {
         host: r.host.clone(),
         port: r.port,
         helo: config
@@ -170,35 +164,62 @@ fn build_tree(
             .clone()
             .unwrap_or_else(|| config.hostname.clone()),
         timeout: RELAY_TIMEOUT,
-    });
-    let workers: Vec<_> = arbiters
+    })
+}
+
+pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
+    QueuePolicy {
+        retry_min: config.queue.retry_min,
+        retry_max: config.queue.retry_max,
+        max_age: config.queue.max_age,
+    }
+}
+
+/// One DeliveryWorker on each arbiter.
+pub(crate) fn spawn_workers(
+    config: &Config,
+    spool: &Spool,
+    run_as: &Option<RunAs>,
+    arbiters: &[ArbiterHandle],
+) -> Vec<Addr<DeliveryWorker>> {
+    arbiters
         .iter()
         .map(|arbiter| {
             let spool = spool.clone();
             let run_as = run_as.clone();
             let timeout = config.delivery.timeout;
-            let relay = relay.clone();
+            let relay = relay_target(config);
             let hostname = config.hostname.clone();
             DeliveryWorker::start_in_arbiter(arbiter, move |_| {
                 DeliveryWorker::new(spool, run_as, timeout, relay, hostname)
             })
         })
-        .collect();
-    let queue_runner = QueueRunner::new(
-        spool.clone(),
-        workers.clone(),
-        config.delivery.concurrency,
-        QueuePolicy {
-            retry_min: config.queue.retry_min,
-            retry_max: config.queue.retry_max,
-            max_age: config.queue.max_age,
-        },
-        relay.is_some(),
-        recovered,
+        .collect()
+}
+
+pub(crate) fn start_resolver(
+    config: &Config,
+    table: Arc<aliases::AliasTable>,
+) -> Addr<AliasResolver> {
+    AliasResolver::new(
+        config.aliases.path.clone(),
+        table,
+        config.hostname.clone(),
+        config.relay.host.is_some(),
     )
-    .start();
+    .start()
+}
+
+/// What sessions share, from the configuration.
+pub(crate) fn session_deps(
+    config: &Config,
+    spool: Spool,
+    resolver: Addr<AliasResolver>,
+    queue: Recipient<actors::queue_runner::Enqueued>,
+    workers: Vec<Addr<DeliveryWorker>>,
+) -> SessionDeps {
     let smtp = &config.smtp;
-    let deps = Arc::new(SessionDeps {
+    SessionDeps {
         config: Arc::new(SessionConfig {
             hostname: config.hostname.clone(),
             max_message_size: smtp.max_message_size,
@@ -216,10 +237,39 @@ fn build_tree(
             max_message_size: smtp.max_message_size,
         },
         spool,
-        resolver: resolver.clone(),
-        queue: queue_runner.clone().recipient(),
+        resolver,
+        queue,
         inline: (config.delivery.mode == config::DeliveryMode::Inline).then_some(workers),
-    });
+    }
+}
+
+fn build_tree(
+    config: Config,
+    spool: Spool,
+    table: Arc<aliases::AliasTable>,
+    run_as: Option<RunAs>,
+    recovered: Vec<spool::Envelope>,
+    listeners: Vec<std::net::TcpListener>,
+    arbiters: Vec<ArbiterHandle>,
+) -> Addr<Supervisor> {
+    let resolver = start_resolver(&config, table);
+    let workers = spawn_workers(&config, &spool, &run_as, &arbiters);
+    let queue_runner = QueueRunner::new(
+        spool.clone(),
+        workers.clone(),
+        config.delivery.concurrency,
+        queue_policy(&config),
+        config.relay.host.is_some(),
+        recovered,
+    )
+    .start();
+    let deps = Arc::new(session_deps(
+        &config,
+        spool,
+        resolver.clone(),
+        queue_runner.clone().recipient(),
+        workers,
+    ));
     let channels = config.access.channel.clone();
     let channel_of = Arc::new(move |ip| access::channel_for(ip, &channels).to_string());
     let acceptor = Acceptor::new(listeners, arbiters, deps, channel_of).start();
@@ -238,6 +288,8 @@ pub struct NodeHandle {
     system: System,
     thread: Option<JoinHandle<()>>,
     writer: Option<SpoolWriter>,
+    /// Released last, once everything is on disk.
+    lock: Option<QueueLock>,
 }
 
 impl NodeHandle {
@@ -277,6 +329,7 @@ impl NodeHandle {
         if let Some(writer) = self.writer.take() {
             writer.join();
         }
+        self.lock = None;
     }
 }
 

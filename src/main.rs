@@ -61,6 +61,16 @@ enum Cmd {
         #[command(flatten)]
         files: Files,
     },
+    /// One SMTP session on stdin/stdout (inetd, xinetd, systemd Accept=yes)
+    Inetd {
+        #[command(flatten)]
+        files: Files,
+    },
+    /// One pass over the queue: deliver what is due, then exit
+    Runq {
+        #[command(flatten)]
+        files: Files,
+    },
     /// Send the message on stdin to an SMTP server; exit with sysexits codes
     #[command(disable_help_flag = true)]
     Send {
@@ -89,6 +99,28 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Cmd::Inetd { files } => {
+            let (config, _) = match load(&files) {
+                Ok(loaded) => loaded,
+                Err(problems) => return report(problems),
+            };
+            // stdout is the SMTP stream: logs go to stderr only when it is
+            // somewhere else (under xinetd all three are the socket).
+            if !stdout_is_stderr() {
+                init_logging(&config);
+            }
+            finish(mailnode::batch::serve_stdio(config).map(|_| ()))
+        }
+        Cmd::Runq { files } => {
+            let (config, _) = match load(&files) {
+                Ok(loaded) => loaded,
+                Err(problems) => return report(problems),
+            };
+            init_logging(&config);
+            finish(mailnode::batch::run_queue_once(config).map(|summary| {
+                tracing::info!(attempted = summary.attempted, "queue run done");
+            }))
+        }
         Cmd::Send {
             helo,
             help: _,
@@ -146,18 +178,44 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("mailnode: {e:#}");
-                    // Problems an operator fixes in a file are EX_CONFIG.
-                    let is_config = e.downcast_ref::<mailnode::StartError>().is_some_and(|s| {
-                        matches!(
-                            s,
-                            mailnode::StartError::Aliases(_)
-                                | mailnode::StartError::DeliveryUser(_)
-                        )
-                    });
-                    ExitCode::from(if is_config { EX_CONFIG } else { 1 })
+                    ExitCode::from(
+                        e.downcast_ref::<mailnode::StartError>()
+                            .map_or(1, exit_code_for),
+                    )
                 }
             }
         }
+    }
+}
+
+/// The exit status of a run that ends: 0, EX_CONFIG for what an operator
+/// fixes in a file, EX_TEMPFAIL when another queue runner holds the spool.
+fn finish(result: Result<(), mailnode::StartError>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mailnode: {e}");
+            ExitCode::from(exit_code_for(&e))
+        }
+    }
+}
+
+fn exit_code_for(e: &mailnode::StartError) -> u8 {
+    match e {
+        mailnode::StartError::Aliases(_) | mailnode::StartError::DeliveryUser(_) => EX_CONFIG,
+        mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked(_)) => sysexits::TEMPFAIL,
+        _ => 1,
+    }
+}
+
+/// Whether stdout and stderr are the same file (or the same socket).
+fn stdout_is_stderr() -> bool {
+    use std::os::fd::AsFd;
+    let out = nix::sys::stat::fstat(std::io::stdout().as_fd());
+    let err = nix::sys::stat::fstat(std::io::stderr().as_fd());
+    match (out, err) {
+        (Ok(x), Ok(y)) => x.st_dev == y.st_dev && x.st_ino == y.st_ino,
+        _ => false,
     }
 }
 

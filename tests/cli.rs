@@ -320,3 +320,142 @@ fn send_exits_with_sysexits_codes() {
     let (code, _) = run_send(&[&target, "me@example.org"], message);
     assert_eq!(code, Some(64), "no recipient is a usage error");
 }
+
+/// A config file for the binary in `dir`, with `aliases` and extra TOML.
+fn binary_config(dir: &Path, aliases: &str, extra: &str) -> String {
+    let aliases = write(&dir.join("aliases"), aliases);
+    write(
+        &dir.join("mailnode.toml"),
+        &format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n{extra}",
+            dir.join("spool").display()
+        ),
+    )
+}
+
+fn inetd_session(config: &str, dialogue: &[u8]) -> (Option<i32>, String) {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(["inetd", "-c", config])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("inetd runs");
+    child.stdin.take().unwrap().write_all(dialogue).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+const DIALOGUE: &[u8] = b"EHLO pipe.example\r\nMAIL FROM:<a@example.org>\r\nRCPT TO:<rec@example.org>\r\nDATA\r\nSubject: over pipes\r\n\r\nhello\r\n.\r\nQUIT\r\n";
+
+#[test]
+fn inetd_mode_over_pipes_delivers_before_it_exits() {
+    let (dir, outbox) = shared_tempdir();
+    let o = outbox.display().to_string();
+    let config = binary_config(
+        dir.path(),
+        &format!("rec: |cat > {o}/$QUEUE_ID; echo \"$CLIENT_HELO\" > {o}/helo\n"),
+        "",
+    );
+    let (code, replies) = inetd_session(&config, DIALOGUE);
+    assert_eq!(code, Some(0), "{replies}");
+    assert!(
+        replies.starts_with("220 mx.test ESMTP mailnode\r\n"),
+        "{replies}"
+    );
+    let queued = replies
+        .lines()
+        .find(|l| l.starts_with("250 2.0.0 Ok: queued as "))
+        .expect("queued");
+    let id = queued.rsplit(' ').next().unwrap();
+    assert!(replies.ends_with("221 2.0.0 Bye\r\n"), "{replies}");
+    // Delivered by the time the process exited.
+    let got = std::fs::read_to_string(outbox.join(id)).expect("delivered before exit");
+    assert!(got.ends_with("Subject: over pipes\n\nhello\n"));
+    assert_eq!(
+        std::fs::read_to_string(outbox.join("helo")).unwrap(),
+        "pipe.example\n"
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/queue"))
+            .unwrap()
+            .count(),
+        0
+    );
+}
+
+#[test]
+fn queue_runners_exclude_each_other_and_runq_finishes_what_serve_left() {
+    let (dir, outbox) = shared_tempdir();
+    let o = outbox.display().to_string();
+    let config = binary_config(
+        dir.path(),
+        &format!(
+            "hold: |echo $QUEUE_ID >> {o}/tries; [ -e {o}/go ] || exit 75; cat > {o}/$QUEUE_ID\n"
+        ),
+        "[queue]\nretry_min = \"200ms\"\nretry_max = \"200ms\"\n",
+    );
+    let mut served = serve(&["-c", &config], dir.path(), &[]);
+    let first = send_one(
+        served.addr,
+        "hold@example.org",
+        "Subject: left\r\n\r\nbehind\r\n",
+    );
+    wait_for_file(&outbox.join("tries"));
+
+    // A second queue runner on the same spool is refused, with a reason.
+    let runq = mailnode(&["runq", "-c", &config]);
+    assert_eq!(runq.status.code(), Some(75));
+    let said = String::from_utf8_lossy(&runq.stderr);
+    assert!(
+        said.contains("in use by another mailnode queue runner"),
+        "{said}"
+    );
+
+    // An inetd session meanwhile leaves its message to the daemon, which
+    // picks it up from the queue directory.
+    let dialogue = String::from_utf8_lossy(DIALOGUE).replace("rec@example.org", "hold@example.org");
+    let (code, replies) = inetd_session(&config, dialogue.as_bytes());
+    assert_eq!(code, Some(0), "{replies}");
+    let second = replies
+        .lines()
+        .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as "))
+        .expect("inetd queued it")
+        .to_string();
+    let picked_up = wait_for(Duration::from_secs(30), || {
+        let tries = std::fs::read_to_string(outbox.join("tries")).ok()?;
+        tries.contains(&second).then_some(())
+    });
+    assert!(
+        picked_up.is_some(),
+        "the daemon never attempted the inetd message"
+    );
+
+    // Stop the daemon; runq then delivers what it left.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(served.child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    std::fs::write(outbox.join("go"), b"").unwrap();
+    let delivered = wait_for(Duration::from_secs(30), || {
+        let run = mailnode(&["runq", "-c", &config]);
+        assert_eq!(
+            run.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let remaining = std::fs::read_dir(dir.path().join("spool/queue"))
+            .ok()?
+            .count();
+        let both = outbox.join(&first).exists() && outbox.join(&second).exists();
+        (both && remaining == 0).then_some(())
+    });
+    assert!(delivered.is_some(), "runq did not deliver what serve left");
+}

@@ -3,6 +3,7 @@
 
 pub mod acceptor;
 pub mod alias_resolver;
+pub mod collector;
 pub mod delivery_worker;
 pub mod queue_runner;
 pub mod session;

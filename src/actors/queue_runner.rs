@@ -17,6 +17,10 @@ use crate::spool::{Envelope, Spool};
 
 /// How soon a failed write of delivery results is tried again.
 const RECORD_RETRY: Duration = Duration::from_secs(1);
+/// Bounds of how often the queue directory is looked at for messages other
+/// processes (`mailnode inetd` sessions) left there.
+const RESCAN_MIN: Duration = Duration::from_secs(1);
+const RESCAN_MAX: Duration = Duration::from_secs(60);
 
 /// A message was just made durable by a session.
 #[derive(Message)]
@@ -64,9 +68,32 @@ pub struct QueueRunner {
     ready: VecDeque<(String, usize)>,
     deferred: BTreeSet<(SystemTime, String)>,
     wakeup: Option<SpawnHandle>,
+    /// Removed from memory, not yet from disk: a rescan must not revive them.
+    removing: std::collections::HashSet<String>,
+    /// Result writes still to land before their message is settled.
+    recording: usize,
+    /// `runq` and `inetd`: one pass over what is due, then say so here.
+    one_pass: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl QueueRunner {
+    /// A runner for one pass (`runq`, `inetd`): attempts what is due once,
+    /// settles every result, and signals `done` instead of waiting for
+    /// retry times.
+    pub fn one_pass(
+        spool: Spool,
+        workers: Vec<Addr<DeliveryWorker>>,
+        concurrency: usize,
+        policy: QueuePolicy,
+        can_bounce: bool,
+        due: Vec<Envelope>,
+        done: tokio::sync::oneshot::Sender<()>,
+    ) -> Self {
+        let mut runner = Self::new(spool, workers, concurrency, policy, can_bounce, due);
+        runner.one_pass = Some(done);
+        runner
+    }
+
     /// `recovered`: what an earlier run left in the spool.
     pub fn new(
         spool: Spool,
@@ -88,6 +115,9 @@ impl QueueRunner {
             ready: VecDeque::new(),
             deferred: BTreeSet::new(),
             wakeup: None,
+            removing: std::collections::HashSet::new(),
+            recording: 0,
+            one_pass: None,
         };
         let now = SystemTime::now();
         for envelope in recovered {
@@ -196,6 +226,7 @@ impl QueueRunner {
             self.record_then_settle(id, ctx);
         }
         self.dispatch(ctx);
+        self.finish_pass_if_done();
     }
 
     /// The results are on disk before anything else is decided about the
@@ -207,12 +238,21 @@ impl QueueRunner {
             return;
         };
         let persisted = self.spool.update((*t.envelope).clone()).wait();
-        ctx.spawn(persisted.into_actor(self).map(move |result, act, ctx| match result {
-            Ok(()) => act.settle(&id, ctx),
-            Err(e) => {
-                tracing::error!(queue_id = %id, "cannot record delivery result, retrying: {e}");
-                ctx.run_later(RECORD_RETRY, move |act, ctx| act.record_then_settle(id, ctx));
+        self.recording += 1;
+        ctx.spawn(persisted.into_actor(self).map(move |result, act, ctx| {
+            act.recording -= 1;
+            match result {
+                Ok(()) => act.settle(&id, ctx),
+                Err(e) => {
+                    tracing::error!(queue_id = %id, "cannot record delivery result, retrying: {e}");
+                    act.recording += 1;
+                    ctx.run_later(RECORD_RETRY, move |act, ctx| {
+                        act.recording -= 1;
+                        act.record_then_settle(id, ctx);
+                    });
+                }
             }
+            act.finish_pass_if_done();
         }));
     }
 
@@ -236,12 +276,14 @@ impl QueueRunner {
         match step {
             Step::Remove => {
                 self.messages.remove(id);
+                self.removing.insert(id.to_string());
                 let removal = self.spool.remove(id).wait();
                 let owned = id.to_string();
-                ctx.spawn(removal.into_actor(self).map(move |result, _, _| {
+                ctx.spawn(removal.into_actor(self).map(move |result, act, _| {
                     if let Err(e) = result {
                         tracing::error!(queue_id = %owned, "cannot remove finished message: {e}");
                     }
+                    act.removing.remove(&owned);
                 }));
                 tracing::info!(queue_id = %id, "done with every recipient; removed");
             }
@@ -273,6 +315,7 @@ impl QueueRunner {
                         DeliveryStatus::Temporary(format!("delivery worker lost: {e}"))
                     });
                     act.on_bounced(owned, failed, status, ctx);
+                    act.finish_pass_if_done();
                 }));
             }
         }
@@ -326,8 +369,62 @@ impl QueueRunner {
         }));
     }
 
+    /// In one-pass mode, signals the end once nothing is running, waiting,
+    /// being recorded or being bounced.
+    fn finish_pass_if_done(&mut self) {
+        if self.one_pass.is_none() {
+            return;
+        }
+        let busy = self.running > 0
+            || !self.ready.is_empty()
+            || self.recording > 0
+            || self.messages.values().any(|t| t.bouncing);
+        if !busy {
+            if let Some(done) = self.one_pass.take() {
+                let _ = done.send(());
+            }
+        }
+    }
+
+    /// Picks up messages other processes put in the queue (an `inetd`
+    /// session that could not deliver them itself).
+    fn rescan(&mut self, ctx: &mut Context<Self>) {
+        let report = match self
+            .spool
+            .scan_new(|id| self.messages.contains_key(id) || self.removing.contains(id))
+        {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot scan the queue: {e}");
+                return;
+            }
+        };
+        let now = SystemTime::now();
+        for envelope in report {
+            let id = envelope.id.clone();
+            let (due, held) = (envelope.next_attempt, envelope.held);
+            tracing::info!(queue_id = %id, "picked up from the queue directory");
+            self.track(envelope);
+            if held {
+                continue;
+            }
+            if due <= now {
+                self.make_ready(&id);
+                self.settle(&id, ctx);
+            } else {
+                self.defer(&id, due);
+            }
+        }
+        self.dispatch(ctx);
+        self.arm_wakeup(ctx);
+    }
+
     /// Wakes at the earliest deferred time.
     fn arm_wakeup(&mut self, ctx: &mut Context<Self>) {
+        if self.one_pass.is_some() {
+            // One pass attempts what is due now; later is for the daemon.
+            return;
+        }
         if let Some(handle) = self.wakeup.take() {
             ctx.cancel_future(handle);
         }
@@ -383,6 +480,11 @@ impl Actor for QueueRunner {
         }
         self.dispatch(ctx);
         self.arm_wakeup(ctx);
+        if self.one_pass.is_none() {
+            let every = self.policy.retry_min.clamp(RESCAN_MIN, RESCAN_MAX);
+            ctx.run_interval(every, |act, ctx| act.rescan(ctx));
+        }
+        self.finish_pass_if_done();
     }
 }
 
@@ -391,6 +493,10 @@ impl Handler<Enqueued> for QueueRunner {
 
     fn handle(&mut self, msg: Enqueued, ctx: &mut Self::Context) {
         let id = msg.0.id.clone();
+        if self.messages.contains_key(&id) || self.removing.contains(&id) {
+            // A rescan found it on disk first.
+            return;
+        }
         self.track(*msg.0);
         self.make_ready(&id);
         // A message whose every delivery failed at intake (a mail loop)

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
@@ -30,6 +30,7 @@ use crate::protocol::session::{
 use crate::spool::{Delivery, DeliveryState, Envelope, IncomingBody, Spool};
 
 /// What every session shares.
+#[derive(Clone)]
 pub struct SessionDeps {
     pub config: Arc<SessionConfig>,
     pub limits: SessionLimits,
@@ -349,7 +350,11 @@ impl Handler<Disconnected> for Session {
 /// The connection's I/O task: reads frames, asks the session, writes the
 /// answers. Applies `connect_limit` (a hard deadline however busy the client
 /// is) and the idle timeouts.
-pub async fn serve_connection(stream: TcpStream, session: Addr<Session>, limits: SessionLimits) {
+pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: S,
+    session: Addr<Session>,
+    limits: SessionLimits,
+) {
     // A limit too large to add is as good as none.
     let deadline = Instant::now()
         .checked_add(limits.connect_limit)
@@ -395,8 +400,8 @@ pub async fn serve_connection(stream: TcpStream, session: Addr<Session>, limits:
     session.do_send(Disconnected);
 }
 
-async fn write_replies(
-    framed: &mut Framed<TcpStream, SmtpCodec>,
+async fn write_replies<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: &mut Framed<S, SmtpCodec>,
     replies: Vec<Reply>,
     flush: bool,
     limits: SessionLimits,

@@ -21,7 +21,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
@@ -156,7 +156,6 @@ struct Inner {
     corrupt: PathBuf,
     jobs: Sender<Job>,
     stats: Arc<WriterStats>,
-    _lock: File,
 }
 
 /// A handle on an open spool; cheap to clone and shared by all actors.
@@ -199,8 +198,10 @@ pub struct ScanReport {
 }
 
 impl Spool {
-    /// Opens (creating if needed) the spool at `root`, takes its lock,
-    /// clears `incoming/` and starts the writer thread.
+    /// Opens (creating if needed) the spool at `root`, clears what crashed
+    /// sessions left in `incoming/` and starts the writer thread. Any number
+    /// of processes may write to one spool (`serve`, `inetd` sessions); only
+    /// the holder of the [`QueueLock`] works the queue.
     pub fn open(root: &Path) -> Result<(Spool, SpoolWriter), SpoolError> {
         let incoming = root.join("incoming");
         let queue = root.join("queue");
@@ -214,24 +215,9 @@ impl Spool {
                 .create(dir)
                 .map_err(|e| SpoolError::io(format!("create {}", dir.display()), e))?;
         }
-        let lock_path = root.join("lock");
-        let lock = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&lock_path)
-            .map_err(|e| SpoolError::io(format!("open {}", lock_path.display()), e))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                return Err(SpoolError::Locked(root.to_path_buf()))
-            }
-            Err(std::fs::TryLockError::Error(e)) => {
-                return Err(SpoolError::io(format!("lock {}", lock_path.display()), e))
-            }
-        }
-        // Whatever is in incoming/ was never acknowledged to a client.
-        remove_all_files(&incoming)?;
+        // Whatever is in incoming/ was never acknowledged to a client, unless
+        // another process is receiving it right now.
+        remove_abandoned(&incoming)?;
         let (jobs, rx) = crossbeam_channel::unbounded();
         let dirs = writer::Dirs {
             incoming: incoming.clone(),
@@ -251,7 +237,6 @@ impl Spool {
                 corrupt,
                 jobs,
                 stats,
-                _lock: lock,
             }),
         };
         Ok((
@@ -287,13 +272,16 @@ impl Spool {
                 .open(&path)
             {
                 Ok(f) => {
+                    // Marks the body as in use for other processes' start-up
+                    // cleanup; a fresh file cannot be locked by anyone else.
+                    let _ = f.try_lock();
                     return Ok(IncomingBody {
                         id,
                         path,
                         envelope_path: None,
                         file: Some(BufWriter::with_capacity(64 * 1024, f)),
                         committed: false,
-                    })
+                    });
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
                 Err(e) => return Err(SpoolError::io(format!("create {}", path.display()), e)),
@@ -357,6 +345,29 @@ impl Spool {
         })
     }
 
+    /// Envelopes in `queue/` that `known` does not know, for picking up
+    /// what other processes queued. Unreadable or damaged ones are left for
+    /// start-up to judge.
+    pub fn scan_new(&self, known: impl Fn(&str) -> bool) -> Result<Vec<Envelope>, SpoolError> {
+        let queue = &self.inner.queue;
+        let entries = fs::read_dir(queue)
+            .map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
+        let mut found = Vec::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".env")) else {
+                continue;
+            };
+            if known(id) || !self.body_path(id).exists() {
+                continue;
+            }
+            if let Ok(env) = self.read_envelope(id) {
+                found.push(env);
+            }
+        }
+        Ok(found)
+    }
+
     /// Reads every queued envelope (start-up). Removes leftovers of crashes:
     /// bodies without envelopes and half-written envelope updates; moves
     /// damaged envelopes to `corrupt/`.
@@ -374,7 +385,7 @@ impl Spool {
                 envelope_ids.push(id.to_string());
             } else if let Some(id) = name.strip_suffix(".msg") {
                 body_ids.push(id.to_string());
-            } else if name.ends_with(".env.tmp") {
+            } else if name.ends_with(".env.tmp") && is_old(&entry) {
                 let _ = fs::remove_file(entry.path());
             }
         }
@@ -432,13 +443,78 @@ impl Pending {
     }
 }
 
-fn remove_all_files(dir: &Path) -> Result<(), SpoolError> {
+/// A file younger than this in `incoming/` or a `.tmp` may be another
+/// process's work in progress; older ones are a crash's leftovers.
+const ABANDONED_AFTER: Duration = Duration::from_secs(120);
+
+/// Removes bodies no live session holds (each holds an exclusive lock on
+/// its body) and envelopes left half-committed by a crash.
+fn remove_abandoned(dir: &Path) -> Result<(), SpoolError> {
     let entries =
         fs::read_dir(dir).map_err(|e| SpoolError::io(format!("read {}", dir.display()), e))?;
     for entry in entries.flatten() {
-        let _ = fs::remove_file(entry.path());
+        let path = entry.path();
+        let in_use = match File::open(&path) {
+            Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
+            Err(_) => continue,
+        };
+        let is_body = path.extension().is_some_and(|e| e == "msg");
+        if !in_use && (is_body || is_old(&entry)) {
+            let _ = fs::remove_file(&path);
+        }
     }
     Ok(())
+}
+
+fn is_old(entry: &fs::DirEntry) -> bool {
+    entry
+        .metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age > ABANDONED_AFTER)
+}
+
+/// The exclusive right to work the queue: held by `serve` and `runq` (and
+/// briefly by an `inetd` session delivering what it took), so two queue
+/// runners never attempt the same message at once.
+#[derive(Debug)]
+pub struct QueueLock {
+    _file: File,
+}
+
+impl QueueLock {
+    /// Takes the lock, waiting up to `wait` for another holder to finish.
+    pub fn acquire(root: &Path, wait: Duration) -> Result<QueueLock, SpoolError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(|e| SpoolError::io(format!("create {}", root.display()), e))?;
+        let path = root.join("lock");
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| SpoolError::io(format!("open {}", path.display()), e))?;
+        let deadline = std::time::Instant::now() + wait;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(QueueLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(SpoolError::Locked(root.to_path_buf()))
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(SpoolError::io(format!("lock {}", path.display()), e))
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -566,14 +642,33 @@ mod tests {
     }
 
     #[test]
-    fn second_opener_is_refused_while_the_first_holds_the_lock() {
+    fn one_queue_lock_holder_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let (first, _w) = Spool::open(dir.path()).unwrap();
+        let first = QueueLock::acquire(dir.path(), Duration::ZERO).unwrap();
         assert!(matches!(
-            Spool::open(dir.path()),
+            QueueLock::acquire(dir.path(), Duration::from_millis(200)),
             Err(SpoolError::Locked(_))
         ));
         drop(first);
+        assert!(QueueLock::acquire(dir.path(), Duration::ZERO).is_ok());
+    }
+
+    #[test]
+    fn opening_keeps_bodies_another_session_is_writing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _w) = Spool::open(dir.path()).unwrap();
+        let mut live = spool.begin(SystemTime::now()).unwrap();
+        live.append(b"in progress").unwrap();
+        // Another process opening the spool (a second open does the same
+        // clean-up) must leave the body a live session holds.
+        let (_again, _w2) = Spool::open(dir.path()).unwrap();
+        assert!(live.path().exists(), "a live session's body was removed");
+        drop(live);
+        let (_third, _w3) = Spool::open(dir.path()).unwrap();
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
     }
 
     #[test]
@@ -596,7 +691,15 @@ mod tests {
         fs::write(queue.join("0000000000000ZZ.msg"), b"orphan").unwrap();
         fs::write(queue.join("0000000000001ZZ.env"), b"garbage").unwrap();
         fs::write(queue.join("0000000000001ZZ.msg"), b"body").unwrap();
-        fs::write(queue.join(format!("{id}.env.tmp")), b"half").unwrap();
+        let tmp = queue.join(format!("{id}.env.tmp"));
+        fs::write(&tmp, b"half").unwrap();
+        // Old enough to be a crash's leftover, not another process's work.
+        File::options()
+            .write(true)
+            .open(&tmp)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
 
         let (spool, _w) = Spool::open(dir.path()).unwrap();
         let report = spool.scan().unwrap();

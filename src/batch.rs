@@ -1,0 +1,138 @@
+//! The runs that end: `mailnode runq` (one pass over what is due, for
+//! installations without a daemon) and `mailnode inetd` (one SMTP session on
+//! stdin/stdout, for inetd, xinetd or systemd `Accept=yes`). Both use the
+//! same actors as `serve`, on the current thread.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use actix::prelude::*;
+
+use crate::actors::collector::{Collector, TakeCollected};
+use crate::actors::queue_runner::QueueRunner;
+use crate::actors::session::{serve_connection, Session};
+use crate::config::Config;
+use crate::delivery::program::RunAs;
+use crate::protocol::session::ClientInfo;
+use crate::spool::{Envelope, QueueLock, Spool};
+use crate::{access, aliases, StartError};
+
+/// What one pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassSummary {
+    /// Messages that were due and attempted.
+    pub attempted: usize,
+}
+
+/// `mailnode runq`: takes the queue lock (refused at once if `serve` or
+/// another `runq` holds it), attempts every due message once, records
+/// every result, and returns.
+pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
+    let lock = QueueLock::acquire(&config.spool.path, Duration::ZERO)?;
+    let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+    let (spool, writer) = Spool::open(&config.spool.path)?;
+    let report = spool.scan()?;
+    for damaged in &report.corrupt {
+        tracing::error!("{damaged}; moved to corrupt/");
+    }
+    let now = SystemTime::now();
+    let due: Vec<Envelope> = report
+        .envelopes
+        .into_iter()
+        .filter(|e| !e.held && e.next_attempt <= now)
+        .collect();
+    let summary = PassSummary {
+        attempted: due.len(),
+    };
+    let system = System::new();
+    system.block_on(one_pass(&config, &spool, &run_as, due));
+    // Dropping the system drops every actor and so every spool handle: the
+    // writer then finishes its last batch.
+    drop(system);
+    drop(spool);
+    writer.join();
+    drop(lock);
+    Ok(summary)
+}
+
+async fn one_pass(config: &Config, spool: &Spool, run_as: &Option<RunAs>, due: Vec<Envelope>) {
+    if due.is_empty() {
+        return;
+    }
+    let workers = crate::spawn_workers(config, spool, run_as, &[Arbiter::current()]);
+    let (done, finished) = tokio::sync::oneshot::channel();
+    let _runner = QueueRunner::one_pass(
+        spool.clone(),
+        workers,
+        config.delivery.concurrency,
+        crate::queue_policy(config),
+        config.relay.host.is_some(),
+        due,
+        done,
+    )
+    .start();
+    let _ = finished.await;
+}
+
+/// `mailnode inetd`: one SMTP session on stdin/stdout into the spool. What
+/// it accepted it then delivers itself, unless a queue runner (`serve`,
+/// `runq`) holds the spool: then it is left to that one. Returns how many
+/// messages the session accepted.
+pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
+    let loaded = aliases::load(&config.aliases.path)?;
+    for warning in &loaded.warnings {
+        tracing::warn!("{warning}");
+    }
+    let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+    let (spool, writer) = Spool::open(&config.spool.path)?;
+    let address = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let client = ClientInfo {
+        address,
+        channel: access::channel_for(address, &config.access.channel).to_string(),
+    };
+    let system = System::new();
+    let accepted = system.block_on(async {
+        let resolver = crate::start_resolver(&config, Arc::new(loaded.table));
+        let collector = Collector::default().start();
+        let workers = crate::spawn_workers(&config, &spool, &run_as, &[Arbiter::current()]);
+        let deps = Arc::new(crate::session_deps(
+            &config,
+            spool.clone(),
+            resolver,
+            collector.clone().recipient(),
+            workers,
+        ));
+        let session = Session::new(Arc::clone(&deps), client).start();
+        let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+        serve_connection(stdio, session, deps.limits).await;
+        let accepted = collector.send(TakeCollected).await.unwrap_or_default();
+        let count = accepted.len();
+        if !accepted.is_empty() {
+            match QueueLock::acquire(&config.spool.path, Duration::ZERO) {
+                Ok(_lock) => one_pass(&config, &spool, &run_as, accepted).await,
+                Err(_) => tracing::info!(
+                    messages = count,
+                    "a queue runner holds the spool; it will deliver"
+                ),
+            }
+        }
+        count
+    });
+    drop(system);
+    drop(spool);
+    writer.join();
+    Ok(accepted)
+}
+
+/// The client's address when stdin is a socket (inetd, xinetd, systemd).
+fn stdin_peer() -> Option<IpAddr> {
+    use nix::sys::socket::{getpeername, SockaddrLike, SockaddrStorage};
+    let peer: SockaddrStorage = getpeername(0).ok()?;
+    let _ = peer.family()?;
+    if let Some(v4) = peer.as_sockaddr_in() {
+        return Some(IpAddr::V4(v4.ip()));
+    }
+    peer.as_sockaddr_in6()
+        .map(|v6| access::canonical(IpAddr::V6(v6.ip())))
+}
