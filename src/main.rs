@@ -321,6 +321,11 @@ fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String])
         eprintln!("mailnode send: empty recipient");
         return sysexits::USAGE;
     }
+    let has_control = |a: &str| a.chars().any(char::is_control);
+    if has_control(sender) || recipients.iter().any(|r| has_control(r)) {
+        eprintln!("mailnode send: addresses must not contain control characters");
+        return sysexits::USAGE;
+    }
     let mut message = Vec::new();
     if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
         eprintln!("mailnode send: cannot read the message: {e}");

@@ -319,6 +319,16 @@ fn send_exits_with_sysexits_codes() {
 
     let (code, _) = run_send(&[&target, "me@example.org"], message);
     assert_eq!(code, Some(64), "no recipient is a usage error");
+    let (code, _) = run_send(
+        &[
+            &target,
+            "me@example.org",
+            "you@example.org>\r\nRCPT TO:<evil@example.org",
+        ],
+        message,
+    );
+    assert_eq!(code, Some(64), "a CRLF in an address is refused");
+    assert_eq!(sink.messages().len(), 1, "nothing more was sent");
 }
 
 /// A config file for the binary in `dir`, with `aliases` and extra TOML.

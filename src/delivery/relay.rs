@@ -82,6 +82,16 @@ pub async fn send<R: AsyncRead + Unpin>(
     body: R,
 ) -> Result<TransactionOutcome, RelayError> {
     let peer = format!("{}:{}", target.host, target.port);
+    // An address is one token on a command line: a CR or LF in it would
+    // start a command of the caller's choosing.
+    let addresses =
+        std::iter::once(message.sender).chain(message.recipients.iter().map(String::as_str));
+    if let Some(bad) = addresses.clone().find(|a| a.chars().any(char::is_control)) {
+        return Err(RelayError::Protocol(
+            peer,
+            format!("address {bad:?} contains control characters"),
+        ));
+    }
     let stream = tokio::time::timeout(target.timeout, TcpStream::connect(&peer))
         .await
         .map_err(|_| RelayError::Timeout(peer.clone()))?
@@ -509,6 +519,25 @@ mod tests {
         assert_eq!(parse_host_port("host:x"), None);
         assert_eq!(parse_host_port(""), None);
         assert_eq!(parse_host_port(":25"), None);
+    }
+
+    #[tokio::test]
+    async fn addresses_with_line_breaks_are_never_sent() {
+        let target = RelayTarget {
+            host: "127.0.0.1".into(),
+            port: 9,
+            helo: "me".into(),
+            timeout: Duration::from_secs(1),
+        };
+        let recipients = ["a@b>\r\nRCPT TO:<evil@x".to_string()];
+        let message = Outgoing {
+            sender: "s@x",
+            recipients: &recipients,
+            body_8bit: false,
+            smtputf8: false,
+        };
+        let outcome = send(&target, &message, &b"x"[..]).await;
+        assert!(matches!(outcome, Err(RelayError::Protocol(_, _))), "{outcome:?}");
     }
 
     #[test]
