@@ -537,7 +537,10 @@ mod tests {
             smtputf8: false,
         };
         let outcome = send(&target, &message, &b"x"[..]).await;
-        assert!(matches!(outcome, Err(RelayError::Protocol(_, _))), "{outcome:?}");
+        assert!(
+            matches!(outcome, Err(RelayError::Protocol(_, _))),
+            "{outcome:?}"
+        );
     }
 
     #[test]
