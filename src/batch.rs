@@ -15,8 +15,11 @@ use crate::actors::session::{serve_connection, Session};
 use crate::config::Config;
 use crate::delivery::program::RunAs;
 use crate::protocol::session::ClientInfo;
-use crate::spool::{Envelope, QueueLock, Spool};
+use crate::spool::{Envelope, QueueLock, Spool, SpoolError};
 use crate::{access, aliases, StartError};
+
+/// How long an `inetd` session waits for another one's delivery to end.
+const INETD_LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// What one pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -29,7 +32,7 @@ pub struct PassSummary {
 /// another `runq` holds it), attempts every due message once, records
 /// every result, and returns.
 pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
-    let lock = QueueLock::acquire(&config.spool.path, Duration::ZERO)?;
+    let lock = QueueLock::acquire(&config.spool.path, "runq", Duration::ZERO)?;
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let (spool, writer) = Spool::open(&config.spool.path)?;
     let report = spool.scan()?;
@@ -92,7 +95,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         channel: access::channel_for(address, &config.access.channel).to_string(),
     };
     let system = System::new();
-    let accepted = system.block_on(async {
+    let (accepted, lock) = system.block_on(async {
         let resolver = crate::start_resolver(&config, Arc::new(loaded.table));
         let collector = Collector::default().start();
         let workers = crate::spawn_workers(&config, &spool, &run_as, &[Arbiter::current()]);
@@ -108,20 +111,42 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         serve_connection(stdio, session, deps.limits).await;
         let accepted = collector.send(TakeCollected).await.unwrap_or_default();
         let count = accepted.len();
-        if !accepted.is_empty() {
-            match QueueLock::acquire(&config.spool.path, Duration::ZERO) {
-                Ok(_lock) => one_pass(&config, &spool, &run_as, accepted).await,
-                Err(_) => tracing::info!(
-                    messages = count,
-                    "a queue runner holds the spool; it will deliver"
-                ),
-            }
+        if accepted.is_empty() {
+            return (0, None);
         }
-        count
+        // Another inetd session delivering is soon done: wait for it a
+        // little. A daemon or runq will deliver these themselves.
+        let root = &config.spool.path;
+        let lock = match QueueLock::acquire(root, "inetd", Duration::ZERO) {
+            Err(SpoolError::Locked { holder, .. }) if holder.starts_with("inetd") => {
+                QueueLock::acquire(root, "inetd", INETD_LOCK_WAIT)
+            }
+            other => other,
+        };
+        let Ok(lock) = lock else {
+            tracing::info!(
+                messages = count,
+                holder = %QueueLock::holder(root),
+                "another queue runner holds the spool; it will deliver"
+            );
+            return (count, None);
+        };
+        // While the session ran without the lock, a queue runner may have
+        // worked these messages: only what is still queued and due now.
+        let now = SystemTime::now();
+        let due: Vec<Envelope> = accepted
+            .iter()
+            .filter_map(|e| spool.read_envelope(&e.id).ok())
+            .filter(|e| !e.held && e.next_attempt <= now)
+            .collect();
+        one_pass(&config, &spool, &run_as, due).await;
+        (count, Some(lock))
     });
     drop(system);
     drop(spool);
     writer.join();
+    // Only now is every result on disk for the next queue runner.
+    drop(lock);
     Ok(accepted)
 }
 

@@ -97,7 +97,7 @@ impl Node {
         }
         // One queue runner per spool; a second `serve` waits a little (a
         // restart racing its predecessor's exit), then says so.
-        let lock = QueueLock::acquire(&config.spool.path, SERVE_LOCK_WAIT)?;
+        let lock = QueueLock::acquire(&config.spool.path, "serve", SERVE_LOCK_WAIT)?;
         let (spool, writer) = Spool::open(&config.spool.path)?;
         let report = spool.scan()?;
         for damaged in &report.corrupt {
@@ -182,6 +182,9 @@ pub(crate) fn spawn_workers(
     run_as: &Option<RunAs>,
     arbiters: &[ArbiterHandle],
 ) -> Vec<Addr<DeliveryWorker>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        config.delivery.concurrency.max(1),
+    ));
     arbiters
         .iter()
         .map(|arbiter| {
@@ -190,8 +193,9 @@ pub(crate) fn spawn_workers(
             let timeout = config.delivery.timeout;
             let relay = relay_target(config);
             let hostname = config.hostname.clone();
+            let permits = Arc::clone(&permits);
             DeliveryWorker::start_in_arbiter(arbiter, move |_| {
-                DeliveryWorker::new(spool, run_as, timeout, relay, hostname)
+                DeliveryWorker::new(spool, run_as, timeout, relay, hostname, permits)
             })
         })
         .collect()

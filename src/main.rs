@@ -100,16 +100,35 @@ fn main() -> ExitCode {
     };
     match cli.command {
         Cmd::Inetd { files } => {
+            // stdout is the SMTP stream; under xinetd stderr is the same
+            // socket, so problems are told to the client as a 421 there and
+            // logs go to stderr only when it is somewhere else.
+            let separate_stderr = !stdout_is_stderr();
+            let refuse = |problems: Vec<String>| {
+                println!("421 4.3.0 mailnode is not configured properly, try again later\r");
+                if separate_stderr {
+                    report(problems)
+                } else {
+                    ExitCode::from(EX_CONFIG)
+                }
+            };
             let (config, _) = match load(&files) {
                 Ok(loaded) => loaded,
-                Err(problems) => return report(problems),
+                Err(problems) => return refuse(problems),
             };
-            // stdout is the SMTP stream: logs go to stderr only when it is
-            // somewhere else (under xinetd all three are the socket).
-            if !stdout_is_stderr() {
+            if separate_stderr {
                 init_logging(&config);
             }
-            finish(mailnode::batch::serve_stdio(config).map(|_| ()))
+            match mailnode::batch::serve_stdio(config) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    println!("421 4.3.0 mailnode cannot take mail now, try again later\r");
+                    if separate_stderr {
+                        eprintln!("mailnode: {e}");
+                    }
+                    ExitCode::from(exit_code_for(&e))
+                }
+            }
         }
         Cmd::Runq { files } => {
             let (config, _) = match load(&files) {
@@ -203,7 +222,9 @@ fn finish(result: Result<(), mailnode::StartError>) -> ExitCode {
 fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
         mailnode::StartError::Aliases(_) | mailnode::StartError::DeliveryUser(_) => EX_CONFIG,
-        mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked(_)) => sysexits::TEMPFAIL,
+        mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => {
+            sysexits::TEMPFAIL
+        }
         _ => 1,
     }
 }

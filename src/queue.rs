@@ -92,11 +92,8 @@ pub fn next_step(
     policy: &QueuePolicy,
     can_bounce: bool,
 ) -> Step {
-    if let Some(attempts) = env.pending().map(|(_, d)| d.attempts).min() {
-        let age = now.duration_since(env.arrival).unwrap_or(Duration::ZERO);
-        if age < policy.max_age {
-            return Step::Defer(policy.later(now, policy.delay_after(attempts)));
-        }
+    let age = now.duration_since(env.arrival).unwrap_or(Duration::ZERO);
+    if env.pending().next().is_some() && age >= policy.max_age {
         let limit = humantime::format_duration(policy.max_age);
         for d in env
             .deliveries
@@ -119,14 +116,20 @@ pub fn next_step(
         .filter(|(_, d)| d.state == DeliveryState::Failed)
         .map(|(i, _)| i)
         .collect();
+    // The sender hears of a failure at once, not when the last of the
+    // other recipients is settled.
+    if !failed.is_empty() && !env.sender.is_empty() && can_bounce {
+        return Step::Bounce(failed);
+    }
+    if let Some(attempts) = env.pending().map(|(_, d)| d.attempts).min() {
+        return Step::Defer(policy.later(now, policy.delay_after(attempts)));
+    }
     if failed.is_empty() {
         Step::Remove
     } else if env.sender.is_empty() {
         Step::Hold("failed; a message from <> is never returned".into())
-    } else if !can_bounce {
-        Step::Hold("failed; no [relay] to return it to its sender through".into())
     } else {
-        Step::Bounce(failed)
+        Step::Hold("failed; no [relay] to return it to its sender through".into())
     }
 }
 
@@ -279,6 +282,59 @@ mod tests {
             InlineOutcome::Temporary
         );
         assert_eq!(inline_verdict("ID", &[ok, perm]), InlineOutcome::Permanent);
+    }
+
+    #[test]
+    fn a_failure_is_returned_at_once_while_others_still_wait() {
+        let now = SystemTime::now();
+        let mut env = envelope("a@x", 2, now);
+        record_result(
+            &mut env,
+            0,
+            &DeliveryStatus::Permanent("67".into()),
+            "5.3.0",
+            true,
+            now,
+        );
+        record_result(
+            &mut env,
+            1,
+            &DeliveryStatus::Temporary("75".into()),
+            "4.3.0",
+            true,
+            now,
+        );
+        assert_eq!(
+            next_step(&mut env, now, &policy(), true),
+            Step::Bounce(vec![0])
+        );
+        mark_bounced(&mut env, &[0]);
+        assert_eq!(
+            next_step(&mut env, now, &policy(), true),
+            Step::Defer(now + Duration::from_secs(60))
+        );
+        // Without a relay the failure waits for the rest, then holds.
+        let mut env = envelope("a@x", 2, now);
+        record_result(
+            &mut env,
+            0,
+            &DeliveryStatus::Permanent("67".into()),
+            "5.3.0",
+            true,
+            now,
+        );
+        record_result(
+            &mut env,
+            1,
+            &DeliveryStatus::Temporary("75".into()),
+            "4.3.0",
+            true,
+            now,
+        );
+        assert!(matches!(
+            next_step(&mut env, now, &policy(), false),
+            Step::Defer(_)
+        ));
     }
 
     #[test]

@@ -120,11 +120,27 @@ fn retries_follow_the_backoff_and_deliver_once() {
             c.queue.retry_max = Duration::from_secs(10);
         },
     );
-    send(
+    let id = send(
         &node,
         "a@example.org",
         "flaky@example.org",
         "Subject: backoff\r\n\r\nx\r\n",
+    );
+    // Between the second and the third attempt the envelope on disk holds
+    // the history: two temporary failures, retry_min apart.
+    let envelope = node.spool.join("queue").join(format!("{id}.env"));
+    let history = wait_for(Duration::from_secs(30), || {
+        let env = mailnode::spool::envelope::decode(&std::fs::read(&envelope).ok()?).ok()?;
+        let h = env.deliveries[0].history.clone();
+        (h.len() >= 2).then_some(h)
+    })
+    .expect("two attempts recorded in the envelope");
+    assert_eq!(history[0].status, "4.3.0");
+    assert!(history[0].diagnostic.contains("exited 75"), "{history:?}");
+    let recorded_gap = history[1].at.duration_since(history[0].at).unwrap();
+    assert!(
+        recorded_gap >= Duration::from_millis(295),
+        "recorded gap {recorded_gap:?}"
     );
     assert!(
         wait_for(Duration::from_secs(30), || (node.queue_files() == 0)
@@ -298,6 +314,29 @@ fn mail_from_null_is_never_returned_but_held() {
     });
     assert!(held.is_some(), "not held");
     assert!(sink.messages().is_empty(), "a message from <> was bounced");
+}
+
+#[test]
+fn a_bounce_the_relay_refuses_is_held() {
+    let sink = Sink::start(|rcpt| {
+        rcpt.starts_with("alice@")
+            .then(|| "550 5.1.1 no such sender here".to_string())
+    });
+    let node = TestNode::start_with("refuse: |exit 67\n", relay_to(&sink));
+    send(
+        &node,
+        "alice@example.org",
+        "refuse@example.org",
+        "Subject: x\r\n\r\nx\r\n",
+    );
+    let rt = actix_rt::Runtime::new().unwrap();
+    let handle = node.node.as_ref().unwrap();
+    let held = wait_for(Duration::from_secs(20), || {
+        let counts = rt.block_on(handle.queue_counts())?;
+        (counts.held == 1).then_some(())
+    });
+    assert!(held.is_some(), "a refused bounce was not held");
+    assert_eq!(node.queue_files(), 2, "the held message stays queued");
 }
 
 #[test]

@@ -51,6 +51,9 @@ pub struct DeliveryWorker {
     timeout: Duration,
     relay: Option<RelayTarget>,
     hostname: String,
+    /// `[delivery] concurrency`, shared by every worker: programs running
+    /// at once, whether the queue or an inline session asked.
+    permits: Arc<tokio::sync::Semaphore>,
 }
 
 impl DeliveryWorker {
@@ -60,6 +63,7 @@ impl DeliveryWorker {
         timeout: Duration,
         relay: Option<RelayTarget>,
         hostname: String,
+        permits: Arc<tokio::sync::Semaphore>,
     ) -> Self {
         DeliveryWorker {
             spool,
@@ -67,6 +71,7 @@ impl DeliveryWorker {
             timeout,
             relay,
             hostname,
+            permits,
         }
     }
 }
@@ -85,7 +90,10 @@ impl Handler<Deliver> for DeliveryWorker {
         let run_as = self.run_as.clone();
         let timeout = self.timeout;
         let relay = self.relay.clone();
+        let permits = Arc::clone(&self.permits);
         Box::pin(async move {
+            // Never closed, so acquiring only waits.
+            let _permit = permits.acquire_owned().await.ok();
             let started = Instant::now();
             let Some(delivery) = env.deliveries.get(index) else {
                 return DeliveryReport {

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use crate::actors::delivery_worker::{Bounce, Deliver, DeliveryReport, DeliveryWorker};
 use crate::delivery::program::DeliveryStatus;
 use crate::queue::{self, QueuePolicy, Step};
-use crate::spool::{Envelope, Spool};
+use crate::spool::{Envelope, Spool, SpoolError};
 
 /// How soon a failed write of delivery results is tried again.
 const RECORD_RETRY: Duration = Duration::from_secs(1);
@@ -243,6 +243,7 @@ impl QueueRunner {
             act.recording -= 1;
             match result {
                 Ok(()) => act.settle(&id, ctx),
+                Err(SpoolError::NotFound(_)) => act.forget(&id),
                 Err(e) => {
                     tracing::error!(queue_id = %id, "cannot record delivery result, retrying: {e}");
                     act.recording += 1;
@@ -344,6 +345,9 @@ impl QueueRunner {
                     .policy
                     .later(now, self.policy.delay_after(t.bounce_attempts));
                 tracing::warn!(queue_id = %id, "bounce not sent, will retry: {why}");
+                // On disk too, so a restart or a `runq` keeps the backoff.
+                Arc::make_mut(&mut t.envelope).next_attempt = until;
+                self.persist(&id, ctx);
                 self.defer(&id, until);
                 self.arm_wakeup(ctx);
             }
@@ -362,11 +366,23 @@ impl QueueRunner {
         };
         let update = self.spool.update((*t.envelope).clone()).wait();
         let owned = id.to_string();
-        ctx.spawn(update.into_actor(self).map(move |result, _, _| {
-            if let Err(e) = result {
-                tracing::error!(queue_id = %owned, "cannot update queue file: {e}");
-            }
-        }));
+        ctx.spawn(
+            update
+                .into_actor(self)
+                .map(move |result, act, _| match result {
+                    Ok(()) => {}
+                    Err(SpoolError::NotFound(_)) => act.forget(&owned),
+                    Err(e) => tracing::error!(queue_id = %owned, "cannot update queue file: {e}"),
+                }),
+        );
+    }
+
+    /// The message left the spool behind our back (an operator, another
+    /// queue runner): stop working on it.
+    fn forget(&mut self, id: &str) {
+        if self.messages.remove(id).is_some() {
+            tracing::warn!(queue_id = %id, "queue file gone; no longer tracked");
+        }
     }
 
     /// In one-pass mode, signals the end once nothing is running, waiting,

@@ -236,11 +236,13 @@ impl Session {
             .filter(|d| d.state == DeliveryState::Failed)
             .map(|d| DeliveryStatus::Permanent(d.last_error.clone()))
             .collect();
+        // Spread sessions over the workers rather than all starting at one.
+        let first = envelope.id.bytes().map(usize::from).sum::<usize>();
         let attempts: Vec<_> = envelope
             .pending()
             .enumerate()
             .map(|(n, (index, _))| {
-                workers[n % workers.len().max(1)].send(Deliver {
+                workers[(first + n) % workers.len().max(1)].send(Deliver {
                     envelope: Arc::clone(&envelope),
                     index,
                     body: path.clone(),

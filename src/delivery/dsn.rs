@@ -38,16 +38,22 @@ pub fn build(
         let Some(d) = envelope.deliveries.get(i) else {
             continue;
         };
-        let diagnostic = one_line(&d.last_error);
-        human.push_str(&format!("<{}>: {}\r\n", d.recipient, diagnostic));
+        // The human part (UTF-8, encoded by mail-builder) carries the
+        // program's words in full; the status part must stay 7-bit.
+        human.push_str(&format!(
+            "<{}>: {}\r\n",
+            d.recipient,
+            one_line(&d.last_error, HUMAN_LIMIT)
+        ));
+        let diagnostic = ascii(&one_line(&d.last_error, FIELD_LIMIT));
         report.push_str("\r\n");
         report.push_str(&format!(
-            "Final-Recipient: rfc822; {}\r\n",
-            one_line(&d.recipient)
+            "Final-Recipient: {}\r\n",
+            address_field(&d.recipient)
         ));
         report.push_str(&format!(
-            "Original-Recipient: rfc822; {}\r\n",
-            one_line(&d.original_recipient)
+            "Original-Recipient: {}\r\n",
+            address_field(&d.original_recipient)
         ));
         report.push_str("Action: failed\r\n");
         let status = if d.status.is_empty() {
@@ -105,14 +111,46 @@ pub fn header_section(message: &[u8]) -> &[u8] {
     message
 }
 
+/// Program output is at most 1 KiB; the human part shows all of it.
+const HUMAN_LIMIT: usize = 1100;
+/// A status field stays well inside the 998-octet line limit.
+const FIELD_LIMIT: usize = 900;
+
 /// Client or program text as one header-safe line.
-fn one_line(text: &str) -> String {
+fn one_line(text: &str, limit: usize) -> String {
     let line: String = text
         .chars()
         .map(|c| if c.is_control() { ' ' } else { c })
         .collect();
     let line = line.split_whitespace().collect::<Vec<_>>().join(" ");
-    line.chars().take(900).collect()
+    line.chars().take(limit).collect()
+}
+
+/// message/delivery-status is 7-bit: other characters become `?`.
+fn ascii(text: &str) -> String {
+    text.chars()
+        .map(|c| if c.is_ascii() { c } else { '?' })
+        .collect()
+}
+
+/// `rfc822; addr`, or RFC 6533's `utf-8; addr` for an SMTPUTF8 address
+/// (its non-ASCII characters as `\x{HEX}`, keeping the part 7-bit).
+fn address_field(address: &str) -> String {
+    let address = one_line(address, FIELD_LIMIT);
+    if address.is_ascii() {
+        return format!("rfc822; {address}");
+    }
+    let encoded: String = address
+        .chars()
+        .map(|c| {
+            if c.is_ascii() {
+                c.to_string()
+            } else {
+                format!("\\x{{{:X}}}", u32::from(c))
+            }
+        })
+        .collect();
+    format!("utf-8; {encoded}")
 }
 
 fn crlf(lf: &[u8]) -> Vec<u8> {
@@ -187,6 +225,14 @@ mod tests {
         assert!(text.contains("Diagnostic-Code: X-mailnode; program exited 67: no such queue\r\n"));
         assert!(text.contains("Subject: hi\r\nFrom: a\r\n"));
         assert!(text.contains("Auto-Submitted: auto-replied"));
+    }
+
+    #[test]
+    fn status_fields_stay_seven_bit() {
+        assert_eq!(address_field("a@b"), "rfc822; a@b");
+        assert_eq!(address_field("jörg@b"), "utf-8; j\\x{F6}rg@b");
+        assert_eq!(ascii("café ✓"), "caf? ?");
+        assert_eq!(one_line("a\r\nb\tc", 10), "a b c");
     }
 
     #[test]

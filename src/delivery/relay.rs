@@ -58,7 +58,7 @@ impl TransactionOutcome {
             return Some(r);
         }
         match self.recipients.get(i) {
-            Some(r) if !r.is_positive() => Some(r),
+            Some(r) if !is_success(r) => Some(r),
             Some(r) => self.data.as_ref().or(Some(r)),
             None => None,
         }
@@ -158,14 +158,14 @@ impl ClientSession {
             mail.push_str(" SMTPUTF8");
         }
         let reply = self.command(&mail).await?;
-        if !reply.is_positive() {
+        if !is_success(&reply) {
             return Ok(refused(reply));
         }
         let mut recipients = Vec::with_capacity(message.recipients.len());
         for rcpt in message.recipients {
             recipients.push(self.command(&format!("RCPT TO:<{rcpt}>")).await?);
         }
-        if !recipients.iter().any(Reply::is_positive) {
+        if !recipients.iter().any(is_success) {
             let _ = self.command("RSET").await;
             return Ok(TransactionOutcome {
                 refused: None,
@@ -175,6 +175,14 @@ impl ClientSession {
         }
         let go = self.command("DATA").await?;
         if go.code() != 354 {
+            if go.code() < 400 {
+                // A "yes" that is not 354 would have us count an unsent
+                // message as delivered.
+                return Err(RelayError::Protocol(
+                    self.peer.clone(),
+                    format!("unexpected answer to DATA: {go}"),
+                ));
+            }
             return Ok(TransactionOutcome {
                 refused: None,
                 recipients,
@@ -240,11 +248,22 @@ impl ClientSession {
                 RelayError::Protocol(self.peer.clone(), format!("bad reply {line:?}"))
             })?;
             lines.push(rest.1.to_string());
-            if !rest.0 || lines.len() >= MAX_REPLY_LINES {
+            if !rest.0 {
                 return Ok(Reply::new(code, lines.join("\n")));
+            }
+            if lines.len() >= MAX_REPLY_LINES {
+                return Err(RelayError::Protocol(
+                    self.peer.clone(),
+                    "reply of more than 100 lines".into(),
+                ));
             }
         }
     }
+}
+
+/// MAIL and RCPT succeed only with 2xx (a 3xx there is nonsense).
+fn is_success(reply: &Reply) -> bool {
+    (200..300).contains(&reply.code())
 }
 
 /// What one transaction meant for recipient `i`, as a delivery outcome and
@@ -272,7 +291,7 @@ pub fn recipient_status(
         reply.text().replace('\n', " ")
     );
     let code = |default: &str| reply.enhanced_code().unwrap_or(default).to_string();
-    if reply.is_positive() {
+    if is_success(reply) {
         (DeliveryStatus::Delivered, code("2.0.0"))
     } else if reply.is_permanent() {
         (DeliveryStatus::Permanent(said), code("5.0.0"))
@@ -305,7 +324,7 @@ pub fn exit_status(outcome: &Result<TransactionOutcome, RelayError>) -> u8 {
         .chain(o.recipients.iter())
         .chain(o.data.iter());
     let mut status = sysexits::OK;
-    for r in replies.filter(|r| !r.is_positive()) {
+    for r in replies.filter(|r| !is_success(r)) {
         if !r.is_permanent() {
             return sysexits::TEMPFAIL;
         }
@@ -385,9 +404,10 @@ impl WireEncoder {
                     self.line_start = true;
                     continue;
                 }
-                // A CR that does not end a line stays data.
-                out.push(b'\r');
-                self.line_start = false;
+                // A bare CR ends a line too: sent bare, a lax receiver could
+                // read `CR . CR LF` as the end of the message.
+                out.extend_from_slice(b"\r\n");
+                self.line_start = true;
             }
             match b {
                 b'\r' => self.pending_cr = true,
@@ -410,9 +430,9 @@ impl WireEncoder {
     /// Ends the data: completes the last line, then `.CRLF`.
     pub fn finish(&mut self, out: &mut Vec<u8>) {
         if self.pending_cr {
-            out.push(b'\r');
+            out.extend_from_slice(b"\r\n");
             self.pending_cr = false;
-            self.line_start = false;
+            self.line_start = true;
         }
         if !self.line_start {
             out.extend_from_slice(b"\r\n");
@@ -443,6 +463,8 @@ mod tests {
         assert_eq!(wire(b"no newline", 4), b"no newline\r\n.\r\n");
         assert_eq!(wire(b"", 1), b".\r\n");
         assert_eq!(wire(b"crlf\r\n.x\r\n", 1), b"crlf\r\n..x\r\n.\r\n");
+        // A bare CR never reaches the wire: `\r.\r\n` is two lines.
+        assert_eq!(wire(b"a\r.\r\nb", 1), b"a\r\n..\r\nb\r\n.\r\n");
     }
 
     #[test]

@@ -11,7 +11,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::aliases::Target;
 
 const MAGIC: &[u8; 4] = b"MNQE";
-const VERSION: u16 = 1;
+/// 2 added each delivery's status and history, and the Bounced state;
+/// version 1 envelopes are still read.
+const VERSION: u16 = 2;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;
 
@@ -222,7 +224,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != VERSION {
+    if version != VERSION && version != 1 {
         return Err(EnvelopeError::BadVersion(version));
     }
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
@@ -268,8 +270,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         let attempts = r.u32()?;
         let last_attempt = r.time()?;
         let last_error = r.str()?;
-        let status = r.str()?;
-        let entries = r.u32()? as usize;
+        let (status, entries) = if version >= 2 {
+            (r.str()?, r.u32()? as usize)
+        } else {
+            (String::new(), 0)
+        };
         let mut history = Vec::with_capacity(entries.min(HISTORY_LIMIT));
         for _ in 0..entries {
             history.push(Attempt {
@@ -476,6 +481,34 @@ mod tests {
             damaged[i] ^= 0x40;
             assert!(decode(&damaged).is_err(), "flipped byte {i}");
         }
+    }
+
+    #[test]
+    fn version_1_envelopes_are_still_read() {
+        let mut env = sample();
+        for d in &mut env.deliveries {
+            d.status.clear();
+            d.history.clear();
+            if d.state == DeliveryState::Bounced {
+                d.state = DeliveryState::Failed;
+            }
+        }
+        // Version 1 wrote nothing after each delivery's last_error; here
+        // each delivery ends with an empty status and an empty history
+        // count (8 bytes). Cut them, last delivery first so earlier offsets
+        // hold, and stamp version 1.
+        let v2 = encode(&env);
+        let mut v1 = v2[..v2.len() - 4].to_vec();
+        v1[4] = 1;
+        for d in (0..env.deliveries.len()).rev() {
+            let mut prefix = env.clone();
+            prefix.deliveries.truncate(d + 1);
+            let end = encode(&prefix).len() - 4;
+            v1.drain(end - 8..end);
+        }
+        let crc = crc32fast::hash(&v1).to_le_bytes();
+        v1.extend_from_slice(&crc);
+        assert_eq!(decode(&v1), Ok(env));
     }
 
     #[test]

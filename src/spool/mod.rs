@@ -42,8 +42,8 @@ pub enum SpoolError {
         /// The file system is full (ENOSPC, EDQUOT).
         full: bool,
     },
-    #[error("spool {} is in use by another mailnode queue runner (serve or runq)", .0.display())]
-    Locked(PathBuf),
+    #[error("spool {} is in use by another mailnode queue runner ({holder})", .path.display())]
+    Locked { path: PathBuf, holder: String },
     #[error("queue file {0} not found")]
     NotFound(String),
     #[error("queue file {id} is damaged: {reason}")]
@@ -84,6 +84,9 @@ pub struct IncomingBody {
     path: PathBuf,
     envelope_path: Option<PathBuf>,
     file: Option<BufWriter<File>>,
+    /// After the fsync: still open, so its lock keeps other processes'
+    /// clean-up away until the rename into `queue/`.
+    synced: Option<File>,
     committed: bool,
 }
 
@@ -129,7 +132,9 @@ impl IncomingBody {
         let file = file
             .into_inner()
             .map_err(|e| SpoolError::io(context(), e.into_error()))?;
-        file.sync_data().map_err(|e| SpoolError::io(context(), e))
+        file.sync_data().map_err(|e| SpoolError::io(context(), e))?;
+        self.synced = Some(file);
+        Ok(())
     }
 
     fn mark_committed(&mut self) {
@@ -141,6 +146,7 @@ impl Drop for IncomingBody {
     fn drop(&mut self) {
         if !self.committed {
             self.file = None;
+            self.synced = None;
             let _ = fs::remove_file(&self.path);
             if let Some(env) = &self.envelope_path {
                 let _ = fs::remove_file(env);
@@ -272,14 +278,18 @@ impl Spool {
                 .open(&path)
             {
                 Ok(f) => {
-                    // Marks the body as in use for other processes' start-up
-                    // cleanup; a fresh file cannot be locked by anyone else.
-                    let _ = f.try_lock();
+                    // The lock marks the body as in use for other processes'
+                    // start-up clean-up. If one of them got to the fresh file
+                    // first, it is removing it: take another id.
+                    if f.try_lock().is_err() {
+                        continue;
+                    }
                     return Ok(IncomingBody {
                         id,
                         path,
                         envelope_path: None,
                         file: Some(BufWriter::with_capacity(64 * 1024, f)),
+                        synced: None,
                         committed: false,
                     });
                 }
@@ -392,15 +402,25 @@ impl Spool {
         envelope_ids.sort();
         let mut report = ScanReport::default();
         for id in &body_ids {
-            if envelope_ids.binary_search(id).is_err() {
-                let _ = fs::remove_file(queue.join(format!("{id}.msg")));
+            let path = queue.join(format!("{id}.msg"));
+            // A young body may be another process's commit in progress (the
+            // body is renamed in just before its envelope).
+            let old = fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > ABANDONED_AFTER);
+            if envelope_ids.binary_search(id).is_err() && old {
+                let _ = fs::remove_file(&path);
                 report.orphans_removed += 1;
             }
         }
         body_ids.sort();
         for id in envelope_ids {
             let damaged = match self.read_envelope(&id) {
-                Ok(env) if body_ids.binary_search(&id).is_ok() && env.id == id => {
+                // The listing may have missed a body renamed in during it:
+                // ask the file system itself before judging.
+                Ok(env) if env.id == id && self.body_path(&id).exists() => {
                     report.envelopes.push(env);
                     continue;
                 }
@@ -484,17 +504,20 @@ pub struct QueueLock {
 }
 
 impl QueueLock {
-    /// Takes the lock, waiting up to `wait` for another holder to finish.
-    pub fn acquire(root: &Path, wait: Duration) -> Result<QueueLock, SpoolError> {
+    /// Takes the lock for `role` (`serve`, `runq`, `inetd`), waiting up to
+    /// `wait` for another holder to finish. The lock file names its holder,
+    /// so a refusal can say who has the spool.
+    pub fn acquire(root: &Path, role: &str, wait: Duration) -> Result<QueueLock, SpoolError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(root)
             .map_err(|e| SpoolError::io(format!("create {}", root.display()), e))?;
         let path = root.join("lock");
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
             .truncate(false)
+            .read(true)
             .write(true)
             .mode(0o600)
             .open(&path)
@@ -502,18 +525,35 @@ impl QueueLock {
         let deadline = std::time::Instant::now() + wait;
         loop {
             match file.try_lock() {
-                Ok(()) => return Ok(QueueLock { _file: file }),
+                Ok(()) => {
+                    // Best effort: the name is for messages, not for safety.
+                    let _ = file.set_len(0);
+                    let _ = writeln!(file, "{role}, pid {}", std::process::id());
+                    return Ok(QueueLock { _file: file });
+                }
                 Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(100));
                 }
                 Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(SpoolError::Locked(root.to_path_buf()))
+                    return Err(SpoolError::Locked {
+                        path: root.to_path_buf(),
+                        holder: Self::holder(root),
+                    })
                 }
                 Err(std::fs::TryLockError::Error(e)) => {
                     return Err(SpoolError::io(format!("lock {}", path.display()), e))
                 }
             }
         }
+    }
+
+    /// Who holds (or last held) the lock: `serve, pid 123`.
+    pub fn holder(root: &Path) -> String {
+        fs::read_to_string(root.join("lock"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown holder".into())
     }
 }
 
@@ -644,13 +684,14 @@ mod tests {
     #[test]
     fn one_queue_lock_holder_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let first = QueueLock::acquire(dir.path(), Duration::ZERO).unwrap();
-        assert!(matches!(
-            QueueLock::acquire(dir.path(), Duration::from_millis(200)),
-            Err(SpoolError::Locked(_))
-        ));
+        let first = QueueLock::acquire(dir.path(), "serve", Duration::ZERO).unwrap();
+        let second = QueueLock::acquire(dir.path(), "runq", Duration::from_millis(200));
+        let Err(SpoolError::Locked { holder, .. }) = second else {
+            panic!("not refused: {second:?}");
+        };
+        assert_eq!(holder, format!("serve, pid {}", std::process::id()));
         drop(first);
-        assert!(QueueLock::acquire(dir.path(), Duration::ZERO).is_ok());
+        assert!(QueueLock::acquire(dir.path(), "runq", Duration::ZERO).is_ok());
     }
 
     #[test]
@@ -688,18 +729,17 @@ mod tests {
         }
         let queue = dir.path().join("queue");
         fs::write(dir.path().join("incoming/LEFTOVER.msg"), b"x").unwrap();
-        fs::write(queue.join("0000000000000ZZ.msg"), b"orphan").unwrap();
+        let orphan = queue.join("0000000000000ZZ.msg");
+        fs::write(&orphan, b"orphan").unwrap();
+        make_old(&orphan);
         fs::write(queue.join("0000000000001ZZ.env"), b"garbage").unwrap();
         fs::write(queue.join("0000000000001ZZ.msg"), b"body").unwrap();
         let tmp = queue.join(format!("{id}.env.tmp"));
         fs::write(&tmp, b"half").unwrap();
-        // Old enough to be a crash's leftover, not another process's work.
-        File::options()
-            .write(true)
-            .open(&tmp)
-            .unwrap()
-            .set_modified(SystemTime::now() - Duration::from_secs(3600))
-            .unwrap();
+        make_old(&tmp);
+        // A young body without envelope may be a commit in progress: kept.
+        let young = queue.join("0000000000002ZZ.msg");
+        fs::write(&young, b"arriving").unwrap();
 
         let (spool, _w) = Spool::open(dir.path()).unwrap();
         let report = spool.scan().unwrap();
@@ -713,5 +753,19 @@ mod tests {
             0
         );
         assert!(!queue.join(format!("{id}.env.tmp")).exists());
+        assert!(
+            young.exists(),
+            "a commit in progress was taken for an orphan"
+        );
+    }
+
+    /// Old enough to be a crash's leftover, not another process's work.
+    fn make_old(path: &Path) {
+        File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(3600))
+            .unwrap();
     }
 }
