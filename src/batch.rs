@@ -99,16 +99,22 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         let resolver = crate::start_resolver(&config, Arc::new(loaded.table));
         let collector = Collector::default().start();
         let workers = crate::spawn_workers(&config, &spool, &run_as, &[Arbiter::current()]);
+        // Nobody shuts a one-session process down from outside.
+        let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
         let deps = Arc::new(crate::session_deps(
             &config,
             spool.clone(),
             resolver,
             collector.clone().recipient(),
             workers,
+            crate::hooks::Hooks::default(),
+            shutdown,
         ));
         let session = Session::new(Arc::clone(&deps), client).start();
         let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
-        serve_connection(stdio, session, deps.limits).await;
+        // Refused hosts get the refusal dialogue here as over TCP.
+        let allowed = crate::access::admit(address, &config.access).allowed;
+        serve_connection(stdio, session, deps.limits, allowed, deps.shutdown.clone()).await;
         let accepted = collector.send(TakeCollected).await.unwrap_or_default();
         let count = accepted.len();
         if accepted.is_empty() {

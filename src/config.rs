@@ -370,7 +370,7 @@ impl fmt::Display for Rate {
 /// Client access rules (`[access]`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AccessConfig {
-    /// Strict protocol checking of clients.
+    /// Refuse clients whose address is in no channel (MMDF's "finicky").
     pub finicky: bool,
     /// Networks whose connections are refused.
     pub deny: Vec<IpNet>,

@@ -14,6 +14,8 @@ pub mod aliases;
 pub mod batch;
 pub mod config;
 pub mod delivery;
+pub mod hooks;
+pub mod limits;
 pub mod protocol;
 pub mod queue;
 pub mod spool;
@@ -29,14 +31,19 @@ use actors::alias_resolver::AliasResolver;
 use actors::delivery_worker::DeliveryWorker;
 use actors::queue_runner::{QueueCounts, QueueRunner};
 use actors::session::{SessionDeps, SessionLimits};
-use actors::supervisor::{Children, QueueStatus, ReloadAliases, StopIntake, Supervisor};
+use actors::supervisor::{
+    Children, DrainDeliveries, QueueStatus, ReloadAliases, StopIntake, Supervisor,
+};
 use config::{BareLf, Config};
 use delivery::program::{RunAs, RunAsError};
 use delivery::relay::RelayTarget;
+use hooks::Hooks;
+use limits::ConnectionTracker;
 use protocol::data::BareLineEnding;
 use protocol::session::SessionConfig;
 use queue::QueuePolicy;
 use spool::{QueueLock, Spool, SpoolError, SpoolWriter};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long the relay may take to answer, per step (RFC 5321 4.5.3.2
 /// suggests minutes; five is the usual client choice).
@@ -72,6 +79,11 @@ impl Node {
     /// what an earlier run left), starts the actors, and returns once the
     /// node accepts connections.
     pub fn start(config: Config) -> Result<NodeHandle, StartError> {
+        Self::start_with(config, Hooks::default())
+    }
+
+    /// [`Node::start`] with the embedding program's checks.
+    pub fn start_with(config: Config, hooks: Hooks) -> Result<NodeHandle, StartError> {
         let loaded = aliases::load(&config.aliases.path)?;
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");
@@ -113,6 +125,23 @@ impl Node {
 
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let table = Arc::new(loaded.table);
+        let tracker = ConnectionTracker::new(
+            config.smtp.max_connections,
+            config.smtp.max_connections_per_ip,
+            &config.limits.connection_rate_per_ip,
+        );
+        let paused = Arc::new(AtomicBool::new(false));
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let grace = Grace {
+            sessions: config.smtp.data_timeout.min(MAX_GRACE),
+            deliveries: config.delivery.timeout.min(MAX_GRACE),
+        };
+        let intake = Intake {
+            hooks,
+            tracker: Arc::clone(&tracker),
+            paused: Arc::clone(&paused),
+            shutdown: shutdown_rx,
+        };
         let thread = std::thread::Builder::new()
             .name("mailnode-actors".into())
             .spawn(move || {
@@ -129,6 +158,7 @@ impl Node {
                         report.envelopes,
                         listeners,
                         handles,
+                        intake,
                     )
                 });
                 let _ = ready_tx.send((System::current(), supervisor));
@@ -149,6 +179,10 @@ impl Node {
             thread: Some(thread),
             writer: Some(writer),
             lock: Some(lock),
+            tracker,
+            paused,
+            shutdown: shutdown_tx,
+            grace,
         })
     }
 }
@@ -221,6 +255,8 @@ pub(crate) fn session_deps(
     resolver: Addr<AliasResolver>,
     queue: Recipient<actors::queue_runner::Enqueued>,
     workers: Vec<Addr<DeliveryWorker>>,
+    hooks: Hooks,
+    shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> SessionDeps {
     let smtp = &config.smtp;
     SessionDeps {
@@ -244,9 +280,33 @@ pub(crate) fn session_deps(
         resolver,
         queue,
         inline: (config.delivery.mode == config::DeliveryMode::Inline).then_some(workers),
+        message_rate: Arc::new(limits::keyed(&config.limits.message_rate_per_ip)),
+        hooks,
+        shutdown,
     }
 }
 
+/// What the Acceptor and the sessions share with the [`NodeHandle`].
+struct Intake {
+    hooks: Hooks,
+    tracker: Arc<ConnectionTracker>,
+    paused: Arc<AtomicBool>,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// How long a graceful shutdown waits.
+#[derive(Debug, Clone, Copy)]
+struct Grace {
+    /// For sessions to finish the message they are receiving.
+    sessions: std::time::Duration,
+    /// For running programs to finish.
+    deliveries: std::time::Duration,
+}
+
+/// No graceful wait is longer than this; what is cut short is retried.
+const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[allow(clippy::too_many_arguments)]
 fn build_tree(
     config: Config,
     spool: Spool,
@@ -255,6 +315,7 @@ fn build_tree(
     recovered: Vec<spool::Envelope>,
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
+    intake: Intake,
 ) -> Addr<Supervisor> {
     let resolver = start_resolver(&config, table);
     let workers = spawn_workers(&config, &spool, &run_as, &arbiters);
@@ -273,10 +334,18 @@ fn build_tree(
         resolver.clone(),
         queue_runner.clone().recipient(),
         workers,
+        intake.hooks,
+        intake.shutdown,
     ));
-    let channels = config.access.channel.clone();
-    let channel_of = Arc::new(move |ip| access::channel_for(ip, &channels).to_string());
-    let acceptor = Acceptor::new(listeners, arbiters, deps, channel_of).start();
+    let acceptor = Acceptor::new(
+        listeners,
+        arbiters,
+        deps,
+        config.access.clone(),
+        intake.tracker,
+        intake.paused,
+    )
+    .start();
     Supervisor::new(Children {
         acceptor,
         resolver,
@@ -294,6 +363,10 @@ pub struct NodeHandle {
     writer: Option<SpoolWriter>,
     /// Released last, once everything is on disk.
     lock: Option<QueueLock>,
+    tracker: Arc<ConnectionTracker>,
+    paused: Arc<AtomicBool>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    grace: Grace,
 }
 
 impl NodeHandle {
@@ -320,12 +393,52 @@ impl NodeHandle {
         self.supervisor.send(QueueStatus).await.ok().flatten()
     }
 
+    /// Refuses new sessions with 421 4.3.2 until [`NodeHandle::resume_intake`].
+    pub fn pause_intake(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+    }
+
+    /// Accepts new sessions again.
+    pub fn resume_intake(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+    }
+
+    /// Whether intake is paused.
+    pub fn intake_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// SMTP sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.tracker.open()
+    }
+
     /// Ends everything and waits until every acknowledged change is on disk.
+    /// Gracefully: the listeners close; idle sessions hear 421 4.3.2; a
+    /// message being received is finished (bounded); running programs
+    /// finish (bounded); what is cut short stays queued and is retried.
     pub fn shutdown(mut self) {
         self.shutdown_in_place();
     }
 
     fn shutdown_in_place(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        self.supervisor.do_send(StopIntake);
+        let _ = self.shutdown.send(true);
+        let deadline = std::time::Instant::now() + self.grace.sessions;
+        while self.tracker.open() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let drained = self.supervisor.send(DrainDeliveries);
+        let wait = self.grace.deliveries;
+        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+        {
+            let _ = runtime.block_on(async { tokio::time::timeout(wait, drained).await });
+        }
         self.system.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

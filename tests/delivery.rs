@@ -133,7 +133,7 @@ s.quit()
     let stdin = std::fs::read(node.outbox.join(format!("{delivery}.msg"))).unwrap();
     let (received, rest) = split_delivered(&stdin, "alice@example.org", "record+Ext@example.org");
     assert!(received.starts_with(
-        "Received: from client.example ([127.0.0.1])\n\tby mx.test (mailnode) with ESMTP id "
+        "Received: from client.example ([127.0.0.1])\n\tby mx.test (mailnode, channel local) with ESMTP id "
     ));
     assert!(received.contains(&format!(" id {id}\n")), "{received}");
     assert!(

@@ -1,15 +1,25 @@
-//! Acceptor (≈ Postfix's master): owns the listening sockets, accepts
-//! connections and starts each one's Session actor and I/O task on one of
-//! the session arbiters, round-robin, so sessions use every core.
+//! Acceptor (≈ Postfix's master): owns the listening sockets and decides at
+//! once about each connection: intake paused, over `max_connections`,
+//! `max_connections_per_ip` or `connection_rate_per_ip` get their 421 and
+//! are closed right here; the rest get a Session actor and an I/O task on
+//! one of the session arbiters, round-robin, so sessions use every core.
+//! Refused hosts (deny, finicky, the validate_host hook) still get a
+//! session: the refusal dialogue is the session's.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 
+use crate::access;
 use crate::actors::session::{serve_connection, Session, SessionDeps};
+use crate::config::AccessConfig;
+use crate::limits::ConnectionTracker;
+use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::ClientInfo;
 
 /// Stop accepting: the listeners close, open sessions go on.
@@ -19,13 +29,17 @@ pub struct StopAccepting;
 
 struct Accepted(std::io::Result<(TcpStream, SocketAddr)>);
 
+/// How often the rate limiters forget addresses that have recovered.
+const LIMITER_UPKEEP: Duration = Duration::from_secs(60);
+
 pub struct Acceptor {
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     deps: Arc<SessionDeps>,
-    /// Names the client's channel from its address.
-    channel_of: Arc<dyn Fn(std::net::IpAddr) -> String + Send + Sync>,
+    access: AccessConfig,
+    tracker: Arc<ConnectionTracker>,
+    paused: Arc<AtomicBool>,
 }
 
 impl Acceptor {
@@ -33,14 +47,18 @@ impl Acceptor {
         listeners: Vec<std::net::TcpListener>,
         arbiters: Vec<ArbiterHandle>,
         deps: Arc<SessionDeps>,
-        channel_of: Arc<dyn Fn(std::net::IpAddr) -> String + Send + Sync>,
+        access: AccessConfig,
+        tracker: Arc<ConnectionTracker>,
+        paused: Arc<AtomicBool>,
     ) -> Self {
         Acceptor {
             listeners,
             arbiters,
             next_arbiter: 0,
             deps,
-            channel_of,
+            access,
+            tracker,
+            paused,
         }
     }
 }
@@ -69,7 +87,20 @@ impl Actor for Acceptor {
             });
             ctx.add_stream(accepts);
         }
+        ctx.run_interval(LIMITER_UPKEEP, |act, _| {
+            act.tracker.cleanup();
+            crate::limits::forget_recovered(&act.deps.message_rate);
+        });
     }
+}
+
+/// Answers a connection turned away at once, without a session.
+fn turn_away(mut stream: TcpStream, reply: Reply) {
+    actix::spawn(async move {
+        let bytes = reply.to_bytes();
+        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
+        let _ = stream.shutdown().await;
+    });
 }
 
 impl StreamHandler<Accepted> for Acceptor {
@@ -77,6 +108,19 @@ impl StreamHandler<Accepted> for Acceptor {
         let Ok((stream, peer)) = accepted.0 else {
             return;
         };
+        let address = access::canonical(peer.ip());
+        if self.paused.load(Ordering::Relaxed) {
+            return turn_away(stream, reply::INTAKE_PAUSED);
+        }
+        let slot = match self.tracker.admit(address) {
+            Ok(slot) => slot,
+            Err(refusal) => {
+                tracing::info!(client = %address, ?refusal, "connection refused");
+                return turn_away(stream, refusal.reply());
+            }
+        };
+        let admission = access::admit(address, &self.access);
+        let allowed = admission.allowed && self.deps.hooks.host_allowed(address);
         // The socket is registered with this thread's reactor; hand it over
         // as a plain socket so the session's thread can register it there.
         let std_stream = match stream.into_std() {
@@ -93,15 +137,17 @@ impl StreamHandler<Accepted> for Acceptor {
             return;
         };
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
-        let address = crate::access::canonical(peer.ip());
         let client = ClientInfo {
             address,
-            channel: (self.channel_of)(address),
+            channel: admission.channel,
         };
         let deps = Arc::clone(&self.deps);
         let limits = deps.limits;
-        tracing::debug!(client = %peer, channel = %client.channel, "connection");
+        let shutdown = deps.shutdown.clone();
+        tracing::debug!(client = %peer, channel = %client.channel, allowed, "connection");
         arbiter.spawn(async move {
+            // Held for the session's life: the count goes down when it ends.
+            let _slot = slot;
             let stream = match TcpStream::from_std(std_stream) {
                 Ok(s) => s,
                 Err(e) => {
@@ -110,7 +156,7 @@ impl StreamHandler<Accepted> for Acceptor {
                 }
             };
             let session = Session::new(deps, client).start();
-            serve_connection(stream, session, limits).await;
+            serve_connection(stream, session, limits, allowed, shutdown).await;
         });
     }
 

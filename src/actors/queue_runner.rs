@@ -27,6 +27,11 @@ const RESCAN_MAX: Duration = Duration::from_secs(60);
 #[rtype(result = "()")]
 pub struct Enqueued(pub Box<Envelope>);
 
+/// Start no more deliveries; answered when the running ones are recorded.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
+
 /// A snapshot for status and tests: how many messages in each state.
 #[derive(Message)]
 #[rtype(result = "QueueCounts")]
@@ -74,6 +79,8 @@ pub struct QueueRunner {
     recording: usize,
     /// `runq` and `inetd`: one pass over what is due, then say so here.
     one_pass: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Shutting down: no new deliveries; these wait for the running ones.
+    draining: Option<Vec<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl QueueRunner {
@@ -118,6 +125,7 @@ impl QueueRunner {
             removing: std::collections::HashSet::new(),
             recording: 0,
             one_pass: None,
+            draining: None,
         };
         let now = SystemTime::now();
         for envelope in recovered {
@@ -177,7 +185,7 @@ impl QueueRunner {
     }
 
     fn dispatch(&mut self, ctx: &mut Context<Self>) {
-        while self.running < self.concurrency {
+        while self.running < self.concurrency && self.draining.is_none() {
             let Some((id, index)) = self.ready.pop_front() else {
                 break;
             };
@@ -388,6 +396,11 @@ impl QueueRunner {
     /// In one-pass mode, signals the end once nothing is running, waiting,
     /// being recorded or being bounced.
     fn finish_pass_if_done(&mut self) {
+        if self.running == 0 && self.recording == 0 {
+            for waiter in self.draining.iter_mut().flat_map(|w| w.drain(..)) {
+                let _ = waiter.send(());
+            }
+        }
         if self.one_pass.is_none() {
             return;
         }
@@ -519,6 +532,19 @@ impl Handler<Enqueued> for QueueRunner {
         // has nothing to run: return it at once.
         self.settle(&id, ctx);
         self.dispatch(ctx);
+    }
+}
+
+impl Handler<Drain> for QueueRunner {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
+        let (done, finished) = tokio::sync::oneshot::channel();
+        self.draining.get_or_insert_with(Vec::new).push(done);
+        self.finish_pass_if_done();
+        Box::pin(async move {
+            let _ = finished.await;
+        })
     }
 }
 

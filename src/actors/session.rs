@@ -20,6 +20,8 @@ use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
 use crate::delivery::program::DeliveryStatus;
+use crate::hooks::Hooks;
+use crate::limits::KeyedLimiter;
 use crate::protocol::codec::{Frame, SmtpCodec};
 use crate::protocol::command::{self, ReversePath};
 use crate::protocol::data::BareLineEnding;
@@ -42,6 +44,12 @@ pub struct SessionDeps {
     /// Inline mode (`[delivery] mode = "inline"`): programs run during DATA
     /// on these workers and the reply waits for them.
     pub inline: Option<Vec<Addr<DeliveryWorker>>>,
+    /// `message_rate_per_ip`, counted at MAIL.
+    pub message_rate: Arc<KeyedLimiter>,
+    /// The embedding program's checks.
+    pub hooks: Hooks,
+    /// Turns true when the node is going down.
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Timing and framing limits of the I/O task.
@@ -59,6 +67,10 @@ pub struct SessionLimits {
 #[rtype(result = "Response")]
 pub enum Input {
     Connected,
+    /// Connected, but refused (access, the host hook).
+    Refused,
+    /// The node is going down.
+    Shutdown,
     Frame(Frame),
     IdleTimeout,
     ConnectLimit,
@@ -130,6 +142,27 @@ impl Session {
                         }
                     };
                     work.extend(self.machine.handle(Event::BodyOpened { result, now }));
+                }
+                Action::CheckSender(sender) => {
+                    let verdict = if self
+                        .deps
+                        .message_rate
+                        .check_key(&self.client.address)
+                        .is_err()
+                    {
+                        Err(reply::MESSAGE_RATE)
+                    } else if !self.deps.hooks.sender_allowed(&sender.to_plain()) {
+                        Err(reply::SENDER_REFUSED)
+                    } else {
+                        Ok(())
+                    };
+                    work.extend(self.machine.handle(Event::SenderChecked(verdict)));
+                }
+                Action::Resolve(address)
+                    if !self.deps.hooks.recipient_allowed(&address.to_plain()) =>
+                {
+                    let refused = RcptDecision::Refuse(reply::RECIPIENT_REFUSED);
+                    work.extend(self.machine.handle(Event::Resolved(refused)));
                 }
                 Action::Resolve(address) => {
                     let asked = self.deps.resolver.send(Resolve(address));
@@ -325,6 +358,8 @@ impl Handler<Input> for Session {
     fn handle(&mut self, input: Input, _: &mut Self::Context) -> Self::Result {
         let event = match input {
             Input::Connected => Event::Connected,
+            Input::Refused => Event::Refused,
+            Input::Shutdown => Event::Shutdown,
             Input::IdleTimeout => Event::IdleTimeout,
             Input::ConnectLimit => Event::ConnectLimit,
             Input::Frame(Frame::Line(line)) => Event::Command(command::parse(&line)),
@@ -356,6 +391,8 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     session: Addr<Session>,
     limits: SessionLimits,
+    allowed: bool,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) {
     // A limit too large to add is as good as none.
     let deadline = Instant::now()
@@ -365,7 +402,11 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         SmtpCodec::new(limits.bare_lf, limits.max_message_size),
     );
-    let mut input = Input::Connected;
+    let mut input = if allowed {
+        Input::Connected
+    } else {
+        Input::Refused
+    };
     loop {
         let Ok(response) = session.send(input).await else {
             // The session actor is gone: say so rather than hang up silently.
@@ -385,13 +426,21 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         {
             break;
         }
-        let idle = if framed.codec().in_data() {
+        let in_data = framed.codec().in_data();
+        let idle = if in_data {
             limits.data_timeout
         } else {
             limits.command_timeout
         };
+        // Going down: a session between messages is told so now; one inside
+        // DATA finishes its message first.
+        if *shutdown.borrow() && !in_data {
+            input = Input::Shutdown;
+            continue;
+        }
         input = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => Input::ConnectLimit,
+            _ = shutdown.changed(), if !in_data => Input::Shutdown,
             next = tokio::time::timeout(idle, framed.next()) => match next {
                 Err(_) => Input::IdleTimeout,
                 Ok(Some(Ok(frame))) => Input::Frame(frame),

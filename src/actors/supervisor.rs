@@ -6,7 +6,7 @@ use actix::prelude::*;
 
 use crate::actors::acceptor::{Acceptor, StopAccepting};
 use crate::actors::alias_resolver::{AliasResolver, Reload};
-use crate::actors::queue_runner::{Counts, QueueCounts, QueueRunner};
+use crate::actors::queue_runner::{Counts, Drain, QueueCounts, QueueRunner};
 
 /// The addresses of the supervised actors.
 pub struct Children {
@@ -56,6 +56,23 @@ impl Handler<ReloadAliases> for Supervisor {
             asked
                 .await
                 .unwrap_or_else(|e| Err(format!("alias resolver unavailable: {e}")))
+        })
+    }
+}
+
+/// Start no more deliveries; answers once the running ones are done and
+/// recorded (shutdown).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct DrainDeliveries;
+
+impl Handler<DrainDeliveries> for Supervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: DrainDeliveries, _: &mut Self::Context) -> Self::Result {
+        let asked = self.children.queue_runner.send(Drain);
+        Box::pin(async move {
+            let _ = asked.await;
         })
     }
 }

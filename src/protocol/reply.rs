@@ -177,6 +177,29 @@ pub const TOO_MANY_HOPS: Reply = Reply::fixed(554, "5.4.6 Too many hops: mail lo
 pub const CONNECT_LIMIT: Reply =
     Reply::fixed(421, "4.4.2 Error: connection time limit exceeded, closing");
 pub const IDLE_TIMEOUT: Reply = Reply::fixed(421, "4.4.2 Error: timeout exceeded, closing");
+/// Access refused (deny, finicky, a host hook): the greeting.
+pub const ACCESS_DENIED: Reply = Reply::fixed(554, "5.7.1 Access denied");
+/// After a refusal, everything but QUIT.
+pub const ONLY_QUIT: Reply = Reply::fixed(503, "5.7.1 Error: access denied, only QUIT is allowed");
+/// The validate_sender hook said no.
+pub const SENDER_REFUSED: Reply = Reply::fixed(550, "5.7.1 Sender address rejected: Access denied");
+/// The validate_recipient hook said no.
+pub const RECIPIENT_REFUSED: Reply =
+    Reply::fixed(550, "5.7.1 Recipient address rejected: Access denied");
+/// `message_rate_per_ip` exceeded, at MAIL.
+pub const MESSAGE_RATE: Reply =
+    Reply::fixed(450, "4.7.1 Error: too many messages from you, slow down");
+/// `max_connections` reached.
+pub const TOO_MANY_CONNECTIONS: Reply =
+    Reply::fixed(421, "4.3.2 Too many connections, try again later");
+/// `max_connections_per_ip` reached.
+pub const TOO_MANY_FROM_YOU: Reply =
+    Reply::fixed(421, "4.7.0 Error: too many connections from you");
+/// `connection_rate_per_ip` exceeded.
+pub const CONNECTION_RATE: Reply =
+    Reply::fixed(421, "4.7.0 Error: too many connections from you, slow down");
+/// Intake paused by the operator.
+pub const INTAKE_PAUSED: Reply = Reply::fixed(421, "4.3.2 Not accepting mail now, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::fixed(
     421,
     "4.3.2 Service shutting down, closing transmission channel",

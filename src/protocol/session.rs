@@ -130,6 +130,13 @@ pub enum Event {
     Committed(Result<String, StorageFailure>),
     /// Inline mode: what running the programs during DATA gave.
     DeliveredInline(InlineOutcome),
+    /// The client may not use this server (access deny, finicky, the
+    /// validate_host hook): the greeting refuses, then only QUIT is honoured.
+    Refused,
+    /// The answer to [`Action::CheckSender`]: admitted, or the refusal.
+    SenderChecked(Result<(), Reply>),
+    /// The node is going down: an idle session is told so and closed.
+    Shutdown,
     /// The client stayed silent too long.
     IdleTimeout,
     /// The session reached `connect_limit`.
@@ -154,6 +161,9 @@ pub enum Action {
     Commit(Box<MessageDraft>),
     /// Close the connection after the replies so far.
     Close,
+    /// May this sender start a transaction now (message rate, the
+    /// validate_sender hook)? Answer with [`Event::SenderChecked`].
+    CheckSender(ReversePath),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,6 +178,10 @@ enum Phase {
     Data,
     /// Waiting for [`Event::Committed`].
     Committing,
+    /// Waiting for [`Event::SenderChecked`].
+    CheckingSender,
+    /// The client was refused (access, a host hook): only QUIT is honoured.
+    Refused,
     Closed,
 }
 
@@ -190,6 +204,8 @@ pub struct SessionMachine {
     esmtp: bool,
     phase: Phase,
     transaction: Option<Transaction>,
+    /// MAIL waiting for [`Event::SenderChecked`].
+    pending_sender: Option<(ReversePath, MailParams)>,
 }
 
 impl SessionMachine {
@@ -201,6 +217,7 @@ impl SessionMachine {
             esmtp: false,
             phase: Phase::Command,
             transaction: None,
+            pending_sender: None,
         }
     }
 
@@ -222,6 +239,35 @@ impl SessionMachine {
         }
         match event {
             Event::Connected => vec![Action::Reply(reply::greeting(&self.config.hostname))],
+            Event::Refused => {
+                self.phase = Phase::Refused;
+                vec![Action::Reply(reply::ACCESS_DENIED)]
+            }
+            Event::SenderChecked(verdict) if self.phase == Phase::CheckingSender => {
+                self.phase = Phase::Command;
+                let Some((sender, params)) = self.pending_sender.take() else {
+                    return vec![Action::Reply(reply::LOCAL_ERROR)];
+                };
+                if let Err(refusal) = verdict {
+                    return vec![Action::Reply(refusal)];
+                }
+                self.transaction = Some(Transaction {
+                    sender,
+                    params,
+                    recipients: Vec::new(),
+                    pending: None,
+                    id: None,
+                    headers: HeaderScan::default(),
+                });
+                vec![Action::Reply(reply::SENDER_OK)]
+            }
+            Event::SenderChecked(_) => vec![Action::Reply(reply::LOCAL_ERROR)],
+            // A message in flight finishes first; the driver asks again.
+            Event::Shutdown if matches!(self.phase, Phase::Command | Phase::Refused) => {
+                self.transaction = None;
+                self.close_with(Vec::new(), reply::SHUTTING_DOWN)
+            }
+            Event::Shutdown => Vec::new(),
             Event::Command(cmd) => self.on_command(cmd),
             Event::Resolved(decision) => self.on_resolved(decision),
             Event::BodyOpened { result, now } => self.on_body_opened(result, now),
@@ -290,6 +336,12 @@ impl SessionMachine {
     }
 
     fn on_command(&mut self, cmd: Result<Command, CommandError>) -> Vec<Action> {
+        if self.phase == Phase::Refused {
+            return match cmd {
+                Ok(Command::Quit) => self.close_with(Vec::new(), reply::BYE),
+                _ => vec![Action::Reply(reply::ONLY_QUIT)],
+            };
+        }
         if self.phase != Phase::Command {
             // Commands only arrive between transactions steps; anything else
             // means the driver fed input while we waited for an answer.
@@ -302,7 +354,7 @@ impl SessionMachine {
         let reply = match cmd {
             Command::Helo(name) => self.on_helo(name, false),
             Command::Ehlo(name) => self.on_helo(name, true),
-            Command::Mail { from, params } => self.on_mail(from, params),
+            Command::Mail { from, params } => return self.on_mail(from, params),
             Command::Rcpt { to } => return self.on_rcpt(to),
             Command::Data => return self.on_data(),
             Command::Rset => {
@@ -329,30 +381,25 @@ impl SessionMachine {
         }
     }
 
-    fn on_mail(&mut self, from: ReversePath, params: MailParams) -> Reply {
+    fn on_mail(&mut self, from: ReversePath, params: MailParams) -> Vec<Action> {
+        let refuse = |reply| vec![Action::Reply(reply)];
         if self.transaction.is_some() {
-            return reply::NESTED_MAIL;
+            return refuse(reply::NESTED_MAIL);
         }
         if let ReversePath::Address(a) = &from {
             if !a.is_ascii() && !params.smtputf8 {
-                return reply::NEED_SMTPUTF8;
+                return refuse(reply::NEED_SMTPUTF8);
             }
         }
         if params
             .size
             .is_some_and(|s| s > self.config.max_message_size)
         {
-            return reply::MESSAGE_TOO_BIG;
+            return refuse(reply::MESSAGE_TOO_BIG);
         }
-        self.transaction = Some(Transaction {
-            sender: from,
-            params,
-            recipients: Vec::new(),
-            pending: None,
-            id: None,
-            headers: HeaderScan::default(),
-        });
-        reply::SENDER_OK
+        self.pending_sender = Some((from.clone(), params));
+        self.phase = Phase::CheckingSender;
+        vec![Action::CheckSender(from)]
     }
 
     fn on_rcpt(&mut self, to: Address) -> Vec<Action> {
@@ -533,8 +580,9 @@ fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
         IpAddr::V6(v6) => format!("IPv6:{v6}"),
     };
     let mut h = format!(
-        "Received: from {helo} ([{address}])\n\tby {} (mailnode) with {} id {}",
+        "Received: from {helo} ([{address}])\n\tby {} (mailnode, channel {}) with {} id {}",
         header_safe(info.hostname),
+        header_safe(&info.client.channel),
         info.protocol,
         info.id
     );
@@ -582,8 +630,13 @@ mod tests {
     }
 
     /// Feeds one command line, parsed as the driver would.
+    /// A MAIL the driver admits at once (its check is tested on its own).
     fn cmd(m: &mut SessionMachine, line: &str) -> Vec<Action> {
-        m.handle(Event::Command(command::parse(line.as_bytes())))
+        let actions = m.handle(Event::Command(command::parse(line.as_bytes())));
+        match actions.as_slice() {
+            [Action::CheckSender(_)] => m.handle(Event::SenderChecked(Ok(()))),
+            _ => actions,
+        }
     }
 
     fn now() -> SystemTime {
@@ -1149,7 +1202,10 @@ mod tests {
             !from.contains([' ', '\t', '(', ')', ';', '<', '>', '"', '\\']),
             "{from:?}"
         );
-        assert_eq!(lines[1], "\tby mx.example.org (mailnode) with ESMTP id Q9");
+        assert_eq!(
+            lines[1],
+            "\tby mx.example.org (mailnode, channel local) with ESMTP id Q9"
+        );
         assert_eq!(lines[2], "\tfor <support@example.org>;");
         assert!(lines[3].starts_with("\tTue, 14 Nov 2023"), "{header}");
         // Exactly our own structural characters, nothing of the client's.
@@ -1176,5 +1232,63 @@ mod tests {
         accept_rcpt(&mut m, "support@example.org");
         let header = open_data(&mut m, "Q4");
         assert!(header.contains(" with UTF8SMTP id Q4"), "{header}");
+    }
+
+    #[test]
+    fn a_refused_client_may_only_quit() {
+        let mut m = machine();
+        let greeting = m.handle(Event::Refused);
+        assert_reply(&greeting, 554, "5.7.1");
+        for line in [
+            "EHLO x",
+            "MAIL FROM:<a@b>",
+            "RCPT TO:<c@d>",
+            "DATA",
+            "NOOP",
+            "FROB",
+        ] {
+            let a = m.handle(Event::Command(command::parse(line.as_bytes())));
+            assert_reply(&a, 503, "5.7.1");
+        }
+        let a = m.handle(Event::Command(command::parse(b"QUIT")));
+        assert_reply_and_close(&a, 221, "2.0.0");
+    }
+
+    #[test]
+    fn mail_waits_for_the_sender_check_and_honours_its_refusal() {
+        let mut m = greeted(config());
+        let a = m.handle(Event::Command(command::parse(b"MAIL FROM:<a@b.example>")));
+        assert!(
+            matches!(a.as_slice(), [Action::CheckSender(ReversePath::Address(_))]),
+            "{a:?}"
+        );
+        assert_reply(
+            &m.handle(Event::SenderChecked(Err(reply::MESSAGE_RATE))),
+            450,
+            "4.7.1",
+        );
+        // No transaction was opened: RCPT needs MAIL.
+        assert_reply(&cmd(&mut m, "RCPT TO:<c@d.example>"), 503, "5.5.1");
+        let a = m.handle(Event::Command(command::parse(b"MAIL FROM:<a@b.example>")));
+        assert_eq!(a.len(), 1);
+        assert_reply(
+            &m.handle(Event::SenderChecked(Err(reply::SENDER_REFUSED))),
+            550,
+            "5.7.1",
+        );
+        let a = m.handle(Event::Command(command::parse(b"MAIL FROM:<a@b.example>")));
+        assert_eq!(a.len(), 1);
+        assert_reply(&m.handle(Event::SenderChecked(Ok(()))), 250, "2.1.0");
+    }
+
+    #[test]
+    fn shutdown_closes_an_idle_session_but_not_one_in_data() {
+        let mut idle = greeted(config());
+        assert_reply_and_close(&idle.handle(Event::Shutdown), 421, "4.3.2");
+        let mut busy = with_sender(config());
+        accept_rcpt(&mut busy, "support@example.org");
+        let _header = open_data(&mut busy, "Q1");
+        assert!(busy.handle(Event::Shutdown).is_empty());
+        assert!(busy.in_data());
     }
 }

@@ -58,9 +58,7 @@ pub(super) fn run(jobs: Receiver<Job>, dirs: Dirs, stats: Arc<WriterStats>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-        let commits = process_batch(batch, &dirs);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
-        stats.commits.fetch_add(commits, Ordering::Relaxed);
+        process_batch(batch, &dirs, &stats);
     }
 }
 
@@ -72,9 +70,8 @@ struct Done {
     committed: Option<IncomingBody>,
 }
 
-/// Returns how many messages the batch made durable.
-fn process_batch(batch: Vec<Job>, dirs: &Dirs) -> u64 {
-    let mut commits = 0;
+/// Counts the batch in `stats` before anyone hears the outcome.
+fn process_batch(batch: Vec<Job>, dirs: &Dirs, stats: &WriterStats) {
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
         done.push(match job {
@@ -113,6 +110,11 @@ fn process_batch(batch: Vec<Job>, dirs: &Dirs) -> u64 {
     }
     // One directory fsync makes every rename of the batch durable.
     let synced = sync_dir(&dirs.queue);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    if synced.is_ok() {
+        let commits = done.iter().filter(|d| d.committed.is_some()).count();
+        stats.commits.fetch_add(commits as u64, Ordering::Relaxed);
+    }
     for mut d in done {
         if let (Err(e), Ok(())) = (&synced, &d.result) {
             for path in &d.undo {
@@ -123,12 +125,10 @@ fn process_batch(batch: Vec<Job>, dirs: &Dirs) -> u64 {
         if let Some(mut body) = d.committed.take() {
             if d.result.is_ok() {
                 body.mark_committed();
-                commits += 1;
             }
         }
         let _ = d.reply.send(d.result);
     }
-    commits
 }
 
 fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {

@@ -55,6 +55,14 @@ impl TestNode {
     }
 
     pub fn start_with(aliases: &str, adjust: impl FnOnce(&mut Config)) -> TestNode {
+        Self::start_hooked(aliases, adjust, mailnode::hooks::Hooks::default())
+    }
+
+    pub fn start_hooked(
+        aliases: &str,
+        adjust: impl FnOnce(&mut Config),
+        hooks: mailnode::hooks::Hooks,
+    ) -> TestNode {
         let (dir, outbox) = shared_tempdir();
         let mut config = test_config(dir.path());
         std::fs::write(
@@ -64,7 +72,7 @@ impl TestNode {
         .expect("write aliases");
         adjust(&mut config);
         let spool = config.spool.path.clone();
-        let node = Node::start(config).expect("node starts");
+        let node = Node::start_with(config, hooks).expect("node starts");
         let addr = node.local_addrs()[0];
         TestNode {
             node: Some(node),
