@@ -107,10 +107,22 @@ fn unsupported_alias_kinds_are_warnings_not_errors() {
     );
 }
 
-/// A `mailnode serve` child and the address it reported.
+/// A `mailnode serve` child, the address it reported and its log lines.
 struct Served {
     child: Child,
     addr: SocketAddr,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal");
+    }
+
+    fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
 }
 
 impl Drop for Served {
@@ -133,8 +145,11 @@ fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
         .expect("serve starts");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = std::sync::Arc::clone(&log);
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            lines.lock().unwrap().push(line.clone());
             if let Some(addr) = line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("addr="))
@@ -147,7 +162,7 @@ fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
     let addr = rx
         .recv_timeout(Duration::from_secs(30))
         .expect("serve reported its listening address");
-    Served { child, addr }
+    Served { child, addr, log }
 }
 
 fn send_one(addr: SocketAddr, rcpt: &str, body: &str) -> String {
@@ -469,4 +484,88 @@ fn queue_runners_exclude_each_other_and_runq_finishes_what_serve_left() {
         (both && remaining == 0).then_some(())
     });
     assert!(delivered.is_some(), "runq did not deliver what serve left");
+}
+
+#[test]
+fn sigterm_during_data_finishes_or_refuses_the_message_and_exits_0() {
+    let (dir, outbox) = shared_tempdir();
+    let o = outbox.display().to_string();
+    let config = binary_config(dir.path(), &format!("rec: |cat > {o}/$QUEUE_ID\n"), "");
+    let mut served = serve(&["-c", &config], dir.path(), &[]);
+    let mut idle = Client::connect(served.addr);
+    assert_eq!(idle.reply().code, 220);
+    let mut c = Client::connect(served.addr);
+    assert_eq!(c.reply().code, 220);
+    c.cmd("EHLO client");
+    c.cmd("MAIL FROM:<a@example.org>");
+    c.cmd("RCPT TO:<rec@example.org>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: in flight\r\n");
+    served.signal(nix::sys::signal::Signal::SIGTERM);
+    // The idle session is told at once.
+    let bye = idle.reply();
+    assert!(bye.is(421, "4.3.2"), "{bye:?}");
+    c.send(b"\r\nthe rest\r\n.\r\n");
+    let verdict = c.reply();
+    assert!(
+        verdict.code == 250 || (400..500).contains(&verdict.code),
+        "neither completed nor refused: {verdict:?}"
+    );
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+    let queue = dir.path().join("spool/queue");
+    let incoming = dir.path().join("spool/incoming");
+    assert_eq!(
+        std::fs::read_dir(&incoming).unwrap().count(),
+        0,
+        "half a message left"
+    );
+    if verdict.code == 250 {
+        // Completed: delivered now or after a restart, never lost.
+        let id = queued_id(&verdict);
+        drop(served);
+        let again = serve(&["-c", &config], dir.path(), &[]);
+        let got = wait_for_file(&outbox.join(&id));
+        assert!(String::from_utf8_lossy(&got).ends_with("Subject: in flight\n\nthe rest\n"));
+        drop(again);
+    } else {
+        assert_eq!(std::fs::read_dir(&queue).unwrap().count(), 0);
+    }
+}
+
+#[test]
+fn sighup_reloads_aliases_and_a_bad_file_keeps_the_old_table() {
+    let (dir, _outbox) = shared_tempdir();
+    let config = binary_config(dir.path(), "a: |cat > /dev/null\n", "");
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    let rcpt_reply = |rcpt: &str| {
+        let mut c = Client::connect(served.addr);
+        c.reply();
+        c.cmd("HELO client");
+        c.cmd("MAIL FROM:<x@example.org>");
+        let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
+        c.cmd("QUIT");
+        r.code
+    };
+    assert_eq!(rcpt_reply("b@example.org"), 550);
+    let aliases = dir.path().join("aliases");
+    std::fs::write(&aliases, "a: |cat > /dev/null\nb: |cat > /dev/null\n").unwrap();
+    served.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloaded = wait_for(Duration::from_secs(10), || {
+        (rcpt_reply("b@example.org") == 250).then_some(())
+    });
+    assert!(reloaded.is_some(), "SIGHUP did not reload the aliases");
+
+    std::fs::write(&aliases, "a: |cat > /dev/null\nthis line is broken\n").unwrap();
+    served.signal(nix::sys::signal::Signal::SIGHUP);
+    let reported = wait_for(Duration::from_secs(10), || {
+        served
+            .logged(&format!("{}:2:", aliases.display()))
+            .then_some(())
+    });
+    assert!(
+        reported.is_some(),
+        "the bad file was not reported with FILE:LINE"
+    );
+    // The old table is still in force, and the server still up.
+    assert_eq!(rcpt_reply("b@example.org"), 250);
 }

@@ -407,7 +407,15 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     } else {
         Input::Refused
     };
+    // Asked to close since the last frame: asking again before the client
+    // said anything would only spin.
+    let mut told_shutdown = false;
     loop {
+        told_shutdown = match input {
+            Input::Shutdown => true,
+            Input::Frame(_) => false,
+            _ => told_shutdown,
+        };
         let Ok(response) = session.send(input).await else {
             // The session actor is gone: say so rather than hang up silently.
             let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
@@ -434,13 +442,14 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         };
         // Going down: a session between messages is told so now; one inside
         // DATA finishes its message first.
-        if *shutdown.borrow() && !in_data {
+        let going_down = *shutdown.borrow();
+        if going_down && !in_data && !told_shutdown {
             input = Input::Shutdown;
             continue;
         }
         input = tokio::select! {
             _ = tokio::time::sleep_until(deadline) => Input::ConnectLimit,
-            _ = shutdown.changed(), if !in_data => Input::Shutdown,
+            _ = shutdown.changed(), if !in_data && !going_down => Input::Shutdown,
             next = tokio::time::timeout(idle, framed.next()) => match next {
                 Err(_) => Input::IdleTimeout,
                 Ok(Some(Ok(frame))) => Input::Frame(frame),

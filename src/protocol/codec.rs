@@ -57,9 +57,10 @@ impl SmtpCodec {
         self.mode = Mode::Data(DataReader::new(self.policy, self.max_message_size));
     }
 
-    /// Whether input is read as message content.
+    /// Whether a message is being read: its content, or its end not yet
+    /// handed out.
     pub fn in_data(&self) -> bool {
-        matches!(self.mode, Mode::Data(_))
+        matches!(self.mode, Mode::Data(_)) || self.pending_end.is_some()
     }
 }
 
@@ -232,6 +233,23 @@ mod tests {
             codec.decode(&mut buf).unwrap(),
             Some(Frame::Line(Bytes::from_static(b"QUIT")))
         );
+    }
+
+    #[test]
+    fn the_message_lasts_until_its_end_is_handed_out() {
+        let mut codec = SmtpCodec::new(BareLineEnding::Reject, 1000);
+        codec.enter_data();
+        let mut buf = BytesMut::from(&b"body\r\n.\r\n"[..]);
+        assert!(matches!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Frame::Data(_))
+        ));
+        assert!(codec.in_data(), "the end is still to come");
+        assert!(matches!(
+            codec.decode(&mut buf).unwrap(),
+            Some(Frame::DataEnd { .. })
+        ));
+        assert!(!codec.in_data());
     }
 
     #[test]
