@@ -12,6 +12,7 @@ use actix::prelude::*;
 use crate::actors::collector::{Collector, TakeCollected};
 use crate::actors::queue_runner::QueueRunner;
 use crate::actors::session::{serve_connection, Session};
+use crate::actors::supervisor::Shared;
 use crate::config::Config;
 use crate::delivery::program::RunAs;
 use crate::protocol::session::ClientInfo;
@@ -63,7 +64,7 @@ async fn one_pass(config: &Config, spool: &Spool, run_as: &Option<RunAs>, due: V
     if due.is_empty() {
         return;
     }
-    let workers = crate::spawn_workers(config, spool, run_as, &[Arbiter::current()]);
+    let workers = plain_workers(config, spool, run_as);
     let (done, finished) = tokio::sync::oneshot::channel();
     let _runner = QueueRunner::one_pass(
         spool.clone(),
@@ -96,16 +97,19 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     };
     let system = System::new();
     let (accepted, lock) = system.block_on(async {
-        let resolver = crate::start_resolver(&config, Arc::new(loaded.table));
+        let resolver = crate::resolver_child(&config, Shared::new(Arc::new(loaded.table))).addr;
         let collector = Collector::default().start();
-        let workers = crate::spawn_workers(&config, &spool, &run_as, &[Arbiter::current()]);
+        let workers = plain_workers(&config, &spool, &run_as);
         // Nobody shuts a one-session process down from outside.
         let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
         let deps = Arc::new(crate::session_deps(
             &config,
             spool.clone(),
             resolver,
-            collector.clone().recipient(),
+            {
+                let collector = collector.clone();
+                Arc::new(move || collector.clone().recipient())
+            },
             workers,
             crate::hooks::Hooks::default(),
             shutdown,
@@ -154,6 +158,18 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     // Only now is every result on disk for the next queue runner.
     drop(lock);
     Ok(accepted)
+}
+
+/// Workers on this thread; nothing restarts them in a run that ends.
+fn plain_workers(
+    config: &Config,
+    spool: &Spool,
+    run_as: &Option<RunAs>,
+) -> Vec<Shared<Addr<crate::actors::delivery_worker::DeliveryWorker>>> {
+    crate::worker_children(config, spool, run_as, &[Arbiter::current()])
+        .into_iter()
+        .map(|child| child.addr)
+        .collect()
 }
 
 /// The client's address when stdin is a socket (inetd, xinetd, systemd).

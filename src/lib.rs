@@ -32,7 +32,8 @@ use actors::delivery_worker::DeliveryWorker;
 use actors::queue_runner::{QueueCounts, QueueRunner};
 use actors::session::{SessionDeps, SessionLimits};
 use actors::supervisor::{
-    Children, DrainDeliveries, QueueStatus, ReloadAliases, StopIntake, Supervisor,
+    Child, Children, DrainDeliveries, QueueStatus, ReloadAliases, Restarts, Shared, StopIntake,
+    StopSupervising, Supervisor,
 };
 use config::{BareLf, Config};
 use delivery::program::{RunAs, RunAsError};
@@ -132,6 +133,7 @@ impl Node {
         );
         let paused = Arc::new(AtomicBool::new(false));
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let (failure_tx, failure_rx) = tokio::sync::watch::channel(None);
         let grace = Grace {
             sessions: config.smtp.data_timeout.min(MAX_GRACE),
             deliveries: config.delivery.timeout.min(MAX_GRACE),
@@ -141,6 +143,7 @@ impl Node {
             tracker: Arc::clone(&tracker),
             paused: Arc::clone(&paused),
             shutdown: shutdown_rx,
+            failure: failure_tx,
         };
         let thread = std::thread::Builder::new()
             .name("mailnode-actors".into())
@@ -183,6 +186,7 @@ impl Node {
             paused,
             shutdown: shutdown_tx,
             grace,
+            failure: failure_rx,
         })
     }
 }
@@ -209,52 +213,63 @@ pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
     }
 }
 
-/// One DeliveryWorker on each arbiter.
-pub(crate) fn spawn_workers(
+/// One DeliveryWorker on each arbiter, each with the factory that makes
+/// it again there.
+pub(crate) fn worker_children(
     config: &Config,
     spool: &Spool,
     run_as: &Option<RunAs>,
     arbiters: &[ArbiterHandle],
-) -> Vec<Addr<DeliveryWorker>> {
+) -> Vec<Child<DeliveryWorker>> {
     let permits = Arc::new(tokio::sync::Semaphore::new(
         config.delivery.concurrency.max(1),
     ));
     arbiters
         .iter()
         .map(|arbiter| {
+            let arbiter = arbiter.clone();
             let spool = spool.clone();
             let run_as = run_as.clone();
             let timeout = config.delivery.timeout;
             let relay = relay_target(config);
             let hostname = config.hostname.clone();
             let permits = Arc::clone(&permits);
-            DeliveryWorker::start_in_arbiter(arbiter, move |_| {
-                DeliveryWorker::new(spool, run_as, timeout, relay, hostname, permits)
-            })
+            Child::start(
+                "delivery_worker",
+                Box::new(move || {
+                    let (spool, run_as, relay) = (spool.clone(), run_as.clone(), relay.clone());
+                    let (hostname, permits) = (hostname.clone(), Arc::clone(&permits));
+                    DeliveryWorker::start_in_arbiter(&arbiter, move |_| {
+                        DeliveryWorker::new(spool, run_as, timeout, relay, hostname, permits)
+                    })
+                }),
+            )
         })
         .collect()
 }
 
-pub(crate) fn start_resolver(
+pub(crate) fn resolver_child(
     config: &Config,
-    table: Arc<aliases::AliasTable>,
-) -> Addr<AliasResolver> {
-    AliasResolver::new(
-        config.aliases.path.clone(),
-        table,
-        config.hostname.clone(),
-        config.relay.host.is_some(),
+    table: Shared<Arc<aliases::AliasTable>>,
+) -> Child<AliasResolver> {
+    let path = config.aliases.path.clone();
+    let hostname = config.hostname.clone();
+    let can_forward = config.relay.host.is_some();
+    Child::start(
+        "alias_resolver",
+        Box::new(move || {
+            AliasResolver::new(path.clone(), table.clone(), hostname.clone(), can_forward).start()
+        }),
     )
-    .start()
 }
 
 /// What sessions share, from the configuration.
 pub(crate) fn session_deps(
     config: &Config,
     spool: Spool,
-    resolver: Addr<AliasResolver>,
-    queue: Recipient<actors::queue_runner::Enqueued>,
-    workers: Vec<Addr<DeliveryWorker>>,
+    resolver: Shared<Addr<AliasResolver>>,
+    queue: Arc<dyn Fn() -> Recipient<actors::queue_runner::Enqueued> + Send + Sync>,
+    workers: Vec<Shared<Addr<DeliveryWorker>>>,
     hooks: Hooks,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> SessionDeps {
@@ -292,6 +307,7 @@ struct Intake {
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
 /// How long a graceful shutdown waits.
@@ -317,40 +333,80 @@ fn build_tree(
     arbiters: Vec<ArbiterHandle>,
     intake: Intake,
 ) -> Addr<Supervisor> {
-    let resolver = start_resolver(&config, table);
-    let workers = spawn_workers(&config, &spool, &run_as, &arbiters);
-    let queue_runner = QueueRunner::new(
-        spool.clone(),
-        workers.clone(),
-        config.delivery.concurrency,
-        queue_policy(&config),
-        config.relay.host.is_some(),
-        recovered,
-    )
-    .start();
+    let resolver = resolver_child(&config, Shared::new(table));
+    let workers = worker_children(&config, &spool, &run_as, &arbiters);
+    let worker_addrs: Vec<_> = workers.iter().map(|w| w.addr.clone()).collect();
+    let queue_runner = {
+        let spool = spool.clone();
+        let workers = worker_addrs.clone();
+        let concurrency = config.delivery.concurrency;
+        let policy = queue_policy(&config);
+        let can_bounce = config.relay.host.is_some();
+        // The first runner gets what start-up scanned; a restarted one
+        // reads the spool again: the spool, not the dead actor, is the truth.
+        let recovered = std::cell::RefCell::new(Some(recovered));
+        Child::start(
+            "queue_runner",
+            Box::new(move || {
+                let envelopes = recovered.borrow_mut().take().unwrap_or_else(|| {
+                    spool.scan().map(|r| r.envelopes).unwrap_or_else(|e| {
+                        tracing::error!("cannot scan the queue: {e}");
+                        Vec::new()
+                    })
+                });
+                QueueRunner::new(
+                    spool.clone(),
+                    workers.clone(),
+                    concurrency,
+                    policy,
+                    can_bounce,
+                    envelopes,
+                )
+                .start()
+            }),
+        )
+    };
+    let runner = queue_runner.addr.clone();
     let deps = Arc::new(session_deps(
         &config,
         spool,
-        resolver.clone(),
-        queue_runner.clone().recipient(),
-        workers,
+        resolver.addr.clone(),
+        Arc::new(move || runner.get().recipient()),
+        worker_addrs,
         intake.hooks,
         intake.shutdown,
     ));
-    let acceptor = Acceptor::new(
-        listeners,
-        arbiters,
-        deps,
-        config.access.clone(),
-        intake.tracker,
-        intake.paused,
+    let access = config.access.clone();
+    let acceptor = Child::start(
+        "acceptor",
+        Box::new(move || {
+            // Copies of the listening sockets: a restarted acceptor listens
+            // on the very same ports, and no connection is refused meanwhile
+            // (they wait in the backlog).
+            let listeners = listeners
+                .iter()
+                .filter_map(|l| l.try_clone().ok())
+                .collect();
+            Acceptor::new(
+                listeners,
+                arbiters.clone(),
+                Arc::clone(&deps),
+                access.clone(),
+                Arc::clone(&intake.tracker),
+                Arc::clone(&intake.paused),
+            )
+            .start()
+        }),
+    );
+    Supervisor::new(
+        Children {
+            acceptor: Some(acceptor),
+            resolver,
+            queue_runner,
+            workers,
+        },
+        intake.failure,
     )
-    .start();
-    Supervisor::new(Children {
-        acceptor,
-        resolver,
-        queue_runner,
-    })
     .start()
 }
 
@@ -367,6 +423,7 @@ pub struct NodeHandle {
     paused: Arc<AtomicBool>,
     shutdown: tokio::sync::watch::Sender<bool>,
     grace: Grace,
+    failure: tokio::sync::watch::Receiver<Option<String>>,
 }
 
 impl NodeHandle {
@@ -408,6 +465,27 @@ impl NodeHandle {
         self.paused.load(Ordering::Relaxed)
     }
 
+    /// Turns `Some(reason)` when the Supervisor gives up (restart intensity
+    /// exceeded): the process should exit non-zero.
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failure.clone()
+    }
+
+    /// Actor restarts so far, by actor.
+    pub async fn actor_restarts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.supervisor.send(Restarts).await.unwrap_or_default()
+    }
+
+    /// Makes the named actor panic (`acceptor`, `alias_resolver`,
+    /// `queue_runner`, `delivery_worker`): for tests and chaos drills.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn inject_fault(&self, actor: &'static str) -> bool {
+        self.supervisor
+            .send(actors::supervisor::InjectFault(actor))
+            .await
+            .unwrap_or(false)
+    }
+
     /// SMTP sessions open now.
     pub fn sessions(&self) -> usize {
         self.tracker.open()
@@ -425,6 +503,7 @@ impl NodeHandle {
         if self.thread.is_none() {
             return;
         }
+        self.supervisor.do_send(StopSupervising);
         self.supervisor.do_send(StopIntake);
         let _ = self.shutdown.send(true);
         let deadline = std::time::Instant::now() + self.grace.sessions;

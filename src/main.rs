@@ -308,23 +308,36 @@ fn serve(config: Config) -> anyhow::Result<()> {
     for addr in node.local_addrs() {
         tracing::info!(%addr, "listening for SMTP");
     }
-    runtime.block_on(async {
+    let mut failure = node.failure();
+    let failed = runtime.block_on(async {
         loop {
             tokio::select! {
-                _ = term.recv() => break,
-                _ = int.recv() => break,
+                _ = term.recv() => return None,
+                _ = int.recv() => return None,
                 _ = hup.recv() => {
                     if let Ok(n) = node.reload_aliases().await {
                         tracing::info!(aliases = n, "SIGHUP: aliases reloaded");
                     }
                 }
+                changed = failure.changed() => {
+                    let why = failure.borrow().clone();
+                    match (changed, why) {
+                        (Ok(()), Some(why)) => return Some(why),
+                        (Ok(()), None) => {}
+                        // The node is gone without saying why.
+                        (Err(_), _) => return Some("the actor system stopped".to_string()),
+                    }
+                }
             }
         }
-        Ok::<(), anyhow::Error>(())
-    })?;
+    });
     tracing::info!("shutting down");
     node.shutdown();
-    Ok(())
+    match failed {
+        // EX_SOFTWARE: the service manager restarts us.
+        Some(why) => Err(anyhow::anyhow!("supervisor gave up: {why}")),
+        None => Ok(()),
+    }
 }
 
 /// `mailnode send`: the seed's `smtp` talker.

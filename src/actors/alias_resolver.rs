@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
+use crate::actors::supervisor::Shared;
 use crate::aliases::{self, AliasTable, Resolution, Target};
 use crate::protocol::command::Address;
 use crate::protocol::reply;
@@ -25,7 +26,9 @@ pub struct Reload;
 
 pub struct AliasResolver {
     path: PathBuf,
-    table: Arc<AliasTable>,
+    /// Shared with the factory, so a restarted resolver keeps the table in
+    /// force (a reload may have replaced the one loaded at start).
+    table: Shared<Arc<AliasTable>>,
     /// The node's own name: the domain of `<postmaster>` without one.
     hostname: String,
     /// A relay is configured, so address aliases can be forwarded.
@@ -33,7 +36,12 @@ pub struct AliasResolver {
 }
 
 impl AliasResolver {
-    pub fn new(path: PathBuf, table: Arc<AliasTable>, hostname: String, can_forward: bool) -> Self {
+    pub fn new(
+        path: PathBuf,
+        table: Shared<Arc<AliasTable>>,
+        hostname: String,
+        can_forward: bool,
+    ) -> Self {
         AliasResolver {
             path,
             table,
@@ -52,7 +60,7 @@ impl Handler<Resolve> for AliasResolver {
 
     fn handle(&mut self, msg: Resolve, _: &mut Self::Context) -> Self::Result {
         MessageResult(decide(
-            &self.table,
+            &self.table.get(),
             &msg.0,
             &self.hostname,
             self.can_forward,
@@ -69,9 +77,10 @@ impl Handler<Reload> for AliasResolver {
                 for warning in &loaded.warnings {
                     tracing::warn!("{warning}");
                 }
-                self.table = Arc::new(loaded.table);
-                tracing::info!(aliases = self.table.len(), "aliases reloaded");
-                Ok(self.table.len())
+                let count = loaded.table.len();
+                self.table.set(Arc::new(loaded.table));
+                tracing::info!(aliases = count, "aliases reloaded");
+                Ok(count)
             }
             Err(e) => {
                 tracing::error!("aliases not reloaded, old table stays in force: {e}");

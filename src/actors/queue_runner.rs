@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime};
 use actix::prelude::*;
 
 use crate::actors::delivery_worker::{Bounce, Deliver, DeliveryReport, DeliveryWorker};
+use crate::actors::supervisor::Shared;
 use crate::delivery::program::DeliveryStatus;
 use crate::queue::{self, QueuePolicy, Step};
 use crate::spool::{Envelope, Spool, SpoolError};
@@ -62,7 +63,7 @@ struct Tracked {
 
 pub struct QueueRunner {
     spool: Spool,
-    workers: Vec<Addr<DeliveryWorker>>,
+    workers: Vec<Shared<Addr<DeliveryWorker>>>,
     next_worker: usize,
     concurrency: usize,
     running: usize,
@@ -89,7 +90,7 @@ impl QueueRunner {
     /// retry times.
     pub fn one_pass(
         spool: Spool,
-        workers: Vec<Addr<DeliveryWorker>>,
+        workers: Vec<Shared<Addr<DeliveryWorker>>>,
         concurrency: usize,
         policy: QueuePolicy,
         can_bounce: bool,
@@ -104,7 +105,7 @@ impl QueueRunner {
     /// `recovered`: what an earlier run left in the spool.
     pub fn new(
         spool: Spool,
-        workers: Vec<Addr<DeliveryWorker>>,
+        workers: Vec<Shared<Addr<DeliveryWorker>>>,
         concurrency: usize,
         policy: QueuePolicy,
         can_bounce: bool,
@@ -179,7 +180,7 @@ impl QueueRunner {
     }
 
     fn worker(&mut self) -> Addr<DeliveryWorker> {
-        let worker = self.workers[self.next_worker % self.workers.len()].clone();
+        let worker = self.workers[self.next_worker % self.workers.len()].get();
         self.next_worker = self.next_worker.wrapping_add(1);
         worker
     }

@@ -19,6 +19,7 @@ use tokio_util::codec::Framed;
 use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
+use crate::actors::supervisor::Shared;
 use crate::delivery::program::DeliveryStatus;
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;
@@ -37,13 +38,13 @@ pub struct SessionDeps {
     pub config: Arc<SessionConfig>,
     pub limits: SessionLimits,
     pub spool: Spool,
-    pub resolver: Addr<AliasResolver>,
+    pub resolver: Shared<Addr<AliasResolver>>,
     /// Told of every message made durable (the QueueRunner, or in inetd
     /// mode whoever delivers after the session).
-    pub queue: Recipient<Enqueued>,
+    pub queue: Arc<dyn Fn() -> Recipient<Enqueued> + Send + Sync>,
     /// Inline mode (`[delivery] mode = "inline"`): programs run during DATA
     /// on these workers and the reply waits for them.
-    pub inline: Option<Vec<Addr<DeliveryWorker>>>,
+    pub inline: Option<Vec<Shared<Addr<DeliveryWorker>>>>,
     /// `message_rate_per_ip`, counted at MAIL.
     pub message_rate: Arc<KeyedLimiter>,
     /// The embedding program's checks.
@@ -165,7 +166,7 @@ impl Session {
                     work.extend(self.machine.handle(Event::Resolved(refused)));
                 }
                 Action::Resolve(address) => {
-                    let asked = self.deps.resolver.send(Resolve(address));
+                    let asked = self.deps.resolver.get().send(Resolve(address));
                     return Box::pin(asked.into_actor(self).then(move |answer, act, _| {
                         let decision = answer.unwrap_or_else(|e| {
                             tracing::error!("alias resolver unavailable: {e}");
@@ -226,7 +227,7 @@ impl Session {
                         "queued"
                     );
                     let id = envelope.id.clone();
-                    act.deps.queue.do_send(Enqueued(Box::new(envelope)));
+                    (act.deps.queue)().do_send(Enqueued(Box::new(envelope)));
                     Ok(id)
                 }
                 Err(e) => {
@@ -248,7 +249,7 @@ impl Session {
         &mut self,
         mut body: IncomingBody,
         envelope: Envelope,
-        workers: Vec<Addr<DeliveryWorker>>,
+        workers: Vec<Shared<Addr<DeliveryWorker>>>,
         mut work: VecDeque<Action>,
         out: Response,
     ) -> ResponseActFuture<Self, Response> {
@@ -275,11 +276,13 @@ impl Session {
             .pending()
             .enumerate()
             .map(|(n, (index, _))| {
-                workers[(first + n) % workers.len().max(1)].send(Deliver {
-                    envelope: Arc::clone(&envelope),
-                    index,
-                    body: path.clone(),
-                })
+                workers[(first + n) % workers.len().max(1)]
+                    .get()
+                    .send(Deliver {
+                        envelope: Arc::clone(&envelope),
+                        index,
+                        body: path.clone(),
+                    })
             })
             .collect();
         let all = futures_util::future::join_all(attempts);

@@ -1,32 +1,189 @@
-//! Supervisor: the top of the actor tree. It builds every long-lived actor,
-//! keeps their addresses, and is the one place the embedding API and the
-//! signal handlers talk to.
+//! Supervisor: the top of the actor tree. It builds every long-lived actor
+//! from a factory, watches them, and recreates one that died (a panic in a
+//! handler kills only that actor; actix's own supervision does not restart
+//! it: see DESIGN.md). The others reach a child through a [`Shared`]
+//! address the Supervisor swaps, so a restart is invisible to them. State
+//! that must survive lives in the spool or in what the factory hands over.
+//! Past the restart intensity (5 in 60 s) it stops intake and reports the
+//! failure, so the process exits non-zero and systemd starts it afresh.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 
 use crate::actors::acceptor::{Acceptor, StopAccepting};
 use crate::actors::alias_resolver::{AliasResolver, Reload};
+use crate::actors::delivery_worker::DeliveryWorker;
 use crate::actors::queue_runner::{Counts, Drain, QueueCounts, QueueRunner};
 
-/// The addresses of the supervised actors.
+/// How often the children are looked at.
+const WATCH_EVERY: Duration = Duration::from_millis(250);
+/// Restart intensity: more than this many restarts ...
+const MAX_RESTARTS: usize = 5;
+/// ... within this long is a failure a restart will not fix.
+const RESTART_WINDOW: Duration = Duration::from_secs(60);
+
+/// A child's current address, swapped by the Supervisor on restart.
+pub struct Shared<T>(Arc<RwLock<T>>);
+
+impl<T: Clone> Shared<T> {
+    pub fn new(value: T) -> Self {
+        Shared(Arc::new(RwLock::new(value)))
+    }
+
+    pub fn get(&self) -> T {
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn set(&self, value: T) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = value;
+    }
+}
+
+impl<T> Clone for Shared<T> {
+    fn clone(&self) -> Self {
+        Shared(Arc::clone(&self.0))
+    }
+}
+
+/// Builds one actor afresh.
+pub type Factory<A> = Box<dyn Fn() -> Addr<A>>;
+
+/// One supervised actor: its address and how to make another.
+pub struct Child<A: Actor> {
+    pub name: &'static str,
+    pub addr: Shared<Addr<A>>,
+    pub factory: Factory<A>,
+}
+
+impl<A: Actor<Context = Context<A>>> Child<A> {
+    pub fn start(name: &'static str, factory: Factory<A>) -> Self {
+        Child {
+            name,
+            addr: Shared::new(factory()),
+            factory,
+        }
+    }
+
+    fn alive(&self) -> bool {
+        self.addr.get().connected()
+    }
+
+    fn restart(&self) {
+        self.addr.set((self.factory)());
+    }
+}
+
+/// The supervised actors.
 pub struct Children {
-    pub acceptor: Addr<Acceptor>,
-    pub resolver: Addr<AliasResolver>,
-    pub queue_runner: Addr<QueueRunner>,
+    /// None once intake has stopped (`stop()`): a stopped acceptor is not
+    /// restarted, and its factory (holding the listening sockets) is gone.
+    pub acceptor: Option<Child<Acceptor>>,
+    pub resolver: Child<AliasResolver>,
+    pub queue_runner: Child<QueueRunner>,
+    pub workers: Vec<Child<DeliveryWorker>>,
 }
 
 pub struct Supervisor {
     children: Children,
+    restarts: BTreeMap<&'static str, u64>,
+    recent: VecDeque<Instant>,
+    /// Told once the restart intensity is exceeded.
+    failure: tokio::sync::watch::Sender<Option<String>>,
+    supervising: bool,
 }
 
 impl Supervisor {
-    pub fn new(children: Children) -> Self {
-        Supervisor { children }
+    pub fn new(children: Children, failure: tokio::sync::watch::Sender<Option<String>>) -> Self {
+        Supervisor {
+            children,
+            restarts: BTreeMap::new(),
+            recent: VecDeque::new(),
+            failure,
+            supervising: true,
+        }
+    }
+
+    fn watch(&mut self) {
+        if !self.supervising {
+            return;
+        }
+        let mut dead = Vec::new();
+        if let Some(a) = &self.children.acceptor {
+            if !a.alive() {
+                dead.push(a.name);
+            }
+        }
+        if !self.children.resolver.alive() {
+            dead.push(self.children.resolver.name);
+        }
+        if !self.children.queue_runner.alive() {
+            dead.push(self.children.queue_runner.name);
+        }
+        dead.extend(
+            self.children
+                .workers
+                .iter()
+                .filter(|w| !w.alive())
+                .map(|w| w.name),
+        );
+        for name in dead {
+            self.restart(name);
+        }
+    }
+
+    fn restart(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.recent.push_back(now);
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > RESTART_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() > MAX_RESTARTS {
+            let why = format!(
+                "{} restarts within {}s (last: {name}); giving up so the service manager can start afresh",
+                self.recent.len(),
+                RESTART_WINDOW.as_secs()
+            );
+            tracing::error!("{why}");
+            self.supervising = false;
+            if let Some(a) = self.children.acceptor.take() {
+                a.addr.get().do_send(StopAccepting);
+            }
+            let _ = self.failure.send(Some(why));
+            return;
+        }
+        *self.restarts.entry(name).or_insert(0) += 1;
+        tracing::warn!(actor = name, "actor died; restarting");
+        let c = &self.children;
+        match name {
+            "acceptor" => {
+                if let Some(a) = &c.acceptor {
+                    a.restart();
+                }
+            }
+            "alias_resolver" => c.resolver.restart(),
+            "queue_runner" => c.queue_runner.restart(),
+            _ => c
+                .workers
+                .iter()
+                .filter(|w| w.name == name && !w.alive())
+                .for_each(Child::restart),
+        }
     }
 }
 
 impl Actor for Supervisor {
     type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(WATCH_EVERY, |act, _| act.watch());
+    }
 }
 
 /// Release the listeners; sessions in progress finish.
@@ -38,7 +195,24 @@ impl Handler<StopIntake> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: StopIntake, _: &mut Self::Context) {
-        self.children.acceptor.do_send(StopAccepting);
+        // Dropping the child drops its factory and so the last copies of the
+        // listening sockets: the ports really close.
+        if let Some(a) = self.children.acceptor.take() {
+            a.addr.get().do_send(StopAccepting);
+        }
+    }
+}
+
+/// The node is going down: deaths are expected now.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopSupervising;
+
+impl Handler<StopSupervising> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: StopSupervising, _: &mut Self::Context) {
+        self.supervising = false;
     }
 }
 
@@ -51,7 +225,7 @@ impl Handler<ReloadAliases> for Supervisor {
     type Result = ResponseFuture<Result<usize, String>>;
 
     fn handle(&mut self, _: ReloadAliases, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.resolver.send(Reload);
+        let asked = self.children.resolver.addr.get().send(Reload);
         Box::pin(async move {
             asked
                 .await
@@ -70,7 +244,7 @@ impl Handler<DrainDeliveries> for Supervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: DrainDeliveries, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.queue_runner.send(Drain);
+        let asked = self.children.queue_runner.addr.get().send(Drain);
         Box::pin(async move {
             let _ = asked.await;
         })
@@ -86,7 +260,226 @@ impl Handler<QueueStatus> for Supervisor {
     type Result = ResponseFuture<Option<QueueCounts>>;
 
     fn handle(&mut self, _: QueueStatus, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.queue_runner.send(Counts);
+        let asked = self.children.queue_runner.addr.get().send(Counts);
         Box::pin(async move { asked.await.ok() })
+    }
+}
+
+/// Restarts so far, by actor name.
+#[derive(Message)]
+#[rtype(result = "BTreeMap<&'static str, u64>")]
+pub struct Restarts;
+
+impl Handler<Restarts> for Supervisor {
+    type Result = MessageResult<Restarts>;
+
+    fn handle(&mut self, _: Restarts, _: &mut Self::Context) -> Self::Result {
+        MessageResult(self.restarts.clone())
+    }
+}
+
+/// Makes an actor panic inside a handler (tests and the fault-injection
+/// feature only).
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Crash;
+
+/// Injects [`Crash`] into the named actor.
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct InjectFault(pub &'static str);
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl Handler<InjectFault> for Supervisor {
+    type Result = bool;
+
+    fn handle(&mut self, msg: InjectFault, _: &mut Self::Context) -> bool {
+        let c = &self.children;
+        match msg.0 {
+            "acceptor" => c
+                .acceptor
+                .as_ref()
+                .map(|a| a.addr.get().do_send(Crash))
+                .is_some(),
+            "alias_resolver" => {
+                c.resolver.addr.get().do_send(Crash);
+                true
+            }
+            "queue_runner" => {
+                c.queue_runner.addr.get().do_send(Crash);
+                true
+            }
+            name => c
+                .workers
+                .iter()
+                .find(|w| w.name == name)
+                .map(|w| w.addr.get().do_send(Crash))
+                .is_some(),
+        }
+    }
+}
+
+/// Each supervised actor panics on [`Crash`].
+#[cfg(any(test, feature = "fault-injection"))]
+macro_rules! crash_on_demand {
+    ($($actor:ty),*) => {$(
+        impl Handler<Crash> for $actor {
+            type Result = ();
+            fn handle(&mut self, _: Crash, _: &mut Self::Context) {
+                panic!("injected fault in {}", stringify!($actor));
+            }
+        }
+    )*};
+}
+
+#[cfg(any(test, feature = "fault-injection"))]
+crash_on_demand!(Acceptor, AliasResolver, QueueRunner, DeliveryWorker);
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::{SocketAddr, TcpStream};
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use super::*;
+    use crate::config::Config;
+    use crate::{Node, NodeHandle};
+
+    /// A node whose `hold` alias refuses (75) until `go` exists in `out`.
+    fn node(dir: &Path, out: &Path) -> NodeHandle {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::create_dir(out).unwrap();
+        std::fs::set_permissions(out, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let o = out.display();
+        let aliases = dir.join("aliases");
+        std::fs::write(
+            &aliases,
+            format!("hold: |[ -e {o}/go ] || exit 75; cat > {o}/$QUEUE_ID\n"),
+        )
+        .unwrap();
+        let mut config = Config {
+            hostname: "mx.test".into(),
+            ..Config::default()
+        };
+        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.aliases.path = aliases;
+        config.spool.path = dir.join("spool");
+        config.queue.retry_min = Duration::from_millis(200);
+        config.queue.retry_max = Duration::from_millis(200);
+        Node::start(config).unwrap()
+    }
+
+    /// One message to `hold`, over a fresh connection; returns its id.
+    fn send(addr: SocketAddr) -> String {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let mut writer = stream;
+        let mut reply = || {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return line.trim_end().to_string();
+                }
+            }
+        };
+        assert!(reply().starts_with("220"));
+        for cmd in [
+            "HELO c",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<hold@example.org>",
+            "DATA",
+        ] {
+            writer.write_all(format!("{cmd}\r\n").as_bytes()).unwrap();
+            let r = reply();
+            assert!(r.starts_with('2') || r.starts_with('3'), "{cmd}: {r}");
+        }
+        writer.write_all(b"Subject: s\r\n\r\nx\r\n.\r\n").unwrap();
+        let queued = reply();
+        assert!(queued.starts_with("250 2.0.0 Ok: queued as "), "{queued}");
+        writer.write_all(b"QUIT\r\n").unwrap();
+        queued.rsplit(' ').next().unwrap().to_string()
+    }
+
+    fn poll<T>(mut f: impl FnMut() -> Option<T>) -> Option<T> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(v) = f() {
+                return Some(v);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    #[test]
+    fn each_supervised_actor_is_restarted_after_a_panic_and_nothing_is_lost() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for actor in [
+            "alias_resolver",
+            "queue_runner",
+            "delivery_worker",
+            "acceptor",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let out = dir.path().join("out");
+            let node = node(dir.path(), &out);
+            let addr = node.local_addrs()[0];
+            let before = send(addr);
+            assert!(
+                rt.block_on(node.inject_fault(actor)),
+                "{actor}: no such actor"
+            );
+            let restarted = poll(|| {
+                let counts = rt.block_on(node.actor_restarts());
+                (counts.get(actor) == Some(&1)).then_some(())
+            });
+            assert!(restarted.is_some(), "{actor} was not restarted");
+            std::fs::write(out.join("go"), b"").unwrap();
+            // The node keeps serving, through the restarted actor too.
+            let after = send(addr);
+            for id in [&before, &after] {
+                let delivered = poll(|| out.join(id).exists().then_some(()));
+                assert!(delivered.is_some(), "{actor}: message {id} was lost");
+            }
+            node.shutdown();
+        }
+    }
+
+    #[test]
+    fn past_the_restart_intensity_the_node_gives_up() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), &dir.path().join("out"));
+        let failure = node.failure();
+        for n in 1..=MAX_RESTARTS as u64 {
+            assert!(rt.block_on(node.inject_fault("alias_resolver")));
+            let restarted = poll(|| {
+                let counts = rt.block_on(node.actor_restarts());
+                (counts.get("alias_resolver") == Some(&n)).then_some(())
+            });
+            assert!(restarted.is_some(), "restart {n} did not happen");
+            assert!(failure.borrow().is_none());
+        }
+        assert!(rt.block_on(node.inject_fault("alias_resolver")));
+        let gave_up = poll(|| failure.borrow().clone());
+        assert!(gave_up.is_some_and(|why| why.contains("restarts within")));
+        // Intake stopped: the listener is closed.
+        let addr = node.local_addrs()[0];
+        assert!(poll(|| TcpStream::connect(addr).is_err().then_some(())).is_some());
+        node.shutdown();
     }
 }
