@@ -344,12 +344,14 @@ fn build_tree(
         let can_bounce = config.relay.host.is_some();
         // The first runner gets what start-up scanned; a restarted one
         // reads the spool again: the spool, not the dead actor, is the truth.
+        // (Without start-up's clean-up: the writer is live.)
         let recovered = std::cell::RefCell::new(Some(recovered));
+        let in_flight = actors::queue_runner::InFlight::default();
         Child::start(
             "queue_runner",
             Box::new(move || {
                 let envelopes = recovered.borrow_mut().take().unwrap_or_else(|| {
-                    spool.scan().map(|r| r.envelopes).unwrap_or_else(|e| {
+                    spool.scan_new(|_| false).unwrap_or_else(|e| {
                         tracing::error!("cannot scan the queue: {e}");
                         Vec::new()
                     })
@@ -361,6 +363,7 @@ fn build_tree(
                     policy,
                     can_bounce,
                     envelopes,
+                    in_flight.clone(),
                 )
                 .start()
             }),
@@ -503,21 +506,21 @@ impl NodeHandle {
         if self.thread.is_none() {
             return;
         }
+        // One deadline for all of it, so the whole stop stays bounded.
+        let deadline = std::time::Instant::now() + self.grace.sessions.max(self.grace.deliveries);
         self.supervisor.do_send(StopSupervising);
         self.supervisor.do_send(StopIntake);
+        // No new programs from here on; what finishes sessions still queue
+        // is delivered at the next start.
+        let (drained_tx, drained) = std::sync::mpsc::channel();
+        self.supervisor.do_send(DrainDeliveries(drained_tx));
         let _ = self.shutdown.send(true);
-        let deadline = std::time::Instant::now() + self.grace.sessions;
         while self.tracker.open() > 0 && std::time::Instant::now() < deadline {
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
-        let drained = self.supervisor.send(DrainDeliveries);
-        let wait = self.grace.deliveries;
-        if let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
-            .enable_time()
-            .build()
-        {
-            let _ = runtime.block_on(async { tokio::time::timeout(wait, drained).await });
-        }
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Plain std waiting: this may run inside a caller's async runtime.
+        let _ = drained.recv_timeout(left);
         self.system.stop();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

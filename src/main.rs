@@ -197,10 +197,13 @@ fn main() -> ExitCode {
                 Err(e) => {
                     tracing::error!("{e:#}");
                     eprintln!("mailnode: {e:#}");
-                    ExitCode::from(
+                    let code = if e.is::<SupervisorGaveUp>() {
+                        EX_SOFTWARE
+                    } else {
                         e.downcast_ref::<mailnode::StartError>()
-                            .map_or(1, exit_code_for),
-                    )
+                            .map_or(1, exit_code_for)
+                    };
+                    ExitCode::from(code)
                 }
             }
         }
@@ -218,6 +221,21 @@ fn finish(result: Result<(), mailnode::StartError>) -> ExitCode {
         }
     }
 }
+
+/// The Supervisor's restart intensity was exceeded.
+#[derive(Debug)]
+struct SupervisorGaveUp(String);
+
+impl std::fmt::Display for SupervisorGaveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "supervisor gave up: {}", self.0)
+    }
+}
+
+impl std::error::Error for SupervisorGaveUp {}
+
+/// EX_SOFTWARE: an internal failure; the service manager starts us afresh.
+const EX_SOFTWARE: u8 = 70;
 
 fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
@@ -314,11 +332,11 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => return None,
                 _ = int.recv() => return None,
-                _ = hup.recv() => {
-                    if let Ok(n) = node.reload_aliases().await {
-                        tracing::info!(aliases = n, "SIGHUP: aliases reloaded");
-                    }
-                }
+                _ = hup.recv() => match node.reload_aliases().await {
+                    Ok(n) => tracing::info!(aliases = n, "SIGHUP: aliases reloaded"),
+                    // The resolver logged the FILE:LINE details already.
+                    Err(e) => tracing::error!("SIGHUP: aliases not reloaded: {e}"),
+                },
                 changed = failure.changed() => {
                     let why = failure.borrow().clone();
                     match (changed, why) {
@@ -334,8 +352,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!("shutting down");
     node.shutdown();
     match failed {
-        // EX_SOFTWARE: the service manager restarts us.
-        Some(why) => Err(anyhow::anyhow!("supervisor gave up: {why}")),
+        Some(why) => Err(anyhow::Error::new(SupervisorGaveUp(why))),
         None => Ok(()),
     }
 }

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use actix::prelude::*;
 use tokio::io::AsyncReadExt;
 
+use crate::actors::queue_runner::InFlightGuard;
 use crate::aliases::Target;
 use crate::delivery::program::{self, DeliveryStatus, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
@@ -23,6 +24,8 @@ pub struct Deliver {
     pub index: usize,
     /// The message: in `queue/`, or in `incoming/` for inline delivery.
     pub body: std::path::PathBuf,
+    /// Held until the attempt ends (queued deliveries).
+    pub in_flight: Option<InFlightGuard>,
 }
 
 /// The result of one attempt.
@@ -87,6 +90,7 @@ impl Handler<Deliver> for DeliveryWorker {
         let env = Arc::clone(&msg.envelope);
         let index = msg.index;
         let body_path = msg.body;
+        let in_flight = msg.in_flight;
         let run_as = self.run_as.clone();
         let timeout = self.timeout;
         let relay = self.relay.clone();
@@ -139,6 +143,7 @@ impl Handler<Deliver> for DeliveryWorker {
                 output = %output,
                 "delivery attempt"
             );
+            drop(in_flight);
             DeliveryReport {
                 status,
                 code,

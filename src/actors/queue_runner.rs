@@ -23,15 +23,66 @@ const RECORD_RETRY: Duration = Duration::from_secs(1);
 const RESCAN_MIN: Duration = Duration::from_secs(1);
 const RESCAN_MAX: Duration = Duration::from_secs(60);
 
+/// How soon a message whose delivery another (dead) runner started is
+/// looked at again.
+const IN_FLIGHT_RECHECK: Duration = Duration::from_secs(1);
+
+/// Deliveries running now, shared by every QueueRunner the Supervisor
+/// builds: a restarted runner must not start a program its predecessor
+/// started and that is still running.
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<std::sync::Mutex<std::collections::HashSet<(String, usize)>>>);
+
+impl InFlight {
+    fn contains(&self, id: &str, index: usize) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&(id.to_string(), index))
+    }
+
+    /// Registers a delivery; the guard ends the registration when the
+    /// attempt ends, whoever is still waiting for it.
+    fn start(&self, id: &str, index: usize) -> InFlightGuard {
+        let key = (id.to_string(), index);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        InFlightGuard {
+            set: self.clone(),
+            key,
+        }
+    }
+}
+
+/// Held by the worker for the length of one attempt.
+pub struct InFlightGuard {
+    set: InFlight,
+    key: (String, usize),
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.set
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.key);
+    }
+}
+
 /// A message was just made durable by a session.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Enqueued(pub Box<Envelope>);
 
-/// Start no more deliveries; answered when the running ones are recorded.
+/// Start no more deliveries; the sender hears once the running ones are
+/// recorded. (A std channel: the node's handle waits on it from outside
+/// any runtime.)
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Drain;
+pub struct Drain(pub std::sync::mpsc::Sender<()>);
 
 /// A snapshot for status and tests: how many messages in each state.
 #[derive(Message)]
@@ -81,7 +132,8 @@ pub struct QueueRunner {
     /// `runq` and `inetd`: one pass over what is due, then say so here.
     one_pass: Option<tokio::sync::oneshot::Sender<()>>,
     /// Shutting down: no new deliveries; these wait for the running ones.
-    draining: Option<Vec<tokio::sync::oneshot::Sender<()>>>,
+    draining: Option<Vec<std::sync::mpsc::Sender<()>>>,
+    in_flight: InFlight,
 }
 
 impl QueueRunner {
@@ -97,12 +149,21 @@ impl QueueRunner {
         due: Vec<Envelope>,
         done: tokio::sync::oneshot::Sender<()>,
     ) -> Self {
-        let mut runner = Self::new(spool, workers, concurrency, policy, can_bounce, due);
+        let mut runner = Self::new(
+            spool,
+            workers,
+            concurrency,
+            policy,
+            can_bounce,
+            due,
+            InFlight::default(),
+        );
         runner.one_pass = Some(done);
         runner
     }
 
-    /// `recovered`: what an earlier run left in the spool.
+    /// `recovered`: what an earlier run left in the spool; `in_flight`: the
+    /// registry of running deliveries shared with earlier runners.
     pub fn new(
         spool: Spool,
         workers: Vec<Shared<Addr<DeliveryWorker>>>,
@@ -110,6 +171,7 @@ impl QueueRunner {
         policy: QueuePolicy,
         can_bounce: bool,
         recovered: Vec<Envelope>,
+        in_flight: InFlight,
     ) -> Self {
         let mut runner = QueueRunner {
             spool,
@@ -127,6 +189,7 @@ impl QueueRunner {
             recording: 0,
             one_pass: None,
             draining: None,
+            in_flight,
         };
         let now = SystemTime::now();
         for envelope in recovered {
@@ -166,6 +229,17 @@ impl QueueRunner {
             return;
         };
         t.deferred_until = None;
+        let busy_elsewhere = t
+            .envelope
+            .pending()
+            .any(|(i, _)| self.in_flight.contains(id, i));
+        if busy_elsewhere {
+            // A predecessor's attempt is still running: wait for it to end
+            // (its result is lost with that runner; this one tries again).
+            let until = SystemTime::now() + IN_FLIGHT_RECHECK;
+            self.defer(id, until);
+            return;
+        }
         let pending: Vec<usize> = t.envelope.pending().map(|(i, _)| i).collect();
         t.waiting += pending.len();
         self.ready
@@ -201,6 +275,7 @@ impl QueueRunner {
                 envelope: Arc::clone(&t.envelope),
                 index,
                 body: self.spool.body_path(&id),
+                in_flight: Some(self.in_flight.start(&id, index)),
             });
             ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
                 let report = result.unwrap_or_else(|e| DeliveryReport {
@@ -537,15 +612,11 @@ impl Handler<Enqueued> for QueueRunner {
 }
 
 impl Handler<Drain> for QueueRunner {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, _: Drain, _: &mut Self::Context) -> Self::Result {
-        let (done, finished) = tokio::sync::oneshot::channel();
-        self.draining.get_or_insert_with(Vec::new).push(done);
+    fn handle(&mut self, msg: Drain, _: &mut Self::Context) {
+        self.draining.get_or_insert_with(Vec::new).push(msg.0);
         self.finish_pass_if_done();
-        Box::pin(async move {
-            let _ = finished.await;
-        })
     }
 }
 

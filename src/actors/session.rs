@@ -282,6 +282,7 @@ impl Session {
                         envelope: Arc::clone(&envelope),
                         index,
                         body: path.clone(),
+                        in_flight: None,
                     })
             })
             .collect();

@@ -234,20 +234,17 @@ impl Handler<ReloadAliases> for Supervisor {
     }
 }
 
-/// Start no more deliveries; answers once the running ones are done and
-/// recorded (shutdown).
+/// Start no more deliveries; the sender hears once the running ones are
+/// done and recorded (shutdown).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct DrainDeliveries;
+pub struct DrainDeliveries(pub std::sync::mpsc::Sender<()>);
 
 impl Handler<DrainDeliveries> for Supervisor {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, _: DrainDeliveries, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.queue_runner.addr.get().send(Drain);
-        Box::pin(async move {
-            let _ = asked.await;
-        })
+    fn handle(&mut self, msg: DrainDeliveries, _: &mut Self::Context) {
+        self.children.queue_runner.addr.get().do_send(Drain(msg.0));
     }
 }
 
@@ -480,6 +477,49 @@ mod tests {
         // Intake stopped: the listener is closed.
         let addr = node.local_addrs()[0];
         assert!(poll(|| TcpStream::connect(addr).is_err().then_some(())).is_some());
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_restarted_queue_runner_never_runs_a_program_twice_at_once() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let node = node(dir.path(), &out);
+        // Replace the alias with a slow program that logs its start and end.
+        let o = out.display();
+        std::fs::write(
+            dir.path().join("aliases"),
+            format!(
+                "hold: |echo start >> {o}/log; sleep 1; echo end >> {o}/log; cat > {o}/$QUEUE_ID\n"
+            ),
+        )
+        .unwrap();
+        assert!(rt.block_on(node.reload_aliases()).is_ok());
+        let id = send(node.local_addrs()[0]);
+        let log = out.join("log");
+        assert!(poll(|| std::fs::read_to_string(&log)
+            .ok()
+            .filter(|l| l.contains("start")))
+        .is_some());
+        assert!(rt.block_on(node.inject_fault("queue_runner")));
+        assert!(
+            poll(|| out.join(&id).exists().then_some(())).is_some(),
+            "never delivered"
+        );
+        // Give a wrongly started second run the time to show itself.
+        let ends = poll(|| {
+            let l = std::fs::read_to_string(&log).ok()?;
+            (l.matches("start").count() == l.matches("end").count()).then_some(l)
+        })
+        .unwrap();
+        assert!(
+            !ends.contains("start\nstart"),
+            "two runs overlapped:\n{ends}"
+        );
         node.shutdown();
     }
 }
