@@ -113,6 +113,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             workers,
             crate::hooks::Hooks::default(),
             shutdown,
+            Arc::new(std::sync::atomic::AtomicBool::new(false)),
         ));
         let session = Session::new(Arc::clone(&deps), client).start();
         let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());

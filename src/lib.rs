@@ -272,6 +272,7 @@ pub(crate) fn session_deps(
     workers: Vec<Shared<Addr<DeliveryWorker>>>,
     hooks: Hooks,
     shutdown: tokio::sync::watch::Receiver<bool>,
+    paused: Arc<AtomicBool>,
 ) -> SessionDeps {
     let smtp = &config.smtp;
     SessionDeps {
@@ -298,6 +299,7 @@ pub(crate) fn session_deps(
         message_rate: Arc::new(limits::keyed(&config.limits.message_rate_per_ip)),
         hooks,
         shutdown,
+        paused,
     }
 }
 
@@ -378,6 +380,7 @@ fn build_tree(
         worker_addrs,
         intake.hooks,
         intake.shutdown,
+        Arc::clone(&intake.paused),
     ));
     let access = config.access.clone();
     let acceptor = Child::start(

@@ -251,4 +251,13 @@ fn paused_intake_answers_421_and_resumes() {
     assert!(c.is_closed());
     handle.resume_intake();
     assert_eq!(node.client().reply().code, 220);
+
+    // A session already open hears it at its next MAIL.
+    let mut open = node.client();
+    open.reply();
+    open.cmd("EHLO client");
+    handle.pause_intake();
+    assert_reply(&open.cmd("MAIL FROM:<a@example.org>"), 421, "4.3.2");
+    assert!(open.is_closed());
+    handle.resume_intake();
 }

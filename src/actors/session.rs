@@ -51,6 +51,8 @@ pub struct SessionDeps {
     pub hooks: Hooks,
     /// Turns true when the node is going down.
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Intake paused by the operator: sessions already open are told at MAIL.
+    pub paused: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Timing and framing limits of the I/O task.
@@ -145,7 +147,10 @@ impl Session {
                     work.extend(self.machine.handle(Event::BodyOpened { result, now }));
                 }
                 Action::CheckSender(sender) => {
-                    let verdict = if self
+                    let paused = self.deps.paused.load(std::sync::atomic::Ordering::Relaxed);
+                    let verdict = if paused {
+                        Err(reply::INTAKE_PAUSED)
+                    } else if self
                         .deps
                         .message_rate
                         .check_key(&self.client.address)

@@ -249,6 +249,10 @@ impl SessionMachine {
                     return vec![Action::Reply(reply::LOCAL_ERROR)];
                 };
                 if let Err(refusal) = verdict {
+                    // A 421 means the service is closing the channel.
+                    if refusal.code() == 421 {
+                        return self.close_with(Vec::new(), refusal);
+                    }
                     return vec![Action::Reply(refusal)];
                 }
                 self.transaction = Some(Transaction {
