@@ -111,9 +111,11 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
                 Arc::new(move || collector.clone().recipient())
             },
             workers,
-            crate::hooks::Hooks::default(),
-            shutdown,
-            Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            crate::SessionControls {
+                hooks: crate::hooks::Hooks::default(),
+                shutdown,
+                paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            },
         ));
         let session = Session::new(Arc::clone(&deps), client).start();
         let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());

@@ -263,6 +263,13 @@ pub(crate) fn resolver_child(
     )
 }
 
+/// What the embedding program and the node's handle steer sessions with.
+pub(crate) struct SessionControls {
+    pub hooks: Hooks,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub paused: Arc<AtomicBool>,
+}
+
 /// What sessions share, from the configuration.
 pub(crate) fn session_deps(
     config: &Config,
@@ -270,10 +277,13 @@ pub(crate) fn session_deps(
     resolver: Shared<Addr<AliasResolver>>,
     queue: Arc<dyn Fn() -> Recipient<actors::queue_runner::Enqueued> + Send + Sync>,
     workers: Vec<Shared<Addr<DeliveryWorker>>>,
-    hooks: Hooks,
-    shutdown: tokio::sync::watch::Receiver<bool>,
-    paused: Arc<AtomicBool>,
+    controls: SessionControls,
 ) -> SessionDeps {
+    let SessionControls {
+        hooks,
+        shutdown,
+        paused,
+    } = controls;
     let smtp = &config.smtp;
     SessionDeps {
         config: Arc::new(SessionConfig {
@@ -378,9 +388,11 @@ fn build_tree(
         resolver.addr.clone(),
         Arc::new(move || runner.get().recipient()),
         worker_addrs,
-        intake.hooks,
-        intake.shutdown,
-        Arc::clone(&intake.paused),
+        SessionControls {
+            hooks: intake.hooks,
+            shutdown: intake.shutdown,
+            paused: Arc::clone(&intake.paused),
+        },
     ));
     let access = config.access.clone();
     let acceptor = Child::start(
