@@ -101,7 +101,8 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         let collector = Collector::default().start();
         let workers = plain_workers(&config, &spool, &run_as);
         // Nobody shuts a one-session process down from outside.
-        let (_keep_running, shutdown) = tokio::sync::watch::channel(false);
+        let (_keep_running, shutdown) =
+            tokio::sync::watch::channel(crate::actors::session::Stopping::No);
         let deps = Arc::new(crate::session_deps(
             &config,
             spool.clone(),

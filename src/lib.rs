@@ -30,7 +30,7 @@ use actors::acceptor::Acceptor;
 use actors::alias_resolver::AliasResolver;
 use actors::delivery_worker::DeliveryWorker;
 use actors::queue_runner::{QueueCounts, QueueRunner};
-use actors::session::{SessionDeps, SessionLimits};
+use actors::session::{SessionDeps, SessionLimits, Stopping};
 use actors::supervisor::{
     Child, Children, DrainDeliveries, QueueStatus, ReloadAliases, Restarts, Shared, StopIntake,
     StopSupervising, Supervisor,
@@ -132,7 +132,7 @@ impl Node {
             &config.limits.connection_rate_per_ip,
         );
         let paused = Arc::new(AtomicBool::new(false));
-        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(Stopping::No);
         let (failure_tx, failure_rx) = tokio::sync::watch::channel(None);
         let grace = Grace {
             sessions: config.smtp.data_timeout.min(MAX_GRACE),
@@ -266,7 +266,7 @@ pub(crate) fn resolver_child(
 /// What the embedding program and the node's handle steer sessions with.
 pub(crate) struct SessionControls {
     pub hooks: Hooks,
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    pub shutdown: tokio::sync::watch::Receiver<Stopping>,
     pub paused: Arc<AtomicBool>,
 }
 
@@ -318,7 +318,7 @@ struct Intake {
     hooks: Hooks,
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: tokio::sync::watch::Receiver<Stopping>,
     failure: tokio::sync::watch::Sender<Option<String>>,
 }
 
@@ -330,6 +330,10 @@ struct Grace {
     /// For running programs to finish.
     deliveries: std::time::Duration,
 }
+
+/// Before the graceful deadline, this long is kept to tell sessions still
+/// inside DATA that time is up.
+const ABORT_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// No graceful wait is longer than this; what is cut short is retried.
 const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
@@ -439,7 +443,7 @@ pub struct NodeHandle {
     lock: Option<QueueLock>,
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
-    shutdown: tokio::sync::watch::Sender<bool>,
+    shutdown: tokio::sync::watch::Sender<Stopping>,
     grace: Grace,
     failure: tokio::sync::watch::Receiver<Option<String>>,
 }
@@ -529,10 +533,16 @@ impl NodeHandle {
         // is delivered at the next start.
         let (drained_tx, drained) = std::sync::mpsc::channel();
         self.supervisor.do_send(DrainDeliveries(drained_tx));
-        let _ = self.shutdown.send(true);
-        while self.tracker.open() > 0 && std::time::Instant::now() < deadline {
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let _ = self.shutdown.send(Stopping::Gracefully);
+        let wait_for_sessions = |until: std::time::Instant| {
+            while self.tracker.open() > 0 && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        wait_for_sessions(deadline.checked_sub(ABORT_MARGIN).unwrap_or(deadline));
+        // Whoever is still receiving a message hears 421 rather than a reset.
+        let _ = self.shutdown.send(Stopping::Now);
+        wait_for_sessions(deadline);
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         // Plain std waiting: this may run inside a caller's async runtime.
         let _ = drained.recv_timeout(left);

@@ -261,3 +261,26 @@ fn paused_intake_answers_421_and_resumes() {
     assert!(open.is_closed());
     handle.resume_intake();
 }
+
+#[test]
+fn shutdown_tells_a_client_stalled_in_data_421_before_time_is_up() {
+    let mut node = TestNode::start_with(ALIASES, |c| {
+        c.smtp.data_timeout = Duration::from_secs(3);
+        c.delivery.timeout = Duration::from_secs(3);
+    });
+    let mut c = node.client();
+    c.reply();
+    c.cmd("EHLO client");
+    c.cmd("MAIL FROM:<a@example.org>");
+    c.cmd("RCPT TO:<ok@example.org>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: never finished\r\n");
+    let handle = node.node.take().unwrap();
+    let stopping = std::thread::spawn(move || handle.shutdown());
+    // Not a reset, not the data timeout: the shutdown's own 421 4.3.2.
+    assert_reply(&c.reply(), 421, "4.3.2");
+    assert!(c.is_closed());
+    stopping.join().unwrap();
+    assert_eq!(node.queue_files(), 0);
+    assert_eq!(node.incoming_files(), 0);
+}

@@ -32,6 +32,16 @@ use crate::protocol::session::{
 };
 use crate::spool::{Delivery, DeliveryState, Envelope, IncomingBody, Spool};
 
+/// How far the node is in going down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stopping {
+    No,
+    /// Idle sessions are told 421 4.3.2; a message in DATA may finish.
+    Gracefully,
+    /// Time is up: every session, even inside DATA, is told and closed.
+    Now,
+}
+
 /// What every session shares.
 #[derive(Clone)]
 pub struct SessionDeps {
@@ -49,8 +59,8 @@ pub struct SessionDeps {
     pub message_rate: Arc<KeyedLimiter>,
     /// The embedding program's checks.
     pub hooks: Hooks,
-    /// Turns true when the node is going down.
-    pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// How far the node is in going down.
+    pub shutdown: tokio::sync::watch::Receiver<Stopping>,
     /// Intake paused by the operator: sessions already open are told at MAIL.
     pub paused: Arc<std::sync::atomic::AtomicBool>,
 }
@@ -74,6 +84,8 @@ pub enum Input {
     Refused,
     /// The node is going down.
     Shutdown,
+    /// The node is going down and time is up, even inside DATA.
+    Abort,
     Frame(Frame),
     IdleTimeout,
     ConnectLimit,
@@ -369,6 +381,7 @@ impl Handler<Input> for Session {
             Input::Connected => Event::Connected,
             Input::Refused => Event::Refused,
             Input::Shutdown => Event::Shutdown,
+            Input::Abort => Event::Abort,
             Input::IdleTimeout => Event::IdleTimeout,
             Input::ConnectLimit => Event::ConnectLimit,
             Input::Frame(Frame::Line(line)) => Event::Command(command::parse(&line)),
@@ -401,7 +414,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     session: Addr<Session>,
     limits: SessionLimits,
     allowed: bool,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
+    mut shutdown: tokio::sync::watch::Receiver<Stopping>,
 ) {
     // A limit too large to add is as good as none.
     let deadline = Instant::now()
@@ -411,37 +424,33 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
         stream,
         SmtpCodec::new(limits.bare_lf, limits.max_message_size),
     );
-    let mut input = if allowed {
+    let mut pending = Some(if allowed {
         Input::Connected
     } else {
         Input::Refused
-    };
-    // Asked to close since the last frame: asking again before the client
-    // said anything would only spin.
-    let mut told_shutdown = false;
+    });
+    // The stop level the session has been told about.
+    let mut told = Stopping::No;
     loop {
-        told_shutdown = match input {
-            Input::Shutdown => true,
-            Input::Frame(_) => false,
-            _ => told_shutdown,
-        };
-        let Ok(response) = session.send(input).await else {
-            // The session actor is gone: say so rather than hang up silently.
-            let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
-            break;
-        };
-        if response.enter_data {
-            framed.codec_mut().enter_data();
-        }
-        let more_commands_buffered =
-            !framed.codec().in_data() && framed.read_buffer().contains(&b'\n');
-        let flush = response.close || !more_commands_buffered;
-        if write_replies(&mut framed, response.replies, flush, limits)
-            .await
-            .is_err()
-            || response.close
-        {
-            break;
+        if let Some(input) = pending.take() {
+            let Ok(response) = session.send(input).await else {
+                // The session actor is gone: say so rather than hang up.
+                let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
+                break;
+            };
+            if response.enter_data {
+                framed.codec_mut().enter_data();
+            }
+            let more_commands_buffered =
+                !framed.codec().in_data() && framed.read_buffer().contains(&b'\n');
+            let flush = response.close || !more_commands_buffered;
+            if write_replies(&mut framed, response.replies, flush, limits)
+                .await
+                .is_err()
+                || response.close
+            {
+                break;
+            }
         }
         let in_data = framed.codec().in_data();
         let idle = if in_data {
@@ -450,21 +459,34 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             limits.command_timeout
         };
         // Going down: a session between messages is told so now; one inside
-        // DATA finishes its message first.
-        let going_down = *shutdown.borrow();
-        if going_down && !in_data && !told_shutdown {
-            input = Input::Shutdown;
+        // DATA finishes its message first, unless time is up.
+        let level = *shutdown.borrow();
+        if level == Stopping::Now && told < Stopping::Now {
+            told = Stopping::Now;
+            pending = Some(Input::Abort);
             continue;
         }
-        input = tokio::select! {
+        if level == Stopping::Gracefully && !in_data && told == Stopping::No {
+            told = Stopping::Gracefully;
+            pending = Some(Input::Shutdown);
+            continue;
+        }
+        pending = Some(tokio::select! {
             _ = tokio::time::sleep_until(deadline) => Input::ConnectLimit,
-            _ = shutdown.changed(), if !in_data && !going_down => Input::Shutdown,
+            changed = shutdown.changed(), if level < Stopping::Now => match changed {
+                Ok(()) => continue,
+                // The node's handle is gone: nothing will finish us nicely.
+                Err(_) => {
+                    told = Stopping::Now;
+                    Input::Abort
+                }
+            },
             next = tokio::time::timeout(idle, framed.next()) => match next {
                 Err(_) => Input::IdleTimeout,
                 Ok(Some(Ok(frame))) => Input::Frame(frame),
                 Ok(None) | Ok(Some(Err(_))) => break,
             },
-        };
+        });
     }
     session.do_send(Disconnected);
 }

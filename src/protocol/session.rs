@@ -137,6 +137,9 @@ pub enum Event {
     SenderChecked(Result<(), Reply>),
     /// The node is going down: an idle session is told so and closed.
     Shutdown,
+    /// The node is going down and cannot wait: even a message being
+    /// received is dropped (the client hears 421 and sends it again later).
+    Abort,
     /// The client stayed silent too long.
     IdleTimeout,
     /// The session reached `connect_limit`.
@@ -272,6 +275,15 @@ impl SessionMachine {
                 self.close_with(Vec::new(), reply::SHUTTING_DOWN)
             }
             Event::Shutdown => Vec::new(),
+            Event::Abort => {
+                let discard = if self.phase == Phase::Data {
+                    vec![Action::DiscardBody]
+                } else {
+                    Vec::new()
+                };
+                self.transaction = None;
+                self.close_with(discard, reply::SHUTTING_DOWN)
+            }
             Event::Command(cmd) => self.on_command(cmd),
             Event::Resolved(decision) => self.on_resolved(decision),
             Event::BodyOpened { result, now } => self.on_body_opened(result, now),
@@ -1283,6 +1295,16 @@ mod tests {
         let a = m.handle(Event::Command(command::parse(b"MAIL FROM:<a@b.example>")));
         assert_eq!(a.len(), 1);
         assert_reply(&m.handle(Event::SenderChecked(Ok(()))), 250, "2.1.0");
+    }
+
+    #[test]
+    fn abort_drops_the_message_being_received_with_a_421() {
+        let mut busy = with_sender(config());
+        accept_rcpt(&mut busy, "support@example.org");
+        let _header = open_data(&mut busy, "Q1");
+        let a = busy.handle(Event::Abort);
+        assert_eq!(a[0], Action::DiscardBody);
+        assert_reply_and_close(&a[1..], 421, "4.3.2");
     }
 
     #[test]
