@@ -19,6 +19,7 @@ pub mod limits;
 pub mod protocol;
 pub mod queue;
 pub mod spool;
+pub mod telemetry;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +30,7 @@ use actix::prelude::*;
 use actors::acceptor::Acceptor;
 use actors::alias_resolver::AliasResolver;
 use actors::delivery_worker::DeliveryWorker;
+use actors::metrics_server::MetricsServer;
 use actors::queue_runner::{QueueCounts, QueueRunner};
 use actors::session::{SessionDeps, SessionLimits, Stopping};
 use actors::supervisor::{
@@ -90,6 +92,19 @@ impl Node {
             tracing::warn!("{warning}");
         }
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+        telemetry::install();
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => {
+                let bind = || {
+                    let l = std::net::TcpListener::bind(addr)?;
+                    l.set_nonblocking(true)?;
+                    Ok::<_, std::io::Error>(l)
+                };
+                Some(bind().map_err(|source| StartError::Bind { addr, source })?)
+            }
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.smtp.listen {
@@ -162,6 +177,7 @@ impl Node {
                         listeners,
                         handles,
                         intake,
+                        metrics_listener,
                     )
                 });
                 let _ = ready_tx.send((System::current(), supervisor));
@@ -177,6 +193,7 @@ impl Node {
             .map_err(|_| StartError::Runtime("actor system failed to start".into()))?;
         Ok(NodeHandle {
             addrs,
+            metrics_addr,
             supervisor,
             system,
             thread: Some(thread),
@@ -348,6 +365,7 @@ fn build_tree(
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
     intake: Intake,
+    metrics_listener: Option<std::net::TcpListener>,
 ) -> Addr<Supervisor> {
     let resolver = resolver_child(&config, Shared::new(table));
     let workers = worker_children(&config, &spool, &run_as, &arbiters);
@@ -420,12 +438,27 @@ fn build_tree(
             .start()
         }),
     );
+    let metrics = metrics_listener.map(|listener| {
+        Child::start(
+            "metrics_server",
+            Box::new(move || match listener.try_clone() {
+                Ok(copy) => MetricsServer::new(copy).start(),
+                // Without a socket copy the server cannot listen; an actor
+                // that stops at once makes the supervisor try again.
+                Err(e) => {
+                    tracing::error!("cannot reuse the metrics socket: {e}");
+                    MetricsServer::stopped().start()
+                }
+            }),
+        )
+    });
     Supervisor::new(
         Children {
             acceptor: Some(acceptor),
             resolver,
             queue_runner,
             workers,
+            metrics,
         },
         intake.failure,
     )
@@ -435,6 +468,7 @@ fn build_tree(
 /// A running node.
 pub struct NodeHandle {
     addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
     supervisor: Addr<Supervisor>,
     system: System,
     thread: Option<JoinHandle<()>>,
@@ -452,6 +486,11 @@ impl NodeHandle {
     /// The addresses SMTP listens on (with the real port when 0 was asked).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// Releases the listeners; sessions in progress finish.

@@ -136,6 +136,8 @@ fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
     let mut child = Command::new(BIN)
         .arg("serve")
         .args(args)
+        // Never the fixed default metrics port: tests run side by side.
+        .args(["--metrics", "127.0.0.1:0"])
         .current_dir(cwd)
         .envs(env.iter().copied())
         .stdin(Stdio::null())

@@ -18,9 +18,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::access;
 use crate::actors::session::{serve_connection, Session, SessionDeps};
 use crate::config::AccessConfig;
-use crate::limits::ConnectionTracker;
+use crate::limits::{ConnectionTracker, Refusal};
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::ClientInfo;
+use crate::telemetry;
 
 /// Stop accepting: the listeners close, open sessions go on.
 #[derive(Message)]
@@ -110,17 +111,25 @@ impl StreamHandler<Accepted> for Acceptor {
         };
         let address = access::canonical(peer.ip());
         if self.paused.load(Ordering::Relaxed) {
+            telemetry::connection("over_capacity");
             return turn_away(stream, reply::INTAKE_PAUSED);
         }
         let slot = match self.tracker.admit(address) {
             Ok(slot) => slot,
             Err(refusal) => {
                 tracing::info!(client = %address, ?refusal, "connection refused");
+                if refusal == Refusal::Rate {
+                    telemetry::connection("rate_limited");
+                    telemetry::rate_limited("connection");
+                } else {
+                    telemetry::connection("over_capacity");
+                }
                 return turn_away(stream, refusal.reply());
             }
         };
         let admission = access::admit(address, &self.access);
         let allowed = admission.allowed && self.deps.hooks.host_allowed(address);
+        telemetry::connection(if allowed { "accepted" } else { "denied" });
         // The socket is registered with this thread's reactor; hand it over
         // as a plain socket so the session's thread can register it there.
         let std_stream = match stream.into_std() {

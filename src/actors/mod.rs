@@ -5,6 +5,7 @@ pub mod acceptor;
 pub mod alias_resolver;
 pub mod collector;
 pub mod delivery_worker;
+pub mod metrics_server;
 pub mod queue_runner;
 pub mod session;
 pub mod supervisor;

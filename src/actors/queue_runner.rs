@@ -16,6 +16,8 @@ use crate::delivery::program::DeliveryStatus;
 use crate::queue::{self, QueuePolicy, Step};
 use crate::spool::{Envelope, Spool, SpoolError};
 
+/// How often the queue size gauges are brought up to date.
+const GAUGE_EVERY: Duration = Duration::from_secs(1);
 /// How soon a failed write of delivery results is tried again.
 const RECORD_RETRY: Duration = Duration::from_secs(1);
 /// Bounds of how often the queue directory is looked at for messages other
@@ -297,6 +299,14 @@ impl QueueRunner {
         ctx: &mut Context<Self>,
     ) {
         self.running -= 1;
+        if report.attempted {
+            let outcome = match report.status {
+                DeliveryStatus::Delivered => "delivered",
+                DeliveryStatus::Temporary(_) => "deferred",
+                DeliveryStatus::Permanent(_) => "bounced",
+            };
+            crate::telemetry::delivery(outcome, report.duration);
+        }
         if let Some(t) = self.messages.get_mut(&id) {
             t.running -= 1;
             queue::record_result(
@@ -469,6 +479,20 @@ impl QueueRunner {
         }
     }
 
+    fn counts(&self) -> QueueCounts {
+        let mut counts = QueueCounts::default();
+        for t in self.messages.values() {
+            if t.envelope.held {
+                counts.held += 1;
+            } else if t.deferred_until.is_some() {
+                counts.deferred += 1;
+            } else {
+                counts.active += 1;
+            }
+        }
+        counts
+    }
+
     /// In one-pass mode, signals the end once nothing is running, waiting,
     /// being recorded or being bounced.
     fn finish_pass_if_done(&mut self) {
@@ -588,6 +612,10 @@ impl Actor for QueueRunner {
         if self.one_pass.is_none() {
             let every = self.policy.retry_min.clamp(RESCAN_MIN, RESCAN_MAX);
             ctx.run_interval(every, |act, ctx| act.rescan(ctx));
+            ctx.run_interval(GAUGE_EVERY, |act, _| {
+                let c = act.counts();
+                crate::telemetry::queue_sizes(c.active, c.deferred, c.held);
+            });
         }
         self.finish_pass_if_done();
     }
@@ -624,16 +652,6 @@ impl Handler<Counts> for QueueRunner {
     type Result = MessageResult<Counts>;
 
     fn handle(&mut self, _: Counts, _: &mut Self::Context) -> Self::Result {
-        let mut counts = QueueCounts::default();
-        for t in self.messages.values() {
-            if t.envelope.held {
-                counts.held += 1;
-            } else if t.deferred_until.is_some() {
-                counts.deferred += 1;
-            } else {
-                counts.active += 1;
-            }
-        }
-        MessageResult(counts)
+        MessageResult(self.counts())
     }
 }

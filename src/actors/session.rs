@@ -31,6 +31,7 @@ use crate::protocol::session::{
     Action, ClientInfo, Event, MessageDraft, RcptDecision, SessionConfig, SessionMachine,
 };
 use crate::spool::{Delivery, DeliveryState, Envelope, IncomingBody, Spool};
+use crate::telemetry;
 
 /// How far the node is in going down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -168,6 +169,7 @@ impl Session {
                         .check_key(&self.client.address)
                         .is_err()
                     {
+                        crate::telemetry::rate_limited("message");
                         Err(reply::MESSAGE_RATE)
                     } else if !self.deps.hooks.sender_allowed(&sender.to_plain()) {
                         Err(reply::SENDER_REFUSED)
@@ -431,13 +433,25 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     });
     // The stop level the session has been told about.
     let mut told = Stopping::No;
+    telemetry::session_opened();
+    // Why the session ended, for the metrics; a peer that just goes away
+    // unless something else is found.
+    let mut ended = "peer";
     loop {
         if let Some(input) = pending.take() {
+            let counted = Counted::of(&input);
             let Ok(response) = session.send(input).await else {
                 // The session actor is gone: say so rather than hang up.
                 let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
+                ended = "error";
                 break;
             };
+            if let Some(first) = response.replies.first() {
+                counted.record(first.code());
+            }
+            if response.close {
+                ended = counted.close_reason(&response.replies);
+            }
             if response.enter_data {
                 framed.codec_mut().enter_data();
             }
@@ -488,7 +502,53 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             },
         });
     }
+    telemetry::session_closed(ended);
     session.do_send(Disconnected);
+}
+
+/// What an input's reply counts towards in the metrics.
+enum Counted {
+    Message,
+    Recipient,
+    Timeout,
+    ConnectLimit,
+    Shutdown,
+    Other,
+}
+
+impl Counted {
+    fn of(input: &Input) -> Self {
+        match input {
+            Input::Frame(Frame::DataEnd { .. } | Frame::DataRejected) => Counted::Message,
+            Input::Frame(Frame::Line(l))
+                if l.len() >= 4 && l[..4].eq_ignore_ascii_case(b"RCPT") =>
+            {
+                Counted::Recipient
+            }
+            Input::IdleTimeout => Counted::Timeout,
+            Input::ConnectLimit => Counted::ConnectLimit,
+            Input::Shutdown | Input::Abort => Counted::Shutdown,
+            _ => Counted::Other,
+        }
+    }
+
+    fn record(&self, code: u16) {
+        match self {
+            Counted::Message => telemetry::message(code),
+            Counted::Recipient => telemetry::recipient(code),
+            _ => {}
+        }
+    }
+
+    fn close_reason(&self, replies: &[Reply]) -> &'static str {
+        match self {
+            Counted::Timeout => "timeout",
+            Counted::ConnectLimit => "connect_limit",
+            Counted::Shutdown => "shutdown",
+            _ if replies.iter().any(|r| r.code() == 221) => "quit",
+            _ => "error",
+        }
+    }
 }
 
 async fn write_replies<S: AsyncRead + AsyncWrite + Unpin>(

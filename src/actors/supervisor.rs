@@ -16,6 +16,7 @@ use actix::prelude::*;
 use crate::actors::acceptor::{Acceptor, StopAccepting};
 use crate::actors::alias_resolver::{AliasResolver, Reload};
 use crate::actors::delivery_worker::DeliveryWorker;
+use crate::actors::metrics_server::MetricsServer;
 use crate::actors::queue_runner::{Counts, Drain, QueueCounts, QueueRunner};
 
 /// How often the children are looked at.
@@ -84,6 +85,8 @@ pub struct Children {
     pub resolver: Child<AliasResolver>,
     pub queue_runner: Child<QueueRunner>,
     pub workers: Vec<Child<DeliveryWorker>>,
+    /// None when `[metrics] listen = "off"`.
+    pub metrics: Option<Child<MetricsServer>>,
 }
 
 pub struct Supervisor {
@@ -122,6 +125,11 @@ impl Supervisor {
         if !self.children.queue_runner.alive() {
             dead.push(self.children.queue_runner.name);
         }
+        if let Some(m) = &self.children.metrics {
+            if !m.alive() {
+                dead.push(m.name);
+            }
+        }
         dead.extend(
             self.children
                 .workers
@@ -159,6 +167,7 @@ impl Supervisor {
             return;
         }
         *self.restarts.entry(name).or_insert(0) += 1;
+        crate::telemetry::actor_restarted(name);
         tracing::warn!(actor = name, "actor died; restarting");
         let c = &self.children;
         match name {
@@ -169,6 +178,11 @@ impl Supervisor {
             }
             "alias_resolver" => c.resolver.restart(),
             "queue_runner" => c.queue_runner.restart(),
+            "metrics_server" => {
+                if let Some(m) = &c.metrics {
+                    m.restart();
+                }
+            }
             _ => c
                 .workers
                 .iter()
@@ -308,6 +322,11 @@ impl Handler<InjectFault> for Supervisor {
                 c.queue_runner.addr.get().do_send(Crash);
                 true
             }
+            "metrics_server" => c
+                .metrics
+                .as_ref()
+                .map(|m| m.addr.get().do_send(Crash))
+                .is_some(),
             name => c
                 .workers
                 .iter()
@@ -332,7 +351,13 @@ macro_rules! crash_on_demand {
 }
 
 #[cfg(any(test, feature = "fault-injection"))]
-crash_on_demand!(Acceptor, AliasResolver, QueueRunner, DeliveryWorker);
+crash_on_demand!(
+    Acceptor,
+    AliasResolver,
+    QueueRunner,
+    DeliveryWorker,
+    MetricsServer
+);
 
 #[cfg(test)]
 mod tests {
@@ -366,6 +391,7 @@ mod tests {
         config.spool.path = dir.join("spool");
         config.queue.retry_min = Duration::from_millis(200);
         config.queue.retry_max = Duration::from_millis(200);
+        config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
         Node::start(config).unwrap()
     }
 

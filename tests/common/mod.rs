@@ -44,6 +44,8 @@ pub fn test_config(dir: &Path) -> Config {
     config.queue.retry_min = Duration::from_millis(200);
     config.queue.retry_max = Duration::from_secs(1);
     config.delivery.timeout = Duration::from_secs(20);
+    // Metrics on a port of their own only where a test asks for them.
+    config.metrics.listen = None;
     config
 }
 

@@ -1,0 +1,184 @@
+//! Telemetry: every metric of the contract by name, registered with its help
+//! text and all its label values (so a dashboard has a series from the first
+//! scrape), and the Prometheus text rendering the metrics service serves.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const SMTP_CONNECTIONS_TOTAL: &str = "mailnode_smtp_connections_total";
+pub const SMTP_SESSIONS_ACTIVE: &str = "mailnode_smtp_sessions_active";
+pub const SMTP_SESSIONS_CLOSED_TOTAL: &str = "mailnode_smtp_sessions_closed_total";
+pub const SMTP_MESSAGES_TOTAL: &str = "mailnode_smtp_messages_total";
+pub const SMTP_RECIPIENTS_TOTAL: &str = "mailnode_smtp_recipients_total";
+pub const QUEUE_MESSAGES: &str = "mailnode_queue_messages";
+pub const DELIVERIES_TOTAL: &str = "mailnode_deliveries_total";
+pub const DELIVERY_DURATION_SECONDS: &str = "mailnode_delivery_duration_seconds";
+pub const RATELIMIT_REJECTIONS_TOTAL: &str = "mailnode_ratelimit_rejections_total";
+pub const ACTOR_RESTARTS_TOTAL: &str = "mailnode_actor_restarts_total";
+pub const BUILD_INFO: &str = "mailnode_build_info";
+
+/// Label values, as the contract lists them.
+pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
+pub const CLOSE_REASONS: [&str; 6] = [
+    "quit",
+    "connect_limit",
+    "timeout",
+    "error",
+    "shutdown",
+    "peer",
+];
+pub const MESSAGE_OUTCOMES: [&str; 3] = ["accepted", "rejected", "tempfailed"];
+pub const RECIPIENT_OUTCOMES: [&str; 2] = ["accepted", "rejected"];
+pub const QUEUE_STATES: [&str; 3] = ["active", "deferred", "held"];
+pub const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "deferred", "bounced"];
+pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
+pub const ACTORS: [&str; 5] = [
+    "acceptor",
+    "alias_resolver",
+    "queue_runner",
+    "delivery_worker",
+    "metrics_server",
+];
+
+/// From a millisecond to ten minutes (the default program timeout).
+const DURATION_BUCKETS: [f64; 16] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 180.0, 600.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder once (every node in the process
+/// shares it) and registers every metric of the contract.
+pub fn install() {
+    HANDLE.get_or_init(|| {
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(
+                Matcher::Full(DELIVERY_DURATION_SECONDS.to_string()),
+                &DURATION_BUCKETS,
+            )
+            .ok()?;
+        let handle = match builder.install_recorder() {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::warn!("metrics recorder not installed: {e}");
+                return None;
+            }
+        };
+        register();
+        Some(handle)
+    });
+}
+
+fn register() {
+    describe_counter!(
+        SMTP_CONNECTIONS_TOTAL,
+        "SMTP connections by how they were received."
+    );
+    describe_gauge!(SMTP_SESSIONS_ACTIVE, "SMTP sessions open now.");
+    describe_counter!(
+        SMTP_SESSIONS_CLOSED_TOTAL,
+        "SMTP sessions ended, by reason."
+    );
+    describe_counter!(
+        SMTP_MESSAGES_TOTAL,
+        "Messages at the end of DATA, by outcome."
+    );
+    describe_counter!(SMTP_RECIPIENTS_TOTAL, "RCPT commands, by outcome.");
+    describe_gauge!(QUEUE_MESSAGES, "Messages in the queue, by state.");
+    describe_counter!(DELIVERIES_TOTAL, "Delivery attempts, by outcome.");
+    describe_histogram!(
+        DELIVERY_DURATION_SECONDS,
+        metrics::Unit::Seconds,
+        "How long one delivery attempt took."
+    );
+    describe_counter!(
+        RATELIMIT_REJECTIONS_TOTAL,
+        "Clients refused by a rate limit."
+    );
+    describe_counter!(ACTOR_RESTARTS_TOTAL, "Actors the supervisor restarted.");
+    describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
+    for o in CONNECTION_OUTCOMES {
+        counter!(SMTP_CONNECTIONS_TOTAL, "outcome" => o).increment(0);
+    }
+    for r in CLOSE_REASONS {
+        counter!(SMTP_SESSIONS_CLOSED_TOTAL, "reason" => r).increment(0);
+    }
+    for o in MESSAGE_OUTCOMES {
+        counter!(SMTP_MESSAGES_TOTAL, "outcome" => o).increment(0);
+    }
+    for o in RECIPIENT_OUTCOMES {
+        counter!(SMTP_RECIPIENTS_TOTAL, "outcome" => o).increment(0);
+    }
+    for s in QUEUE_STATES {
+        gauge!(QUEUE_MESSAGES, "state" => s).set(0.0);
+    }
+    for o in DELIVERY_OUTCOMES {
+        counter!(DELIVERIES_TOTAL, "outcome" => o).increment(0);
+    }
+    for l in RATE_LIMITS {
+        counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => l).increment(0);
+    }
+    for a in ACTORS {
+        counter!(ACTOR_RESTARTS_TOTAL, "actor" => a).increment(0);
+    }
+    gauge!(SMTP_SESSIONS_ACTIVE).set(0.0);
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+}
+
+/// The Prometheus text exposition of every metric; `None` when another
+/// recorder owns the process.
+pub fn render() -> Option<String> {
+    let handle = HANDLE.get()?.as_ref()?;
+    handle.run_upkeep();
+    Some(handle.render())
+}
+
+pub fn connection(outcome: &'static str) {
+    counter!(SMTP_CONNECTIONS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn session_opened() {
+    gauge!(SMTP_SESSIONS_ACTIVE).increment(1.0);
+}
+
+pub fn session_closed(reason: &'static str) {
+    gauge!(SMTP_SESSIONS_ACTIVE).decrement(1.0);
+    counter!(SMTP_SESSIONS_CLOSED_TOTAL, "reason" => reason).increment(1);
+}
+
+/// The outcome of a message or recipient from its reply code.
+pub fn message(code: u16) {
+    let outcome = match code {
+        200..=399 => "accepted",
+        400..=499 => "tempfailed",
+        _ => "rejected",
+    };
+    counter!(SMTP_MESSAGES_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn recipient(code: u16) {
+    let outcome = if code < 400 { "accepted" } else { "rejected" };
+    counter!(SMTP_RECIPIENTS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn queue_sizes(active: usize, deferred: usize, held: usize) {
+    gauge!(QUEUE_MESSAGES, "state" => "active").set(active as f64);
+    gauge!(QUEUE_MESSAGES, "state" => "deferred").set(deferred as f64);
+    gauge!(QUEUE_MESSAGES, "state" => "held").set(held as f64);
+}
+
+pub fn delivery(outcome: &'static str, took: Duration) {
+    counter!(DELIVERIES_TOTAL, "outcome" => outcome).increment(1);
+    histogram!(DELIVERY_DURATION_SECONDS).record(took.as_secs_f64());
+}
+
+pub fn rate_limited(limit: &'static str) {
+    counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
+}
+
+pub fn actor_restarted(actor: &'static str) {
+    counter!(ACTOR_RESTARTS_TOTAL, "actor" => actor).increment(1);
+}
