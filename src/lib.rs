@@ -13,6 +13,7 @@ pub mod actors;
 pub mod aliases;
 pub mod batch;
 pub mod config;
+pub mod control;
 pub mod delivery;
 pub mod hooks;
 pub mod limits;
@@ -29,6 +30,7 @@ use actix::prelude::*;
 
 use actors::acceptor::Acceptor;
 use actors::alias_resolver::AliasResolver;
+use actors::control_server::{ControlDeps, ControlServer};
 use actors::delivery_worker::DeliveryWorker;
 use actors::metrics_server::MetricsServer;
 use actors::queue_runner::{QueueCounts, QueueRunner};
@@ -72,6 +74,12 @@ pub enum StartError {
     DeliveryUser(#[from] RunAsError),
     #[error("cannot start the actor system: {0}")]
     Runtime(String),
+    #[error("cannot create control socket {}: {source}", path.display())]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Starts nodes.
@@ -105,6 +113,7 @@ impl Node {
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let control_path = config.control.socket.clone();
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
         for addr in &config.smtp.listen {
@@ -127,6 +136,13 @@ impl Node {
         // restart racing its predecessor's exit), then says so.
         let lock = QueueLock::acquire(&config.spool.path, "serve", SERVE_LOCK_WAIT)?;
         let (spool, writer) = Spool::open(&config.spool.path)?;
+        // After the queue lock: a second `serve` must not take over the
+        // first one's socket.
+        let control_listener = actors::control_server::bind(&control_path, config.control.mode)
+            .map_err(|source| StartError::Control {
+                path: control_path.clone(),
+                source,
+            })?;
         let report = spool.scan()?;
         for damaged in &report.corrupt {
             tracing::error!("{damaged}; moved to corrupt/");
@@ -178,6 +194,7 @@ impl Node {
                         handles,
                         intake,
                         metrics_listener,
+                        control_listener,
                     )
                 });
                 let _ = ready_tx.send((System::current(), supervisor));
@@ -194,6 +211,7 @@ impl Node {
         Ok(NodeHandle {
             addrs,
             metrics_addr,
+            control_path,
             supervisor,
             system,
             thread: Some(thread),
@@ -366,6 +384,7 @@ fn build_tree(
     arbiters: Vec<ArbiterHandle>,
     intake: Intake,
     metrics_listener: Option<std::net::TcpListener>,
+    control_listener: std::os::unix::net::UnixListener,
 ) -> Addr<Supervisor> {
     let resolver = resolver_child(&config, Shared::new(table));
     let workers = worker_children(&config, &spool, &run_as, &arbiters);
@@ -417,6 +436,7 @@ fn build_tree(
         },
     ));
     let access = config.access.clone();
+    let (tracker, paused) = (Arc::clone(&intake.tracker), Arc::clone(&intake.paused));
     let acceptor = Child::start(
         "acceptor",
         Box::new(move || {
@@ -432,8 +452,8 @@ fn build_tree(
                 arbiters.clone(),
                 Arc::clone(&deps),
                 access.clone(),
-                Arc::clone(&intake.tracker),
-                Arc::clone(&intake.paused),
+                Arc::clone(&tracker),
+                Arc::clone(&paused),
             )
             .start()
         }),
@@ -452,6 +472,25 @@ fn build_tree(
             }),
         )
     });
+    let restarts = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let control_deps = ControlDeps {
+        queue_runner: queue_runner.addr.clone(),
+        resolver: resolver.addr.clone(),
+        tracker: Arc::clone(&intake.tracker),
+        paused: Arc::clone(&intake.paused),
+        restarts: Arc::clone(&restarts),
+        started: std::time::Instant::now(),
+    };
+    let control = Child::start(
+        "control_server",
+        Box::new(move || match control_listener.try_clone() {
+            Ok(copy) => ControlServer::new(copy, control_deps.clone()).start(),
+            Err(e) => {
+                tracing::error!("cannot reuse the control socket: {e}");
+                ControlServer::stopped(control_deps.clone()).start()
+            }
+        }),
+    );
     Supervisor::new(
         Children {
             acceptor: Some(acceptor),
@@ -459,8 +498,10 @@ fn build_tree(
             queue_runner,
             workers,
             metrics,
+            control,
         },
         intake.failure,
+        restarts,
     )
     .start()
 }
@@ -469,6 +510,7 @@ fn build_tree(
 pub struct NodeHandle {
     addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
+    control_path: std::path::PathBuf,
     supervisor: Addr<Supervisor>,
     system: System,
     thread: Option<JoinHandle<()>>,
@@ -486,6 +528,11 @@ impl NodeHandle {
     /// The addresses SMTP listens on (with the real port when 0 was asked).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The control socket.
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control_path
     }
 
     /// Where `/metrics` is served, if anywhere.
@@ -592,6 +639,7 @@ impl NodeHandle {
         if let Some(writer) = self.writer.take() {
             writer.join();
         }
+        let _ = std::fs::remove_file(&self.control_path);
         self.lock = None;
     }
 }

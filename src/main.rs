@@ -11,6 +11,8 @@ use mailnode::config::{self, Config, LogFormat};
 use mailnode::delivery::relay::{self, sysexits, Outgoing, RelayTarget};
 use mailnode::{aliases, Node};
 
+mod ctl;
+
 /// sysexits.h EX_CONFIG: the configuration or aliases are wrong.
 const EX_CONFIG: u8 = 78;
 /// Used when no `-c` is given and this file exists.
@@ -70,6 +72,22 @@ enum Cmd {
     Runq {
         #[command(flatten)]
         files: Files,
+    },
+    /// Talk to a running node through its control socket
+    Ctl {
+        /// Configuration file (for [control] socket)
+        #[arg(short = 'c', long = "config")]
+        config: Option<PathBuf>,
+        /// Control socket path
+        #[arg(long = "control")]
+        control: Option<PathBuf>,
+        /// Print the reply's data as JSON
+        #[arg(long)]
+        json: bool,
+        /// status | queue [show|flush|delete|hold|release|bounce ID] |
+        /// aliases reload | aliases lookup ADDRESS | pause | resume
+        #[arg(required = true, num_args = 1..)]
+        command: Vec<String>,
     },
     /// Send the message on stdin to an SMTP server; exit with sysexits codes
     #[command(disable_help_flag = true)]
@@ -140,6 +158,12 @@ fn main() -> ExitCode {
                 tracing::info!(attempted = summary.attempted, "queue run done");
             }))
         }
+        Cmd::Ctl {
+            config,
+            control,
+            json,
+            command,
+        } => ExitCode::from(ctl::run(config, control, json, &command)),
         Cmd::Send {
             helo,
             help: _,

@@ -35,12 +35,13 @@ pub const RECIPIENT_OUTCOMES: [&str; 2] = ["accepted", "rejected"];
 pub const QUEUE_STATES: [&str; 3] = ["active", "deferred", "held"];
 pub const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "deferred", "bounced"];
 pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
-pub const ACTORS: [&str; 5] = [
+pub const ACTORS: [&str; 6] = [
     "acceptor",
     "alias_resolver",
     "queue_runner",
     "delivery_worker",
     "metrics_server",
+    "control_server",
 ];
 
 /// From a millisecond to ten minutes (the default program timeout).

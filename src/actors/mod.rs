@@ -4,6 +4,7 @@
 pub mod acceptor;
 pub mod alias_resolver;
 pub mod collector;
+pub mod control_server;
 pub mod delivery_worker;
 pub mod metrics_server;
 pub mod queue_runner;

@@ -230,6 +230,9 @@ impl QueueRunner {
         let Some(t) = self.messages.get_mut(id) else {
             return;
         };
+        if t.envelope.held {
+            return;
+        }
         t.deferred_until = None;
         let busy_elsewhere = t
             .envelope
@@ -653,5 +656,237 @@ impl Handler<Counts> for QueueRunner {
 
     fn handle(&mut self, _: Counts, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.counts())
+    }
+}
+
+/// What an operator asks of the queue (`mailnode ctl queue ...`).
+#[derive(Debug, Clone)]
+pub enum QueueCommand {
+    List,
+    Show(String),
+    /// Attempt now: one message, or every deferred one.
+    Flush(Option<String>),
+    Delete(String),
+    Hold(String),
+    Release(String),
+    /// Return to the sender now what is not yet delivered.
+    Bounce(String),
+}
+
+/// A [`QueueCommand`]; answered with the data of the reply or an error.
+#[derive(Message)]
+#[rtype(result = "Result<serde_json::Value, String>")]
+pub struct Control(pub QueueCommand);
+
+impl QueueRunner {
+    fn state_of(t: &Tracked) -> &'static str {
+        if t.envelope.held {
+            "held"
+        } else if t.deferred_until.is_some() {
+            "deferred"
+        } else {
+            "active"
+        }
+    }
+
+    fn entry(t: &Tracked, with_history: bool) -> crate::control::QueueEntry {
+        use crate::control::{AttemptEntry, QueueEntry, RecipientEntry};
+        use crate::spool::DeliveryState;
+        let env = &t.envelope;
+        let now = SystemTime::now();
+        let recipients = env
+            .deliveries
+            .iter()
+            .map(|d| RecipientEntry {
+                address: d.recipient.clone(),
+                original: d.original_recipient.clone(),
+                state: match d.state {
+                    DeliveryState::Pending => "pending",
+                    DeliveryState::Delivered => "delivered",
+                    DeliveryState::Failed => "failed",
+                    DeliveryState::Bounced => "bounced",
+                }
+                .into(),
+                attempts: d.attempts,
+                last_error: d.last_error.clone(),
+                history: if with_history {
+                    d.history
+                        .iter()
+                        .map(|a| AttemptEntry {
+                            at: humantime::format_rfc3339_seconds(a.at).to_string(),
+                            status: a.status.clone(),
+                            diagnostic: a.diagnostic.clone(),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                },
+            })
+            .collect::<Vec<_>>();
+        QueueEntry {
+            id: env.id.clone(),
+            state: Self::state_of(t).into(),
+            sender: env.sender.clone(),
+            size: env.size,
+            age_seconds: now.duration_since(env.arrival).map_or(0, |d| d.as_secs()),
+            next_attempt_seconds: t
+                .deferred_until
+                .map(|at| at.duration_since(now).map_or(0, |d| d.as_secs())),
+            last_error: env
+                .deliveries
+                .iter()
+                .rev()
+                .find(|d| !d.last_error.is_empty())
+                .map(|d| d.last_error.clone())
+                .unwrap_or_default(),
+            recipients,
+        }
+    }
+
+    fn control(
+        &mut self,
+        command: QueueCommand,
+        ctx: &mut Context<Self>,
+    ) -> Result<serde_json::Value, String> {
+        let known = |runner: &Self, id: &str| {
+            if runner.messages.contains_key(id) {
+                Ok(())
+            } else {
+                Err(format!("no queued message {id}"))
+            }
+        };
+        match command {
+            QueueCommand::List => {
+                let mut entries: Vec<_> = self
+                    .messages
+                    .values()
+                    .map(|t| Self::entry(t, false))
+                    .collect();
+                entries.sort_by(|a, b| a.id.cmp(&b.id));
+                serde_json::to_value(entries).map_err(|e| e.to_string())
+            }
+            QueueCommand::Show(id) => {
+                known(self, &id)?;
+                let t = &self.messages[&id];
+                let mut v =
+                    serde_json::to_value(Self::entry(t, true)).map_err(|e| e.to_string())?;
+                let env = &t.envelope;
+                v["client_address"] = env.client_address.clone().into();
+                v["client_helo"] = env.client_helo.clone().into();
+                v["channel"] = env.channel.clone().into();
+                v["arrival"] = humantime::format_rfc3339_seconds(env.arrival)
+                    .to_string()
+                    .into();
+                Ok(v)
+            }
+            QueueCommand::Flush(which) => {
+                let ids: Vec<String> = match which {
+                    Some(id) => {
+                        known(self, &id)?;
+                        if self.messages[&id].envelope.held {
+                            return Err(format!("{id} is held; release it first"));
+                        }
+                        vec![id]
+                    }
+                    None => self
+                        .messages
+                        .iter()
+                        .filter(|(_, t)| t.deferred_until.is_some() && !t.envelope.held)
+                        .map(|(id, _)| id.clone())
+                        .collect(),
+                };
+                for id in &ids {
+                    if self
+                        .messages
+                        .get(id)
+                        .is_some_and(|t| t.deferred_until.is_some())
+                    {
+                        self.make_ready(id);
+                        self.settle(id, ctx);
+                    }
+                }
+                self.dispatch(ctx);
+                Ok(serde_json::json!({ "flushed": ids }))
+            }
+            QueueCommand::Delete(id) => {
+                known(self, &id)?;
+                let t = &self.messages[&id];
+                if t.running > 0 || t.bouncing {
+                    return Err(format!("{id} is being delivered; try again in a moment"));
+                }
+                self.ready.retain(|(r, _)| *r != id);
+                self.messages.remove(&id);
+                self.removing.insert(id.clone());
+                let removal = self.spool.remove(&id).wait();
+                let owned = id.clone();
+                ctx.spawn(removal.into_actor(self).map(move |result, act, _| {
+                    if let Err(e) = result {
+                        tracing::error!(queue_id = %owned, "cannot delete message: {e}");
+                    }
+                    act.removing.remove(&owned);
+                }));
+                tracing::info!(queue_id = %id, "deleted by the operator");
+                Ok(serde_json::json!({ "deleted": id }))
+            }
+            QueueCommand::Hold(id) => {
+                known(self, &id)?;
+                self.ready.retain(|(r, _)| *r != id);
+                if let Some(t) = self.messages.get_mut(&id) {
+                    t.waiting = 0;
+                    Arc::make_mut(&mut t.envelope).held = true;
+                }
+                self.persist(&id, ctx);
+                tracing::info!(queue_id = %id, "held by the operator");
+                Ok(serde_json::json!({ "held": id }))
+            }
+            QueueCommand::Release(id) => {
+                known(self, &id)?;
+                if let Some(t) = self.messages.get_mut(&id) {
+                    Arc::make_mut(&mut t.envelope).held = false;
+                    t.deferred_until = None;
+                }
+                self.persist(&id, ctx);
+                self.make_ready(&id);
+                self.settle(&id, ctx);
+                self.dispatch(ctx);
+                tracing::info!(queue_id = %id, "released by the operator");
+                Ok(serde_json::json!({ "released": id }))
+            }
+            QueueCommand::Bounce(id) => {
+                known(self, &id)?;
+                if self.messages[&id].running > 0 {
+                    return Err(format!("{id} is being delivered; try again in a moment"));
+                }
+                self.ready.retain(|(r, _)| *r != id);
+                if let Some(t) = self.messages.get_mut(&id) {
+                    t.waiting = 0;
+                    t.deferred_until = None;
+                    let env = Arc::make_mut(&mut t.envelope);
+                    env.held = false;
+                    let now = SystemTime::now();
+                    for d in env
+                        .deliveries
+                        .iter_mut()
+                        .filter(|d| d.state == crate::spool::DeliveryState::Pending)
+                    {
+                        d.state = crate::spool::DeliveryState::Failed;
+                        d.last_error =
+                            format!("returned by the operator; last error: {}", d.last_error);
+                        let why = d.last_error.clone();
+                        d.record(now, "5.0.0", &why);
+                    }
+                }
+                self.record_then_settle(id.clone(), ctx);
+                Ok(serde_json::json!({ "bounced": id }))
+            }
+        }
+    }
+}
+
+impl Handler<Control> for QueueRunner {
+    type Result = Result<serde_json::Value, String>;
+
+    fn handle(&mut self, msg: Control, ctx: &mut Self::Context) -> Self::Result {
+        self.control(msg.0, ctx)
     }
 }

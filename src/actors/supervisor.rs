@@ -15,6 +15,7 @@ use actix::prelude::*;
 
 use crate::actors::acceptor::{Acceptor, StopAccepting};
 use crate::actors::alias_resolver::{AliasResolver, Reload};
+use crate::actors::control_server::ControlServer;
 use crate::actors::delivery_worker::DeliveryWorker;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::queue_runner::{Counts, Drain, QueueCounts, QueueRunner};
@@ -87,11 +88,13 @@ pub struct Children {
     pub workers: Vec<Child<DeliveryWorker>>,
     /// None when `[metrics] listen = "off"`.
     pub metrics: Option<Child<MetricsServer>>,
+    pub control: Child<ControlServer>,
 }
 
 pub struct Supervisor {
     children: Children,
-    restarts: BTreeMap<&'static str, u64>,
+    /// Shared with the control server's `status`.
+    restarts: Arc<std::sync::Mutex<BTreeMap<&'static str, u64>>>,
     recent: VecDeque<Instant>,
     /// Told once the restart intensity is exceeded.
     failure: tokio::sync::watch::Sender<Option<String>>,
@@ -99,10 +102,14 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(children: Children, failure: tokio::sync::watch::Sender<Option<String>>) -> Self {
+    pub fn new(
+        children: Children,
+        failure: tokio::sync::watch::Sender<Option<String>>,
+        restarts: Arc<std::sync::Mutex<BTreeMap<&'static str, u64>>>,
+    ) -> Self {
         Supervisor {
             children,
-            restarts: BTreeMap::new(),
+            restarts,
             recent: VecDeque::new(),
             failure,
             supervising: true,
@@ -129,6 +136,9 @@ impl Supervisor {
             if !m.alive() {
                 dead.push(m.name);
             }
+        }
+        if !self.children.control.alive() {
+            dead.push(self.children.control.name);
         }
         dead.extend(
             self.children
@@ -166,7 +176,9 @@ impl Supervisor {
             let _ = self.failure.send(Some(why));
             return;
         }
-        *self.restarts.entry(name).or_insert(0) += 1;
+        if let Ok(mut counts) = self.restarts.lock() {
+            *counts.entry(name).or_insert(0) += 1;
+        }
         crate::telemetry::actor_restarted(name);
         tracing::warn!(actor = name, "actor died; restarting");
         let c = &self.children;
@@ -183,6 +195,7 @@ impl Supervisor {
                     m.restart();
                 }
             }
+            "control_server" => c.control.restart(),
             _ => c
                 .workers
                 .iter()
@@ -285,7 +298,7 @@ impl Handler<Restarts> for Supervisor {
     type Result = MessageResult<Restarts>;
 
     fn handle(&mut self, _: Restarts, _: &mut Self::Context) -> Self::Result {
-        MessageResult(self.restarts.clone())
+        MessageResult(self.restarts.lock().map(|r| r.clone()).unwrap_or_default())
     }
 }
 
@@ -327,6 +340,10 @@ impl Handler<InjectFault> for Supervisor {
                 .as_ref()
                 .map(|m| m.addr.get().do_send(Crash))
                 .is_some(),
+            "control_server" => {
+                c.control.addr.get().do_send(Crash);
+                true
+            }
             name => c
                 .workers
                 .iter()
@@ -356,7 +373,8 @@ crash_on_demand!(
     AliasResolver,
     QueueRunner,
     DeliveryWorker,
-    MetricsServer
+    MetricsServer,
+    ControlServer
 );
 
 #[cfg(test)]
@@ -392,6 +410,7 @@ mod tests {
         config.queue.retry_min = Duration::from_millis(200);
         config.queue.retry_max = Duration::from_millis(200);
         config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+        config.control.socket = dir.join("ctl.sock");
         Node::start(config).unwrap()
     }
 

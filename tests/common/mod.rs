@@ -46,6 +46,7 @@ pub fn test_config(dir: &Path) -> Config {
     config.delivery.timeout = Duration::from_secs(20);
     // Metrics on a port of their own only where a test asks for them.
     config.metrics.listen = None;
+    config.control.socket = dir.join("ctl.sock");
     config
 }
 

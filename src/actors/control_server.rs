@@ -1,0 +1,234 @@
+//! ControlServer (≈ Postfix's postqueue/postsuper): the admin socket. One
+//! JSON request per line, one JSON reply per line (src/control.rs). Peers
+//! of another uid than ours are refused unless they are root.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::actors::alias_resolver::{AliasResolver, Reload, Resolve};
+use crate::actors::queue_runner::{Control, QueueCommand, QueueRunner};
+use crate::actors::supervisor::Shared;
+use crate::control::{Request, Response};
+use crate::limits::ConnectionTracker;
+use crate::protocol::command::{self, Command};
+use crate::protocol::session::RcptDecision;
+
+/// The longest request line we read.
+const MAX_REQUEST: u64 = 64 * 1024;
+const IDLE: Duration = Duration::from_secs(60);
+
+/// What the control commands reach.
+#[derive(Clone)]
+pub struct ControlDeps {
+    pub queue_runner: Shared<Addr<QueueRunner>>,
+    pub resolver: Shared<Addr<AliasResolver>>,
+    pub tracker: Arc<ConnectionTracker>,
+    pub paused: Arc<AtomicBool>,
+    pub restarts: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    pub started: Instant,
+}
+
+/// Creates the socket: a stale one left by a crash is replaced, the
+/// directory is made if missing, the mode is the configured one.
+pub fn bind(path: &Path, mode: u32) -> std::io::Result<std::os::unix::net::UnixListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if meta.file_type().is_socket() {
+            std::fs::remove_file(path)?;
+        }
+    }
+    let listener = std::os::unix::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+struct Peer(std::io::Result<UnixStream>);
+
+pub struct ControlServer {
+    listener: Option<std::os::unix::net::UnixListener>,
+    deps: ControlDeps,
+}
+
+impl ControlServer {
+    pub fn new(listener: std::os::unix::net::UnixListener, deps: ControlDeps) -> Self {
+        ControlServer {
+            listener: Some(listener),
+            deps,
+        }
+    }
+
+    /// A server with no socket: it stops at once (and is tried again).
+    pub fn stopped(deps: ControlDeps) -> Self {
+        ControlServer {
+            listener: None,
+            deps,
+        }
+    }
+}
+
+impl Actor for ControlServer {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        let Some(listener) = self
+            .listener
+            .take()
+            .and_then(|l| UnixListener::from_std(l).ok())
+        else {
+            tracing::error!("cannot serve the control socket");
+            ctx.stop();
+            return;
+        };
+        let peers = futures_util::stream::unfold(listener, |l| async move {
+            let r = l.accept().await.map(|(s, _)| s);
+            if r.is_err() {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Some((Peer(r), l))
+        });
+        ctx.add_stream(peers);
+    }
+}
+
+impl StreamHandler<Peer> for ControlServer {
+    fn handle(&mut self, peer: Peer, _: &mut Self::Context) {
+        let Ok(stream) = peer.0 else { return };
+        let deps = self.deps.clone();
+        actix::spawn(async move {
+            let _ = serve_peer(stream, deps).await;
+        });
+    }
+
+    fn finished(&mut self, _: &mut Self::Context) {}
+}
+
+async fn serve_peer(stream: UnixStream, deps: ControlDeps) -> std::io::Result<()> {
+    let me = nix::unistd::geteuid().as_raw();
+    let allowed = stream
+        .peer_cred()
+        .map(|c| c.uid() == me || c.uid() == 0)
+        .unwrap_or(false);
+    let (read, mut write) = stream.into_split();
+    if !allowed {
+        let refusal = Response::error("permission denied: not the server's user or root");
+        return send(&mut write, &refusal).await;
+    }
+    let mut lines = BufReader::new(read.take(MAX_REQUEST)).lines();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(IDLE, lines.next_line()).await {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let response = match serde_json::from_str::<Request>(&line) {
+            Ok(request) => execute(request, &deps).await,
+            Err(e) => Response::error(format!("bad request: {e}")),
+        };
+        send(&mut write, &response).await?;
+    }
+    Ok(())
+}
+
+async fn send(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    response: &Response,
+) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
+    line.push(b'\n');
+    write.write_all(&line).await
+}
+
+async fn queue(deps: &ControlDeps, command: QueueCommand) -> Response {
+    match deps.queue_runner.get().send(Control(command)).await {
+        Ok(Ok(data)) => Response::ok(data),
+        Ok(Err(e)) => Response::error(e),
+        Err(e) => Response::error(format!("queue runner unavailable: {e}")),
+    }
+}
+
+async fn execute(request: Request, deps: &ControlDeps) -> Response {
+    match request {
+        Request::Status => {
+            let counts = deps
+                .queue_runner
+                .get()
+                .send(crate::actors::queue_runner::Counts)
+                .await
+                .unwrap_or_default();
+            let restarts = deps.restarts.lock().map(|r| r.clone()).unwrap_or_default();
+            Response::ok(serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "uptime_seconds": deps.started.elapsed().as_secs(),
+                "sessions": deps.tracker.open(),
+                "queue": {
+                    "active": counts.active,
+                    "deferred": counts.deferred,
+                    "held": counts.held,
+                },
+                "intake": if deps.paused.load(Ordering::Relaxed) { "paused" } else { "accepting" },
+                "actor_restarts": restarts,
+            }))
+        }
+        Request::QueueList => queue(deps, QueueCommand::List).await,
+        Request::QueueShow { id } => queue(deps, QueueCommand::Show(id)).await,
+        Request::QueueFlush { id } => queue(deps, QueueCommand::Flush(id)).await,
+        Request::QueueDelete { id } => queue(deps, QueueCommand::Delete(id)).await,
+        Request::QueueHold { id } => queue(deps, QueueCommand::Hold(id)).await,
+        Request::QueueRelease { id } => queue(deps, QueueCommand::Release(id)).await,
+        Request::QueueBounce { id } => queue(deps, QueueCommand::Bounce(id)).await,
+        Request::AliasesReload => match deps.resolver.get().send(Reload).await {
+            Ok(Ok(n)) => Response::ok(serde_json::json!({ "aliases": n })),
+            Ok(Err(e)) => Response::error(e),
+            Err(e) => Response::error(format!("alias resolver unavailable: {e}")),
+        },
+        Request::AliasesLookup { address } => lookup(deps, &address).await,
+        Request::IntakePause => {
+            deps.paused.store(true, Ordering::Relaxed);
+            Response::ok(serde_json::json!({ "intake": "paused" }))
+        }
+        Request::IntakeResume => {
+            deps.paused.store(false, Ordering::Relaxed);
+            Response::ok(serde_json::json!({ "intake": "accepting" }))
+        }
+    }
+}
+
+/// What an address resolves to, exactly as RCPT would see it.
+async fn lookup(deps: &ControlDeps, address: &str) -> Response {
+    let line = format!(
+        "RCPT TO:<{}>",
+        address.trim_start_matches('<').trim_end_matches('>')
+    );
+    let Ok(Command::Rcpt { to }) = command::parse(line.as_bytes()) else {
+        return Response::error(format!("not an address: {address}"));
+    };
+    match deps.resolver.get().send(Resolve(to)).await {
+        Ok(RcptDecision::Accept(targets)) => Response::ok(serde_json::json!({
+            "address": address,
+            "accepted": true,
+            "targets": targets.iter().map(|t| serde_json::json!({
+                "recipient": t.recipient,
+                "target": match &t.target {
+                    crate::aliases::Target::Pipe { command } => format!("|{command}"),
+                    crate::aliases::Target::Forward { address } => address.clone(),
+                },
+            })).collect::<Vec<_>>(),
+        })),
+        Ok(RcptDecision::Refuse(reply)) => Response::ok(serde_json::json!({
+            "address": address,
+            "accepted": false,
+            "reply": reply.to_string(),
+        })),
+        Err(e) => Response::error(format!("alias resolver unavailable: {e}")),
+    }
+}

@@ -1,0 +1,211 @@
+//! `mailnode ctl`: the control protocol from the shell. Human output in the
+//! spirit of `mailq`, or `--json`. Exit 0 on an ok reply, 1 on an error
+//! reply, 69 (EX_UNAVAILABLE) when no server answers, 64 on bad usage.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use mailnode::config::{self, Config};
+use mailnode::control::{QueueEntry, Request, Response};
+use serde_json::Value;
+
+const EX_USAGE: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+const DEFAULT_CONFIG: &str = "config/mailnode.toml";
+
+pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words: &[String]) -> u8 {
+    let Some(request) = request(words) else {
+        eprintln!(
+            "mailnode ctl: unknown command {:?}; try: status, queue [show|flush|delete|hold|release|bounce ID], aliases reload, aliases lookup ADDRESS, pause, resume",
+            words.join(" ")
+        );
+        return EX_USAGE;
+    };
+    let path = match control {
+        Some(p) => p,
+        None => match socket_from_config(config) {
+            Ok(p) => p,
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("{p}");
+                }
+                return 78;
+            }
+        },
+    };
+    let response = match exchange(&path, &request) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("mailnode ctl: no server answers at {}: {e}", path.display());
+            return EX_UNAVAILABLE;
+        }
+    };
+    if !response.ok {
+        eprintln!(
+            "mailnode ctl: {}",
+            response.error.unwrap_or_else(|| "error".into())
+        );
+        return 1;
+    }
+    let data = response.data.unwrap_or(Value::Null);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&data).unwrap_or_default()
+        );
+    } else {
+        print_human(&request, &data);
+    }
+    0
+}
+
+fn socket_from_config(config: Option<PathBuf>) -> Result<PathBuf, Vec<String>> {
+    let path = config.or_else(|| {
+        let p = PathBuf::from(DEFAULT_CONFIG);
+        p.exists().then_some(p)
+    });
+    let config = match path {
+        Some(p) => {
+            config::load(&p).map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())?
+        }
+        None => Config::default(),
+    };
+    Ok(config.control.socket)
+}
+
+/// The words of the command line as a request.
+fn request(words: &[String]) -> Option<Request> {
+    let w: Vec<&str> = words.iter().map(String::as_str).collect();
+    let id = |s: &str| s.to_string();
+    Some(match w.as_slice() {
+        ["status"] => Request::Status,
+        ["queue"] | ["queue", "list"] => Request::QueueList,
+        ["queue", "show", i] => Request::QueueShow { id: id(i) },
+        ["queue", "flush"] => Request::QueueFlush { id: None },
+        ["queue", "flush", i] => Request::QueueFlush { id: Some(id(i)) },
+        ["queue", "delete", i] => Request::QueueDelete { id: id(i) },
+        ["queue", "hold", i] => Request::QueueHold { id: id(i) },
+        ["queue", "release", i] => Request::QueueRelease { id: id(i) },
+        ["queue", "bounce", i] => Request::QueueBounce { id: id(i) },
+        ["aliases", "reload"] => Request::AliasesReload,
+        ["aliases", "lookup", a] => Request::AliasesLookup {
+            address: a.to_string(),
+        },
+        ["pause"] => Request::IntakePause,
+        ["resume"] => Request::IntakeResume,
+        _ => return None,
+    })
+}
+
+fn exchange(path: &std::path::Path, request: &Request) -> std::io::Result<Response> {
+    let mut stream = UnixStream::connect(path)?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut line = serde_json::to_vec(request)?;
+    line.push(b'\n');
+    // A server that refuses us answers at once and hangs up, so our write
+    // may fail while its answer waits to be read.
+    let written = stream.write_all(&line);
+    let mut reply = String::new();
+    match BufReader::new(stream).read_line(&mut reply) {
+        Ok(n) if n > 0 => serde_json::from_str(&reply).map_err(std::io::Error::other),
+        Ok(_) => Err(written
+            .err()
+            .unwrap_or_else(|| std::io::ErrorKind::UnexpectedEof.into())),
+        Err(e) => Err(written.err().unwrap_or(e)),
+    }
+}
+
+fn print_human(request: &Request, data: &Value) {
+    match request {
+        Request::QueueList => match serde_json::from_value::<Vec<QueueEntry>>(data.clone()) {
+            Ok(entries) => print_queue(&entries),
+            Err(_) => print_value(data, 0),
+        },
+        _ => print_value(data, 0),
+    }
+}
+
+/// A listing in the spirit of `mailq`.
+fn print_queue(entries: &[QueueEntry]) {
+    if entries.is_empty() {
+        println!("Mail queue is empty");
+        return;
+    }
+    println!(
+        "{:<16} {:>9} {:>7} {:<9} Sender",
+        "Queue ID", "Size", "Age", "State"
+    );
+    for e in entries {
+        let sender = if e.sender.is_empty() {
+            "<>".to_string()
+        } else {
+            format!("<{}>", e.sender)
+        };
+        println!(
+            "{:<16} {:>9} {:>7} {:<9} {}",
+            e.id,
+            e.size,
+            humantime::format_duration(Duration::from_secs(e.age_seconds))
+                .to_string()
+                .split(' ')
+                .next()
+                .unwrap_or(""),
+            e.state,
+            sender
+        );
+        for r in &e.recipients {
+            let why = if r.last_error.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.last_error)
+            };
+            println!(
+                "{:>18} {} ({}, {} attempts{})",
+                "->", r.address, r.state, r.attempts, why
+            );
+        }
+    }
+    println!(
+        "-- {} message{}",
+        entries.len(),
+        if entries.len() == 1 { "" } else { "s" }
+    );
+}
+
+fn print_value(v: &Value, indent: usize) {
+    let pad = " ".repeat(indent);
+    match v {
+        Value::Object(map) => {
+            for (k, v) in map {
+                match v {
+                    Value::Object(_) | Value::Array(_) => {
+                        println!("{pad}{k}:");
+                        print_value(v, indent + 2);
+                    }
+                    _ => println!("{pad}{k}: {}", scalar(v)),
+                }
+            }
+        }
+        Value::Array(items) => {
+            for item in items {
+                match item {
+                    Value::Object(_) | Value::Array(_) => {
+                        println!("{pad}-");
+                        print_value(item, indent + 2);
+                    }
+                    _ => println!("{pad}- {}", scalar(item)),
+                }
+            }
+        }
+        other => println!("{pad}{}", scalar(other)),
+    }
+}
+
+fn scalar(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
