@@ -561,11 +561,13 @@ impl NodeHandle {
     /// Refuses new sessions with 421 4.3.2 until [`NodeHandle::resume_intake`].
     pub fn pause_intake(&self) {
         self.paused.store(true, Ordering::Relaxed);
+        telemetry::intake_paused(true);
     }
 
     /// Accepts new sessions again.
     pub fn resume_intake(&self) {
         self.paused.store(false, Ordering::Relaxed);
+        telemetry::intake_paused(false);
     }
 
     /// Whether intake is paused.

@@ -19,6 +19,9 @@ pub const DELIVERY_DURATION_SECONDS: &str = "mailnode_delivery_duration_seconds"
 pub const RATELIMIT_REJECTIONS_TOTAL: &str = "mailnode_ratelimit_rejections_total";
 pub const ACTOR_RESTARTS_TOTAL: &str = "mailnode_actor_restarts_total";
 pub const BUILD_INFO: &str = "mailnode_build_info";
+pub const QUEUE_OLDEST_AGE_SECONDS: &str = "mailnode_queue_oldest_age_seconds";
+pub const QUEUE_MAX_AGE_SECONDS: &str = "mailnode_queue_max_age_seconds";
+pub const INTAKE_PAUSED: &str = "mailnode_intake_paused";
 
 /// Label values, as the contract lists them.
 pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
@@ -101,6 +104,19 @@ fn register() {
     );
     describe_counter!(ACTOR_RESTARTS_TOTAL, "Actors the supervisor restarted.");
     describe_gauge!(BUILD_INFO, "Always 1; the version is a label.");
+    describe_gauge!(
+        QUEUE_OLDEST_AGE_SECONDS,
+        metrics::Unit::Seconds,
+        "Age of the oldest message not yet done (held messages excluded)."
+    );
+    describe_gauge!(
+        QUEUE_MAX_AGE_SECONDS,
+        metrics::Unit::Seconds,
+        "[queue] max_age: messages older than this are returned to their sender."
+    );
+    describe_gauge!(INTAKE_PAUSED, "1 while intake is paused by the operator.");
+    gauge!(QUEUE_OLDEST_AGE_SECONDS).set(0.0);
+    gauge!(INTAKE_PAUSED).set(0.0);
     for o in CONNECTION_OUTCOMES {
         counter!(SMTP_CONNECTIONS_TOTAL, "outcome" => o).increment(0);
     }
@@ -163,6 +179,18 @@ pub fn message(code: u16) {
 pub fn recipient(code: u16) {
     let outcome = if code < 400 { "accepted" } else { "rejected" };
     counter!(SMTP_RECIPIENTS_TOTAL, "outcome" => outcome).increment(1);
+}
+
+pub fn queue_oldest(age: Duration) {
+    gauge!(QUEUE_OLDEST_AGE_SECONDS).set(age.as_secs_f64());
+}
+
+pub fn queue_max_age(max_age: Duration) {
+    gauge!(QUEUE_MAX_AGE_SECONDS).set(max_age.as_secs_f64());
+}
+
+pub fn intake_paused(paused: bool) {
+    gauge!(INTAKE_PAUSED).set(if paused { 1.0 } else { 0.0 });
 }
 
 pub fn queue_sizes(active: usize, deferred: usize, held: usize) {

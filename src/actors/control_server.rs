@@ -194,10 +194,12 @@ async fn execute(request: Request, deps: &ControlDeps) -> Response {
         Request::AliasesLookup { address } => lookup(deps, &address).await,
         Request::IntakePause => {
             deps.paused.store(true, Ordering::Relaxed);
+            crate::telemetry::intake_paused(true);
             Response::ok(serde_json::json!({ "intake": "paused" }))
         }
         Request::IntakeResume => {
             deps.paused.store(false, Ordering::Relaxed);
+            crate::telemetry::intake_paused(false);
             Response::ok(serde_json::json!({ "intake": "accepting" }))
         }
     }

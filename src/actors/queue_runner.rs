@@ -615,9 +615,19 @@ impl Actor for QueueRunner {
         if self.one_pass.is_none() {
             let every = self.policy.retry_min.clamp(RESCAN_MIN, RESCAN_MAX);
             ctx.run_interval(every, |act, ctx| act.rescan(ctx));
+            crate::telemetry::queue_max_age(self.policy.max_age);
             ctx.run_interval(GAUGE_EVERY, |act, _| {
                 let c = act.counts();
                 crate::telemetry::queue_sizes(c.active, c.deferred, c.held);
+                let now = SystemTime::now();
+                let oldest = act
+                    .messages
+                    .values()
+                    .filter(|t| !t.envelope.held)
+                    .filter_map(|t| now.duration_since(t.envelope.arrival).ok())
+                    .max()
+                    .unwrap_or_default();
+                crate::telemetry::queue_oldest(oldest);
             });
         }
         self.finish_pass_if_done();

@@ -112,6 +112,9 @@ pub struct Session {
     body: Option<IncomingBody>,
     /// A write to the body file failed: the message must not be queued.
     body_failed: Option<crate::spool::SpoolError>,
+    /// For the session's log line.
+    started: std::time::Instant,
+    messages: u32,
 }
 
 impl Session {
@@ -122,6 +125,8 @@ impl Session {
             deps,
             body: None,
             body_failed: None,
+            started: std::time::Instant::now(),
+            messages: 0,
         }
     }
 
@@ -246,6 +251,7 @@ impl Session {
                         "queued"
                     );
                     let id = envelope.id.clone();
+                    act.messages += 1;
                     (act.deps.queue)().do_send(Enqueued(Box::new(envelope)));
                     Ok(id)
                 }
@@ -373,6 +379,17 @@ fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> E
 
 impl Actor for Session {
     type Context = Context<Self>;
+
+    /// One line per session: who, how long, how many messages.
+    fn stopped(&mut self, _: &mut Self::Context) {
+        tracing::info!(
+            client = %self.client.address,
+            channel = %self.client.channel,
+            messages = self.messages,
+            duration_ms = self.started.elapsed().as_millis() as u64,
+            "session"
+        );
+    }
 }
 
 impl Handler<Input> for Session {
