@@ -95,6 +95,16 @@ impl Node {
 
     /// [`Node::start`] with the embedding program's checks.
     pub fn start_with(config: Config, hooks: Hooks) -> Result<NodeHandle, StartError> {
+        Self::start_on(config, hooks, Vec::new())
+    }
+
+    /// [`Node::start_with`] on listening sockets already open (systemd
+    /// socket activation); empty: bind `[smtp] listen`.
+    pub fn start_on(
+        config: Config,
+        hooks: Hooks,
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<NodeHandle, StartError> {
         let loaded = aliases::load(&config.aliases.path)?;
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");
@@ -116,7 +126,23 @@ impl Node {
         let control_path = config.control.socket.clone();
         let mut listeners = Vec::new();
         let mut addrs = Vec::new();
-        for addr in &config.smtp.listen {
+        for listener in inherited {
+            let addr = listener
+                .set_nonblocking(true)
+                .and_then(|()| listener.local_addr())
+                .map_err(|source| StartError::Bind {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+            addrs.push(addr);
+            listeners.push(listener);
+        }
+        let configured: &[SocketAddr] = if listeners.is_empty() {
+            &config.smtp.listen
+        } else {
+            &[]
+        };
+        for addr in configured {
             let bind = |addr: &SocketAddr| {
                 let l = std::net::TcpListener::bind(addr)?;
                 l.set_nonblocking(true)?;
@@ -579,6 +605,25 @@ impl NodeHandle {
     /// exceeded): the process should exit non-zero.
     pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.failure.clone()
+    }
+
+    /// Whether every supervised actor is alive and answering (what the
+    /// systemd watchdog is fed on).
+    pub async fn healthy(&self) -> bool {
+        let asked = self.supervisor.send(actors::supervisor::Health);
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), asked).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Blocks a delivery worker's thread for `how_long`: for tests and drills.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn inject_wedge(&self, how_long: std::time::Duration) {
+        let _ = self
+            .supervisor
+            .send(actors::supervisor::InjectWedge(how_long))
+            .await;
     }
 
     /// Actor restarts so far, by actor.

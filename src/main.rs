@@ -246,6 +246,21 @@ fn finish(result: Result<(), mailnode::StartError>) -> ExitCode {
     }
 }
 
+/// Listening sockets systemd passed (LISTEN_FDS, socket activation).
+fn inherited_listeners() -> Vec<std::net::TcpListener> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let Ok(fds) = sd_notify::listen_fds() else {
+        return Vec::new();
+    };
+    fds.map(|fd| {
+        // SAFETY: systemd hands these descriptors to this process alone,
+        // open and listening; each is taken over exactly once here.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        std::net::TcpListener::from(owned)
+    })
+    .collect()
+}
+
 /// The Supervisor's restart intensity was exceeded.
 #[derive(Debug)]
 struct SupervisorGaveUp(String);
@@ -346,12 +361,18 @@ fn serve(config: Config) -> anyhow::Result<()> {
             signal(SignalKind::hangup()).context("SIGHUP handler")?,
         ))
     })?;
-    let node = Node::start(config).context("cannot start")?;
+    let node = Node::start_on(config, Default::default(), inherited_listeners())
+        .context("cannot start")?;
     for addr in node.local_addrs() {
         tracing::info!(%addr, "listening for SMTP");
     }
+    // systemd (Type=notify): ready once listening; fed while healthy.
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    let watchdog = sd_notify::watchdog_enabled();
     let mut failure = node.failure();
     let failed = runtime.block_on(async {
+        let mut feed =
+            tokio::time::interval(watchdog.map_or(std::time::Duration::from_secs(3600), |d| d / 2));
         loop {
             tokio::select! {
                 _ = term.recv() => return None,
@@ -361,6 +382,13 @@ fn serve(config: Config) -> anyhow::Result<()> {
                     // The resolver logged the FILE:LINE details already.
                     Err(e) => tracing::error!("SIGHUP: aliases not reloaded: {e}"),
                 },
+                _ = feed.tick(), if watchdog.is_some() => {
+                    if node.healthy().await {
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
+                    } else {
+                        tracing::warn!("an actor is not answering; not feeding the watchdog");
+                    }
+                }
                 changed = failure.changed() => {
                     let why = failure.borrow().clone();
                     match (changed, why) {
@@ -374,6 +402,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
         }
     });
     tracing::info!("shutting down");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     node.shutdown();
     match failed {
         Some(why) => Err(anyhow::Error::new(SupervisorGaveUp(why))),

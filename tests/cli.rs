@@ -571,3 +571,75 @@ fn sighup_reloads_aliases_and_a_bad_file_keeps_the_old_table() {
     // The old table is still in force, and the server still up.
     assert_eq!(rcpt_reply("b@example.org"), 250);
 }
+
+#[test]
+fn systemd_notifications_ready_watchdog_stopping() {
+    let (dir, _outbox) = shared_tempdir();
+    let config = binary_config(dir.path(), "a: |cat > /dev/null\n", "");
+    let notify_path = dir.path().join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut served = serve(
+        &["-c", &config],
+        dir.path(),
+        &[
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", "300000"),
+        ],
+    );
+    let next = || {
+        let mut buf = [0u8; 512];
+        let n = notify.recv(&mut buf).expect("a notification");
+        String::from_utf8_lossy(&buf[..n]).trim().to_string()
+    };
+    assert_eq!(next(), "READY=1");
+    // Fed while healthy (every 150 ms here).
+    assert_eq!(next(), "WATCHDOG=1");
+    assert_eq!(next(), "WATCHDOG=1");
+    served.signal(nix::sys::signal::Signal::SIGTERM);
+    let stopping = (0..50).map(|_| next()).find(|m| m != "WATCHDOG=1");
+    assert_eq!(stopping.as_deref(), Some("STOPPING=1"));
+    assert_eq!(served.child.wait().unwrap().code(), Some(0));
+}
+
+#[test]
+fn socket_activation_serves_on_the_passed_socket() {
+    use std::os::fd::AsRawFd;
+    let (dir, _outbox) = shared_tempdir();
+    // The configured address is one nobody listens on: only the passed
+    // socket can answer.
+    let config = binary_config(dir.path(), "a: |cat > /dev/null\n", "");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let fd = listener.as_raw_fd();
+    nix::fcntl::fcntl(
+        &listener,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )
+    .unwrap();
+    // As systemd does: the socket at fd 3, LISTEN_PID the service's pid.
+    let script = format!(
+        "exec 3<&{fd}; LISTEN_PID=$$ LISTEN_FDS=1 exec {BIN} serve -c {config} --metrics off --control {}",
+        dir.path().join("ctl.sock").display()
+    );
+    let mut child = Command::new("/bin/sh")
+        .args(["-c", &script])
+        .current_dir(dir.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(listener);
+    let greeted = wait_for(Duration::from_secs(20), || {
+        let stream = std::net::TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).ok()?;
+        line.starts_with("220 ").then_some(line)
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(greeted.is_some(), "nothing answered on the passed socket");
+}

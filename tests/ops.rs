@@ -46,6 +46,18 @@ fn the_systemd_unit_verifies_and_rates_ok() {
         ok && said.trim().is_empty(),
         "systemd-analyze verify: {said}"
     );
+    // The socket unit, beside the service it activates.
+    let socket = dir.path().join("mailnode.socket");
+    std::fs::copy(Path::new(ROOT).join("ops/systemd/mailnode.socket"), &socket).unwrap();
+    let (ok, said) = run(
+        "systemd-analyze",
+        &["verify", socket.to_str().unwrap()],
+        dir.path(),
+    );
+    assert!(
+        ok && said.trim().is_empty(),
+        "systemd-analyze verify socket: {said}"
+    );
     let (_, said) = run(
         "systemd-analyze",
         &["security", "--offline=true", path],

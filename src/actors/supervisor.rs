@@ -302,12 +302,110 @@ impl Handler<Restarts> for Supervisor {
     }
 }
 
+/// Answered at once by a live, unblocked actor.
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Ping;
+
+macro_rules! answer_pings {
+    ($($actor:ty),*) => {$(
+        impl Handler<Ping> for $actor {
+            type Result = ();
+            fn handle(&mut self, _: Ping, _: &mut Self::Context) {}
+        }
+    )*};
+}
+
+answer_pings!(
+    Acceptor,
+    AliasResolver,
+    QueueRunner,
+    DeliveryWorker,
+    MetricsServer,
+    ControlServer
+);
+
+/// How long a child may take to answer a ping before it counts as wedged.
+const PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Whether every child is alive and answering (the systemd watchdog is fed
+/// only while this holds).
+#[derive(Message)]
+#[rtype(result = "bool")]
+pub struct Health;
+
+impl Handler<Health> for Supervisor {
+    type Result = ResponseFuture<bool>;
+
+    fn handle(&mut self, _: Health, _: &mut Self::Context) -> Self::Result {
+        if !self.supervising {
+            return Box::pin(async { false });
+        }
+        type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>;
+        fn ping<A>(addr: Addr<A>) -> Answer
+        where
+            A: Actor<Context = Context<A>> + Handler<Ping>,
+        {
+            let asked = addr.send(Ping).timeout(PING_TIMEOUT);
+            Box::pin(async move { asked.await.is_ok() })
+        }
+        let c = &self.children;
+        let mut pings: Vec<Answer> = vec![
+            ping(c.resolver.addr.get()),
+            ping(c.queue_runner.addr.get()),
+            ping(c.control.addr.get()),
+        ];
+        pings.extend(c.acceptor.iter().map(|a| ping(a.addr.get())));
+        pings.extend(c.metrics.iter().map(|m| ping(m.addr.get())));
+        pings.extend(c.workers.iter().map(|w| ping(w.addr.get())));
+        Box::pin(async move {
+            futures_util::future::join_all(pings)
+                .await
+                .into_iter()
+                .all(|alive| alive)
+        })
+    }
+}
+
 /// Makes an actor panic inside a handler (tests and the fault-injection
 /// feature only).
 #[cfg(any(test, feature = "fault-injection"))]
 #[derive(Message, Clone, Copy)]
 #[rtype(result = "()")]
 pub struct Crash;
+
+/// Blocks an actor's thread for a while: a wedged actor (tests and the
+/// fault-injection feature only).
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Message, Clone, Copy)]
+#[rtype(result = "()")]
+pub struct Wedge(pub Duration);
+
+/// Wedges the first delivery worker.
+#[cfg(any(test, feature = "fault-injection"))]
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct InjectWedge(pub Duration);
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl Handler<InjectWedge> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: InjectWedge, _: &mut Self::Context) {
+        if let Some(w) = self.children.workers.first() {
+            w.addr.get().do_send(Wedge(msg.0));
+        }
+    }
+}
+
+#[cfg(any(test, feature = "fault-injection"))]
+impl Handler<Wedge> for DeliveryWorker {
+    type Result = ();
+
+    fn handle(&mut self, msg: Wedge, _: &mut Self::Context) {
+        std::thread::sleep(msg.0);
+    }
+}
 
 /// Injects [`Crash`] into the named actor.
 #[cfg(any(test, feature = "fault-injection"))]
@@ -565,6 +663,23 @@ mod tests {
             !ends.contains("start\nstart"),
             "two runs overlapped:\n{ends}"
         );
+        node.shutdown();
+    }
+
+    #[test]
+    fn a_wedged_actor_makes_the_node_unhealthy_until_it_recovers() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let node = node(dir.path(), &dir.path().join("out"));
+        assert!(rt.block_on(node.healthy()));
+        rt.block_on(node.inject_wedge(Duration::from_secs(4)));
+        let wedged = poll(|| (!rt.block_on(node.healthy())).then_some(()));
+        assert!(wedged.is_some(), "a wedged worker went unnoticed");
+        let recovered = poll(|| rt.block_on(node.healthy()).then_some(()));
+        assert!(recovered.is_some(), "health never came back");
         node.shutdown();
     }
 }
