@@ -53,6 +53,8 @@ const DURATION_BUCKETS: [f64; 16] = [
 ];
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+/// CPU, memory and descriptors of this process (process_* metrics).
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
 /// Installs the process-wide recorder once (every node in the process
 /// shares it) and registers every metric of the contract.
@@ -72,6 +74,9 @@ pub fn install() {
             }
         };
         register();
+        PROCESS
+            .get_or_init(metrics_process::Collector::default)
+            .describe();
         Some(handle)
     });
 }
@@ -149,6 +154,9 @@ fn register() {
 /// recorder owns the process.
 pub fn render() -> Option<String> {
     let handle = HANDLE.get()?.as_ref()?;
+    if let Some(process) = PROCESS.get() {
+        process.collect();
+    }
     handle.run_upkeep();
     Some(handle.render())
 }
