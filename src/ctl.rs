@@ -37,6 +37,13 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
     };
     let response = match exchange(&path, &request) {
         Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+            eprintln!(
+                "mailnode ctl: permission denied on {}: run as the server's user or root",
+                path.display()
+            );
+            return 1;
+        }
         Err(e) => {
             eprintln!("mailnode ctl: no server answers at {}: {e}", path.display());
             return EX_UNAVAILABLE;
@@ -156,10 +163,16 @@ fn print_queue(entries: &[QueueEntry]) {
             sender
         );
         for r in &e.recipients {
-            let why = if r.last_error.is_empty() {
+            // Program output: no control character reaches the terminal.
+            let said: String = r
+                .last_error
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            let why = if said.is_empty() {
                 String::new()
             } else {
-                format!(": {}", r.last_error)
+                format!(": {said}")
             };
             println!(
                 "{:>18} {} ({}, {} attempts{})",
@@ -205,7 +218,10 @@ fn print_value(v: &Value, indent: usize) {
 
 fn scalar(v: &Value) -> String {
     match v {
-        Value::String(s) => s.clone(),
+        Value::String(s) => s
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect(),
         other => other.to_string(),
     }
 }

@@ -141,6 +141,10 @@ fn every_control_command_end_to_end() {
     assert!(err.contains("held"), "{err}");
     ctl.json(&["queue", "release", &id]);
     assert_ne!(state_of(&ctl, &id).as_deref(), Some("held"));
+    // Releasing what is not held would only queue it twice: refused.
+    let (code, _, err) = ctl.run(false, &["queue", "release", &id]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not held"), "{err}");
     // Released mail is tried at once (and still refused): deferred again.
     let retried = wait_for(Duration::from_secs(20), || {
         let list = ctl.json(&["queue"]);

@@ -32,6 +32,23 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 }
 
 #[test]
+fn the_config_shipped_for_the_unit_loads_and_matches_its_paths() {
+    let config = mailnode::config::load(&Path::new(ROOT).join("ops/systemd/mailnode.toml"))
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    let unit =
+        std::fs::read_to_string(Path::new(ROOT).join("ops/systemd/mailnode.service")).unwrap();
+    assert!(
+        unit.contains("StateDirectory=mailnode")
+            && config.spool.path.starts_with("/var/lib/mailnode")
+    );
+    assert!(
+        unit.contains("RuntimeDirectory=mailnode")
+            && config.control.socket.starts_with("/run/mailnode")
+    );
+    assert!(unit.contains("-c /etc/mailnode/mailnode.toml"));
+}
+
+#[test]
 fn the_systemd_unit_verifies_and_rates_ok() {
     // verify checks that ExecStart exists: point it at the binary we built.
     let unit =

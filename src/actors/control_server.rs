@@ -10,8 +10,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::actors::alias_resolver::{AliasResolver, Reload, Resolve};
 use crate::actors::queue_runner::{Control, QueueCommand, QueueRunner};
@@ -22,7 +24,7 @@ use crate::protocol::command::{self, Command};
 use crate::protocol::session::RcptDecision;
 
 /// The longest request line we read.
-const MAX_REQUEST: u64 = 64 * 1024;
+const MAX_REQUEST: usize = 64 * 1024;
 const IDLE: Duration = Duration::from_secs(60);
 
 /// What the control commands reach.
@@ -125,8 +127,15 @@ async fn serve_peer(stream: UnixStream, deps: ControlDeps) -> std::io::Result<()
         let refusal = Response::error("permission denied: not the server's user or root");
         return send(&mut write, &refusal).await;
     }
-    let mut lines = BufReader::new(read.take(MAX_REQUEST)).lines();
-    while let Ok(Ok(Some(line))) = tokio::time::timeout(IDLE, lines.next_line()).await {
+    let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
+    while let Ok(Some(next)) = tokio::time::timeout(IDLE, lines.next()).await {
+        let line = match next {
+            Ok(line) => line,
+            Err(e) => {
+                // Too long, or not UTF-8: say so, then hang up.
+                return send(&mut write, &Response::error(format!("bad request: {e}"))).await;
+            }
+        };
         if line.trim().is_empty() {
             continue;
         }
@@ -159,12 +168,15 @@ async fn queue(deps: &ControlDeps, command: QueueCommand) -> Response {
 async fn execute(request: Request, deps: &ControlDeps) -> Response {
     match request {
         Request::Status => {
-            let counts = deps
+            let counts = match deps
                 .queue_runner
                 .get()
                 .send(crate::actors::queue_runner::Counts)
                 .await
-                .unwrap_or_default();
+            {
+                Ok(c) => c,
+                Err(e) => return Response::error(format!("queue runner unavailable: {e}")),
+            };
             let restarts = deps.restarts.lock().map(|r| r.clone()).unwrap_or_default();
             Response::ok(serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),

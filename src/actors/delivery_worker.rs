@@ -133,6 +133,13 @@ impl Handler<Deliver> for DeliveryWorker {
                 }
             };
             let duration = started.elapsed();
+            let outcome = match status {
+                DeliveryStatus::Delivered => "delivered",
+                DeliveryStatus::Temporary(_) => "deferred",
+                DeliveryStatus::Permanent(_) => "bounced",
+            };
+            // Here, so inline deliveries count too.
+            crate::telemetry::delivery(outcome, duration);
             tracing::info!(
                 queue_id = %env.id,
                 recipient = %delivery.recipient,
@@ -140,7 +147,8 @@ impl Handler<Deliver> for DeliveryWorker {
                 result = ?status,
                 status = %code,
                 duration_ms = duration.as_millis() as u64,
-                output = %output,
+                // Debug form: the program's newlines cannot forge log lines.
+                output = ?output,
                 "delivery attempt"
             );
             drop(in_flight);

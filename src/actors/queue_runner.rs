@@ -233,6 +233,11 @@ impl QueueRunner {
         if t.envelope.held {
             return;
         }
+        if t.waiting > 0 || t.running > 0 {
+            // Already queued or running here: queuing again would run a
+            // program twice.
+            return;
+        }
         t.deferred_until = None;
         let busy_elsewhere = t
             .envelope
@@ -302,14 +307,6 @@ impl QueueRunner {
         ctx: &mut Context<Self>,
     ) {
         self.running -= 1;
-        if report.attempted {
-            let outcome = match report.status {
-                DeliveryStatus::Delivered => "delivered",
-                DeliveryStatus::Temporary(_) => "deferred",
-                DeliveryStatus::Permanent(_) => "bounced",
-            };
-            crate::telemetry::delivery(outcome, report.duration);
-        }
         if let Some(t) = self.messages.get_mut(&id) {
             t.running -= 1;
             queue::record_result(
@@ -361,7 +358,14 @@ impl QueueRunner {
             return;
         };
         let busy = t.running > 0 || t.waiting > 0 || t.bouncing;
-        if busy || t.deferred_until.is_some() || t.envelope.held {
+        // A message held while its last delivery ran may be done anyway.
+        let finished = t.envelope.deliveries.iter().all(|d| {
+            matches!(
+                d.state,
+                crate::spool::DeliveryState::Delivered | crate::spool::DeliveryState::Bounced
+            )
+        });
+        if busy || t.deferred_until.is_some() || (t.envelope.held && !finished) {
             return;
         }
         let now = SystemTime::now();
@@ -851,6 +855,9 @@ impl QueueRunner {
             }
             QueueCommand::Release(id) => {
                 known(self, &id)?;
+                if !self.messages[&id].envelope.held {
+                    return Err(format!("{id} is not held"));
+                }
                 if let Some(t) = self.messages.get_mut(&id) {
                     Arc::make_mut(&mut t.envelope).held = false;
                     t.deferred_until = None;
@@ -864,8 +871,15 @@ impl QueueRunner {
             }
             QueueCommand::Bounce(id) => {
                 known(self, &id)?;
-                if self.messages[&id].running > 0 {
+                let t = &self.messages[&id];
+                if t.running > 0 || t.bouncing {
                     return Err(format!("{id} is being delivered; try again in a moment"));
+                }
+                if t.envelope.sender.is_empty() {
+                    return Err(format!("{id} is from <>: it is never returned"));
+                }
+                if !self.can_bounce {
+                    return Err(format!("{id} cannot be returned: no [relay] is configured"));
                 }
                 self.ready.retain(|(r, _)| *r != id);
                 if let Some(t) = self.messages.get_mut(&id) {

@@ -450,24 +450,24 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     });
     // The stop level the session has been told about.
     let mut told = Stopping::No;
-    telemetry::session_opened();
     // Why the session ended, for the metrics; a peer that just goes away
-    // unless something else is found.
-    let mut ended = "peer";
+    // unless something else is found. Counted when the task ends, even if
+    // it is dropped at shutdown.
+    let mut ended = SessionGauge::open();
     loop {
         if let Some(input) = pending.take() {
             let counted = Counted::of(&input);
             let Ok(response) = session.send(input).await else {
                 // The session actor is gone: say so rather than hang up.
                 let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
-                ended = "error";
+                ended.reason = "error";
                 break;
             };
             if let Some(first) = response.replies.first() {
                 counted.record(first.code());
             }
             if response.close {
-                ended = counted.close_reason(&response.replies);
+                ended.reason = counted.close_reason(&response.replies);
             }
             if response.enter_data {
                 framed.codec_mut().enter_data();
@@ -519,8 +519,26 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             },
         });
     }
-    telemetry::session_closed(ended);
+    drop(ended);
     session.do_send(Disconnected);
+}
+
+/// Counts a session open while it lives; closed, with its reason, on drop.
+struct SessionGauge {
+    reason: &'static str,
+}
+
+impl SessionGauge {
+    fn open() -> Self {
+        telemetry::session_opened();
+        SessionGauge { reason: "peer" }
+    }
+}
+
+impl Drop for SessionGauge {
+    fn drop(&mut self) {
+        telemetry::session_closed(self.reason);
+    }
 }
 
 /// What an input's reply counts towards in the metrics.
