@@ -111,6 +111,27 @@ print(v['text'].replace('\n', ' '))
     (content_type, report_type, parts, blocks, text)
 }
 
+/// The report's block about the (first) failed recipient.
+fn recipient_block(report: &ParsedReport) -> BTreeMap<String, String> {
+    report
+        .blocks
+        .iter()
+        .find(|b| b.contains_key("Final-Recipient"))
+        .cloned()
+        .expect("a per-recipient block")
+}
+
+/// Waits until the node holds exactly one message.
+fn wait_held(node: &TestNode) -> bool {
+    let rt = actix_rt::Runtime::new().unwrap();
+    let handle = node.node.as_ref().unwrap();
+    wait_for(Duration::from_secs(20), || {
+        let counts = rt.block_on(handle.queue_counts())?;
+        (counts.held == 1).then_some(())
+    })
+    .is_some()
+}
+
 #[test]
 fn retries_follow_the_backoff_and_deliver_once() {
     let node = TestNode::start_with(
@@ -198,11 +219,7 @@ fn a_permanent_failure_is_returned_to_the_sender_as_a_dsn() {
         "{:?}",
         report.parts
     );
-    let recipient_block = report
-        .blocks
-        .iter()
-        .find(|b| b.contains_key("Final-Recipient"))
-        .expect("a per-recipient block");
+    let recipient_block = recipient_block(&report);
     assert_eq!(
         recipient_block["Final-Recipient"],
         "rfc822; refuse+billing@example.org"
@@ -245,11 +262,7 @@ fn expiry_after_max_age_returns_the_message() {
     );
     let got = sink.wait_for(1);
     let report = parse_report(node.dir.path(), &got[0].data);
-    let block = report
-        .blocks
-        .iter()
-        .find(|b| b.contains_key("Final-Recipient"))
-        .expect("block");
+    let block = recipient_block(&report);
     assert_eq!(block["Status"], "4.4.7");
     assert!(block["Diagnostic-Code"].contains("expired"), "{block:?}");
     assert!(block["Diagnostic-Code"].contains("busy"), "{block:?}");
@@ -306,13 +319,7 @@ fn mail_from_null_is_never_returned_but_held() {
     c.cmd("DATA");
     c.send(b"Subject: a bounce\r\n\r\nx\r\n.\r\n");
     queued_id(&c.reply());
-    let rt = actix_rt::Runtime::new().unwrap();
-    let handle = node.node.as_ref().unwrap();
-    let held = wait_for(Duration::from_secs(20), || {
-        let counts = rt.block_on(handle.queue_counts())?;
-        (counts.held == 1).then_some(())
-    });
-    assert!(held.is_some(), "not held");
+    assert!(wait_held(&node), "not held");
     assert!(sink.messages().is_empty(), "a message from <> was bounced");
 }
 
@@ -329,13 +336,7 @@ fn a_bounce_the_relay_refuses_is_held() {
         "refuse@example.org",
         "Subject: x\r\n\r\nx\r\n",
     );
-    let rt = actix_rt::Runtime::new().unwrap();
-    let handle = node.node.as_ref().unwrap();
-    let held = wait_for(Duration::from_secs(20), || {
-        let counts = rt.block_on(handle.queue_counts())?;
-        (counts.held == 1).then_some(())
-    });
-    assert!(held.is_some(), "a refused bounce was not held");
+    assert!(wait_held(&node), "a refused bounce was not held");
     assert_eq!(node.queue_files(), 2, "the held message stays queued");
 }
 
@@ -354,11 +355,7 @@ fn a_loop_is_returned_not_delivered() {
     );
     let got = sink.wait_for(1);
     let report = parse_report(node.dir.path(), &got[0].data);
-    let block = report
-        .blocks
-        .iter()
-        .find(|b| b.contains_key("Final-Recipient"))
-        .expect("block");
+    let block = recipient_block(&report);
     assert_eq!(block["Status"], "5.4.6");
     assert!(
         !node.outbox.join("ran").exists(),
@@ -422,11 +419,7 @@ fn an_address_alias_is_forwarded_with_the_original_sender() {
     let dsn = &got[1];
     assert_eq!(dsn.from, "");
     let report = parse_report(node.dir.path(), &dsn.data);
-    let block = report
-        .blocks
-        .iter()
-        .find(|b| b.contains_key("Final-Recipient"))
-        .expect("block");
+    let block = recipient_block(&report);
     assert_eq!(block["Status"], "5.1.1");
     assert!(
         block["Diagnostic-Code"].contains("550 5.1.1 no such user here"),
