@@ -643,3 +643,43 @@ fn socket_activation_serves_on_the_passed_socket() {
     let _ = child.wait();
     assert!(greeted.is_some(), "nothing answered on the passed socket");
 }
+
+#[test]
+fn json_logs_are_one_json_object_per_line() {
+    let (dir, _outbox) = shared_tempdir();
+    let config = binary_config(
+        dir.path(),
+        "a: |cat > /dev/null\n",
+        "[log]\nformat = \"json\"\n",
+    );
+    let mut child = Command::new(BIN)
+        .args(["serve", "-c", &config, "--metrics", "off"])
+        .current_dir(dir.path())
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a log line");
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(v["level"], "INFO", "{line}");
+    assert_eq!(v["fields"]["message"], "listening for SMTP", "{line}");
+    assert!(
+        v["fields"]["addr"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{line}"
+    );
+}
