@@ -331,6 +331,21 @@ impl QueueRunner {
         let Some(t) = self.messages.get(&id) else {
             return;
         };
+        // Every delivery done and nothing else running: removing the
+        // message records that as well as a rewrite would (a crash before
+        // the removal lands means a second delivery, never a lost one), and
+        // saves two fsyncs per message.
+        let all_delivered = t.running == 0
+            && t.waiting == 0
+            && !t.envelope.held
+            && t.envelope
+                .deliveries
+                .iter()
+                .all(|d| d.state == crate::spool::DeliveryState::Delivered);
+        if all_delivered {
+            self.settle(&id, ctx);
+            return;
+        }
         let persisted = self.spool.update((*t.envelope).clone()).wait();
         self.recording += 1;
         ctx.spawn(persisted.into_actor(self).map(move |result, act, ctx| {
