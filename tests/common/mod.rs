@@ -148,6 +148,11 @@ impl Client {
         self.writer.write_all(bytes).expect("write");
     }
 
+    /// Writes if the server still takes it; false once it has hung up.
+    pub fn try_send(&mut self, bytes: &[u8]) -> bool {
+        self.writer.write_all(bytes).is_ok()
+    }
+
     /// Reads one (possibly multi-line) reply.
     pub fn reply(&mut self) -> Reply {
         let mut text = String::new();

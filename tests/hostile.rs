@@ -1,0 +1,112 @@
+//! Hostile clients against a running node (issue 8, first part): floods of
+//! pipelined commands, a client that never reads, slowloris, many idle
+//! connections. The node must stay up and keep serving everyone else.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const ALIASES: &str = "ok: |cat > /dev/null\n";
+
+/// A normal client still gets through, quickly.
+fn served_promptly(node: &TestNode) {
+    let started = Instant::now();
+    let mut c = node.client();
+    assert_eq!(c.reply().code, 220);
+    c.cmd("EHLO normal");
+    c.cmd("MAIL FROM:<a@example.org>");
+    c.cmd("RCPT TO:<ok@example.org>");
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: still here\r\n\r\nx\r\n.\r\n");
+    queued_id(&c.reply());
+    // Generous: this is "not starved", not a benchmark.
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn thousands_of_pipelined_commands_in_one_write_get_every_reply_in_order() {
+    let node = TestNode::start(ALIASES);
+    let mut c = node.client();
+    c.reply();
+    let mut burst = Vec::new();
+    for i in 0..5000 {
+        if i % 2 == 0 {
+            burst.extend_from_slice(b"NOOP\r\n");
+        } else {
+            burst.extend_from_slice(b"FROB\r\n");
+        }
+    }
+    c.send(&burst);
+    for i in 0..5000 {
+        let r = c.reply();
+        let expected = if i % 2 == 0 { 250 } else { 500 };
+        assert_eq!(r.code, expected, "reply {i}");
+    }
+    served_promptly(&node);
+}
+
+#[test]
+fn a_client_that_never_reads_is_cut_off_and_others_are_served() {
+    let node = TestNode::start_with(ALIASES, |c| c.smtp.command_timeout = Duration::from_secs(1));
+    let mut flood = std::net::TcpStream::connect(node.addr).unwrap();
+    flood
+        .set_write_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // Write until the server stops taking it (its replies pile up unread).
+    let chunk = b"NOOP\r\n".repeat(10_000);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut cut_off = false;
+    while Instant::now() < deadline {
+        if flood.write_all(&chunk).is_err() {
+            cut_off = true;
+            break;
+        }
+    }
+    assert!(
+        cut_off,
+        "the server kept reading from a client that never reads"
+    );
+    served_promptly(&node);
+}
+
+#[test]
+fn slowloris_is_ended_by_the_command_timeout() {
+    let node = TestNode::start_with(ALIASES, |c| c.smtp.command_timeout = Duration::from_secs(1));
+    let mut slow = node.client();
+    slow.reply();
+    let started = Instant::now();
+    // One byte of a never-ending command every 100 ms, until hung up on.
+    while started.elapsed() < Duration::from_secs(10) && slow.try_send(b"N") {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "still talking after 10 s"
+    );
+    let r = slow.reply();
+    assert!(r.is(421, "4.4.2"), "{r:?}");
+    served_promptly(&node);
+}
+
+#[test]
+fn many_idle_connections_do_not_starve_a_normal_client() {
+    let node = TestNode::start(ALIASES);
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| std::net::TcpStream::connect(node.addr).unwrap())
+        .collect();
+    served_promptly(&node);
+    // Every idle one was greeted too.
+    for mut s in idle {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).unwrap();
+        assert_eq!(&buf[..3], b"220");
+    }
+}
