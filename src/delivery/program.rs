@@ -489,6 +489,62 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_flood_of_output_is_read_and_dropped_past_1_kib() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        let outcome = run(&request(
+            "cat > /dev/null; head -c 100000000 /dev/zero | tr '\\0' y",
+            &body,
+            Duration::from_secs(60),
+        ))
+        .await;
+        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.output.len(), OUTPUT_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn a_child_left_behind_does_not_hold_up_the_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        // The orphan keeps stdout open for 30 s; the result comes at once.
+        let outcome = run(&request(
+            "cat > /dev/null; (sleep 30; echo late) & echo done",
+            &body,
+            Duration::from_secs(60),
+        ))
+        .await;
+        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert!(
+            outcome.duration < Duration::from_secs(10),
+            "{:?}",
+            outcome.duration
+        );
+        assert!(String::from_utf8_lossy(&outcome.output).contains("done"));
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_unexecutable_program_is_a_temporary_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        let script = dir.path().join("not-executable");
+        std::fs::write(&script, b"#!/bin/sh\nexit 0\n").unwrap();
+        for command in [
+            "/nonexistent/program".to_string(),
+            script.display().to_string(),
+        ] {
+            let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
+            assert!(
+                matches!(outcome.status(), DeliveryStatus::Temporary(_)),
+                "{command}: {:?}",
+                outcome.status()
+            );
+        }
+    }
+
+    #[tokio::test]
     async fn a_program_that_ignores_stdin_is_judged_by_its_exit() {
         let dir = tempfile::tempdir().unwrap();
         let body = dir.path().join("body");
