@@ -223,7 +223,7 @@ impl Spool {
         }
         // Whatever is in incoming/ was never acknowledged to a client, unless
         // another process is receiving it right now.
-        remove_abandoned(&incoming)?;
+        remove_abandoned(&incoming, &queue)?;
         let (jobs, rx) = crossbeam_channel::unbounded();
         let dirs = writer::Dirs {
             incoming: incoming.clone(),
@@ -403,14 +403,13 @@ impl Spool {
         let mut report = ScanReport::default();
         for id in &body_ids {
             let path = queue.join(format!("{id}.msg"));
-            // A young body may be another process's commit in progress (the
-            // body is renamed in just before its envelope).
-            let old = fs::metadata(&path)
-                .and_then(|m| m.modified())
-                .ok()
-                .and_then(|t| t.elapsed().ok())
-                .is_some_and(|age| age > ABANDONED_AFTER);
-            if envelope_ids.binary_search(id).is_err() && old {
+            // A body is renamed in just before its envelope; the process
+            // committing it holds its lock until then. An unlocked body
+            // without an envelope was never acknowledged: a crash's leftover.
+            let in_progress = File::open(&path)
+                .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+                .unwrap_or(true);
+            if envelope_ids.binary_search(id).is_err() && !in_progress {
                 let _ = fs::remove_file(&path);
                 report.orphans_removed += 1;
             }
@@ -469,17 +468,27 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(120);
 
 /// Removes bodies no live session holds (each holds an exclusive lock on
 /// its body) and envelopes left half-committed by a crash.
-fn remove_abandoned(dir: &Path) -> Result<(), SpoolError> {
-    let entries =
-        fs::read_dir(dir).map_err(|e| SpoolError::io(format!("read {}", dir.display()), e))?;
+fn remove_abandoned(incoming: &Path, queue: &Path) -> Result<(), SpoolError> {
+    let entries = fs::read_dir(incoming)
+        .map_err(|e| SpoolError::io(format!("read {}", incoming.display()), e))?;
+    let locked = |path: &Path| {
+        File::open(path)
+            .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+            .unwrap_or(false)
+    };
     for entry in entries.flatten() {
         let path = entry.path();
-        let in_use = match File::open(&path) {
-            Ok(f) => matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)),
-            Err(_) => continue,
+        let name = entry.file_name().to_string_lossy().into_owned();
+        // An envelope being committed belongs to a body its committer still
+        // locks (here or already renamed into queue/).
+        let in_use = match name.strip_suffix(".env") {
+            Some(id) => {
+                locked(&incoming.join(format!("{id}.msg")))
+                    || locked(&queue.join(format!("{id}.msg")))
+            }
+            None => locked(&path),
         };
-        let is_body = path.extension().is_some_and(|e| e == "msg");
-        if !in_use && (is_body || is_old(&entry)) {
+        if !in_use {
             let _ = fs::remove_file(&path);
         }
     }
@@ -731,15 +740,17 @@ mod tests {
         fs::write(dir.path().join("incoming/LEFTOVER.msg"), b"x").unwrap();
         let orphan = queue.join("0000000000000ZZ.msg");
         fs::write(&orphan, b"orphan").unwrap();
-        make_old(&orphan);
         fs::write(queue.join("0000000000001ZZ.env"), b"garbage").unwrap();
         fs::write(queue.join("0000000000001ZZ.msg"), b"body").unwrap();
         let tmp = queue.join(format!("{id}.env.tmp"));
         fs::write(&tmp, b"half").unwrap();
         make_old(&tmp);
-        // A young body without envelope may be a commit in progress: kept.
+        // A body without envelope that its committer still locks is a
+        // commit in progress: kept.
         let young = queue.join("0000000000002ZZ.msg");
         fs::write(&young, b"arriving").unwrap();
+        let committing = File::open(&young).unwrap();
+        committing.lock().unwrap();
 
         let (spool, _w) = Spool::open(dir.path()).unwrap();
         let report = spool.scan().unwrap();

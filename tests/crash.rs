@@ -1,0 +1,174 @@
+//! Crash consistency (issue 8): the real binary killed with SIGKILL at
+//! arbitrary moments while clients send and programs deliver, restarted on
+//! the same spool, round after round. Every message that got `250` is
+//! delivered at least once, the server always starts again, and nothing is
+//! left behind in the spool.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
+const ROUNDS: u64 = 50;
+
+fn start(config: &str, dir: &std::path::Path) -> (Child, SocketAddr) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "-c", config, "--metrics", "off"])
+        .current_dir(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve starts");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+            {
+                let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server starts on the spool the last one left");
+    (child, addr)
+}
+
+/// Sends messages until the connection fails; returns the ids acknowledged.
+fn send_until_killed(addr: SocketAddr, acked: &Mutex<Vec<String>>) {
+    let one = || -> std::io::Result<String> {
+        let stream = TcpStream::connect(addr)?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let mut writer = stream;
+        let mut reply = || -> std::io::Result<String> {
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Err(std::io::ErrorKind::UnexpectedEof.into());
+                }
+                if line.as_bytes().get(3) != Some(&b'-') {
+                    return Ok(line.trim_end().to_string());
+                }
+            }
+        };
+        reply()?;
+        for cmd in [
+            "HELO c",
+            "MAIL FROM:<a@example.org>",
+            "RCPT TO:<rec@example.org>",
+            "DATA",
+        ] {
+            writer.write_all(format!("{cmd}\r\n").as_bytes())?;
+            reply()?;
+        }
+        writer.write_all(b"Subject: crash\r\n\r\nbody\r\n.\r\n")?;
+        let queued = reply()?;
+        let _ = writer.write_all(b"QUIT\r\n");
+        queued
+            .strip_prefix("250 2.0.0 Ok: queued as ")
+            .map(str::to_string)
+            .ok_or_else(|| std::io::Error::other(queued))
+    };
+    for _ in 0..1000 {
+        match one() {
+            Ok(id) => acked.lock().unwrap().push(id),
+            Err(_) => return,
+        }
+    }
+}
+
+#[test]
+fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
+    let (dir, outbox) = shared_tempdir();
+    let o = outbox.display().to_string();
+    let aliases = dir.path().join("aliases");
+    // A delivery that takes a moment, so kills land during deliveries too.
+    std::fs::write(
+        &aliases,
+        format!("rec: |cat > {o}/$QUEUE_ID.$$; sleep 0.05\n"),
+    )
+    .unwrap();
+    let config = dir.path().join("mailnode.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n[queue]\nretry_min = \"100ms\"\nretry_max = \"200ms\"\n[limits]\nconnection_rate_per_ip = \"100000/s\"\nmessage_rate_per_ip = \"100000/s\"\n",
+            aliases.display(),
+            dir.path().join("spool").display(),
+            dir.path().join("ctl.sock").display()
+        ),
+    )
+    .unwrap();
+    let config = config.display().to_string();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut seed: u64 = 0x5DEECE66D;
+    for _ in 0..ROUNDS {
+        let (mut child, addr) = start(&config, dir.path());
+        let sender = {
+            let acked = Arc::clone(&acked);
+            std::thread::spawn(move || send_until_killed(addr, &acked))
+        };
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let after = Duration::from_millis(20 + (seed >> 33) % 250);
+        std::thread::sleep(after);
+        child.kill().expect("SIGKILL");
+        child.wait().unwrap();
+        sender.join().unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    assert!(
+        acked.len() > ROUNDS as usize,
+        "too little traffic to mean anything: {}",
+        acked.len()
+    );
+
+    // One last run delivers whatever the kills left queued.
+    let (mut child, _) = start(&config, dir.path());
+    let delivered = |id: &String| {
+        std::fs::read_dir(&outbox)
+            .map(|d| {
+                d.flatten().any(|e| {
+                    e.file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{id}."))
+                })
+            })
+            .unwrap_or(false)
+    };
+    let all = wait_for(Duration::from_secs(120), || {
+        let queue_empty = std::fs::read_dir(dir.path().join("spool/queue"))
+            .ok()?
+            .count()
+            == 0;
+        (queue_empty && acked.iter().all(delivered)).then_some(())
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let lost: Vec<&String> = acked.iter().filter(|id| !delivered(id)).collect();
+    assert!(
+        all.is_some(),
+        "{} of {} acknowledged messages lost: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("spool/incoming"))
+            .unwrap()
+            .count(),
+        0,
+        "leftovers in incoming/"
+    );
+}
