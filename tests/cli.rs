@@ -168,18 +168,7 @@ fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
 }
 
 fn send_one(addr: SocketAddr, rcpt: &str, body: &str) -> String {
-    let mut c = Client::connect(addr);
-    assert_eq!(c.reply().code, 220);
-    c.cmd("EHLO client");
-    assert!(c.cmd("MAIL FROM:<sender@example.org>").is(250, "2.1.0"));
-    let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-    assert!(r.is(250, "2.1.5"), "{r:?}");
-    assert_eq!(c.cmd("DATA").code, 354);
-    c.send(body.as_bytes());
-    c.send(b".\r\n");
-    let id = queued_id(&c.reply());
-    c.cmd("QUIT");
-    id
+    Client::connect(addr).send_message("client", "sender@example.org", rcpt, body)
 }
 
 #[test]

@@ -47,16 +47,12 @@ impl Ctl {
 }
 
 fn send(node: &TestNode, rcpt: &str) -> String {
-    let mut c = node.client();
-    c.reply();
-    c.cmd("EHLO client");
-    c.cmd("MAIL FROM:<alice@example.org>");
-    assert!(c.cmd(&format!("RCPT TO:<{rcpt}>")).is(250, "2.1.5"));
-    c.cmd("DATA");
-    c.send(b"Subject: ctl\r\n\r\nx\r\n.\r\n");
-    let id = queued_id(&c.reply());
-    c.cmd("QUIT");
-    id
+    node.client().send_message(
+        "client",
+        "alice@example.org",
+        rcpt,
+        "Subject: ctl\r\n\r\nx\r\n",
+    )
 }
 
 fn state_of(ctl: &Ctl, id: &str) -> Option<String> {

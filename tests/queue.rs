@@ -21,19 +21,8 @@ fn relay_to(sink: &Sink) -> impl FnOnce(&mut Config) + '_ {
 }
 
 fn send(node: &TestNode, from: &str, rcpt: &str, body: &str) -> String {
-    let mut c = node.client();
-    assert_eq!(c.reply().code, 220);
-    c.cmd("EHLO client.example");
-    let r = c.cmd(&format!("MAIL FROM:<{from}>"));
-    assert!(r.is(250, "2.1.0"), "{r:?}");
-    let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
-    assert!(r.is(250, "2.1.5"), "{r:?}");
-    assert_eq!(c.cmd("DATA").code, 354);
-    c.send(body.as_bytes());
-    c.send(b".\r\n");
-    let id = queued_id(&c.reply());
-    c.cmd("QUIT");
-    id
+    node.client()
+        .send_message("client.example", from, rcpt, body)
 }
 
 /// What Python's email package makes of a DSN: the top content type, the

@@ -187,6 +187,23 @@ impl Client {
         self.reply()
     }
 
+    /// One whole message (greeting to QUIT); `body` without the final dot.
+    /// Returns the queue id of the `250`.
+    pub fn send_message(mut self, helo: &str, from: &str, rcpt: &str, body: &str) -> String {
+        assert_eq!(self.reply().code, 220);
+        self.cmd(&format!("EHLO {helo}"));
+        let r = self.cmd(&format!("MAIL FROM:<{from}>"));
+        assert!(r.is(250, "2.1.0"), "{r:?}");
+        let r = self.cmd(&format!("RCPT TO:<{rcpt}>"));
+        assert!(r.is(250, "2.1.5"), "{r:?}");
+        assert_eq!(self.cmd("DATA").code, 354);
+        self.send(body.as_bytes());
+        self.send(b".\r\n");
+        let id = queued_id(&self.reply());
+        self.cmd("QUIT");
+        id
+    }
+
     /// Whether the server closed the connection (EOF within the timeout).
     pub fn is_closed(&mut self) -> bool {
         let mut buf = [0u8; 64];
