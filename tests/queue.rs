@@ -326,7 +326,16 @@ fn a_bounce_the_relay_refuses_is_held() {
         "Subject: x\r\n\r\nx\r\n",
     );
     assert!(wait_held(&node), "a refused bounce was not held");
-    assert_eq!(node.queue_files(), 2, "the held message stays queued");
+    // The held state is known before its envelope update (a .tmp beside
+    // the envelope) has been renamed into place.
+    let stays_queued = wait_for(Duration::from_secs(10), || {
+        (node.queue_files() == 2).then_some(())
+    });
+    assert!(
+        stays_queued.is_some(),
+        "the held message must stay queued: {} files in queue/",
+        node.queue_files()
+    );
 }
 
 #[test]

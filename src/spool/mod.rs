@@ -9,10 +9,14 @@
 //! - `queue/ID.msg` + `queue/ID.env`: a queued message; the envelope's
 //!   rename into `queue/` is the commit point;
 //! - `corrupt/`: damaged envelopes moved aside for an operator, never
-//!   silently deleted.
+//!   silently deleted;
+//! - `spare/`: files of delivered messages kept for reuse (see [`spare`]);
+//!   never part of the queue.
 
 pub mod envelope;
 pub mod id;
+mod spare;
+mod staging;
 mod writer;
 
 use std::fs::{self, File, OpenOptions};
@@ -126,7 +130,8 @@ impl IncomingBody {
         }
     }
 
-    fn flush_and_sync(&mut self) -> Result<(), SpoolError> {
+    /// Makes the written body durable (the buffer is flushed first).
+    fn sync(&mut self) -> Result<(), SpoolError> {
         let context = || format!("fsync {}", self.path.display());
         let file = self.file.take().ok_or(SpoolError::WriterGone)?;
         let file = file
@@ -161,6 +166,8 @@ struct Inner {
     queue: PathBuf,
     corrupt: PathBuf,
     jobs: Sender<Job>,
+    staging: Sender<staging::Task>,
+    spares: Arc<spare::Spares>,
     stats: Arc<WriterStats>,
 }
 
@@ -212,9 +219,10 @@ impl Spool {
         let incoming = root.join("incoming");
         let queue = root.join("queue");
         let corrupt = root.join("corrupt");
+        let spare = root.join("spare");
         // Mail is private: directories we create are ours alone (an
         // existing directory keeps the mode its installer gave it).
-        for dir in [root, &incoming, &queue, &corrupt] {
+        for dir in [root, &incoming, &queue, &corrupt, &spare] {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -224,17 +232,21 @@ impl Spool {
         // Whatever is in incoming/ was never acknowledged to a client, unless
         // another process is receiving it right now.
         remove_abandoned(&incoming, &queue)?;
+        let spares = Arc::new(
+            spare::Spares::load(spare.clone())
+                .map_err(|e| SpoolError::io(format!("read {}", spare.display()), e))?,
+        );
         let (jobs, rx) = crossbeam_channel::unbounded();
-        let dirs = writer::Dirs {
-            incoming: incoming.clone(),
-            queue: queue.clone(),
-        };
+        let writer_queue = queue.clone();
+        let writer_spares = Arc::clone(&spares);
         let stats = Arc::new(WriterStats::default());
         let writer_stats = Arc::clone(&stats);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer::run(rx, dirs, writer_stats))
+            .spawn(move || writer::run(rx, writer_queue, writer_spares, writer_stats))
             .map_err(|e| SpoolError::io("start spool writer thread", e))?;
+        let (staging, staging_tasks) = crossbeam_channel::unbounded();
+        staging::start(staging_tasks)?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -242,6 +254,8 @@ impl Spool {
                 queue,
                 corrupt,
                 jobs,
+                staging,
+                spares,
                 stats,
             }),
         };
@@ -271,12 +285,7 @@ impl Spool {
                 continue;
             }
             let path = self.inner.incoming.join(format!("{id}.msg"));
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(&path)
-            {
+            match self.inner.spares.create(&path, spare::Existing::Refuse) {
                 Ok(f) => {
                     // The lock marks the body as in use for other processes'
                     // start-up clean-up. If one of them got to the fresh file
@@ -310,11 +319,18 @@ impl Spool {
     /// Makes a received message durable. Resolves once body, envelope and
     /// directory are fsynced: only then may the client hear `250`.
     pub fn commit(&self, body: IncomingBody, envelope: Envelope) -> Pending {
-        self.submit(|reply| Job::Commit {
+        let (reply, answer) = oneshot::channel();
+        let envelope_path = self.inner.incoming.join(format!("{}.env", body.id()));
+        staging::stage(
+            &self.inner.staging,
+            &self.inner.jobs,
+            &self.inner.spares,
             body,
-            envelope: Box::new(envelope),
+            &envelope,
+            envelope_path,
             reply,
-        })
+        );
+        Pending(answer)
     }
 
     /// Durably replaces a queued message's envelope.

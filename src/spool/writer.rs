@@ -4,7 +4,6 @@
 
 use std::fs::{self, File};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -13,6 +12,7 @@ use crossbeam_channel::Receiver;
 use tokio::sync::oneshot;
 
 use super::envelope::{encode, Envelope};
+use super::spare::{Existing, Spares};
 use super::{IncomingBody, SpoolError};
 
 /// Most jobs taken into one batch: enough to share fsyncs, few enough that
@@ -23,10 +23,11 @@ pub(super) type Reply = oneshot::Sender<Result<(), SpoolError>>;
 
 /// Work for the writer thread.
 pub(super) enum Job {
-    /// Make a new message durable: body, envelope, renames into `queue/`.
+    /// Move a staged message (body and envelope fsynced in `incoming/`)
+    /// into `queue/`.
     Commit {
         body: IncomingBody,
-        envelope: Box<Envelope>,
+        envelope_path: PathBuf,
         reply: Reply,
     },
     /// Replace a queued message's envelope atomically.
@@ -36,11 +37,6 @@ pub(super) enum Job {
     },
     /// Forget a message: envelope first, so a crash leaves only an orphan body.
     Remove { id: String, reply: Reply },
-}
-
-pub(super) struct Dirs {
-    pub incoming: PathBuf,
-    pub queue: PathBuf,
 }
 
 /// What the writer has done, for tests and metrics: how well concurrent
@@ -54,11 +50,16 @@ pub struct WriterStats {
 }
 
 /// Runs until every sender is gone.
-pub(super) fn run(jobs: Receiver<Job>, dirs: Dirs, stats: Arc<WriterStats>) {
+pub(super) fn run(
+    jobs: Receiver<Job>,
+    queue: PathBuf,
+    spares: Arc<Spares>,
+    stats: Arc<WriterStats>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-        process_batch(batch, &dirs, &stats);
+        process_batch(batch, &queue, &spares, &stats);
     }
 }
 
@@ -71,15 +72,15 @@ struct Done {
 }
 
 /// Counts the batch in `stats` before anyone hears the outcome.
-fn process_batch(batch: Vec<Job>, dirs: &Dirs, stats: &WriterStats) {
+fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, stats: &WriterStats) {
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
         done.push(match job {
             Job::Commit {
-                mut body,
-                envelope,
+                body,
+                envelope_path,
                 reply,
-            } => match commit_one(&mut body, &envelope, dirs) {
+            } => match commit_one(&body, &envelope_path, queue) {
                 Ok(undo) => Done {
                     reply,
                     result: Ok(()),
@@ -96,20 +97,20 @@ fn process_batch(batch: Vec<Job>, dirs: &Dirs, stats: &WriterStats) {
             },
             Job::Update { envelope, reply } => Done {
                 reply,
-                result: update_one(&envelope, &dirs.queue),
+                result: update_one(&envelope, queue, spares),
                 undo: Vec::new(),
                 committed: None,
             },
             Job::Remove { id, reply } => Done {
                 reply,
-                result: remove_one(&id, &dirs.queue),
+                result: remove_one(&id, queue, spares),
                 undo: Vec::new(),
                 committed: None,
             },
         });
     }
     // One directory fsync makes every rename of the batch durable.
-    let synced = sync_dir(&dirs.queue);
+    let synced = sync_dir(queue);
     stats.batches.fetch_add(1, Ordering::Relaxed);
     if synced.is_ok() {
         let commits = done.iter().filter(|d| d.committed.is_some()).count();
@@ -135,13 +136,14 @@ fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {
     SpoolError::io(format!("{context} {}", path.display()), e)
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
+pub(super) fn write_synced(
+    spares: &Spares,
+    path: &Path,
+    bytes: &[u8],
+    existing: Existing,
+) -> Result<(), SpoolError> {
+    let mut f = spares
+        .create(path, existing)
         .map_err(|e| io_err("create", path, e))?;
     f.write_all(bytes).map_err(|e| io_err("write", path, e))?;
     f.sync_data().map_err(|e| io_err("fsync", path, e))
@@ -149,44 +151,39 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), SpoolError> {
 
 /// Returns the queue files to remove should the directory fsync fail.
 fn commit_one(
-    body: &mut IncomingBody,
-    envelope: &Envelope,
-    dirs: &Dirs,
+    body: &IncomingBody,
+    envelope_path: &Path,
+    queue: &Path,
 ) -> Result<Vec<PathBuf>, SpoolError> {
-    body.flush_and_sync()?;
-    let env_incoming = dirs.incoming.join(format!("{}.env", body.id()));
-    body.set_envelope_path(env_incoming.clone());
-    write_synced(&env_incoming, &encode(envelope))?;
-    let msg_queued = dirs.queue.join(format!("{}.msg", body.id()));
-    let env_queued = dirs.queue.join(format!("{}.env", body.id()));
+    let msg_queued = queue.join(format!("{}.msg", body.id()));
+    let env_queued = queue.join(format!("{}.env", body.id()));
     fs::rename(body.path(), &msg_queued).map_err(|e| io_err("rename", body.path(), e))?;
     // The envelope's rename is the commit point: a body without an envelope
     // is an orphan that start-up removes.
-    if let Err(e) = fs::rename(&env_incoming, &env_queued) {
+    if let Err(e) = fs::rename(envelope_path, &env_queued) {
         let _ = fs::remove_file(&msg_queued);
-        return Err(io_err("rename", &env_incoming, e));
+        return Err(io_err("rename", envelope_path, e));
     }
     Ok(vec![env_queued, msg_queued])
 }
 
-fn update_one(envelope: &Envelope, queue: &Path) -> Result<(), SpoolError> {
+fn update_one(envelope: &Envelope, queue: &Path, spares: &Spares) -> Result<(), SpoolError> {
     let tmp = queue.join(format!("{}.env.tmp", envelope.id));
     let path = queue.join(format!("{}.env", envelope.id));
     if !path.exists() {
         return Err(SpoolError::NotFound(envelope.id.clone()));
     }
-    write_synced(&tmp, &encode(envelope))?;
+    // A .tmp left by an update interrupted by a crash is overwritten.
+    write_synced(spares, &tmp, &encode(envelope), Existing::Truncate)?;
     fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))
 }
 
-fn remove_one(id: &str, queue: &Path) -> Result<(), SpoolError> {
+fn remove_one(id: &str, queue: &Path, spares: &Spares) -> Result<(), SpoolError> {
     for ext in ["env", "msg"] {
         let path = queue.join(format!("{id}.{ext}"));
-        match fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err("remove", &path, e)),
-        }
+        spares
+            .retire(&path)
+            .map_err(|e| io_err("remove", &path, e))?;
     }
     Ok(())
 }
