@@ -4,6 +4,7 @@
 pub mod dsn;
 pub mod program;
 pub mod relay;
+pub mod spawn;
 
 use crate::spool::Envelope;
 

@@ -2,13 +2,20 @@
 //! in its own process group, as an unprivileged user when we are root, fed
 //! the message on stdin, killed (with everything it started) at the timeout.
 //! Its exit status becomes a [`DeliveryStatus`].
+//!
+//! A command the shell would only split into words (an absolute program
+//! path and arguments free of quotes, variables, globs, redirections and
+//! the like, see [`plain_argv`]) is executed directly, as the shell would
+//! have executed it: starting a shell costs as much as starting the program
+//! itself. Postfix's local(8) does the same.
 
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::Command;
+
+use super::spawn::{self, SpawnSpec};
 
 /// Most of a program's output we keep for the log and the bounce.
 pub const OUTPUT_LIMIT: usize = 1024;
@@ -156,69 +163,105 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
     }
 }
 
+/// The words of a command that `/bin/sh -c` would run as one program with
+/// no interpretation beyond splitting at blanks: the first word an absolute
+/// path (no builtin, no `PATH` search, no assignment), every byte a letter,
+/// digit, blank or one of `/ . _ - + , : @ % =`.
+pub fn plain_argv(command: &str) -> Option<Vec<&str>> {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b" \t/._-+,:@%=".contains(&b);
+    if !command.bytes().all(plain) {
+        return None;
+    }
+    let words: Vec<&str> = command
+        .split([' ', '\t'])
+        .filter(|w| !w.is_empty())
+        .collect();
+    words.first().filter(|w| w.starts_with('/'))?;
+    Some(words)
+}
+
+/// The user mailnode itself runs as, for HOME, USER and LOGNAME when
+/// programs run as that user (looked up once: /etc/passwd is not read per
+/// delivery).
+fn own_user() -> Option<&'static nix::unistd::User> {
+    static OWN_USER: std::sync::OnceLock<Option<nix::unistd::User>> = std::sync::OnceLock::new();
+    OWN_USER
+        .get_or_init(|| {
+            nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .ok()
+                .flatten()
+        })
+        .as_ref()
+}
+
+/// The program, its arguments and its whole environment.
+fn spawn_spec(request: &ProgramRequest) -> std::io::Result<SpawnSpec> {
+    let (program, args) = match plain_argv(&request.command) {
+        Some(words) => (words[0], words[1..].to_vec()),
+        None => ("/bin/sh", vec!["-c", request.command.as_str()]),
+    };
+    let mut env: Vec<(&str, &str)> = request
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    env.extend([
+        ("PATH", PROGRAM_PATH),
+        ("SHELL", "/bin/sh"),
+        ("LANG", "C.UTF-8"),
+    ]);
+    let home;
+    let credentials = match &request.run_as {
+        Some(user) => {
+            home = user.home.to_string_lossy();
+            env.extend([
+                ("HOME", home.as_ref()),
+                ("USER", user.name.as_str()),
+                ("LOGNAME", user.name.as_str()),
+            ]);
+            Some((user.uid, user.gid))
+        }
+        None => {
+            if let Some(me) = own_user() {
+                home = me.dir.to_string_lossy();
+                env.extend([
+                    ("HOME", home.as_ref()),
+                    ("USER", me.name.as_str()),
+                    ("LOGNAME", me.name.as_str()),
+                ]);
+            }
+            None
+        }
+    };
+    SpawnSpec::new(program, args, env, credentials)
+}
+
 /// Runs the program to its end or its timeout.
 pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     let started = Instant::now();
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(&request.command)
-        .env_clear()
-        .envs(request.env.iter().map(|(k, v)| (k, v)))
-        .env("PATH", PROGRAM_PATH)
-        .env("SHELL", "/bin/sh")
-        .env("LANG", "C.UTF-8")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // Its own group, so the timeout can kill everything it started.
-        .process_group(0);
-    match &request.run_as {
-        Some(user) => {
-            // std drops supplementary groups (setgroups(0)) when we are root
-            // and set a uid: the program keeps only the user's own gid.
-            cmd.uid(user.uid)
-                .gid(user.gid)
-                .env("HOME", &user.home)
-                .env("USER", &user.name)
-                .env("LOGNAME", &user.name);
-        }
-        None => {
-            if let Ok(Some(me)) = nix::unistd::User::from_uid(nix::unistd::geteuid()) {
-                cmd.env("HOME", &me.dir)
-                    .env("USER", &me.name)
-                    .env("LOGNAME", &me.name);
-            }
-        }
-    }
+    let failed = |exit| ProgramOutcome {
+        exit,
+        output: Vec::new(),
+        duration: started.elapsed(),
+    };
     // Open the message before the program starts: a program must never
     // exit 0 on an empty stdin because we could not read the queue file.
-    let body = match tokio::fs::File::open(&request.body_path).await {
+    let body = match std::fs::File::open(&request.body_path) {
         Ok(f) => f,
         Err(e) => {
-            return ProgramOutcome {
-                exit: Exit::InputFailed(format!(
-                    "cannot open {}: {e}",
-                    request.body_path.display()
-                )),
-                output: Vec::new(),
-                duration: started.elapsed(),
-            }
+            return failed(Exit::InputFailed(format!(
+                "cannot open {}: {e}",
+                request.body_path.display()
+            )))
         }
     };
-    let mut child = match cmd.spawn() {
+    let mut child = match spawn_spec(request).and_then(|spec| spawn::spawn(&spec)) {
         Ok(c) => c,
-        Err(e) => {
-            return ProgramOutcome {
-                exit: Exit::SpawnFailed(e.to_string()),
-                output: Vec::new(),
-                duration: started.elapsed(),
-            }
-        }
+        Err(e) => return failed(Exit::SpawnFailed(e.to_string())),
     };
-    let mut group = GroupGuard(child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32)));
+    let mut group = GroupGuard(Some(nix::unistd::Pid::from_raw(child.pid())));
     let feed = feed_stdin(child.stdin.take(), request.stdin_prefix.clone(), body);
-    let mut stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
+    let mut output_pipe = child.output.take();
     let mut output = Vec::new();
     let mut input_failure = None;
 
@@ -239,8 +282,7 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
                         group.kill();
                     }
                 }
-                chunk = read_some(&mut stdout), if stdout.is_some() => keep(&mut output, &chunk),
-                chunk = read_some(&mut stderr), if stderr.is_some() => keep(&mut output, &chunk),
+                chunk = read_some(&mut output_pipe), if output_pipe.is_some() => keep(&mut output, &chunk),
             }
         }
     })
@@ -253,11 +295,9 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             group.disarm();
             // Output written just before exit may still be in the pipes.
             let _ = tokio::time::timeout(OUTPUT_GRACE, async {
-                while stdout.is_some() || stderr.is_some() {
-                    tokio::select! {
-                        chunk = read_some(&mut stdout), if stdout.is_some() => keep(&mut output, &chunk),
-                        chunk = read_some(&mut stderr), if stderr.is_some() => keep(&mut output, &chunk),
-                    }
+                while output_pipe.is_some() {
+                    let chunk = read_some(&mut output_pipe).await;
+                    keep(&mut output, &chunk);
                 }
             })
             .await;
@@ -332,9 +372,9 @@ fn keep(output: &mut Vec<u8>, chunk: &[u8]) {
 /// reading (or never starts) is not an error here: its exit status decides.
 /// Failing to read the queued message is: the program got less than the mail.
 async fn feed_stdin(
-    stdin: Option<tokio::process::ChildStdin>,
+    stdin: Option<tokio::net::unix::pipe::Sender>,
     prefix: Vec<u8>,
-    mut body: tokio::fs::File,
+    mut body: std::fs::File,
 ) -> Result<(), String> {
     let Some(mut stdin) = stdin else {
         return Ok(());
@@ -344,9 +384,9 @@ async fn feed_stdin(
     }
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = body
-            .read(&mut buf)
-            .await
+        // The message was just written or is small: it reads from the page
+        // cache, quicker than a hop to a blocking thread would be.
+        let n = std::io::Read::read(&mut body, &mut buf)
             .map_err(|e| format!("cannot read queued message: {e}"))?;
         if n == 0 {
             break;
@@ -531,9 +571,13 @@ mod tests {
         std::fs::write(&body, b"x\n").unwrap();
         let script = dir.path().join("not-executable");
         std::fs::write(&script, b"#!/bin/sh\nexit 0\n").unwrap();
+        // Both ways of starting: directly, and through the shell (the
+        // redirection makes it a shell command).
         for command in [
             "/nonexistent/program".to_string(),
             script.display().to_string(),
+            "/nonexistent/program 2>&1".to_string(),
+            format!("{} 2>&1", script.display()),
         ] {
             let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
             assert!(
@@ -553,5 +597,75 @@ mod tests {
         assert_eq!(outcome.status(), DeliveryStatus::Delivered);
         let outcome = run(&request("exit 67", &body, Duration::from_secs(10))).await;
         assert!(matches!(outcome.status(), DeliveryStatus::Permanent(_)));
+    }
+
+    #[test]
+    fn only_commands_the_shell_would_just_split_run_without_it() {
+        assert_eq!(
+            plain_argv("/opt/rt5/bin/rt-mailgate --queue support --action correspond --url http://localhost/"),
+            Some(vec![
+                "/opt/rt5/bin/rt-mailgate",
+                "--queue",
+                "support",
+                "--action",
+                "correspond",
+                "--url",
+                "http://localhost/"
+            ])
+        );
+        assert_eq!(
+            plain_argv(" /usr/bin/env  a=b\tuser@example.org,100% "),
+            Some(vec!["/usr/bin/env", "a=b", "user@example.org,100%"])
+        );
+        for needs_a_shell in [
+            "",
+            "cat > /tmp/x",
+            "exit 75",
+            "true",
+            "FOO=1 /usr/bin/env",
+            "/bin/echo $HOME",
+            "/bin/echo ~",
+            "/bin/echo *",
+            "/bin/echo ?",
+            "/bin/echo [ab]",
+            "/bin/echo {a,b}",
+            "/bin/a; /bin/b",
+            "/bin/a | /bin/b",
+            "/bin/a && /bin/b",
+            "/bin/a &",
+            "/bin/echo 'q'",
+            "/bin/echo \"q\"",
+            "/bin/echo `id`",
+            "/bin/echo a\\ b",
+            "/bin/echo #x",
+            "/bin/echo !x",
+            "/bin/echo (x)",
+            "/bin/a\n/bin/b",
+            "/bin/a < /etc/passwd",
+            "/bin/\u{e9}cho",
+        ] {
+            assert_eq!(plain_argv(needs_a_shell), None, "{needs_a_shell:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_plain_command_runs_without_a_shell_with_its_arguments() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        let printed = run(&request(
+            "/usr/bin/printf %s,%s, a=b --x",
+            &body,
+            Duration::from_secs(10),
+        ))
+        .await;
+        assert_eq!(printed.status(), DeliveryStatus::Delivered);
+        assert_eq!(printed.output, b"a=b,--x,");
+        // No variable a shell sets (PWD, SHLVL) may be in the environment.
+        let env = run(&request("/usr/bin/env", &body, Duration::from_secs(10))).await;
+        let env = String::from_utf8_lossy(&env.output).into_owned();
+        assert!(env.contains("SENDER=s@example.org\n"), "{env}");
+        assert!(!env.contains("PWD="), "a shell ran: {env}");
+        assert!(!env.contains("SHLVL="), "a shell ran: {env}");
     }
 }
