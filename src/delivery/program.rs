@@ -255,7 +255,11 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             )))
         }
     };
-    let mut child = match spawn_spec(request).and_then(|spec| spawn::spawn(&spec)) {
+    let spec = match spawn_spec(request) {
+        Ok(spec) => spec,
+        Err(e) => return failed(Exit::SpawnFailed(e.to_string())),
+    };
+    let mut child = match spawn::spawn(spec).await {
         Ok(c) => c,
         Err(e) => return failed(Exit::SpawnFailed(e.to_string())),
     };

@@ -171,9 +171,111 @@ struct ChildPlan {
 /// The child's stack: it only makes system calls.
 const CHILD_STACK: usize = 32 * 1024;
 
+/// A program started, not yet tied to an async runtime. Dropped without
+/// [`Started::register`], it kills the program's group and reaps it.
+struct Started {
+    child: Unclaimed,
+    stdin: OwnedFd,
+    output: OwnedFd,
+    exited: OwnedFd,
+}
+
+impl Started {
+    /// Hands the pipes and the exit to the current tokio runtime.
+    fn register(mut self) -> io::Result<Spawned> {
+        let Some(pid) = self.child.0.take() else {
+            return Err(io::Error::other("program already handed over"));
+        };
+        let mut spawned = Spawned {
+            pid,
+            stdin: None,
+            output: None,
+            exited: None,
+        };
+        let kill = |e: io::Error| {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            e
+        };
+        // SAFETY: an OwnedFd keeps its descriptor open, and the same, until
+        // the AsyncFd that owns it is dropped.
+        let exited =
+            unsafe { AsyncFd::register_with_interest(self.exited, tokio::io::Interest::READABLE) };
+        match exited {
+            Ok(exited) => spawned.exited = Some(exited),
+            Err(e) => {
+                let e = kill(e.into());
+                let _ = reap(pid, true);
+                return Err(e);
+            }
+        }
+        // From here a failure drops `spawned`, which reaps the child.
+        spawned.stdin = Some(pipe::Sender::from_owned_fd(self.stdin).map_err(kill)?);
+        spawned.output = Some(pipe::Receiver::from_owned_fd(self.output).map_err(kill)?);
+        Ok(spawned)
+    }
+}
+
+/// A child no [`Spawned`] has taken charge of yet.
+struct Unclaimed(Option<libc::pid_t>);
+
+impl Drop for Unclaimed {
+    fn drop(&mut self) {
+        if let Some(pid) = self.0.take() {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            let _ = reap(pid, true);
+        }
+    }
+}
+
+type SpawnJob = (SpawnSpec, tokio::sync::oneshot::Sender<io::Result<Started>>);
+
+/// The thread programs are started from. A vfork'd child borrows its
+/// parent thread until it has exec'd, which on a busy machine takes a
+/// millisecond or more: this thread waits, not the event loops serving
+/// SMTP sessions.
+fn spawner() -> Option<&'static crossbeam_channel::Sender<SpawnJob>> {
+    static SPAWNER: std::sync::OnceLock<Option<crossbeam_channel::Sender<SpawnJob>>> =
+        std::sync::OnceLock::new();
+    SPAWNER
+        .get_or_init(|| {
+            let (jobs, queue) = crossbeam_channel::unbounded::<SpawnJob>();
+            std::thread::Builder::new()
+                .name("program-spawner".into())
+                .stack_size(256 * 1024)
+                .spawn(move || {
+                    for (spec, reply) in queue {
+                        // If the asker is gone, the program is dropped:
+                        // killed and reaped.
+                        let _ = reply.send(start(&spec));
+                    }
+                })
+                .ok()
+                .map(|_| jobs)
+        })
+        .as_ref()
+}
+
 /// Starts the program in its own process group with the pipes as its
 /// standard input, output and error.
-pub fn spawn(spec: &SpawnSpec) -> io::Result<Spawned> {
+pub async fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
+    let started = match spawner() {
+        Some(jobs) => {
+            let (reply, answer) = tokio::sync::oneshot::channel();
+            jobs.send((spec, reply))
+                .map_err(|_| io::Error::other("program spawner thread is gone"))?;
+            answer
+                .await
+                .map_err(|_| io::Error::other("program spawner thread is gone"))??
+        }
+        // No thread could be made: start it here.
+        None => start(&spec)?,
+    };
+    started.register()
+}
+
+fn start(spec: &SpawnSpec) -> io::Result<Started> {
     let (stdin_read, stdin_write) = pipe_pair()?;
     let (output_read, output_write) = pipe_pair()?;
     let argv: Vec<*const libc::c_char> = spec
@@ -243,22 +345,13 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<Spawned> {
         let _ = reap(pid, true);
         return Err(e);
     }
-    // SAFETY: pidfd_open returned a new descriptor we own.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) };
-    let mut spawned = Spawned {
-        pid,
-        stdin: None,
-        output: None,
-        exited: None,
-    };
-    // From here, a failure drops `spawned`, which reaps the child.
-    // SAFETY: an OwnedFd keeps its descriptor open, and the same, until
-    // the AsyncFd that owns it is dropped.
-    spawned.exited =
-        Some(unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }?);
-    spawned.stdin = Some(pipe::Sender::from_owned_fd(stdin_write)?);
-    spawned.output = Some(pipe::Receiver::from_owned_fd(output_read)?);
-    Ok(spawned)
+    Ok(Started {
+        child: Unclaimed(Some(pid)),
+        stdin: stdin_write,
+        output: output_read,
+        // SAFETY: pidfd_open returned a new descriptor we own.
+        exited: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+    })
 }
 
 /// Runs in the child, on the parent's memory: system calls only.
@@ -310,5 +403,57 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
         }
         libc::execve(plan.program, plan.argv, plan.envp);
         fail(plan)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn spec(program: &str, args: &[&str]) -> SpawnSpec {
+        SpawnSpec::new(program, args.iter().copied(), [("PATH", "/bin")], None).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_failed_exec_is_an_error_not_a_child() {
+        let err = spawn(spec("/nonexistent/program", &[]))
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(err.kind(), io::ErrorKind::NotFound);
+    }
+
+    #[tokio::test]
+    async fn exit_status_and_output_come_back() {
+        use tokio::io::AsyncReadExt;
+        let mut child = spawn(spec("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]))
+            .await
+            .unwrap();
+        drop(child.stdin.take());
+        let mut output = Vec::new();
+        child
+            .output
+            .take()
+            .unwrap()
+            .read_to_end(&mut output)
+            .await
+            .unwrap();
+        assert_eq!(output, b"out\nerr\n");
+        assert_eq!(child.wait().await.unwrap().code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn a_program_dropped_unwaited_is_reaped() {
+        let child = spawn(spec("/bin/sleep", &["0"])).await.unwrap();
+        let proc_entry = format!("/proc/{}", child.pid());
+        drop(child);
+        for _ in 0..500 {
+            if !std::path::Path::new(&proc_entry).exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("{proc_entry} is still there: a zombie");
     }
 }
