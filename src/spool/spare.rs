@@ -5,14 +5,12 @@
 //! recently deleted one, about 0.4 ms of CPU per file on a spool that
 //! creates and deletes thousands of files a minute (measured with `perf`;
 //! renames and opens of existing files cost about 20 µs). So the files of a
-//! delivered message are not unlinked but renamed into `spare/`, and a new
-//! message's files are renamed out of it and truncated. Nothing about
-//! durability changes: a spare is never part of the queue, and every rename
-//! into `queue/` is still followed by the batch's directory fsync.
-//!
-//! Spares hold stale mail (mode 0600, in the spool's private directories)
-//! until reused; only small files are kept, and only so many, so `spare/`
-//! stays under [`MAX_SPARES`] × [`MAX_SPARE_SIZE`] bytes.
+//! delivered message are not unlinked but renamed into `spare/` and
+//! truncated there (by the writer thread, off the sessions' path), and a new
+//! message's files are renamed out of it. Nothing about durability changes:
+//! a spare is never part of the queue, and every rename into `queue/` is
+//! still followed by the batch's directory fsync. Spares are empty: no mail
+//! lingers in `spare/`, and it holds at most [`MAX_SPARES`] inodes.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
@@ -25,8 +23,6 @@ use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
 /// Enough spares for the files of the messages a busy node has in flight.
 pub(super) const MAX_SPARES: usize = 1024;
-/// Larger files are unlinked: their blocks would sit unused in `spare/`.
-pub(super) const MAX_SPARE_SIZE: u64 = 64 * 1024;
 
 /// Whether a new file must not replace one already at its path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,14 +40,16 @@ pub(super) struct Spares {
 
 impl Spares {
     /// Takes stock of `dir` (created by the caller). Files beyond the limit,
-    /// from a node that ran with a larger one, are removed.
+    /// from a node that ran with a larger one, are removed, and one a crash
+    /// left untruncated is emptied.
     pub(super) fn load(dir: PathBuf) -> std::io::Result<Spares> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir)?.flatten() {
-            if names.len() < MAX_SPARES {
-                names.push(entry.path());
+            let path = entry.path();
+            if names.len() < MAX_SPARES && empty(&path).is_ok() {
+                names.push(path);
             } else {
-                let _ = fs::remove_file(entry.path());
+                let _ = fs::remove_file(path);
             }
         }
         Ok(Spares {
@@ -85,9 +83,9 @@ impl Spares {
                 path,
                 RenameFlags::RENAME_NOREPLACE,
             ) {
-                Ok(()) => {
-                    return OpenOptions::new().write(true).truncate(true).open(path);
-                }
+                // Spares are empty already: no truncation (and no wait for
+                // the file system's journal) here, on a session's path.
+                Ok(()) => return OpenOptions::new().write(true).open(path),
                 // Another process sharing the spool took it first.
                 Err(Errno::ENOENT) => continue,
                 Err(Errno::EEXIST) => {
@@ -108,14 +106,13 @@ impl Spares {
         open.open(path)
     }
 
-    /// Takes a file out of use: kept as a spare if it is small and there is
-    /// room, else unlinked. A file already gone is not an error.
+    /// Takes a file out of use: moved out of the way and emptied as a spare
+    /// if there is room, else unlinked. A file already gone is not an error.
     pub(super) fn retire(&self, path: &Path) -> std::io::Result<()> {
         let keep = {
             let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
             names.len() < MAX_SPARES
-        } && fs::symlink_metadata(path)
-            .is_ok_and(|m| m.is_file() && m.len() <= MAX_SPARE_SIZE);
+        };
         if keep {
             if let Some(name) = path.file_name() {
                 let spare = self.dir.join(name);
@@ -126,8 +123,14 @@ impl Spares {
                     &spare,
                     RenameFlags::RENAME_NOREPLACE,
                 ) {
+                    // Out of the queue first, then emptied: a crash in
+                    // between leaves a spare that load() empties.
                     Ok(()) => {
-                        self.give_back(spare);
+                        if empty(&spare).is_ok() {
+                            self.give_back(spare);
+                        } else {
+                            let _ = fs::remove_file(&spare);
+                        }
                         return Ok(());
                     }
                     Err(Errno::ENOENT) => return Ok(()),
@@ -149,6 +152,18 @@ impl Spares {
             .unwrap_or_else(PoisonError::into_inner)
             .len()
     }
+}
+
+/// Truncates a regular file to nothing.
+fn empty(path: &Path) -> std::io::Result<()> {
+    let meta = fs::symlink_metadata(path)?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    if meta.len() > 0 {
+        OpenOptions::new().write(true).open(path)?.set_len(0)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -207,16 +222,31 @@ mod tests {
     }
 
     #[test]
-    fn large_files_and_a_full_pool_are_unlinked() {
+    fn spares_hold_no_mail_and_a_full_pool_unlinks() {
         let tmp = tempfile::tempdir().unwrap();
-        let spares = spares_in(tmp.path());
+        let spare_dir = tmp.path().join("spare");
+        fs::create_dir_all(&spare_dir).unwrap();
+        // A crash between the move and the truncation left one full.
+        fs::write(spare_dir.join("crashed.msg"), b"old mail").unwrap();
+        let spares = Spares::load(spare_dir.clone()).unwrap();
+        assert_eq!(fs::read(spare_dir.join("crashed.msg")).unwrap(), b"");
         let big = tmp.path().join("big.msg");
-        fs::write(&big, vec![b'x'; MAX_SPARE_SIZE as usize + 1]).unwrap();
+        fs::write(&big, vec![b'x'; 1 << 20]).unwrap();
         spares.retire(&big).unwrap();
         assert!(!big.exists());
-        assert_eq!(spares.count(), 0);
-        assert_eq!(fs::read_dir(tmp.path().join("spare")).unwrap().count(), 0);
+        assert_eq!(fs::read(spare_dir.join("big.msg")).unwrap(), b"");
+        assert_eq!(spares.count(), 2);
         spares.retire(&tmp.path().join("gone.msg")).unwrap();
+
+        // A full pool unlinks.
+        for n in spares.count()..MAX_SPARES {
+            spares.give_back(spare_dir.join(format!("placeholder{n}")));
+        }
+        let extra = tmp.path().join("extra.msg");
+        fs::write(&extra, b"x").unwrap();
+        spares.retire(&extra).unwrap();
+        assert!(!extra.exists());
+        assert!(!spare_dir.join("extra.msg").exists());
     }
 
     #[test]
