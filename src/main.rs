@@ -347,6 +347,36 @@ fn init_logging(config: &Config) {
 }
 
 /// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
+/// Descriptors each session may need beyond its socket (its body file, a
+/// program's pipes) and the node's own.
+const DESCRIPTORS_PER_SESSION: u64 = 2;
+const DESCRIPTORS_SPARE: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one, as a server that holds
+/// thousands of connections must (systemd's default soft limit is 1024),
+/// and warns if `max_connections` still cannot be reached.
+fn raise_open_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on a local struct.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    let needed = (max_connections as u64) * DESCRIPTORS_PER_SESSION + DESCRIPTORS_SPARE;
+    if !raised || limit.rlim_cur < needed {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "the open-file limit is too low for [smtp] max_connections; raise LimitNOFILE"
+        );
+    }
+}
+
 fn serve(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -361,6 +391,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
             signal(SignalKind::hangup()).context("SIGHUP handler")?,
         ))
     })?;
+    raise_open_file_limit(config.smtp.max_connections);
     let node = Node::start_on(config, Default::default(), inherited_listeners())
         .context("cannot start")?;
     for addr in node.local_addrs() {

@@ -21,7 +21,7 @@ use super::{IncomingBody, SpoolError};
 
 /// Enough threads for the fsyncs of a burst of sessions to wait together;
 /// each is idle (blocked on a channel) when there is no mail.
-pub(super) const STAGING_THREADS: usize = 8;
+pub(super) const STAGING_THREADS: usize = 4;
 
 /// Staging threads only call fsync and write small files.
 const STAGING_STACK: usize = 128 * 1024;
