@@ -88,6 +88,11 @@ pub struct IncomingBody {
     path: PathBuf,
     envelope_path: Option<PathBuf>,
     file: Option<BufWriter<File>>,
+    /// Bytes of content written so far.
+    written: u64,
+    /// A reused file's length before: bytes past `written` are old and cut
+    /// before anything reads or fsyncs the body.
+    old_len: u64,
     /// After the fsync: still open, so its lock keeps other processes'
     /// clean-up away until the rename into `queue/`.
     synced: Option<File>,
@@ -108,12 +113,16 @@ impl IncomingBody {
     /// Pushes buffered content to the file so another process (an inline
     /// delivery) can read it; no fsync: nothing durable is promised yet.
     pub fn flush(&mut self) -> Result<(), SpoolError> {
-        match self.file.as_mut() {
-            Some(f) => f
-                .flush()
-                .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e)),
-            None => Err(SpoolError::WriterGone),
+        let context = || format!("write {}", self.path.display());
+        let file = self.file.as_mut().ok_or(SpoolError::WriterGone)?;
+        file.flush().map_err(|e| SpoolError::io(context(), e))?;
+        if self.old_len > self.written {
+            file.get_ref()
+                .set_len(self.written)
+                .map_err(|e| SpoolError::io(context(), e))?;
+            self.old_len = self.written;
         }
+        Ok(())
     }
 
     fn set_envelope_path(&mut self, path: PathBuf) {
@@ -122,16 +131,16 @@ impl IncomingBody {
 
     /// Appends content.
     pub fn append(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        match self.file.as_mut() {
-            Some(f) => f
-                .write_all(bytes)
-                .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e)),
-            None => Err(SpoolError::WriterGone),
-        }
+        let file = self.file.as_mut().ok_or(SpoolError::WriterGone)?;
+        file.write_all(bytes)
+            .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e))?;
+        self.written += bytes.len() as u64;
+        Ok(())
     }
 
     /// Makes the written body durable (the buffer is flushed first).
     fn sync(&mut self) -> Result<(), SpoolError> {
+        self.flush()?;
         let context = || format!("fsync {}", self.path.display());
         let file = self.file.take().ok_or(SpoolError::WriterGone)?;
         let file = file
@@ -286,7 +295,7 @@ impl Spool {
             }
             let path = self.inner.incoming.join(format!("{id}.msg"));
             match self.inner.spares.create(&path, spare::Existing::Refuse) {
-                Ok(f) => {
+                Ok(spare::Fresh { file: f, old_len }) => {
                     // The lock marks the body as in use for other processes'
                     // start-up clean-up. If one of them got to the fresh file
                     // first, it is removing it: take another id.
@@ -298,6 +307,8 @@ impl Spool {
                         path,
                         envelope_path: None,
                         file: Some(BufWriter::with_capacity(64 * 1024, f)),
+                        written: 0,
+                        old_len,
                         synced: None,
                         committed: false,
                     });

@@ -180,11 +180,17 @@ pub(super) fn write_synced(
     bytes: &[u8],
     existing: Existing,
 ) -> Result<(), SpoolError> {
-    let mut f = spares
+    let mut fresh = spares
         .create(path, existing)
         .map_err(|e| io_err("create", path, e))?;
-    f.write_all(bytes).map_err(|e| io_err("write", path, e))?;
-    f.sync_data().map_err(|e| io_err("fsync", path, e))
+    fresh
+        .file
+        .write_all(bytes)
+        .map_err(|e| io_err("write", path, e))?;
+    fresh
+        .cut(bytes.len() as u64)
+        .map_err(|e| io_err("write", path, e))?;
+    fresh.file.sync_data().map_err(|e| io_err("fsync", path, e))
 }
 
 /// Returns the queue files to remove should the directory fsync fail.
