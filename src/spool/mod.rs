@@ -683,6 +683,49 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_messages_files_are_reused_only_once_the_removal_is_durable() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _writer) = Spool::open(dir.path()).unwrap();
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(b"first message\n").unwrap();
+        let id = body.id().to_string();
+        spool
+            .commit(body, envelope_for(&id))
+            .wait_blocking()
+            .unwrap();
+        let old_inode = fs::metadata(spool.body_path(&id)).unwrap().ino();
+        spool.remove(&id).wait_blocking().unwrap();
+        // Not durable yet (a removal alone waits for a directory fsync to
+        // share): a power cut could bring `id` back, so its body must not
+        // hold new mail.
+        let early = spool.begin(SystemTime::now()).unwrap();
+        assert_ne!(
+            fs::metadata(early.path()).unwrap().ino(),
+            old_inode,
+            "a spare was reused before its removal was durable"
+        );
+        drop(early);
+        // After the delayed directory fsync the file is reused.
+        let reused = wait_until(Duration::from_secs(5), || {
+            let body = spool.begin(SystemTime::now()).unwrap();
+            fs::metadata(body.path()).unwrap().ino() == old_inode
+        });
+        assert!(reused, "the spare was never reused");
+    }
+
+    fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
+        let end = std::time::Instant::now() + limit;
+        while std::time::Instant::now() < end {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
     fn concurrent_commits_share_directory_fsyncs() {
         use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
@@ -703,8 +746,10 @@ mod tests {
         let stats = spool.writer_stats();
         assert_eq!(stats.commits.load(Ordering::Relaxed), N as u64);
         let batches = stats.batches.load(Ordering::Relaxed);
+        // Staged messages reach the writer as their fsyncs finish, a few at
+        // a time; one fsync each would be N.
         assert!(
-            batches < N as u64 / 2,
+            batches < N as u64 * 3 / 4,
             "{batches} directory fsyncs for {N} commits"
         );
     }

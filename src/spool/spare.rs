@@ -61,6 +61,10 @@ pub(super) enum Existing {
     Truncate,
 }
 
+/// A file moved to `spare/` whose removal from `queue/` is not yet durable.
+#[derive(Debug)]
+pub(super) struct Retired(PathBuf, u64);
+
 pub(super) struct Spares {
     dir: PathBuf,
     /// Each spare with its length.
@@ -141,9 +145,15 @@ impl Spares {
         })
     }
 
-    /// Takes a file out of use: kept as a spare if it is small and there is
-    /// room, else unlinked. A file already gone is not an error.
-    pub(super) fn retire(&self, path: &Path) -> std::io::Result<()> {
+    /// Takes a file out of `queue/`: moved to `spare/` if it is small and
+    /// there is room, else unlinked. A file already gone is not an error.
+    ///
+    /// A moved file comes back as a [`Retired`], not yet reusable: until a
+    /// directory fsync of `queue/` has made its removal durable, a power cut
+    /// could bring the old entry back, and it must not then point at a new
+    /// message's bytes. The writer hands it to [`Spares::release`] after
+    /// that fsync.
+    pub(super) fn retire(&self, path: &Path) -> std::io::Result<Option<Retired>> {
         let room = {
             let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
             names.len() < MAX_SPARES
@@ -162,19 +172,29 @@ impl Spares {
                     &spare,
                     RenameFlags::RENAME_NOREPLACE,
                 ) {
-                    Ok(()) => {
-                        self.give_back((spare, len));
-                        return Ok(());
-                    }
-                    Err(Errno::ENOENT) => return Ok(()),
+                    Ok(()) => return Ok(Some(Retired(spare, len))),
+                    Err(Errno::ENOENT) => return Ok(None),
                     // Fall back to unlinking.
                     Err(_) => {}
                 }
             }
         }
         match fs::remove_file(path) {
-            Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
-            other => other,
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            other => other.map(|()| None),
+        }
+    }
+
+    /// Makes retired files reusable, now that their removal from `queue/`
+    /// is durable. Beyond the pool's size they are unlinked.
+    pub(super) fn release(&self, retired: impl IntoIterator<Item = Retired>) {
+        let mut names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
+        for Retired(path, len) in retired {
+            if names.len() < MAX_SPARES {
+                names.push((path, len));
+            } else {
+                let _ = fs::remove_file(path);
+            }
         }
     }
 
@@ -206,7 +226,9 @@ mod tests {
         let old = tmp.path().join("old.msg");
         fs::write(&old, b"yesterday's mail").unwrap();
         let inode = fs::metadata(&old).unwrap().ino();
-        spares.retire(&old).unwrap();
+        let retired = spares.retire(&old).unwrap();
+        assert_eq!(spares.count(), 0, "reusable before the removal is durable");
+        spares.release(retired);
         assert!(!old.exists());
         assert_eq!(spares.count(), 1);
 
@@ -231,7 +253,8 @@ mod tests {
         let spares = spares_in(tmp.path());
         let spare_source = tmp.path().join("s.env");
         fs::write(&spare_source, b"x").unwrap();
-        spares.retire(&spare_source).unwrap();
+        let retired = spares.retire(&spare_source).unwrap();
+        spares.release(retired);
         let taken = tmp.path().join("taken.msg");
         fs::write(&taken, b"someone else's").unwrap();
         let err = spares.create(&taken, Existing::Refuse).unwrap_err();
@@ -261,7 +284,7 @@ mod tests {
 
         let big = tmp.path().join("big.msg");
         fs::write(&big, vec![b'x'; MAX_SPARE_SIZE as usize + 1]).unwrap();
-        spares.retire(&big).unwrap();
+        assert!(spares.retire(&big).unwrap().is_none());
         assert!(!big.exists());
         assert!(!spare_dir.join("big.msg").exists());
         assert_eq!(spares.count(), 1);
@@ -272,7 +295,8 @@ mod tests {
         }
         let extra = tmp.path().join("extra.msg");
         fs::write(&extra, b"x").unwrap();
-        spares.retire(&extra).unwrap();
+        let retired = spares.retire(&extra).unwrap();
+        spares.release(retired);
         assert!(!extra.exists());
         assert!(!spare_dir.join("extra.msg").exists());
     }
@@ -284,7 +308,8 @@ mod tests {
         for name in ["a.msg", "b.msg"] {
             let path = tmp.path().join(name);
             fs::write(&path, b"x").unwrap();
-            spares.retire(&path).unwrap();
+            let retired = spares.retire(&path).unwrap();
+            spares.release(retired);
         }
         // The other process renames the most recent spare away.
         fs::remove_file(tmp.path().join("spare/b.msg")).unwrap();

@@ -7,13 +7,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tokio::sync::oneshot;
 
 use super::envelope::{encode, Envelope};
-use super::spare::{Existing, Spares};
+use super::spare::{Existing, Retired, Spares};
 use super::{IncomingBody, SpoolError};
 
 /// Most jobs taken into one batch: enough to share fsyncs, few enough that
@@ -55,8 +55,36 @@ pub struct WriterStats {
 /// How long a removal may wait for a directory fsync to share. Removals do
 /// not hold anyone up (nothing is lost if one is undone by a power cut: the
 /// message is delivered again), so they ride on the next commit's fsync,
-/// which under load comes within milliseconds, instead of paying their own.
+/// which under load comes within milliseconds, instead of paying their own;
+/// at the latest this long after the first unsynced one.
 pub(super) const REMOVAL_SYNC_DELAY: Duration = Duration::from_millis(50);
+
+/// Removals made but not yet made durable by a directory fsync.
+#[derive(Default)]
+struct Unsynced {
+    since: Option<Instant>,
+    /// Their files, reusable only after that fsync.
+    retired: Vec<Retired>,
+}
+
+impl Unsynced {
+    /// After a successful directory fsync of `queue/`.
+    fn synced(&mut self, spares: &Spares) {
+        self.since = None;
+        spares.release(self.retired.drain(..));
+    }
+
+    fn sync_now(&mut self, queue: &Path, spares: &Spares) {
+        match sync_dir(queue) {
+            Ok(()) => self.synced(spares),
+            Err(e) => {
+                tracing::error!("cannot make removals durable: {e}");
+                // Try again after another delay.
+                self.since = Some(Instant::now());
+            }
+        }
+    }
+}
 
 /// Runs until every sender is gone.
 pub(super) fn run(
@@ -65,28 +93,37 @@ pub(super) fn run(
     spares: Arc<Spares>,
     stats: Arc<WriterStats>,
 ) {
-    let mut removals_unsynced = false;
+    let mut unsynced = Unsynced::default();
     loop {
-        let first = if removals_unsynced {
-            match jobs.recv_timeout(REMOVAL_SYNC_DELAY) {
-                Ok(job) => job,
-                Err(RecvTimeoutError::Timeout) => {
-                    removals_unsynced = sync_dir(&queue).is_err();
-                    continue;
+        let first = match unsynced.since {
+            Some(since) => {
+                let left = REMOVAL_SYNC_DELAY.saturating_sub(since.elapsed());
+                match jobs.recv_timeout(left) {
+                    Ok(job) => job,
+                    Err(RecvTimeoutError::Timeout) => {
+                        unsynced.sync_now(&queue, &spares);
+                        continue;
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
-                Err(RecvTimeoutError::Disconnected) => break,
             }
-        } else {
-            match jobs.recv() {
+            None => match jobs.recv() {
                 Ok(job) => job,
                 Err(_) => break,
-            }
+            },
         };
         let mut batch = vec![first];
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-        removals_unsynced |= process_batch(batch, &queue, &spares, &stats);
+        process_batch(batch, &queue, &spares, &stats, &mut unsynced);
+        // A steady stream of removals must not put the fsync off forever.
+        if unsynced
+            .since
+            .is_some_and(|since| since.elapsed() >= REMOVAL_SYNC_DELAY)
+        {
+            unsynced.sync_now(&queue, &spares);
+        }
     }
-    if removals_unsynced {
+    if unsynced.since.is_some() {
         let _ = sync_dir(&queue);
     }
 }
@@ -99,10 +136,15 @@ struct Done {
     committed: Option<IncomingBody>,
 }
 
-/// Counts the batch in `stats` before anyone hears the outcome. Returns
-/// whether removals were made without a directory fsync (a batch of
-/// removals only).
-fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, stats: &WriterStats) -> bool {
+/// Counts the batch in `stats` before anyone hears the outcome. A batch of
+/// removals only is answered without a directory fsync, left to `unsynced`.
+fn process_batch(
+    batch: Vec<Job>,
+    queue: &Path,
+    spares: &Spares,
+    stats: &WriterStats,
+    unsynced: &mut Unsynced,
+) {
     let only_removals = batch.iter().all(|job| matches!(job, Job::Remove { .. }));
     let mut done = Vec::with_capacity(batch.len());
     for job in batch {
@@ -134,20 +176,27 @@ fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, stats: &WriterS
             },
             Job::Remove { id, reply } => Done {
                 reply,
-                result: remove_one(&id, queue, spares),
+                result: remove_one(&id, queue, spares, &mut unsynced.retired),
                 undo: Vec::new(),
                 committed: None,
             },
         });
     }
     if only_removals {
+        unsynced.since.get_or_insert_with(Instant::now);
         for d in done {
             let _ = d.reply.send(d.result);
         }
-        return true;
+        return;
     }
-    // One directory fsync makes every rename of the batch durable.
+    // One directory fsync makes every rename of the batch durable, and
+    // every earlier removal.
     let synced = sync_dir(queue);
+    if synced.is_ok() {
+        unsynced.synced(spares);
+    } else if !unsynced.retired.is_empty() {
+        unsynced.since.get_or_insert_with(Instant::now);
+    }
     stats.batches.fetch_add(1, Ordering::Relaxed);
     if synced.is_ok() {
         let commits = done.iter().filter(|d| d.committed.is_some()).count();
@@ -167,7 +216,6 @@ fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, stats: &WriterS
         }
         let _ = d.reply.send(d.result);
     }
-    false
 }
 
 fn io_err(context: &str, path: &Path, e: std::io::Error) -> SpoolError {
@@ -222,12 +270,18 @@ fn update_one(envelope: &Envelope, queue: &Path, spares: &Spares) -> Result<(), 
     fs::rename(&tmp, &path).map_err(|e| io_err("rename", &tmp, e))
 }
 
-fn remove_one(id: &str, queue: &Path, spares: &Spares) -> Result<(), SpoolError> {
+fn remove_one(
+    id: &str,
+    queue: &Path,
+    spares: &Spares,
+    retired: &mut Vec<Retired>,
+) -> Result<(), SpoolError> {
     for ext in ["env", "msg"] {
         let path = queue.join(format!("{id}.{ext}"));
-        spares
+        let moved = spares
             .retire(&path)
             .map_err(|e| io_err("remove", &path, e))?;
+        retired.extend(moved);
     }
     Ok(())
 }
