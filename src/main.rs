@@ -346,10 +346,9 @@ fn init_logging(config: &Config) {
     }
 }
 
-/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
-/// Descriptors each session may need beyond its socket (its body file, a
-/// program's pipes) and the node's own.
-const DESCRIPTORS_PER_SESSION: u64 = 2;
+/// Descriptors a session may hold: its socket, its body file and, in inline
+/// mode, a program's two pipes and pidfd.
+const DESCRIPTORS_PER_SESSION: u64 = 5;
 const DESCRIPTORS_SPARE: u64 = 256;
 
 /// Raises the soft open-file limit to the hard one, as a server that holds
@@ -377,6 +376,7 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
+/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
 fn serve(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()

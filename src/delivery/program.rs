@@ -195,8 +195,10 @@ fn own_user() -> Option<&'static nix::unistd::User> {
 }
 
 /// The program, its arguments and its whole environment.
-fn spawn_spec(request: &ProgramRequest) -> std::io::Result<SpawnSpec> {
-    let (program, args) = match plain_argv(&request.command) {
+/// `direct`: run a plain command without the shell.
+fn spawn_spec(request: &ProgramRequest, direct: bool) -> std::io::Result<SpawnSpec> {
+    let words = plain_argv(&request.command).filter(|_| direct);
+    let (program, args) = match words {
         Some(words) => (words[0], words[1..].to_vec()),
         None => ("/bin/sh", vec!["-c", request.command.as_str()]),
     };
@@ -255,13 +257,24 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             )))
         }
     };
-    let spec = match spawn_spec(request) {
-        Ok(spec) => spec,
-        Err(e) => return failed(Exit::SpawnFailed(e.to_string())),
-    };
-    let mut child = match spawn::spawn(spec).await {
-        Ok(c) => c,
-        Err(e) => return failed(Exit::SpawnFailed(e.to_string())),
+    // Starting counts against the timeout too (an exec can hang on a dead
+    // network file system).
+    let started_in_time = tokio::time::timeout(request.timeout, async {
+        let spawned = spawn::spawn(spawn_spec(request, true)?).await;
+        match spawned {
+            // A script without a #! line: the shell would have run it as a
+            // shell script, so let it.
+            Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
+                spawn::spawn(spawn_spec(request, false)?).await
+            }
+            other => other,
+        }
+    })
+    .await;
+    let mut child = match started_in_time {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => return failed(Exit::SpawnFailed(e.to_string())),
+        Err(_) => return failed(Exit::TimedOut),
     };
     let mut group = GroupGuard(Some(nix::unistd::Pid::from_raw(child.pid())));
     let feed = feed_stdin(child.stdin.take(), request.stdin_prefix.clone(), body);
@@ -671,5 +684,21 @@ mod tests {
         assert!(env.contains("SENDER=s@example.org\n"), "{env}");
         assert!(!env.contains("PWD="), "a shell ran: {env}");
         assert!(!env.contains("SHLVL="), "a shell ran: {env}");
+    }
+
+    #[tokio::test]
+    async fn a_script_without_an_interpreter_line_runs_as_the_shell_would() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        std::fs::write(&body, b"x\n").unwrap();
+        let script = dir.path().join("no-shebang");
+        std::fs::write(&script, b"echo ran as a shell script; exit 0\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let command = script.display().to_string();
+        assert!(plain_argv(&command).is_some());
+        let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
+        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.output, b"ran as a shell script\n");
     }
 }

@@ -17,6 +17,14 @@
 //! ask every thread of the process (which here would be our parent's
 //! threads) to change theirs too.
 
+// The child changes its credentials with raw system calls; on these
+// targets SYS_setresuid and friends take 16-bit ids, and a uid of 65536
+// would become root.
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+compile_error!(
+    "spawn.rs uses the 32-bit-id credential system calls; port it to the *32 calls first"
+);
+
 use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -125,6 +133,17 @@ impl Drop for Spawned {
     }
 }
 
+/// Kills an unreaped child and its group: the child itself too, in case it
+/// has already left its group (setsid) and would otherwise live on.
+fn kill_unreaped(pid: libc::pid_t) {
+    // SAFETY: plain system calls; the pid is our child, not yet reaped, so
+    // neither it nor its group id can have been reused.
+    unsafe {
+        libc::kill(-pid, libc::SIGKILL);
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
 /// `waitpid` on our child; `None` while it runs (when not blocking).
 fn reap(pid: libc::pid_t, block: bool) -> io::Result<Option<ExitStatus>> {
     let mut status = 0;
@@ -193,8 +212,7 @@ impl Started {
             exited: None,
         };
         let kill = |e: io::Error| {
-            // SAFETY: our own child, not yet reaped.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            kill_unreaped(pid);
             e
         };
         // SAFETY: an OwnedFd keeps its descriptor open, and the same, until
@@ -222,8 +240,7 @@ struct Unclaimed(Option<libc::pid_t>);
 impl Drop for Unclaimed {
     fn drop(&mut self) {
         if let Some(pid) = self.0.take() {
-            // SAFETY: our own child, not yet reaped.
-            unsafe { libc::kill(-pid, libc::SIGKILL) };
+            kill_unreaped(pid);
             let _ = reap(pid, true);
         }
     }
@@ -231,28 +248,34 @@ impl Drop for Unclaimed {
 
 type SpawnJob = (SpawnSpec, tokio::sync::oneshot::Sender<io::Result<Started>>);
 
-/// The thread programs are started from. A vfork'd child borrows its
-/// parent thread until it has exec'd, which on a busy machine takes a
-/// millisecond or more: this thread waits, not the event loops serving
-/// SMTP sessions.
+/// Threads programs are started from. A vfork'd child borrows its parent
+/// thread until it has exec'd, which on a busy machine takes a millisecond
+/// or more: these threads wait, not the event loops serving SMTP sessions,
+/// and several of them, so one slow exec does not hold up the next.
+const SPAWNER_THREADS: usize = 4;
+
 fn spawner() -> Option<&'static crossbeam_channel::Sender<SpawnJob>> {
     static SPAWNER: std::sync::OnceLock<Option<crossbeam_channel::Sender<SpawnJob>>> =
         std::sync::OnceLock::new();
     SPAWNER
         .get_or_init(|| {
             let (jobs, queue) = crossbeam_channel::unbounded::<SpawnJob>();
-            std::thread::Builder::new()
-                .name("program-spawner".into())
-                .stack_size(256 * 1024)
-                .spawn(move || {
-                    for (spec, reply) in queue {
-                        // If the asker is gone, the program is dropped:
-                        // killed and reaped.
-                        let _ = reply.send(start(&spec));
-                    }
-                })
-                .ok()
-                .map(|_| jobs)
+            let mut started = 0;
+            for n in 0..SPAWNER_THREADS {
+                let queue = queue.clone();
+                let thread = std::thread::Builder::new()
+                    .name(format!("program-spawn-{n}"))
+                    .stack_size(256 * 1024)
+                    .spawn(move || {
+                        for (spec, reply) in queue {
+                            // If the asker is gone, the program is dropped:
+                            // killed and reaped.
+                            let _ = reply.send(start(&spec));
+                        }
+                    });
+                started += usize::from(thread.is_ok());
+            }
+            (started > 0).then_some(jobs)
         })
         .as_ref()
 }
@@ -340,8 +363,7 @@ fn start(spec: &SpawnSpec) -> io::Result<Started> {
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if pidfd < 0 {
         let e = io::Error::last_os_error();
-        // SAFETY: our own child, not yet reaped.
-        unsafe { libc::kill(-pid, libc::SIGKILL) };
+        kill_unreaped(pid);
         let _ = reap(pid, true);
         return Err(e);
     }
