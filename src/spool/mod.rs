@@ -298,8 +298,11 @@ impl Spool {
                 Ok(spare::Fresh { file: f, old_len }) => {
                     // The lock marks the body as in use for other processes'
                     // start-up clean-up. If one of them got to the fresh file
-                    // first, it is removing it: take another id.
+                    // first (or is probing the reused inode's lock), leave it
+                    // and take another id; the name is ours to remove.
                     if f.try_lock().is_err() {
+                        drop(f);
+                        let _ = fs::remove_file(&path);
                         continue;
                     }
                     return Ok(IncomingBody {

@@ -119,8 +119,14 @@ impl Spares {
                 RenameFlags::RENAME_NOREPLACE,
             ) {
                 Ok(()) => {
-                    let file = OpenOptions::new().write(true).open(path)?;
-                    return Ok(Fresh { file, old_len });
+                    return match OpenOptions::new().write(true).open(path) {
+                        Ok(file) => Ok(Fresh { file, old_len }),
+                        Err(e) => {
+                            // Not left at a path its caller will not own.
+                            let _ = fs::remove_file(path);
+                            Err(e)
+                        }
+                    };
                 }
                 // Another process sharing the spool took it first.
                 Err(Errno::ENOENT) => continue,
