@@ -351,28 +351,18 @@ fn init_logging(config: &Config) {
 const DESCRIPTORS_PER_SESSION: u64 = 5;
 const DESCRIPTORS_SPARE: u64 = 256;
 
-/// Raises the soft open-file limit to the hard one, as a server that holds
-/// thousands of connections must (systemd's default soft limit is 1024),
-/// and warns if `max_connections` still cannot be reached.
+/// Raises the open-file limit (programs keep the original one) and warns if
+/// `max_connections` still cannot be reached.
 fn raise_open_file_limit(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on a local struct.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
-        }
-    };
     let needed = (max_connections as u64) * DESCRIPTORS_PER_SESSION + DESCRIPTORS_SPARE;
-    if !raised || limit.rlim_cur < needed {
-        tracing::warn!(
-            open_files = limit.rlim_cur,
+    match mailnode::delivery::spawn::raise_open_file_limit() {
+        Ok(limit) if limit >= needed => {}
+        Ok(limit) => tracing::warn!(
+            open_files = limit,
             needed,
             "the open-file limit is too low for [smtp] max_connections; raise LimitNOFILE"
-        );
+        ),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
     }
 }
 

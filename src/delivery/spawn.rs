@@ -34,6 +34,42 @@ use std::process::ExitStatus;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
+/// The open-file soft limit mailnode started with, restored in programs
+/// (0: never raised, nothing to restore). A program should not inherit the
+/// raised limit: tools that close every descriptor up to the limit would
+/// crawl, and select() users can break.
+static PROGRAM_OPEN_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Raises this process's soft open-file limit to the hard one (a server
+/// holding thousands of connections needs it; systemd's default soft limit
+/// is 1024) while programs keep the limit mailnode started with. Returns
+/// the soft limit now in force.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain system calls on local structs.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let original = limit.rlim_cur;
+        if original < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            PROGRAM_OPEN_FILES.store(original, std::sync::atomic::Ordering::Relaxed);
+            limit = raised;
+        }
+    }
+    Ok(limit.rlim_cur)
+}
+
 /// What to run and how.
 pub struct SpawnSpec {
     /// Absolute path of the program.
@@ -183,6 +219,8 @@ struct ChildPlan {
     stdin: RawFd,
     output: RawFd,
     credentials: Option<(libc::uid_t, libc::gid_t)>,
+    /// The soft open-file limit to give the program (0: leave it).
+    open_files: libc::rlim_t,
     /// Set by the child if it fails before `execve` succeeds.
     errno: libc::c_int,
 }
@@ -320,6 +358,7 @@ fn start(spec: &SpawnSpec) -> io::Result<Started> {
         stdin: stdin_read.as_raw_fd(),
         output: output_write.as_raw_fd(),
         credentials: spec.credentials,
+        open_files: PROGRAM_OPEN_FILES.load(std::sync::atomic::Ordering::Relaxed),
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK];
@@ -409,6 +448,13 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(plan);
             }
         }
+        if plan.open_files != 0 {
+            let mut limit: libc::rlimit = std::mem::zeroed();
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                limit.rlim_cur = plan.open_files.min(limit.rlim_max);
+                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            }
+        }
         if libc::setpgid(0, 0) != 0 {
             fail(plan);
         }
@@ -463,6 +509,34 @@ mod tests {
             .unwrap();
         assert_eq!(output, b"out\nerr\n");
         assert_eq!(child.wait().await.unwrap().code(), Some(3));
+    }
+
+    #[tokio::test]
+    async fn programs_keep_the_open_file_limit_mailnode_started_with() {
+        use tokio::io::AsyncReadExt;
+        let before = {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            // SAFETY: a plain system call on a local struct.
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+            limit
+        };
+        let now = raise_open_file_limit().unwrap();
+        assert_eq!(now, before.rlim_max);
+        let mut child = spawn(spec("/bin/sh", &["-c", "ulimit -n"])).await.unwrap();
+        drop(child.stdin.take());
+        let mut output = String::new();
+        child
+            .output
+            .take()
+            .unwrap()
+            .read_to_string(&mut output)
+            .await
+            .unwrap();
+        assert_eq!(child.wait().await.unwrap().code(), Some(0));
+        assert_eq!(output.trim(), before.rlim_cur.to_string());
     }
 
     #[tokio::test]
