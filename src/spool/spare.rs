@@ -12,9 +12,10 @@
 //! commit (truncating first cost a fifth more per fsync). The writer of a
 //! reused file cuts it to its new length before the fsync ([`Fresh`]).
 //!
-//! Nothing about durability changes: a spare is never part of the queue,
-//! and every rename into `queue/` is still followed by the batch's directory
-//! fsync. Like unlinked files' blocks, spares keep old bytes until
+//! Nothing about durability changes: a spare is never part of the queue
+//! (a retired file becomes reusable only after the directory fsync that made
+//! its removal durable, see [`Retired`]), and every rename into `queue/` is
+//! still followed by the batch's directory fsync. Like unlinked files' blocks, spares keep old bytes until
 //! overwritten, inside the spool's private directories; only files up to
 //! [`MAX_SPARE_SIZE`] are kept, at most [`MAX_SPARES`] of them.
 
