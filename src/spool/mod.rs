@@ -10,7 +10,7 @@
 //!   rename into `queue/` is the commit point;
 //! - `corrupt/`: damaged envelopes moved aside for an operator, never
 //!   silently deleted;
-//! - `spare/`: files of delivered messages kept for reuse (see [`spare`]);
+//! - `spare/`: files of delivered messages kept for reuse (`spare.rs` says why);
 //!   never part of the queue.
 
 pub mod envelope;
