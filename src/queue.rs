@@ -177,34 +177,21 @@ mod tests {
     }
 
     fn envelope(sender: &str, n: usize, arrival: SystemTime) -> Envelope {
-        Envelope {
-            id: "ID".into(),
-            sender: sender.into(),
-            return_path: sender.into(),
-            arrival,
-            client_address: "127.0.0.1".into(),
-            client_helo: "c".into(),
-            channel: "local".into(),
-            size: 1,
-            smtputf8: false,
-            body_8bit: false,
-            held: false,
-            next_attempt: arrival,
-            deliveries: (0..n)
-                .map(|i| {
-                    Delivery::new(
-                        format!("r{i}@x"),
-                        format!("r{i}@x"),
-                        format!("r{i}"),
-                        String::new(),
-                        "x".into(),
-                        Target::Pipe {
-                            command: "cat".into(),
-                        },
-                    )
-                })
-                .collect(),
-        }
+        let deliveries = (0..n)
+            .map(|i| {
+                Delivery::new(
+                    format!("r{i}@x"),
+                    format!("r{i}@x"),
+                    format!("r{i}"),
+                    String::new(),
+                    "x".into(),
+                    Target::Pipe {
+                        command: "cat".into(),
+                    },
+                )
+            })
+            .collect();
+        Envelope::for_test("ID", sender, arrival, deliveries)
     }
 
     #[test]
@@ -284,9 +271,8 @@ mod tests {
         assert_eq!(inline_verdict("ID", &[ok, perm]), InlineOutcome::Permanent);
     }
 
-    #[test]
-    fn a_failure_is_returned_at_once_while_others_still_wait() {
-        let now = SystemTime::now();
+    /// Two recipients: the first failed for good, the second waits to retry.
+    fn one_failed_one_waiting(now: SystemTime) -> Envelope {
         let mut env = envelope("a@x", 2, now);
         record_result(
             &mut env,
@@ -304,6 +290,13 @@ mod tests {
             true,
             now,
         );
+        env
+    }
+
+    #[test]
+    fn a_failure_is_returned_at_once_while_others_still_wait() {
+        let now = SystemTime::now();
+        let mut env = one_failed_one_waiting(now);
         assert_eq!(
             next_step(&mut env, now, &policy(), true),
             Step::Bounce(vec![0])
@@ -314,23 +307,7 @@ mod tests {
             Step::Defer(now + Duration::from_secs(60))
         );
         // Without a relay the failure waits for the rest, then holds.
-        let mut env = envelope("a@x", 2, now);
-        record_result(
-            &mut env,
-            0,
-            &DeliveryStatus::Permanent("67".into()),
-            "5.3.0",
-            true,
-            now,
-        );
-        record_result(
-            &mut env,
-            1,
-            &DeliveryStatus::Temporary("75".into()),
-            "4.3.0",
-            true,
-            now,
-        );
+        let mut env = one_failed_one_waiting(now);
         assert!(matches!(
             next_step(&mut env, now, &policy(), false),
             Step::Defer(_)

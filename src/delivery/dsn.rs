@@ -191,21 +191,7 @@ mod tests {
         d.state = DeliveryState::Failed;
         d.last_error = "program exited 67: no such\nqueue".into();
         d.record(SystemTime::now(), "5.3.0", &d.last_error.clone());
-        let env = Envelope {
-            id: "ID".into(),
-            sender: "alice@example.org".into(),
-            return_path: "alice@example.org".into(),
-            arrival: SystemTime::now(),
-            client_address: "127.0.0.1".into(),
-            client_helo: "c".into(),
-            channel: "local".into(),
-            size: 1,
-            smtputf8: false,
-            body_8bit: false,
-            held: false,
-            next_attempt: SystemTime::now(),
-            deliveries: vec![d],
-        };
+        let env = Envelope::for_test("ID", "alice@example.org", SystemTime::now(), vec![d]);
         let msg = build(
             &env,
             &[0],

@@ -135,6 +135,31 @@ impl Envelope {
     pub fn delivery_id(&self, index: usize) -> String {
         format!("{}.{}", self.id, index)
     }
+
+    /// A plain envelope for unit tests: a local client, a small message.
+    #[cfg(test)]
+    pub(crate) fn for_test(
+        id: &str,
+        sender: &str,
+        arrival: SystemTime,
+        deliveries: Vec<Delivery>,
+    ) -> Envelope {
+        Envelope {
+            id: id.into(),
+            sender: sender.into(),
+            return_path: sender.into(),
+            arrival,
+            client_address: "127.0.0.1".into(),
+            client_helo: "client".into(),
+            channel: "local".into(),
+            size: 1,
+            smtputf8: false,
+            body_8bit: false,
+            held: false,
+            next_attempt: arrival,
+            deliveries,
+        }
+    }
 }
 
 /// Why bytes are not an envelope.

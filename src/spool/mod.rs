@@ -607,30 +607,17 @@ mod tests {
     use crate::aliases::Target;
 
     fn envelope_for(id: &str) -> Envelope {
-        Envelope {
-            id: id.to_string(),
-            sender: "a@example.org".into(),
-            return_path: "a@example.org".into(),
-            arrival: SystemTime::now(),
-            client_address: "127.0.0.1".into(),
-            client_helo: "client".into(),
-            channel: "local".into(),
-            size: 5,
-            smtputf8: false,
-            body_8bit: false,
-            held: false,
-            next_attempt: SystemTime::now(),
-            deliveries: vec![Delivery::new(
-                "x@example.org".into(),
-                "x@example.org".into(),
-                "x".into(),
-                String::new(),
-                "example.org".into(),
-                Target::Pipe {
-                    command: "cat".into(),
-                },
-            )],
-        }
+        let delivery = Delivery::new(
+            "x@example.org".into(),
+            "x@example.org".into(),
+            "x".into(),
+            String::new(),
+            "example.org".into(),
+            Target::Pipe {
+                command: "cat".into(),
+            },
+        );
+        Envelope::for_test(id, "a@example.org", SystemTime::now(), vec![delivery])
     }
 
     #[test]
