@@ -49,11 +49,7 @@ fn a_full_spool_is_a_452_and_mail_flows_again_once_space_returns() {
     std::fs::write(&filler, vec![0u8; 900 * 1024]).unwrap();
     let send = |lines: usize| {
         let mut c = Client::connect(addr);
-        c.reply();
-        c.cmd("EHLO client");
-        c.cmd("MAIL FROM:<a@example.org>");
-        c.cmd("RCPT TO:<hold@example.org>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.open_data("client", "a@example.org", "hold@example.org");
         c.send(b"Subject: big\r\n\r\n");
         let line = format!("{}\r\n", "x".repeat(98));
         for _ in 0..lines {

@@ -59,11 +59,7 @@ fn idle_timeouts_in_commands_and_in_data() {
     assert!(c.is_closed());
 
     let mut c = node.client();
-    c.reply();
-    c.cmd("EHLO client");
-    c.cmd("MAIL FROM:<a@example.org>");
-    c.cmd("RCPT TO:<ok@example.org>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.open_data("client", "a@example.org", "ok@example.org");
     c.send(b"Subject: half a message\r\n");
     assert_reply(&c.reply(), 421, "4.4.2");
     assert!(c.is_closed());
@@ -269,11 +265,7 @@ fn shutdown_tells_a_client_stalled_in_data_421_before_time_is_up() {
         c.delivery.timeout = Duration::from_secs(3);
     });
     let mut c = node.client();
-    c.reply();
-    c.cmd("EHLO client");
-    c.cmd("MAIL FROM:<a@example.org>");
-    c.cmd("RCPT TO:<ok@example.org>");
-    assert_eq!(c.cmd("DATA").code, 354);
+    c.open_data("client", "a@example.org", "ok@example.org");
     c.send(b"Subject: never finished\r\n");
     let handle = node.node.take().unwrap();
     let stopping = std::thread::spawn(move || handle.shutdown());

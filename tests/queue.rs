@@ -366,11 +366,7 @@ fn more_than_fifty_received_headers_are_refused_at_data() {
     let node = TestNode::start("ok: |cat > /dev/null\n");
     for (hops, expect) in [(50, 250), (51, 554)] {
         let mut c = node.client();
-        c.reply();
-        c.cmd("EHLO client");
-        c.cmd("MAIL FROM:<a@example.org>");
-        c.cmd("RCPT TO:<ok@example.org>");
-        assert_eq!(c.cmd("DATA").code, 354);
+        c.open_data("client", "a@example.org", "ok@example.org");
         for i in 0..hops {
             c.send(format!("Received: from hop{i} by hop{}\r\n", i + 1).as_bytes());
         }

@@ -187,6 +187,16 @@ impl Client {
         self.reply()
     }
 
+    /// Greeting, EHLO, MAIL and RCPT (answers not checked), then DATA,
+    /// which must be answered 354.
+    pub fn open_data(&mut self, helo: &str, from: &str, rcpt: &str) {
+        self.reply();
+        self.cmd(&format!("EHLO {helo}"));
+        self.cmd(&format!("MAIL FROM:<{from}>"));
+        self.cmd(&format!("RCPT TO:<{rcpt}>"));
+        assert_eq!(self.cmd("DATA").code, 354);
+    }
+
     /// One whole message (greeting to QUIT); `body` without the final dot.
     /// Returns the queue id of the `250`.
     pub fn send_message(mut self, helo: &str, from: &str, rcpt: &str, body: &str) -> String {
