@@ -945,7 +945,9 @@ impl Checker<'_> {
             None => None,
             Some(value) if value.get_ref().is_empty() => None,
             Some(value) => {
-                if is_domain(value.get_ref()) || is_address_literal(value.get_ref()) {
+                if is_domain(value.get_ref())
+                    || crate::protocol::command::is_address_literal(value.get_ref())
+                {
                     Some(value.into_inner())
                 } else {
                     self.error(
@@ -1241,18 +1243,6 @@ fn is_domain(s: &str) -> bool {
         && s.len() <= 253
         && s.split('.')
             .all(|label| crate::protocol::command::is_label(label, false))
-}
-
-/// Whether `s` is an SMTP address literal such as `[192.0.2.1]` or
-/// `[IPv6:2001:db8::1]`.
-fn is_address_literal(s: &str) -> bool {
-    let Some(inner) = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
-        return false;
-    };
-    match inner.strip_prefix("IPv6:") {
-        Some(v6) => v6.parse::<Ipv6Addr>().is_ok(),
-        None => inner.parse::<std::net::Ipv4Addr>().is_ok(),
-    }
 }
 
 /// Parses `host`, `host:port`, `[v6]`, `[v6]:port` or a bare IPv6 address;

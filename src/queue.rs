@@ -330,4 +330,29 @@ mod tests {
         assert_eq!(d.status, "4.4.7");
         assert!(d.last_error.contains("expired") && d.last_error.contains("exit 75"));
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Waits start at retry_min, never shrink, never pass retry_max.
+            #[test]
+            fn retry_delays_grow_within_their_bounds(
+                min_ms in 1u64..100_000,
+                extra_ms in 0u64..10_000_000,
+                attempts in 1u32..200,
+            ) {
+                let policy = QueuePolicy {
+                    retry_min: Duration::from_millis(min_ms),
+                    retry_max: Duration::from_millis(min_ms + extra_ms),
+                    max_age: Duration::from_secs(5 * 86400),
+                };
+                let delay = policy.delay_after(attempts);
+                prop_assert!(delay >= policy.retry_min && delay <= policy.retry_max);
+                prop_assert!(policy.delay_after(attempts + 1) >= delay);
+                prop_assert_eq!(policy.delay_after(1), policy.retry_min);
+            }
+        }
+    }
 }

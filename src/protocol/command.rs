@@ -152,6 +152,15 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         return Err(CommandError::UnknownCommand);
     };
     let rest = std::str::from_utf8(&line[verb_end..]).map_err(|_| CommandError::Syntax)?;
+    // The same for the C1 controls and line separators of UTF-8 text: NEL,
+    // U+2028 and U+2029 break lines for Unicode-aware programs that read
+    // our headers.
+    if rest
+        .chars()
+        .any(|c| (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}')
+    {
+        return Err(CommandError::Syntax);
+    }
     let arg = rest.trim_matches([' ', '\t']);
     match verb {
         "HELO" | "EHLO" => {
@@ -323,7 +332,9 @@ fn parse_mailbox(mailbox: &str, kind: PathKind) -> Result<Address, CommandError>
         let (local, consumed) = parse_quoted(bytes)?;
         (local, &mailbox[consumed..])
     } else {
-        let end = mailbox.rfind('@').unwrap_or(mailbox.len());
+        // A dot-string has no '@': the first one ends it (an address literal
+        // after it may hold more).
+        let end = mailbox.find('@').unwrap_or(mailbox.len());
         let local = &mailbox[..end];
         if !is_dot_string(local.as_bytes()) {
             return Err(CommandError::BadAddress);
@@ -399,15 +410,33 @@ pub fn is_domain(d: &str) -> bool {
     if d.is_empty() || d.len() > MAX_DOMAIN {
         return false;
     }
-    if let Some(lit) = d.strip_prefix('[') {
-        return lit.strip_suffix(']').is_some_and(|inner| {
-            !inner.is_empty()
-                && inner
-                    .bytes()
-                    .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\".contains(&b))
-        });
+    if d.starts_with('[') {
+        return is_address_literal(d);
     }
     d.split('.').all(|label| is_label(label, true))
+}
+
+/// RFC 5321 4.1.3, brackets included: an IPv4 address, `IPv6:` and an IPv6
+/// address, or a general literal `tag:content` (tag letters, digits and
+/// inner hyphens; content printable, without `[`, `]` and `\`).
+pub fn is_address_literal(s: &str) -> bool {
+    let Some(inner) = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
+        return false;
+    };
+    if inner.parse::<std::net::Ipv4Addr>().is_ok() {
+        return true;
+    }
+    let Some((tag, content)) = inner.split_once(':') else {
+        return false;
+    };
+    if tag.eq_ignore_ascii_case("IPv6") {
+        return content.parse::<std::net::Ipv6Addr>().is_ok();
+    }
+    is_label(tag, false)
+        && !content.is_empty()
+        && content
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\".contains(&b))
 }
 
 /// One DNS label: letters, digits and inner hyphens, at most 63 octets;
@@ -468,6 +497,51 @@ mod tests {
         assert_eq!(parse(b"NOOP \x7f"), Err(CommandError::Syntax));
         assert_eq!(parse(b"MAIL\0FROM:<a@b>"), Err(CommandError::Syntax));
         assert_eq!(parse(b"\0"), Err(CommandError::Syntax));
+        // C1 controls in UTF-8 text: NEL (U+0085) in a name and an address.
+        assert_eq!(parse("HELO a\u{85}b".as_bytes()), Err(CommandError::Syntax));
+        assert_eq!(
+            parse("RCPT TO:<a\u{9b}@b> SMTPUTF8".as_bytes()),
+            Err(CommandError::Syntax)
+        );
+        assert_eq!(
+            parse("MAIL FROM:<a\u{2028}@b> SMTPUTF8".as_bytes()),
+            Err(CommandError::Syntax)
+        );
+        // TAB is whitespace, as in headers.
+        assert_eq!(parse(b"HELO a\tb"), Ok(Command::Helo("a\tb".into())));
+    }
+
+    #[test]
+    fn address_literals_follow_rfc_5321() {
+        for good in [
+            "[192.0.2.1]",
+            "[IPv6:2001:db8::1]",
+            "[ipv6:::ffff:192.0.2.1]",
+            "[x-tag:any=thing@here]",
+        ] {
+            assert!(is_address_literal(good), "{good}");
+            assert!(is_domain(good), "{good}");
+        }
+        for bad in [
+            "[]",
+            "[I@v]",
+            "[192.0.2.256]",
+            "[IPv6:192.0.2.1]",
+            "[-tag:x]",
+            "[tag:]",
+            "[tag:a]b]",
+            "192.0.2.1]",
+        ] {
+            assert!(!is_address_literal(bad), "{bad}");
+            assert!(!is_domain(bad), "{bad}");
+        }
+        // The local part ends at the first '@', whatever the literal holds.
+        assert_eq!(
+            parse(b"RCPT TO:<bob@[x-tag:a@b]>"),
+            Ok(Command::Rcpt {
+                to: addr("bob", "[x-tag:a@b]")
+            })
+        );
     }
 
     #[test]
@@ -641,5 +715,68 @@ mod tests {
             CommandError::BadAddress.reply().enhanced_code(),
             Some("5.1.3")
         );
+    }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Local parts of every shape a client may send: dot-strings, and
+        /// quoted strings of any printable ASCII (quotes and backslashes
+        /// included).
+        fn local_part() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-zA-Z0-9!#$%&'*+/=?^_`{|}~-]{1,10}(\\.[a-zA-Z0-9_+-]{1,10}){0,2}",
+                "[ -~]{1,30}",
+            ]
+        }
+
+        fn domain() -> impl Strategy<Value = String> {
+            prop_oneof![
+                "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?(\\.[a-z0-9]{1,10}){0,3}",
+                "\\[(25[0-5]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|1[0-9]{2}|[1-9]?[0-9])){3}\\]",
+            ]
+        }
+
+        proptest! {
+            /// What `to_smtp` writes (Return-Path:, relay commands) parses back
+            /// to the same address.
+            #[test]
+            fn an_address_survives_its_smtp_form(local in local_part(), domain in domain()) {
+                let address = Address { local, domain: Some(domain) };
+                let line = format!("RCPT TO:<{}>", address.to_smtp());
+                prop_assert_eq!(parse(line.as_bytes()), Ok(Command::Rcpt { to: address }));
+            }
+
+            /// Whatever a client sends, no parsed name or address carries a
+            /// control character (TAB, which headers allow, aside) into
+            /// headers or program environments.
+            #[test]
+            fn parsed_fields_never_hold_control_characters(
+                line in proptest::collection::vec(
+                    prop_oneof![any::<u8>(), Just(b'<'), Just(b'>'), Just(b'"'), Just(b'\\'), Just(b'@')],
+                    0..40,
+                ),
+                verb in prop_oneof![Just("HELO "), Just("EHLO "), Just("MAIL FROM:<"), Just("RCPT TO:<")],
+            ) {
+                let mut full = verb.as_bytes().to_vec();
+                full.extend_from_slice(&line);
+                let fields: Vec<String> = match parse(&full) {
+                    Ok(Command::Helo(name) | Command::Ehlo(name)) => vec![name],
+                    Ok(Command::Mail { from: ReversePath::Address(a), .. }) | Ok(Command::Rcpt { to: a }) => {
+                        vec![a.local, a.domain.unwrap_or_default()]
+                    }
+                    _ => Vec::new(),
+                };
+                for field in fields {
+                    prop_assert!(
+                        !field.chars().any(|c| (c.is_control() && c != '\t') || c == '\u{2028}'),
+                        "{:?} from {:?}",
+                        field,
+                        full
+                    );
+                }
+            }
+        }
     }
 }

@@ -359,4 +359,74 @@ mod tests {
         assert!(!exact.too_big());
         assert_eq!(out, b"01234567\n");
     }
+
+    mod properties {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Bytes that matter to the reader, often enough to meet each other.
+        fn wire_bytes() -> impl Strategy<Value = Vec<u8>> {
+            proptest::collection::vec(
+                prop_oneof![
+                    Just(b'\r'),
+                    Just(b'\n'),
+                    Just(b'.'),
+                    Just(b'a'),
+                    any::<u8>()
+                ],
+                0..64,
+            )
+        }
+
+        proptest! {
+            /// However the stream is cut into reads, the reader decides the same.
+            #[test]
+            fn chunking_never_changes_the_result(input in wire_bytes(), chunk in 1usize..16) {
+                for policy in [BareLineEnding::Reject, BareLineEnding::Normalize] {
+                    prop_assert_eq!(
+                        read_chunked(&input, chunk, policy),
+                        read_chunked(&input, input.len(), policy)
+                    );
+                }
+            }
+
+            /// The end of data is the first CRLF.CRLF (the DATA command's CRLF
+            /// first), in both modes; nothing else ends a message.
+            #[test]
+            fn only_crlf_dot_crlf_ends_data(input in wire_bytes()) {
+                let mut framed = b"\r\n".to_vec();
+                framed.extend_from_slice(&input);
+                let end = framed.windows(5).position(|w| w == b"\r\n.\r\n").map(|at| at + 3);
+                let (_, consumed, done) =
+                    read_chunked(&input, input.len(), BareLineEnding::Normalize).unwrap();
+                prop_assert_eq!(done, end.is_some());
+                prop_assert_eq!(consumed, end.unwrap_or(input.len()));
+            }
+
+            /// Dot-stuffing round trip for any lines of any bytes.
+            #[test]
+            fn stuffed_text_reads_back(
+                lines in proptest::collection::vec(
+                    proptest::collection::vec(any::<u8>().prop_filter("no line ends", |b| *b != b'\r' && *b != b'\n'), 0..12),
+                    0..8,
+                ),
+                chunk in 1usize..16,
+            ) {
+                let mut wire = Vec::new();
+                let mut expected = Vec::new();
+                for line in &lines {
+                    if line.first() == Some(&b'.') {
+                        wire.push(b'.');
+                    }
+                    wire.extend_from_slice(line);
+                    wire.extend_from_slice(b"\r\n");
+                    expected.extend_from_slice(line);
+                    expected.push(b'\n');
+                }
+                wire.extend_from_slice(b".\r\nQUIT\r\n");
+                let read = read_chunked(&wire, chunk, BareLineEnding::Reject);
+                prop_assert_eq!(read, Ok((expected, wire.len() - 6, true)));
+            }
+        }
+    }
 }
