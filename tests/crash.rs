@@ -1,18 +1,24 @@
 //! Crash consistency (issue 8): the real binary killed with SIGKILL at
 //! arbitrary moments while clients send and programs deliver, restarted on
 //! the same spool, round after round. Every message that got `250` is
-//! delivered at least once, the server always starts again, and nothing is
-//! left behind in the spool.
+//! delivered at least once to each of its two recipients, a recipient the
+//! spool had marked done (or a message it had removed) is never delivered
+//! again, the server always starts again, and nothing is left behind in the
+//! spool.
 
 mod common;
 
+use std::collections::{HashMap, HashSet};
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
+use mailnode::spool::envelope::decode;
+use mailnode::spool::DeliveryState;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 const ROUNDS: u64 = 50;
@@ -43,6 +49,51 @@ fn start(config: &str, dir: &std::path::Path) -> (Child, SocketAddr) {
     (child, addr)
 }
 
+/// How many times each delivery (`DELIVERY_ID`) has run so far: one outbox
+/// file `DELIVERY_ID.PID` per run.
+fn runs_so_far(outbox: &Path) -> HashMap<String, usize> {
+    let mut runs = HashMap::new();
+    for entry in std::fs::read_dir(outbox).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some((delivery, _pid)) = name.rsplit_once('.') {
+            *runs.entry(delivery.to_string()).or_insert(0) += 1;
+        }
+    }
+    runs
+}
+
+/// With the server dead: the deliveries that must never run again, each
+/// with how often it has run. Done means recorded as such in its envelope,
+/// or run and its whole message removed from `queue/`.
+fn settled_deliveries(spool: &Path, outbox: &Path) -> HashMap<String, usize> {
+    let runs = runs_so_far(outbox);
+    let mut queued = HashSet::new();
+    let mut settled = HashMap::new();
+    for entry in std::fs::read_dir(spool.join("queue")).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(id) = name.strip_suffix(".env") else {
+            continue;
+        };
+        queued.insert(id.to_string());
+        let envelope = decode(&std::fs::read(entry.path()).unwrap())
+            .unwrap_or_else(|e| panic!("{name} after SIGKILL: {e}"));
+        for (index, delivery) in envelope.deliveries.iter().enumerate() {
+            if delivery.state != DeliveryState::Pending {
+                let id = envelope.delivery_id(index);
+                let count = runs.get(&id).copied().unwrap_or(0);
+                settled.insert(id, count);
+            }
+        }
+    }
+    for (delivery, count) in runs {
+        let message = delivery.rsplit_once('.').map_or("", |(message, _)| message);
+        if !queued.contains(message) {
+            settled.insert(delivery, count);
+        }
+    }
+    settled
+}
+
 /// Sends messages until the connection fails; returns the ids acknowledged.
 fn send_until_killed(addr: SocketAddr, acked: &Mutex<Vec<String>>) {
     let one = || -> std::io::Result<String> {
@@ -67,6 +118,7 @@ fn send_until_killed(addr: SocketAddr, acked: &Mutex<Vec<String>>) {
             "HELO c",
             "MAIL FROM:<a@example.org>",
             "RCPT TO:<rec@example.org>",
+            "RCPT TO:<other@example.org>",
             "DATA",
         ] {
             writer.write_all(format!("{cmd}\r\n").as_bytes())?;
@@ -96,7 +148,7 @@ fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
     // A delivery that takes a moment, so kills land during deliveries too.
     std::fs::write(
         &aliases,
-        format!("rec: |cat > {o}/$QUEUE_ID.$$; sleep 0.05\n"),
+        format!("rec: |cat > {o}/$DELIVERY_ID.$$; sleep 0.05\nother: |cat > {o}/$DELIVERY_ID.$$\n"),
     )
     .unwrap();
     let config = dir.path().join("mailnode.toml");
@@ -113,6 +165,9 @@ fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
     let config = config.display().to_string();
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut seed: u64 = 0x5DEECE66D;
+    let spool = dir.path().join("spool");
+    // Delivery -> how often it had run when the spool first showed it done.
+    let mut settled: HashMap<String, usize> = HashMap::new();
     for _ in 0..ROUNDS {
         let (mut child, addr) = start(&config, dir.path());
         let sender = {
@@ -127,6 +182,9 @@ fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
         child.kill().expect("SIGKILL");
         child.wait().unwrap();
         sender.join().unwrap();
+        for (delivery, count) in settled_deliveries(&spool, &outbox) {
+            settled.entry(delivery).or_insert(count);
+        }
     }
     let acked = acked.lock().unwrap().clone();
     assert!(
@@ -137,16 +195,10 @@ fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
 
     // One last run delivers whatever the kills left queued.
     let (mut child, _) = start(&config, dir.path());
+    // Both recipients of the message ran.
     let delivered = |id: &String| {
-        std::fs::read_dir(&outbox)
-            .map(|d| {
-                d.flatten().any(|e| {
-                    e.file_name()
-                        .to_string_lossy()
-                        .starts_with(&format!("{id}."))
-                })
-            })
-            .unwrap_or(false)
+        let runs = runs_so_far(&outbox);
+        runs.contains_key(&format!("{id}.0")) && runs.contains_key(&format!("{id}.1"))
     };
     let all = wait_for(Duration::from_secs(120), || {
         let queue_empty = std::fs::read_dir(dir.path().join("spool/queue"))
@@ -163,6 +215,23 @@ fn kill_9_at_random_moments_loses_nothing_over_many_rounds() {
         "{} of {} acknowledged messages lost: {lost:?}",
         lost.len(),
         acked.len()
+    );
+    assert!(
+        settled.len() > ROUNDS as usize,
+        "too few deliveries settled between kills to mean anything: {}",
+        settled.len()
+    );
+    let runs = runs_so_far(&outbox);
+    let again: Vec<(&String, usize, usize)> = settled
+        .iter()
+        .filter_map(|(delivery, &then)| {
+            let now = runs.get(delivery).copied().unwrap_or(0);
+            (now != then).then_some((delivery, then, now))
+        })
+        .collect();
+    assert!(
+        again.is_empty(),
+        "deliveries run again after the spool marked them done (id, runs then, runs at the end): {again:?}"
     );
     assert_eq!(
         std::fs::read_dir(dir.path().join("spool/incoming"))

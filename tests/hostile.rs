@@ -158,3 +158,44 @@ fn read_line(s: &mut std::net::TcpStream) -> String {
     }
     String::from_utf8_lossy(&line).into_owned()
 }
+
+/// Header injection: a line break or another control character smuggled
+/// into HELO, MAIL or RCPT is refused with 501 (or splits into a second,
+/// unknown command), and the message that follows carries no header the
+/// client wrote into those fields.
+#[test]
+fn header_injection_through_helo_and_addresses_is_refused() {
+    let node = TestNode::start("ok: |cat > OUTBOX/message\n");
+    let mut c = node.client();
+    assert_eq!(c.reply().code, 220);
+    for attempt in [
+        &b"HELO evil\rX-Injected: helo-cr\r\n"[..],
+        "HELO evil\u{85}X-Injected: helo-nel\r\n".as_bytes(),
+        b"HELO evil\x0bX-Injected: helo-vt\r\n",
+        b"MAIL FROM:<a\r@example.org>\r\n",
+        "MAIL FROM:<a\u{2028}@example.org> SMTPUTF8\r\n".as_bytes(),
+        b"MAIL FROM:<\"a\rX-Injected: quoted\"@example.org>\r\n",
+    ] {
+        c.send(attempt);
+        let r = c.reply();
+        assert!(
+            r.is(501, "5.5.4") || r.is(501, "5.1.3") || r.is(553, "5.1.3"),
+            "{attempt:?}: {r:?}"
+        );
+    }
+    // A bare LF ends the command line, so the rest is a command of its own.
+    c.send(b"HELO evil\nX-Injected: helo-lf\r\n");
+    assert_eq!(c.reply().code, 250);
+    assert!(c.reply().is(500, "5.5.2"));
+    assert!(c.cmd("MAIL FROM:<a@example.org>").is(250, "2.1.0"));
+    c.send(b"RCPT TO:<ok@example.org\rX-Injected: rcpt>\r\n");
+    assert_eq!(c.reply().code, 501);
+    assert!(c.cmd("RCPT TO:<ok@example.org>").is(250, "2.1.5"));
+    assert_eq!(c.cmd("DATA").code, 354);
+    c.send(b"Subject: clean\r\n\r\nbody\r\n.\r\n");
+    queued_id(&c.reply());
+    let message = wait_for_file(&node.outbox.join("message"));
+    let text = String::from_utf8_lossy(&message);
+    assert!(!text.contains("X-Injected"), "{text}");
+    assert!(text.contains("Received: from evil ("), "{text}");
+}
