@@ -538,9 +538,29 @@ class InlinePeer(Server):
 # One measured run
 
 
+def meminfo_kib(key):
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def settle_disk(timeout=30):
+    """Write back what earlier runs left dirty before the next one starts.
+    Otherwise a run pays for its predecessor's writeback (and, on a disk
+    mounted with discard, its trims): a latency-bound one-session run after a
+    20-session one measured at a quarter of its speed, whichever server."""
+    os.sync()
+    deadline = time.monotonic() + timeout
+    while meminfo_kib("Dirty") + meminfo_kib("Writeback") > 1024 and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def measure(server, dlog, sessions, size, n, label):
     server.wait_queue_empty()
     dlog.reset()
+    settle_disk()
     root = server.root_pid()
     main = root if isinstance(server, Mailnode) else None
     sampler = Sampler(root, main)
@@ -944,7 +964,7 @@ def report(b, machine, error=None):
     w(f"Mode: {mode}; each figure is the median of {b.runs} run{'s' if b.runs != 1 else ''}"
       + ("" if b.fixed_n else "; N sized by a 300-message calibration run so that a run lasts about 10 s")
       + ". Load: `smtp-source`, one connection per message. Both servers deliver to the same "
-        "sink program (`ops/bench/sink.c`), run as `nobody`. *accepted/s* = N / wall time of smtp-source; "
+        f"sink program (`ops/bench/sink.c`, {b.args.sink_build} build), run as `nobody`. *accepted/s* = N / wall time of smtp-source; "
         "*delivered/s* = N / time from smtp-source's start until the sink's log holds N lines; "
         "*exactly-once* = N lines with N different Message-Ids, still N a second later; "
         "*peak PSS* = the largest sum of `Pss` over the server's whole process tree (sampled every 200 ms), "
@@ -1152,6 +1172,8 @@ def main():
     ap.add_argument("--repo", required=True)
     ap.add_argument("--mailnode", required=True)
     ap.add_argument("--sink", required=True)
+    ap.add_argument("--sink-build", default="freestanding", choices=["freestanding", "libc"],
+                    help="how ops/bench/run built the sink (for the report)")
     ap.add_argument("--postfix-config", required=True)
     args = ap.parse_args()
     args.workdir = os.path.abspath(args.workdir)
