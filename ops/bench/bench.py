@@ -546,6 +546,14 @@ def meminfo_kib(key):
     return 0
 
 
+def cpu_ticks():
+    """(steal, total) jiffies of all CPUs, from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return fields[7], sum(fields[:8])
+
+
 def settle_disk(timeout=30):
     """Write back what earlier runs left dirty before the next one starts.
     Otherwise a run pays for its predecessor's writeback (and, on a disk
@@ -569,6 +577,7 @@ def measure(server, dlog, sessions, size, n, label):
     timeout = load_timeout(n, size)
     errpath = os.path.join(os.path.dirname(os.path.dirname(dlog.path)), "smtp-source.stderr")
     with open(errpath, "wb") as err:
+        steal0, total0 = cpu_ticks()
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
         deadline = t0 + timeout
@@ -578,6 +587,7 @@ def measure(server, dlog, sessions, size, n, label):
                 now = time.monotonic()
                 if t_acc is None and proc.poll() is not None:
                     t_acc = now
+                    steal1, total1 = cpu_ticks()
                     if proc.returncode != 0:
                         raise BenchError(f"{label}: smtp-source exited {proc.returncode}: {tail(errpath, 5).strip()}"
                                          f"\n  command: {shlex.join(cmd)}")
@@ -604,9 +614,13 @@ def measure(server, dlog, sessions, size, n, label):
         "accepted_rate": n / (t_acc - t0), "delivered_rate": n / (t_del - t0),
         "peak_pss_kib": sampler.peak_pss, "peak_rss_kib": sampler.peak_rss, "hwm_kib": hwm,
         "lines": lines, "unique": unique, "exactly_once": lines == n and unique == n,
+        # The share of CPU time the hypervisor gave to other guests while
+        # the load ran: the host's noise, the same for both servers' runs.
+        "steal_pct": 100.0 * (steal1 - steal0) / max(1, total1 - total0),
     }
     log(f"  {label}: N={n} accepted {r['accepted_rate']:.0f}/s delivered {r['delivered_rate']:.0f}/s "
         f"PSS {mib(r['peak_pss_kib']):.1f} MiB" + (f" RSS {mib(r['peak_rss_kib']):.1f} MiB" if main else "")
+        + f" steal {r['steal_pct']:.0f} %"
         + ("" if r["exactly_once"] else f"  EXACTLY-ONCE FAILED: {lines} lines, {unique} unique"))
     server.wait_queue_empty()
     return r
@@ -616,7 +630,8 @@ def summarize(runs):
     def med(k):
         return statistics.median(r[k] for r in runs)
     s = dict(runs[0])
-    for k in ("accepted_rate", "delivered_rate", "peak_pss_kib", "peak_rss_kib", "accepted_s", "delivered_s"):
+    for k in ("accepted_rate", "delivered_rate", "peak_pss_kib", "peak_rss_kib", "accepted_s", "delivered_s",
+              "steal_pct"):
         s[k] = med(k)
     s["hwm_kib"] = max(r["hwm_kib"] for r in runs)  # VmHWM: the peak since the server started
     s["exactly_once"] = all(r["exactly_once"] for r in runs)
@@ -985,12 +1000,14 @@ def report(b, machine, error=None):
     if cmp_:
         w("### Postfix vs mailnode (queue mode, 4 KB messages)")
         w("")
-        w("| server | sessions | N | accepted/s | delivered/s | peak PSS MiB | exactly-once | mailnode peak RSS / VmHWM MiB |")
-        w("|---|---:|---:|---:|---:|---:|---|---:|")
+        w("| server | sessions | N | accepted/s | delivered/s | peak PSS MiB | exactly-once | mailnode peak RSS / VmHWM MiB "
+          "| accepted/s of each run | host steal % |")
+        w("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
         for r in cmp_:
             rss = f"{mib(r['peak_rss_kib']):.1f} / {mib(r['hwm_kib']):.1f}" if r["server"] == "mailnode" else "—"
+            each = " / ".join(f"{run['accepted_rate']:.0f}" for run in r["runs"])
             w(f"| {r['server']} | {r['sessions']} | {r['n']} | {r['accepted_rate']:.0f} | "
-              f"{r['delivered_rate']:.0f} | {mib(r['peak_pss_kib']):.1f} | {eo(r)} | {rss} |")
+              f"{r['delivered_rate']:.0f} | {mib(r['peak_pss_kib']):.1f} | {eo(r)} | {rss} | {each} | {r['steal_pct']:.0f} |")
         w("")
         w("| mailnode / postfix | accepted/s | delivered/s | peak PSS |")
         w("|---|---:|---:|---:|")
