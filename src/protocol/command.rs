@@ -297,7 +297,10 @@ enum PathKind {
 
 /// `<>` gives `None` (allowed for MAIL only).
 fn parse_path(path: &str, kind: PathKind) -> Result<Option<Address>, CommandError> {
-    if path.len() > MAX_PATH {
+    // The limit counts the angle brackets; a client that left them out
+    // must not get a longer address than one that wrote them.
+    let brackets = if path.starts_with('<') { 0 } else { 2 };
+    if path.len() + brackets > MAX_PATH {
         return Err(CommandError::BadAddress);
     }
     let inner = match path.strip_prefix('<') {
@@ -687,6 +690,19 @@ mod tests {
         );
         assert!(long_path.len() - "RCPT TO:".len() > MAX_PATH);
         assert_eq!(parse(long_path.as_bytes()), Err(CommandError::BadAddress));
+        // The same limit without brackets: 255 octets of address plus the
+        // two brackets it would have had.
+        let bare = format!(
+            "{}@{}",
+            "a".repeat(60),
+            vec!["d".repeat(60); 3].join(".") + "." + &"d".repeat(11)
+        );
+        assert_eq!(bare.len(), 255);
+        assert_eq!(
+            parse(format!("RCPT TO:{bare}").as_bytes()),
+            Err(CommandError::BadAddress)
+        );
+        assert!(parse(format!("RCPT TO:{}", &bare[1..]).as_bytes()).is_ok());
     }
 
     #[test]
@@ -754,13 +770,24 @@ mod tests {
             #[test]
             fn parsed_fields_never_hold_control_characters(
                 line in proptest::collection::vec(
-                    prop_oneof![any::<u8>(), Just(b'<'), Just(b'>'), Just(b'"'), Just(b'\\'), Just(b'@')],
+                    prop_oneof![
+                        any::<char>(),
+                        Just('\u{85}'),
+                        Just('\u{2028}'),
+                        Just('\u{2029}'),
+                        Just('\r'),
+                        Just('<'),
+                        Just('>'),
+                        Just('"'),
+                        Just('\\'),
+                        Just('@'),
+                    ],
                     0..40,
                 ),
                 verb in prop_oneof![Just("HELO "), Just("EHLO "), Just("MAIL FROM:<"), Just("RCPT TO:<")],
             ) {
                 let mut full = verb.as_bytes().to_vec();
-                full.extend_from_slice(&line);
+                full.extend_from_slice(line.iter().collect::<String>().as_bytes());
                 let fields: Vec<String> = match parse(&full) {
                     Ok(Command::Helo(name) | Command::Ehlo(name)) => vec![name],
                     Ok(Command::Mail { from: ReversePath::Address(a), .. }) | Ok(Command::Rcpt { to: a }) => {
@@ -770,7 +797,9 @@ mod tests {
                 };
                 for field in fields {
                     prop_assert!(
-                        !field.chars().any(|c| (c.is_control() && c != '\t') || c == '\u{2028}'),
+                        !field.chars().any(|c| (c.is_control() && c != '\t')
+                            || c == '\u{2028}'
+                            || c == '\u{2029}'),
                         "{:?} from {:?}",
                         field,
                         full
