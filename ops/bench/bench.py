@@ -386,6 +386,11 @@ class Mailnode(Server):
         self.conf = None
         self.stderr_notes = []
         os.makedirs(self.dir, exist_ok=True)
+        # Each server's stderr is appended to across its restarts within a
+        # run; an earlier run's lines would show up in this run's notes.
+        for name in os.listdir(self.dir):
+            if name.startswith("serve-") and name.endswith(".stderr"):
+                os.remove(os.path.join(self.dir, name))
 
     def write_config(self, label, mode="queue", alias_lines=None):
         aliases = os.path.join(self.dir, f"aliases-{label}")
@@ -1001,11 +1006,11 @@ def report(b, machine, error=None):
         w("### Postfix vs mailnode (queue mode, 4 KB messages)")
         w("")
         w("| server | sessions | N | accepted/s | delivered/s | peak PSS MiB | exactly-once | mailnode peak RSS / VmHWM MiB "
-          "| accepted/s of each run | host steal % |")
+          "| accepted/s of each run (host steal %) | host steal % |")
         w("|---|---:|---:|---:|---:|---:|---|---:|---:|---:|")
         for r in cmp_:
             rss = f"{mib(r['peak_rss_kib']):.1f} / {mib(r['hwm_kib']):.1f}" if r["server"] == "mailnode" else "—"
-            each = " / ".join(f"{run['accepted_rate']:.0f}" for run in r["runs"])
+            each = " / ".join(f"{run['accepted_rate']:.0f} ({run['steal_pct']:.0f} %)" for run in r["runs"])
             w(f"| {r['server']} | {r['sessions']} | {r['n']} | {r['accepted_rate']:.0f} | "
               f"{r['delivered_rate']:.0f} | {mib(r['peak_pss_kib']):.1f} | {eo(r)} | {rss} | {each} | {r['steal_pct']:.0f} |")
         w("")

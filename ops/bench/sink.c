@@ -14,14 +14,15 @@
  * benchmark queues mail behind a closed gate, so that nothing is delivered
  * until the gate is removed.
  *
- * Built two ways from this one file (ops/bench/run does both):
+ * Built one of two ways from this one file (ops/bench/run, BENCH_SINK):
  *
- *     gcc -O2 -static -nostdlib -fno-stack-protector -DSINK_FREESTANDING   (x86_64)
- *     gcc -O2                                                               (any)
+ *     gcc -O2 -static -nostdlib -ffreestanding -fno-stack-protector \
+ *         -fno-tree-loop-distribute-patterns -DSINK_FREESTANDING          (x86_64)
+ *     gcc -O2                                                             (any)
  *
  * The freestanding build is the one both servers are measured with. On the
  * benchmark VM every CPUID instruction is a VM exit of about 10 us, and
- * glibc's start-up runs dozens of them to learn the cache sizes (0.7 ms of
+ * glibc's start-up runs dozens of them to learn the cache sizes (0.9 ms of
  * CPU even for `int main(){return 0;}`, static or not): with a libc sink that
  * start-up was the largest cost in the whole run, for both servers alike, and
  * the figures measured the hypervisor more than the servers. The libc build
