@@ -263,6 +263,10 @@ fn split_path(text: &str) -> Result<(&str, &str), CommandError> {
     let mut in_quotes = false;
     let mut escaped = false;
     let bracketed = bytes[0] == b'<';
+    // Quoting exists only in the local part: a '"' in a source route or in
+    // an address literal such as [tag:a"b] is an ordinary character.
+    let mut in_route = bytes.get(usize::from(bracketed)) == Some(&b'@');
+    let mut in_local = !in_route;
     for (i, &b) in bytes.iter().enumerate() {
         if escaped {
             escaped = false;
@@ -270,7 +274,12 @@ fn split_path(text: &str) -> Result<(&str, &str), CommandError> {
         }
         match b {
             b'\\' if in_quotes => escaped = true,
-            b'"' => in_quotes = !in_quotes,
+            b'"' if in_local => in_quotes = !in_quotes,
+            b':' if in_route => {
+                in_route = false;
+                in_local = true;
+            }
+            b'@' if in_local && !in_quotes => in_local = false,
             b'>' if bracketed && !in_quotes => {
                 let rest = &text[i + 1..];
                 if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
@@ -538,6 +547,26 @@ mod tests {
             assert!(!is_address_literal(bad), "{bad}");
             assert!(!is_domain(bad), "{bad}");
         }
+        // A quote in a literal is no quoting, bracketed or not.
+        for line in [
+            &b"RCPT TO:<bob@[x-tag:a\"b]>"[..],
+            b"RCPT TO:bob@[x-tag:a\"b]",
+        ] {
+            assert_eq!(
+                parse(line),
+                Ok(Command::Rcpt {
+                    to: addr("bob", "[x-tag:a\"b]")
+                }),
+                "{line:?}"
+            );
+        }
+        // After a source route the local part may be quoted.
+        assert_eq!(
+            parse(b"RCPT TO:<@r.example:\"a b\"@example.org>"),
+            Ok(Command::Rcpt {
+                to: addr("a b", "example.org")
+            })
+        );
         // The local part ends at the first '@', whatever the literal holds.
         assert_eq!(
             parse(b"RCPT TO:<bob@[x-tag:a@b]>"),
