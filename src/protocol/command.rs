@@ -430,7 +430,8 @@ pub fn is_domain(d: &str) -> bool {
 
 /// RFC 5321 4.1.3, brackets included: an IPv4 address, `IPv6:` and an IPv6
 /// address, or a general literal `tag:content` (tag letters, digits and
-/// inner hyphens; content printable, without `[`, `]` and `\`).
+/// inner hyphens; content printable, without `[`, `]` and `\`, and, stricter
+/// than the RFC, without `<` and `>`, which would end a path in brackets).
 pub fn is_address_literal(s: &str) -> bool {
     let Some(inner) = s.strip_prefix('[').and_then(|s| s.strip_suffix(']')) else {
         return false;
@@ -448,7 +449,7 @@ pub fn is_address_literal(s: &str) -> bool {
         && !content.is_empty()
         && content
             .bytes()
-            .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\".contains(&b))
+            .all(|b| (0x21..=0x7e).contains(&b) && !b"[]\\<>".contains(&b))
 }
 
 /// One DNS label: letters, digits and inner hyphens, at most 63 octets;
@@ -542,6 +543,7 @@ mod tests {
             "[-tag:x]",
             "[tag:]",
             "[tag:a]b]",
+            "[tag:a>b]",
             "192.0.2.1]",
         ] {
             assert!(!is_address_literal(bad), "{bad}");
