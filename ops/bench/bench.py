@@ -104,15 +104,21 @@ def pss_kib(pid):
     return 0
 
 
-def status_kib(pid, key):
+def proc_kib(path, key):
+    """The kB value of `key` in a /proc file of "Key: value kB" lines; 0 if
+    absent (or the process is gone)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(key + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def status_kib(pid, key):
+    return proc_kib(f"/proc/{pid}/status", key)
 
 
 def tree_pss_kib(root):
@@ -543,14 +549,6 @@ class InlinePeer(Server):
 # One measured run
 
 
-def meminfo_kib(key):
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    return 0
-
-
 def cpu_ticks():
     """(steal, total) jiffies of all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
@@ -566,7 +564,7 @@ def settle_disk(timeout=30):
     20-session one measured at a quarter of its speed, whichever server."""
     os.sync()
     deadline = time.monotonic() + timeout
-    while meminfo_kib("Dirty") + meminfo_kib("Writeback") > 1024 and time.monotonic() < deadline:
+    while proc_kib("/proc/meminfo", "Dirty") + proc_kib("/proc/meminfo", "Writeback") > 1024 and time.monotonic() < deadline:
         time.sleep(0.1)
 
 

@@ -154,10 +154,11 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let rest = std::str::from_utf8(&line[verb_end..]).map_err(|_| CommandError::Syntax)?;
     // The same for the C1 controls and line separators of UTF-8 text: NEL,
     // U+2028 and U+2029 break lines for Unicode-aware programs that read
-    // our headers.
-    if rest
-        .chars()
-        .any(|c| (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}')
+    // our headers. Plain ASCII was fully checked above and skips the scan.
+    if !rest.is_ascii()
+        && rest
+            .chars()
+            .any(|c| (c.is_control() && c != '\t') || c == '\u{2028}' || c == '\u{2029}')
     {
         return Err(CommandError::Syntax);
     }
