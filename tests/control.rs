@@ -171,7 +171,7 @@ fn every_control_command_end_to_end() {
         (!node
             .spool
             .join("queue")
-            .join(format!("{doomed}.env"))
+            .join(format!("{doomed}.msg"))
             .exists())
         .then_some(())
     })

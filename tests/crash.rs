@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
-use mailnode::spool::envelope::decode;
+use mailnode::spool::read_queued;
 use mailnode::spool::DeliveryState;
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
@@ -91,11 +91,11 @@ fn settled_deliveries(spool: &Path, outbox: &Path) -> HashMap<String, usize> {
     let mut settled = HashMap::new();
     for entry in std::fs::read_dir(spool.join("queue")).unwrap().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(id) = name.strip_suffix(".env") else {
+        let Some(id) = name.strip_suffix(".msg") else {
             continue;
         };
         queued.insert(id.to_string());
-        let envelope = decode(&std::fs::read(entry.path()).unwrap())
+        let envelope = read_queued(&spool.join("queue"), id)
             .unwrap_or_else(|e| panic!("{name} after SIGKILL: {e}"));
         for (index, delivery) in envelope.deliveries.iter().enumerate() {
             if delivery.state != DeliveryState::Pending {

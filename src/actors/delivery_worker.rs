@@ -116,6 +116,7 @@ impl Handler<Deliver> for DeliveryWorker {
                         timeout,
                         stdin_prefix: stdin_prefix(&env, index),
                         body_path,
+                        body_len: env.body_len(),
                     };
                     let outcome = program::run(&request).await;
                     let status = outcome.status();
@@ -177,7 +178,7 @@ async fn forward(
         );
     };
     let body = match tokio::fs::File::open(body_path).await {
-        Ok(f) => f,
+        Ok(f) => f.take(env.body_len().unwrap_or(u64::MAX)),
         Err(e) => {
             return (
                 DeliveryStatus::Temporary(format!("cannot open {}: {e}", body_path.display())),
@@ -212,8 +213,9 @@ impl Handler<Bounce> for DeliveryWorker {
             let mut head = Vec::new();
             match tokio::fs::File::open(&body_path).await {
                 Ok(f) => {
+                    let most = env.body_len().unwrap_or(u64::MAX);
                     if let Err(e) = f
-                        .take(dsn::MAX_ORIGINAL_HEADERS as u64)
+                        .take(most.min(dsn::MAX_ORIGINAL_HEADERS as u64))
                         .read_to_end(&mut head)
                         .await
                     {

@@ -233,12 +233,12 @@ impl Session {
             work.extend(self.machine.handle(Event::Committed(Err(failure))));
             return self.run(work, out);
         };
-        let envelope = envelope_from(draft, &self.client, SystemTime::now());
+        let mut envelope = envelope_from(draft, &self.client, SystemTime::now());
         if let Some(workers) = &self.deps.inline {
             let workers = workers.clone();
             return self.deliver_inline(body, envelope, workers, work, out);
         }
-        let pending = self.deps.spool.commit(body, envelope.clone()).wait();
+        let pending = self.deps.spool.commit(body, &mut envelope).wait();
         Box::pin(pending.into_actor(self).then(move |result, act, _| {
             let outcome = match result {
                 Ok(()) => {
@@ -374,6 +374,8 @@ fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> E
         held: false,
         next_attempt: now,
         deliveries,
+        // The spool records it at commit.
+        body_check: None,
     }
 }
 

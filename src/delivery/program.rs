@@ -96,6 +96,8 @@ pub struct ProgramRequest {
     pub stdin_prefix: Vec<u8>,
     /// The spooled message (LF line ends), copied to stdin after the prefix.
     pub body_path: PathBuf,
+    /// How much of that file is the message ([`Envelope::body_len`](crate::spool::Envelope::body_len)).
+    pub body_len: Option<u64>,
 }
 
 /// How the program ended.
@@ -249,7 +251,7 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     // Open the message before the program starts: a program must never
     // exit 0 on an empty stdin because we could not read the queue file.
     let body = match std::fs::File::open(&request.body_path) {
-        Ok(f) => f,
+        Ok(f) => std::io::Read::take(f, request.body_len.unwrap_or(u64::MAX)),
         Err(e) => {
             return failed(Exit::InputFailed(format!(
                 "cannot open {}: {e}",
@@ -391,7 +393,7 @@ fn keep(output: &mut Vec<u8>, chunk: &[u8]) {
 async fn feed_stdin(
     stdin: Option<tokio::net::unix::pipe::Sender>,
     prefix: Vec<u8>,
-    mut body: std::fs::File,
+    mut body: impl std::io::Read,
 ) -> Result<(), String> {
     let Some(mut stdin) = stdin else {
         return Ok(());
@@ -471,6 +473,7 @@ mod tests {
             timeout,
             stdin_prefix: b"Return-Path: <s@example.org>\n".to_vec(),
             body_path: body.to_path_buf(),
+            body_len: None,
         }
     }
 

@@ -5,15 +5,17 @@
 //!
 //! Layout: `MNQE` magic, u16 version, fields, CRC-32 of everything before it.
 //! Integers are little-endian; strings are a u32 length and UTF-8 bytes.
+//! Version 3 ends the fields with the body's length and CRC-32 (see
+//! [`BodyCheck`]).
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::aliases::Target;
 
 const MAGIC: &[u8; 4] = b"MNQE";
-/// 2 added each delivery's status and history, and the Bounced state;
-/// version 1 envelopes are still read.
-const VERSION: u16 = 2;
+/// 2 added each delivery's status and history, and the Bounced state; 3 the
+/// body check. Versions 1 and 2 are still read.
+const VERSION: u16 = 3;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;
 
@@ -120,6 +122,20 @@ pub struct Envelope {
     pub held: bool,
     pub next_attempt: SystemTime,
     pub deliveries: Vec<Delivery>,
+    /// What the body file held when the message was committed; `None` for
+    /// messages queued by versions that fsynced before renaming.
+    pub body_check: Option<BodyCheck>,
+}
+
+/// The length and CRC-32 of a body file as committed. A commit renames the
+/// files into `queue/` before their fsyncs finish (one flush round per
+/// message), so after a power cut a message that was never acknowledged
+/// may sit there with old or missing bytes; start-up after a reboot reads
+/// each body against its check and sets such messages aside.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BodyCheck {
+    pub len: u64,
+    pub crc32: u32,
 }
 
 impl Envelope {
@@ -134,6 +150,13 @@ impl Envelope {
     /// `DELIVERY_ID`: stable across retries of one delivery of one message.
     pub fn delivery_id(&self, index: usize) -> String {
         format!("{}.{}", self.id, index)
+    }
+
+    /// How much of the queue file is the message: the sealed envelope
+    /// follows it. `None`: all of it (a body still in `incoming/`, or a
+    /// message queued before bodies were sealed).
+    pub fn body_len(&self) -> Option<u64> {
+        self.body_check.map(|check| check.len)
     }
 
     /// A plain envelope for unit tests: a local client, a small message.
@@ -158,6 +181,7 @@ impl Envelope {
             held: false,
             next_attempt: arrival,
             deliveries,
+            body_check: None,
         }
     }
 }
@@ -181,6 +205,8 @@ pub enum EnvelopeError {
     BadTag(&'static str),
     #[error("envelope has trailing bytes")]
     Trailing,
+    #[error("body does not match its envelope (a commit cut short by a power cut?)")]
+    BodyMismatch,
 }
 
 /// Serialises an envelope.
@@ -234,6 +260,11 @@ pub fn encode(env: &Envelope) -> Vec<u8> {
             w.str(&a.diagnostic);
         }
     }
+    w.flag(env.body_check.is_some());
+    if let Some(check) = env.body_check {
+        w.u64(check.len);
+        w.u32(check.crc32);
+    }
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
     w.0
@@ -249,7 +280,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     }
     let (body, crc) = bytes.split_at(bytes.len() - 4);
     let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-    if version != VERSION && version != 1 {
+    if !(1..=VERSION).contains(&version) {
         return Err(EnvelopeError::BadVersion(version));
     }
     let stored = u32::from_le_bytes([crc[0], crc[1], crc[2], crc[3]]);
@@ -323,6 +354,14 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
             history,
         });
     }
+    let body_check = if version >= 3 && r.flag()? {
+        Some(BodyCheck {
+            len: r.u64()?,
+            crc32: r.u32()?,
+        })
+    } else {
+        None
+    };
     if r.pos != r.bytes.len() {
         return Err(EnvelopeError::Trailing);
     }
@@ -340,6 +379,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         held,
         next_attempt,
         deliveries,
+        body_check,
     })
 }
 
@@ -486,7 +526,24 @@ mod tests {
                     history: Vec::new(),
                 },
             ],
+            body_check: Some(BodyCheck {
+                len: 4321,
+                crc32: 0xdead_beef,
+            }),
         }
+    }
+
+    /// `env` as version 2 wrote it: no body check after the deliveries.
+    fn encode_v2(env: &Envelope) -> Vec<u8> {
+        let mut without_check = env.clone();
+        without_check.body_check = None;
+        let v3 = encode(&without_check);
+        // Drop the "no body check" flag before the CRC.
+        let mut v2 = v3[..v3.len() - 5].to_vec();
+        v2[4] = 2;
+        let crc = crc32fast::hash(&v2).to_le_bytes();
+        v2.extend_from_slice(&crc);
+        v2
     }
 
     #[test]
@@ -509,8 +566,17 @@ mod tests {
     }
 
     #[test]
+    fn version_2_envelopes_are_still_read_without_a_body_check() {
+        let mut env = sample();
+        let v2 = encode_v2(&env);
+        env.body_check = None;
+        assert_eq!(decode(&v2), Ok(env));
+    }
+
+    #[test]
     fn version_1_envelopes_are_still_read() {
         let mut env = sample();
+        env.body_check = None;
         for d in &mut env.deliveries {
             d.status.clear();
             d.history.clear();
@@ -522,13 +588,13 @@ mod tests {
         // each delivery ends with an empty status and an empty history
         // count (8 bytes). Cut them, last delivery first so earlier offsets
         // hold, and stamp version 1.
-        let v2 = encode(&env);
+        let v2 = encode_v2(&env);
         let mut v1 = v2[..v2.len() - 4].to_vec();
         v1[4] = 1;
         for d in (0..env.deliveries.len()).rev() {
             let mut prefix = env.clone();
             prefix.deliveries.truncate(d + 1);
-            let end = encode(&prefix).len() - 4;
+            let end = encode_v2(&prefix).len() - 4;
             v1.drain(end - 8..end);
         }
         let crc = crc32fast::hash(&v1).to_le_bytes();
@@ -620,8 +686,9 @@ mod tests {
                 ),
                 (any::<bool>(), any::<bool>(), any::<bool>(), time()),
                 proptest::collection::vec(delivery(), 0..4),
+                proptest::option::of((any::<u64>(), any::<u32>())),
             )
-                .prop_map(|(who, client, flags, deliveries)| {
+                .prop_map(|(who, client, flags, deliveries, check)| {
                     let (id, sender, return_path, arrival) = who;
                     let (client_address, client_helo, channel, size) = client;
                     let (smtputf8, body_8bit, held, next_attempt) = flags;
@@ -639,6 +706,7 @@ mod tests {
                         held,
                         next_attempt,
                         deliveries,
+                        body_check: check.map(|(len, crc32)| BodyCheck { len, crc32 }),
                     }
                 })
         }

@@ -15,9 +15,10 @@
 //! Nothing about durability changes: a spare is never part of the queue
 //! (a retired file becomes reusable only after the directory fsync that made
 //! its removal durable, see [`Retired`]), and every rename into `queue/` is
-//! still followed by the batch's directory fsync. Like unlinked files' blocks, spares keep old bytes until
-//! overwritten, inside the spool's private directories; only files up to
-//! [`MAX_SPARE_SIZE`] are kept, at most [`MAX_SPARES`] of them.
+//! still followed by a directory fsync. Like unlinked files' blocks, spares
+//! keep old bytes until overwritten, inside the spool's private
+//! directories; only files up to [`MAX_SPARE_SIZE`] are kept, at most
+//! [`MAX_SPARES`] of them.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
