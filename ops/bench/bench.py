@@ -21,6 +21,7 @@ Standard library only, except aiosmtpd for the inline peer.
 """
 
 import argparse
+import ctypes
 import json
 import os
 import platform
@@ -121,8 +122,29 @@ def status_kib(pid, key):
     return proc_kib(f"/proc/{pid}/status", key)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+SYS_KCMP = {"x86_64": 312, "aarch64": 272}.get(os.uname().machine)
+KCMP_VM = 1
+
+
+def same_address_space(a, b):
+    """Whether processes a and b share one address space: a child between
+    vfork (clone with CLONE_VM, as mailnode starts programs) and exec is the
+    parent's memory, not more of it. kcmp(2); False if it cannot tell."""
+    if SYS_KCMP is None:
+        return False
+    return _libc.syscall(SYS_KCMP, a, b, KCMP_VM, 0, 0) == 0
+
+
 def tree_pss_kib(root):
-    return sum(pss_kib(p) for p in process_tree(root))
+    """PSS summed over the tree, each address space once."""
+    counted, total = [], 0
+    for p in process_tree(root):
+        if any(same_address_space(p, c) for c in counted):
+            continue
+        counted.append(p)
+        total += pss_kib(p)
+    return total
 
 
 def mib(kib):
