@@ -10,8 +10,9 @@
 //!   start-up deletes whatever is left here);
 //! - `queue/ID.msg`: a queued message, sealed: the body, then the envelope
 //!   as committed, then an 8-byte trailer (the envelope's length, u32
-//!   little-endian, and `MNQT`). Its rename into `queue/` is the commit
-//!   point;
+//!   little-endian, and `MNQT`). The rename into `queue/` makes it
+//!   visible, the fsyncs that follow (while its committer still holds its
+//!   lock) make it queued;
 //! - `queue/ID.env`: the envelope as last updated (results, retries); once
 //!   present it supersedes the sealed one. Messages queued before queue
 //!   files were sealed (envelope version 2 and older) have one from the
@@ -313,9 +314,10 @@ impl SpoolWriter {
 #[derive(Debug, Default)]
 pub struct ScanReport {
     pub envelopes: Vec<Envelope>,
-    /// Damaged envelopes, moved to `corrupt/`.
+    /// Damaged messages, moved to `corrupt/`.
     pub corrupt: Vec<SpoolError>,
-    /// Bodies without an envelope (never acknowledged), removed.
+    /// Updated envelopes whose message a removal had already taken,
+    /// removed.
     pub orphans_removed: usize,
 }
 
@@ -341,6 +343,10 @@ impl Spool {
         // Whatever is in incoming/ was never acknowledged to a client, unless
         // another process is receiving it right now.
         remove_abandoned(&incoming)?;
+        // Another process may have retired files into spare/ whose removal
+        // from queue/ it has not made durable yet: make it so before they
+        // can hold new mail.
+        writer::sync_dir(&queue)?;
         let spares = Arc::new(
             spare::Spares::load(spare.clone())
                 .map_err(|e| SpoolError::io(format!("read {}", spare.display()), e))?,
@@ -484,11 +490,14 @@ impl Spool {
             let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".msg")) else {
                 continue;
             };
-            if known(id) {
+            // A message whose committer still holds it may not be durable
+            // yet, and its commit may still fail.
+            if known(id) || is_locked(&entry.path()) {
                 continue;
             }
-            if let Ok(env) = self.read_envelope(id) {
-                found.push(env);
+            match self.read_envelope(id) {
+                Ok(env) if env.id == id => found.push(env),
+                _ => {}
             }
         }
         Ok(found)
@@ -564,15 +573,27 @@ impl Spool {
                 // Taken away meanwhile (a `runq` cannot run beside us, but
                 // an operator can): nothing to judge.
                 Err(SpoolError::NotFound(_)) => continue,
+                // Another process is committing it (a session of an
+                // earlier version renames the body before the envelope).
+                Err(SpoolError::Corrupt { .. }) if is_locked(&self.body_path(&id)) => continue,
                 Err(e @ SpoolError::Corrupt { .. }) => e,
                 // Unreadable is not damaged (a wrong owner, EIO): refuse to
                 // start rather than set acknowledged mail aside.
                 Err(e) => return Err(e),
             };
+            // Left in queue/, a damaged message would be picked up again
+            // (a body that does not match its envelope reads as queued).
             for ext in ["env", "msg"] {
                 let from = queue.join(format!("{id}.{ext}"));
-                if from.exists() {
-                    let _ = fs::rename(&from, self.inner.corrupt.join(format!("{id}.{ext}")));
+                match fs::rename(&from, self.inner.corrupt.join(format!("{id}.{ext}"))) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(SpoolError::io(
+                            format!("set aside damaged {} ({damaged})", from.display()),
+                            e,
+                        ))
+                    }
                 }
             }
             report.corrupt.push(damaged);
@@ -656,18 +677,21 @@ const ABANDONED_AFTER: Duration = Duration::from_secs(120);
 fn remove_abandoned(incoming: &Path) -> Result<(), SpoolError> {
     let entries = fs::read_dir(incoming)
         .map_err(|e| SpoolError::io(format!("read {}", incoming.display()), e))?;
-    let locked = |path: &Path| {
-        File::open(path)
-            .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-            .unwrap_or(false)
-    };
     for entry in entries.flatten() {
         let path = entry.path();
-        if !locked(&path) {
+        if !is_locked(&path) {
             let _ = fs::remove_file(&path);
         }
     }
     Ok(())
+}
+
+/// Whether another holder (a session receiving or committing the file)
+/// has it locked.
+fn is_locked(path: &Path) -> bool {
+    File::open(path)
+        .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
+        .unwrap_or(false)
 }
 
 fn is_old(entry: &fs::DirEntry) -> bool {
@@ -990,6 +1014,56 @@ mod tests {
             0
         );
         assert!(!queue.join(format!("{id}.env.tmp")).exists());
+    }
+
+    #[test]
+    fn a_commit_never_replaces_a_queued_message_of_the_same_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _w) = Spool::open(dir.path()).unwrap();
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(b"new\n").unwrap();
+        let id = body.id().to_string();
+        // As if a clock stepped back had repeated an id still queued.
+        fs::write(spool.body_path(&id), b"queued before").unwrap();
+        let refused = spool.commit(body, &mut envelope_for(&id)).wait_blocking();
+        assert!(matches!(refused, Err(SpoolError::Io { .. })), "{refused:?}");
+        assert_eq!(fs::read(spool.body_path(&id)).unwrap(), b"queued before");
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
+    }
+
+    #[test]
+    fn a_rescan_leaves_messages_whose_commit_is_still_under_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _w) = Spool::open(dir.path()).unwrap();
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(b"x\n").unwrap();
+        let id = body.id().to_string();
+        spool
+            .commit(body, &mut envelope_for(&id))
+            .wait_blocking()
+            .unwrap();
+        // Another process between its rename and its fsyncs holds the lock.
+        let committing = File::open(spool.body_path(&id)).unwrap();
+        committing.lock().unwrap();
+        assert!(spool.scan_new(|_| false).unwrap().is_empty());
+        drop(committing);
+        let found = spool.scan_new(|_| false).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].id, id);
+        // A queue file holding another message's envelope (a reused file
+        // a power cut left as it was) is not taken for this one.
+        let other = spool.body_path("0000000000004ZZ");
+        fs::copy(spool.body_path(&id), &other).unwrap();
+        let ids: Vec<String> = spool
+            .scan_new(|_| false)
+            .unwrap()
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
+        assert_eq!(ids, vec![id]);
     }
 
     #[test]

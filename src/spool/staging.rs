@@ -22,12 +22,12 @@
 //! merges the fsyncs that wait together into one journal commit, so
 //! concurrent sessions' commits share disk flushes.
 
-use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
 use super::writer::{sync_dir, Reply};
 use super::{IncomingBody, SpoolError};
@@ -121,7 +121,16 @@ fn io_err(context: &str, path: &Path, e: impl Into<std::io::Error>) -> SpoolErro
 
 fn commit(body: &mut IncomingBody, queue: &Path) -> Result<(), SpoolError> {
     let queued = queue.join(format!("{}.msg", body.id()));
-    fs::rename(&body.path, &queued).map_err(|e| io_err("rename", &body.path, e))?;
+    // Never over a queued message: ids restart with each process, and a
+    // clock stepped back could repeat one.
+    renameat2(
+        AT_FDCWD,
+        &body.path,
+        AT_FDCWD,
+        &queued,
+        RenameFlags::RENAME_NOREPLACE,
+    )
+    .map_err(|e| io_err("rename", &body.path, e))?;
     body.path = queued;
     body.file
         .get_ref()
