@@ -279,7 +279,12 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
         Err(_) => return failed(Exit::TimedOut),
     };
     let mut group = GroupGuard(Some(nix::unistd::Pid::from_raw(child.pid())));
-    let feed = feed_stdin(child.stdin.take(), request.stdin_prefix.clone(), body);
+    let feed = feed_stdin(
+        child.stdin.take(),
+        request.stdin_prefix.clone(),
+        body,
+        request.body_len,
+    );
     let mut output_pipe = child.output.take();
     let mut output = Vec::new();
     let mut input_failure = None;
@@ -394,6 +399,7 @@ async fn feed_stdin(
     stdin: Option<tokio::net::unix::pipe::Sender>,
     prefix: Vec<u8>,
     mut body: impl std::io::Read,
+    expected_len: Option<u64>,
 ) -> Result<(), String> {
     let Some(mut stdin) = stdin else {
         return Ok(());
@@ -402,6 +408,7 @@ async fn feed_stdin(
         return Ok(());
     }
     let mut buf = vec![0u8; 64 * 1024];
+    let mut fed = 0u64;
     loop {
         // The message was just written or is small: it reads from the page
         // cache, quicker than a hop to a blocking thread would be.
@@ -410,9 +417,15 @@ async fn feed_stdin(
         if n == 0 {
             break;
         }
+        fed += n as u64;
         if stdin.write_all(&buf[..n]).await.is_err() {
             return Ok(());
         }
+    }
+    if let Some(expected) = expected_len.filter(|&len| fed < len) {
+        return Err(format!(
+            "queued message ends after {fed} of its {expected} bytes"
+        ));
     }
     let _ = stdin.shutdown().await;
     Ok(())
@@ -497,6 +510,32 @@ mod tests {
             .output
             .starts_with(format!("s@example.org:{PROGRAM_PATH}\n").as_bytes()));
         assert_eq!(outcome.output.len(), OUTPUT_LIMIT);
+    }
+
+    #[tokio::test]
+    async fn a_queue_file_feeds_only_its_message_and_a_short_one_never_delivers() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = dir.path().join("body");
+        // The message, then what a sealed queue file goes on with.
+        std::fs::write(&body, b"Subject: t\n\nhi\nMNQE-envelope-and-trailer").unwrap();
+        let out = dir.path().join("out");
+        let cmd = format!("cat > {}", out.display());
+        let mut sealed = request(&cmd, &body, Duration::from_secs(10));
+        sealed.body_len = Some(15);
+        assert_eq!(run(&sealed).await.status(), DeliveryStatus::Delivered);
+        assert_eq!(
+            std::fs::read(&out).unwrap(),
+            b"Return-Path: <s@example.org>\nSubject: t\n\nhi\n".to_vec()
+        );
+        // Shorter than its envelope says (damage): not delivered.
+        sealed.body_len = Some(1000);
+        let outcome = run(&sealed).await;
+        assert!(
+            matches!(&outcome.exit, Exit::InputFailed(e) if e.contains("of its 1000 bytes")),
+            "{:?}",
+            outcome.exit
+        );
+        assert!(matches!(outcome.status(), DeliveryStatus::Temporary(_)));
     }
 
     #[tokio::test]
