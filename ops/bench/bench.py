@@ -981,7 +981,7 @@ def machine_info(args):
         ("Kernel", platform.release()),
         ("Work dir", f"{args.workdir}: {fs}"),
         ("mailnode", f"{commit}, {sh([args.mailnode, '--version'])}"),
-        ("Postfix", sh(["postconf", "-h", "mail_version"])),
+        ("Postfix", sh(["postconf", "-d", "-h", "mail_version"])),
         ("Load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("Open-file limit", str(resource.getrlimit(resource.RLIMIT_NOFILE)[0])),
     ]
