@@ -542,44 +542,18 @@ impl Spool {
             }
         }
         let boot = BootId::check(&self.inner.root);
-        for id in message_ids {
-            let damaged = match self.read_envelope(&id) {
-                Ok(env) if env.id == id => match (boot.rebooted, env.body_check) {
-                    (true, Some(check)) => match body_matches(&self.body_path(&id), check) {
-                        Ok(true) => {
-                            report.envelopes.push(env);
-                            continue;
-                        }
-                        Ok(false) => SpoolError::Corrupt {
-                            id: id.clone(),
-                            reason: EnvelopeError::BodyMismatch,
-                        },
-                        Err(e) => {
-                            return Err(SpoolError::io(
-                                format!("read {}", self.body_path(&id).display()),
-                                e,
-                            ))
-                        }
-                    },
-                    _ => {
-                        report.envelopes.push(env);
-                        continue;
-                    }
-                },
-                Ok(_) => SpoolError::Corrupt {
-                    id: id.clone(),
-                    reason: EnvelopeError::Truncated,
-                },
-                // Taken away meanwhile (a `runq` cannot run beside us, but
-                // an operator can): nothing to judge.
-                Err(SpoolError::NotFound(_)) => continue,
-                // Another process is committing it (a session of an
-                // earlier version renames the body before the envelope).
-                Err(SpoolError::Corrupt { .. }) if is_locked(&self.body_path(&id)) => continue,
-                Err(e @ SpoolError::Corrupt { .. }) => e,
-                // Unreadable is not damaged (a wrong owner, EIO): refuse to
-                // start rather than set acknowledged mail aside.
-                Err(e) => return Err(e),
+        // Reading is most of a start-up with a long queue, and waits for
+        // the disk when the page cache is cold (after a reboot): several
+        // readers keep it busy.
+        let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted));
+        for (id, judged) in message_ids.iter().zip(judged) {
+            let damaged = match judged? {
+                Judged::Queued(env) => {
+                    report.envelopes.push(*env);
+                    continue;
+                }
+                Judged::Gone => continue,
+                Judged::Damaged(damaged) => damaged,
             };
             // Left in queue/, a damaged message would be picked up again
             // (a body that does not match its envelope reads as queued).
@@ -601,6 +575,86 @@ impl Spool {
         boot.record(&self.inner.root);
         Ok(report)
     }
+}
+
+/// What start-up makes of one file in `queue/`.
+enum Judged {
+    Queued(Box<Envelope>),
+    Damaged(SpoolError),
+    /// Gone meanwhile, or another process's commit in progress.
+    Gone,
+}
+
+impl Spool {
+    /// Reads message `id`'s envelope, and with `verify_body` its body
+    /// against the envelope's check. Unreadable is an error, not damage.
+    fn judge(&self, id: &str, verify_body: bool) -> Result<Judged, SpoolError> {
+        let corrupt = |reason| {
+            Ok(Judged::Damaged(SpoolError::Corrupt {
+                id: id.to_string(),
+                reason,
+            }))
+        };
+        match self.read_envelope(id) {
+            Ok(env) if env.id == id => match (verify_body, env.body_check) {
+                (true, Some(check)) => {
+                    let body = self.body_path(id);
+                    match body_matches(&body, check) {
+                        Ok(true) => Ok(Judged::Queued(Box::new(env))),
+                        Ok(false) => corrupt(EnvelopeError::BodyMismatch),
+                        Err(e) => Err(SpoolError::io(format!("read {}", body.display()), e)),
+                    }
+                }
+                _ => Ok(Judged::Queued(Box::new(env))),
+            },
+            Ok(_) => corrupt(EnvelopeError::Truncated),
+            // Taken away meanwhile (a `runq` cannot run beside us, but an
+            // operator can): nothing to judge.
+            Err(SpoolError::NotFound(_)) => Ok(Judged::Gone),
+            // Another process is committing it (a session of an earlier
+            // version renames the body before the envelope).
+            Err(SpoolError::Corrupt { .. }) if is_locked(&self.body_path(id)) => Ok(Judged::Gone),
+            Err(e @ SpoolError::Corrupt { .. }) => Ok(Judged::Damaged(e)),
+            // Unreadable is not damaged (a wrong owner, EIO): refuse to
+            // start rather than set acknowledged mail aside.
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Readers of a start-up scan; each takes a run of ids of its own.
+const SCAN_THREADS: usize = 8;
+/// Fewer ids than this each are not worth a thread.
+const SCAN_MIN_PER_THREAD: usize = 256;
+
+/// `judge` of every id, in order, spread over up to [`SCAN_THREADS`]
+/// threads (fewer if the system will not start them).
+fn in_parallel<T: Send>(ids: &[String], judge: impl Fn(&str) -> T + Sync) -> Vec<T> {
+    let threads = (ids.len() / SCAN_MIN_PER_THREAD).clamp(1, SCAN_THREADS);
+    if threads == 1 {
+        return ids.iter().map(|id| judge(id)).collect();
+    }
+    let judge = &judge;
+    let judge_all = move |run: &[String]| run.iter().map(|id| judge(id)).collect::<Vec<T>>();
+    std::thread::scope(|scope| {
+        let runs: Vec<_> = ids
+            .chunks(ids.len().div_ceil(threads))
+            .map(|run| {
+                let started = std::thread::Builder::new()
+                    .name("spool-scan".into())
+                    .spawn_scoped(scope, move || judge_all(run));
+                (run, started.ok())
+            })
+            .collect();
+        runs.into_iter()
+            .flat_map(|(run, started)| match started {
+                Some(handle) => handle
+                    .join()
+                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
+                None => judge_all(run),
+            })
+            .collect()
+    })
 }
 
 /// The machine's boot id (`/proc/sys/kernel/random/boot_id`) against the
@@ -1014,6 +1068,43 @@ mod tests {
             0
         );
         assert!(!queue.join(format!("{id}.env.tmp")).exists());
+    }
+
+    #[test]
+    fn a_long_queue_is_read_by_several_threads_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, _w) = Spool::open(dir.path()).unwrap();
+        let n = SCAN_MIN_PER_THREAD * 3 + 7;
+        let pending: Vec<Pending> = (0..n)
+            .map(|i| {
+                let mut body = spool.begin(SystemTime::now()).unwrap();
+                body.append(format!("message {i}\n").as_bytes()).unwrap();
+                let id = body.id().to_string();
+                spool.commit(body, &mut envelope_for(&id))
+            })
+            .collect();
+        for p in pending {
+            p.wait_blocking().unwrap();
+        }
+        let mut ids: Vec<String> = fs::read_dir(dir.path().join("queue"))
+            .unwrap()
+            .map(|e| {
+                let name = e.unwrap().file_name().to_string_lossy().into_owned();
+                name.trim_end_matches(".msg").to_string()
+            })
+            .collect();
+        ids.sort();
+        let damaged = ids.remove(n / 2);
+        fs::write(spool.body_path(&damaged), b"no seal").unwrap();
+        let report = spool.scan().unwrap();
+        let loaded: Vec<String> = report.envelopes.into_iter().map(|e| e.id).collect();
+        assert_eq!(loaded, ids);
+        assert_eq!(report.corrupt.len(), 1);
+        assert!(dir
+            .path()
+            .join("corrupt")
+            .join(format!("{damaged}.msg"))
+            .exists());
     }
 
     #[test]
