@@ -251,7 +251,7 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     // Open the message before the program starts: a program must never
     // exit 0 on an empty stdin because we could not read the queue file.
     let body = match std::fs::File::open(&request.body_path) {
-        Ok(f) => std::io::Read::take(f, request.body_len.unwrap_or(u64::MAX)),
+        Ok(f) => f,
         Err(e) => {
             return failed(Exit::InputFailed(format!(
                 "cannot open {}: {e}",
@@ -259,6 +259,26 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
             )))
         }
     };
+    // A file shorter than its envelope says (damage) is found here, before
+    // the program could take a cut message; feeding checks again.
+    if let Some(expected) = request.body_len {
+        match body.metadata() {
+            Ok(m) if m.len() >= expected => {}
+            Ok(m) => {
+                return failed(Exit::InputFailed(format!(
+                    "queued message ends after {} of its {expected} bytes",
+                    m.len()
+                )))
+            }
+            Err(e) => {
+                return failed(Exit::InputFailed(format!(
+                    "cannot read {}: {e}",
+                    request.body_path.display()
+                )))
+            }
+        }
+    }
+    let body = std::io::Read::take(body, request.body_len.unwrap_or(u64::MAX));
     // Starting counts against the timeout too (an exec can hang on a dead
     // network file system).
     let started_in_time = tokio::time::timeout(request.timeout, async {
@@ -527,9 +547,12 @@ mod tests {
             std::fs::read(&out).unwrap(),
             b"Return-Path: <s@example.org>\nSubject: t\n\nhi\n".to_vec()
         );
-        // Shorter than its envelope says (damage): not delivered.
+        // Shorter than its envelope says (damage): not delivered, and the
+        // program never started.
+        std::fs::remove_file(&out).unwrap();
         sealed.body_len = Some(1000);
         let outcome = run(&sealed).await;
+        assert!(!out.exists(), "the program ran on a cut message");
         assert!(
             matches!(&outcome.exit, Exit::InputFailed(e) if e.contains("of its 1000 bytes")),
             "{:?}",
