@@ -545,11 +545,15 @@ impl Spool {
         // Reading is most of a start-up with a long queue, and waits for
         // the disk when the page cache is cold (after a reboot): several
         // readers keep it busy.
-        let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted));
+        // Every verdict before any move: an unreadable file stops start-up
+        // with nothing half done.
+        let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted))
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
         for (id, judged) in message_ids.iter().zip(judged) {
-            let damaged = match judged? {
+            let damaged = match judged {
                 Judged::Queued(env) => {
-                    report.envelopes.push(*env);
+                    report.envelopes.push(env);
                     continue;
                 }
                 Judged::Gone => continue,
@@ -557,7 +561,9 @@ impl Spool {
             };
             // Left in queue/, a damaged message would be picked up again
             // (a body that does not match its envelope reads as queued).
-            for ext in ["env", "msg"] {
+            // The queue file first: an updated envelope left alone is
+            // removed as a leftover, never read as queued.
+            for ext in ["msg", "env"] {
                 let from = queue.join(format!("{id}.{ext}"));
                 match fs::rename(&from, self.inner.corrupt.join(format!("{id}.{ext}"))) {
                     Ok(()) => {}
@@ -578,8 +584,12 @@ impl Spool {
 }
 
 /// What start-up makes of one file in `queue/`.
+// Not boxed: an envelope boxed on a reader thread and moved out on another
+// left its box behind in that thread's allocator arena, 27 MiB of RSS with
+// 100,000 queued.
+#[allow(clippy::large_enum_variant)]
 enum Judged {
-    Queued(Box<Envelope>),
+    Queued(Envelope),
     Damaged(SpoolError),
     /// Gone meanwhile, or another process's commit in progress.
     Gone,
@@ -600,12 +610,12 @@ impl Spool {
                 (true, Some(check)) => {
                     let body = self.body_path(id);
                     match body_matches(&body, check) {
-                        Ok(true) => Ok(Judged::Queued(Box::new(env))),
+                        Ok(true) => Ok(Judged::Queued(env)),
                         Ok(false) => corrupt(EnvelopeError::BodyMismatch),
                         Err(e) => Err(SpoolError::io(format!("read {}", body.display()), e)),
                     }
                 }
-                _ => Ok(Judged::Queued(Box::new(env))),
+                _ => Ok(Judged::Queued(env)),
             },
             Ok(_) => corrupt(EnvelopeError::Truncated),
             // Taken away meanwhile (a `runq` cannot run beside us, but an

@@ -22,11 +22,13 @@
 //! merges the fsyncs that wait together into one journal commit, so
 //! concurrent sessions' commits share disk flushes.
 
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use crossbeam_channel::{Receiver, Sender};
+use nix::errno::Errno;
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
 use super::writer::{sync_dir, Reply};
@@ -123,14 +125,25 @@ fn commit(body: &mut IncomingBody, queue: &Path) -> Result<(), SpoolError> {
     let queued = queue.join(format!("{}.msg", body.id()));
     // Never over a queued message: ids restart with each process, and a
     // clock stepped back could repeat one.
-    renameat2(
+    match renameat2(
         AT_FDCWD,
         &body.path,
         AT_FDCWD,
         &queued,
         RenameFlags::RENAME_NOREPLACE,
-    )
-    .map_err(|e| io_err("rename", &body.path, e))?;
+    ) {
+        Ok(()) => {}
+        // A file system without RENAME_NOREPLACE (NFS, older kernels): a
+        // hard link refuses an existing name too.
+        Err(Errno::EINVAL | Errno::ENOSYS | Errno::EOPNOTSUPP) => {
+            fs::hard_link(&body.path, &queued).map_err(|e| io_err("link", &queued, e))?;
+            if let Err(e) = fs::remove_file(&body.path) {
+                let _ = fs::remove_file(&queued);
+                return Err(io_err("remove", &body.path, e));
+            }
+        }
+        Err(e) => return Err(io_err("rename", &body.path, e)),
+    }
     body.path = queued;
     body.file
         .get_ref()
