@@ -544,9 +544,8 @@ impl Spool {
         let boot = BootId::check(&self.inner.root);
         // Reading is most of a start-up with a long queue, and waits for
         // the disk when the page cache is cold (after a reboot): several
-        // readers keep it busy.
-        // Every verdict before any move: an unreadable file stops start-up
-        // with nothing half done.
+        // readers keep it busy. Every verdict comes before any move, so an
+        // unreadable file stops start-up with nothing half done.
         let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted))
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;

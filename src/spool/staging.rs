@@ -38,7 +38,7 @@ use super::{IncomingBody, SpoolError};
 /// each is idle (blocked on a channel) when there is no mail.
 const STAGING_THREADS: usize = 4;
 
-/// Staging threads only write small files, rename and fsync.
+/// Commit threads only rename and fsync.
 const STAGING_STACK: usize = 128 * 1024;
 
 type Task = Box<dyn FnOnce() + Send>;
