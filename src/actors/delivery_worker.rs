@@ -177,14 +177,9 @@ async fn forward(
             "5.3.5".into(),
         );
     };
-    let body = match tokio::fs::File::open(body_path).await {
-        Ok(f) => f.take(env.body_len().unwrap_or(u64::MAX)),
-        Err(e) => {
-            return (
-                DeliveryStatus::Temporary(format!("cannot open {}: {e}", body_path.display())),
-                "4.3.0".into(),
-            )
-        }
+    let body = match crate::delivery::open_message(body_path, env.body_len()) {
+        Ok(f) => tokio::fs::File::from_std(f).take(env.body_len().unwrap_or(u64::MAX)),
+        Err(e) => return (DeliveryStatus::Temporary(e), "4.3.0".into()),
     };
     let recipients = [address.to_string()];
     let message = Outgoing {
@@ -245,5 +240,47 @@ impl Handler<Bounce> for DeliveryWorker {
             tracing::info!(queue_id = %env.id, to = %env.sender, result = ?status, "bounce");
             status
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::BodyCheck;
+
+    #[tokio::test]
+    async fn a_queue_file_shorter_than_its_envelope_is_never_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cut.msg");
+        std::fs::write(&path, b"Subject: x\n\ncut sh").unwrap();
+        let mut env = Envelope::for_test(
+            "0000000000000AA",
+            "a@example.org",
+            SystemTime::now(),
+            vec![],
+        );
+        env.body_check = Some(BodyCheck {
+            len: 1000,
+            crc32: 0,
+        });
+        // Nobody listens there: had the message been sent, the failure
+        // would be the connection's.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let relay = RelayTarget {
+            host: "127.0.0.1".into(),
+            port,
+            helo: "test".into(),
+            timeout: Duration::from_secs(2),
+        };
+        let (status, code) = forward(Some(&relay), &env, "x@example.org", &path).await;
+        assert_eq!(code, "4.3.0");
+        assert!(
+            matches!(&status, DeliveryStatus::Temporary(e) if e.contains("of its 1000 bytes")),
+            "{status:?}"
+        );
     }
 }

@@ -6,7 +6,29 @@ pub mod program;
 pub mod relay;
 pub mod spawn;
 
+use std::path::Path;
+
 use crate::spool::Envelope;
+
+/// Opens a queued message for delivery, refusing a file shorter than its
+/// envelope says (`body_len`, see [`Envelope::body_len`]): damage found
+/// before a program or a relay could take a cut message as whole.
+pub fn open_message(path: &Path, body_len: Option<u64>) -> Result<std::fs::File, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    if let Some(expected) = body_len {
+        let len = file
+            .metadata()
+            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .len();
+        if len < expected {
+            return Err(format!(
+                "queued message ends after {len} of its {expected} bytes"
+            ));
+        }
+    }
+    Ok(file)
+}
 
 /// The contract's environment for delivery `index` of `envelope`, on the
 /// attempt about to be made. Client text reaches programs only this way,

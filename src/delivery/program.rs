@@ -250,34 +250,10 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     };
     // Open the message before the program starts: a program must never
     // exit 0 on an empty stdin because we could not read the queue file.
-    let body = match std::fs::File::open(&request.body_path) {
+    let body = match super::open_message(&request.body_path, request.body_len) {
         Ok(f) => f,
-        Err(e) => {
-            return failed(Exit::InputFailed(format!(
-                "cannot open {}: {e}",
-                request.body_path.display()
-            )))
-        }
+        Err(e) => return failed(Exit::InputFailed(e)),
     };
-    // A file shorter than its envelope says (damage) is found here, before
-    // the program could take a cut message; feeding checks again.
-    if let Some(expected) = request.body_len {
-        match body.metadata() {
-            Ok(m) if m.len() >= expected => {}
-            Ok(m) => {
-                return failed(Exit::InputFailed(format!(
-                    "queued message ends after {} of its {expected} bytes",
-                    m.len()
-                )))
-            }
-            Err(e) => {
-                return failed(Exit::InputFailed(format!(
-                    "cannot read {}: {e}",
-                    request.body_path.display()
-                )))
-            }
-        }
-    }
     let body = std::io::Read::take(body, request.body_len.unwrap_or(u64::MAX));
     // Starting counts against the timeout too (an exec can hang on a dead
     // network file system).
