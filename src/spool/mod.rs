@@ -1,6 +1,7 @@
 //! The durable queue. Its promise: `250` means the message survives kill -9
-//! and power loss; no file is ever half-visible; each delivery's fate is
-//! recorded on its own.
+//! and power loss; a queue file is never visible before it is whole (a
+//! power cut can leave one that was never acknowledged with old bytes:
+//! start-up sets it aside); each delivery's fate is recorded on its own.
 //!
 //! Layout under the spool directory:
 //! - `lock`: held exclusively by the one queue runner (`serve` or `runq`);
