@@ -179,7 +179,7 @@ async fn forward(
     };
     let body = match crate::delivery::open_message(body_path, env.body_len()) {
         Ok(f) => tokio::fs::File::from_std(f).take(env.body_len().unwrap_or(u64::MAX)),
-        Err(e) => return (DeliveryStatus::Temporary(e), "4.3.0".into()),
+        Err(e) => return (DeliveryStatus::Temporary(e.to_string()), "4.3.0".into()),
     };
     let recipients = [address.to_string()];
     let message = Outgoing {

@@ -6,25 +6,46 @@ pub mod program;
 pub mod relay;
 pub mod spawn;
 
-use std::path::Path;
+use std::fs::File;
+use std::path::{Path, PathBuf};
 
 use crate::spool::Envelope;
+
+/// Why a queued message cannot be handed on.
+#[derive(Debug, thiserror::Error)]
+pub enum UnreadableMessage {
+    #[error("cannot open {}: {source}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {}: {source}", path.display())]
+    Metadata {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("queued message ends after {len} of its {expected} bytes")]
+    Short { len: u64, expected: u64 },
+}
 
 /// Opens a queued message for delivery, refusing a file shorter than its
 /// envelope says (`body_len`, see [`Envelope::body_len`]): damage found
 /// before a program or a relay could take a cut message as whole.
-pub fn open_message(path: &Path, body_len: Option<u64>) -> Result<std::fs::File, String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+pub fn open_message(path: &Path, body_len: Option<u64>) -> Result<File, UnreadableMessage> {
+    let file = File::open(path).map_err(|source| UnreadableMessage::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if let Some(expected) = body_len {
         let len = file
             .metadata()
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            .map_err(|source| UnreadableMessage::Metadata {
+                path: path.to_path_buf(),
+                source,
+            })?
             .len();
         if len < expected {
-            return Err(format!(
-                "queued message ends after {len} of its {expected} bytes"
-            ));
+            return Err(UnreadableMessage::Short { len, expected });
         }
     }
     Ok(file)

@@ -252,7 +252,7 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     // exit 0 on an empty stdin because we could not read the queue file.
     let body = match super::open_message(&request.body_path, request.body_len) {
         Ok(f) => f,
-        Err(e) => return failed(Exit::InputFailed(e)),
+        Err(e) => return failed(Exit::InputFailed(e.to_string())),
     };
     let body = std::io::Read::take(body, request.body_len.unwrap_or(u64::MAX));
     // Starting counts against the timeout too (an exec can hang on a dead

@@ -127,11 +127,11 @@ pub struct Envelope {
     pub body_check: Option<BodyCheck>,
 }
 
-/// The length and CRC-32 of a body file as committed. A commit renames the
-/// files into `queue/` before their fsyncs finish (one flush round per
-/// message), so after a power cut a message that was never acknowledged
-/// may sit there with old or missing bytes; start-up after a reboot reads
-/// each body against its check and sets such messages aside.
+/// The length and CRC-32 of a message's body as committed. A commit renames
+/// the sealed queue file into `queue/` before its fsync finishes (one flush
+/// round per message), so after a power cut a message that was never
+/// acknowledged may sit there with old or missing bytes; start-up after a
+/// reboot reads each body against its check and sets such messages aside.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BodyCheck {
     pub len: u64,
@@ -268,6 +268,20 @@ pub fn encode(env: &Envelope) -> Vec<u8> {
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
     w.0
+}
+
+/// `env` as version 2 wrote it: no body check after the deliveries.
+#[cfg(test)]
+pub(crate) fn encode_v2(env: &Envelope) -> Vec<u8> {
+    let mut without_check = env.clone();
+    without_check.body_check = None;
+    let v3 = encode(&without_check);
+    // Drop the "no body check" flag before the CRC.
+    let mut v2 = v3[..v3.len() - 5].to_vec();
+    v2[4] = 2;
+    let crc = crc32fast::hash(&v2).to_le_bytes();
+    v2.extend_from_slice(&crc);
+    v2
 }
 
 /// Parses an envelope, refusing anything damaged.
@@ -531,19 +545,6 @@ mod tests {
                 crc32: 0xdead_beef,
             }),
         }
-    }
-
-    /// `env` as version 2 wrote it: no body check after the deliveries.
-    fn encode_v2(env: &Envelope) -> Vec<u8> {
-        let mut without_check = env.clone();
-        without_check.body_check = None;
-        let v3 = encode(&without_check);
-        // Drop the "no body check" flag before the CRC.
-        let mut v2 = v3[..v3.len() - 5].to_vec();
-        v2[4] = 2;
-        let crc = crc32fast::hash(&v2).to_le_bytes();
-        v2.extend_from_slice(&crc);
-        v2
     }
 
     #[test]

@@ -23,10 +23,10 @@
 //! - `spare/`: files of delivered messages kept for reuse (`spare.rs` says why);
 //!   never part of the queue.
 
+mod commit_pool;
 pub mod envelope;
 pub mod id;
 mod spare;
-mod staging;
 mod writer;
 
 use std::fs::{self, File, OpenOptions};
@@ -43,7 +43,7 @@ use tokio::sync::oneshot;
 pub use envelope::{Attempt, BodyCheck, Delivery, DeliveryState, Envelope, EnvelopeError};
 
 use crate::protocol::session::StorageFailure;
-pub use staging::CommitStats;
+pub use commit_pool::CommitStats;
 use writer::Job;
 
 /// What can go wrong with the spool.
@@ -278,7 +278,7 @@ struct Inner {
     queue: PathBuf,
     corrupt: PathBuf,
     jobs: Sender<Job>,
-    stager: staging::Stager,
+    commits: commit_pool::CommitPool,
     spares: Arc<spare::Spares>,
 }
 
@@ -359,7 +359,7 @@ impl Spool {
             .name("spool-writer".into())
             .spawn(move || writer::run(rx, writer_queue, writer_spares))
             .map_err(|e| SpoolError::io("start spool writer thread", e))?;
-        let stager = staging::Stager::start(queue.clone())?;
+        let commits = commit_pool::CommitPool::start(queue.clone())?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
@@ -367,7 +367,7 @@ impl Spool {
                 queue,
                 corrupt,
                 jobs,
-                stager,
+                commits,
                 spares,
             }),
         };
@@ -381,7 +381,7 @@ impl Spool {
 
     /// What commits have done so far.
     pub fn commit_stats(&self) -> &CommitStats {
-        self.inner.stager.stats()
+        self.inner.commits.stats()
     }
 
     /// The spool directory.
@@ -393,7 +393,9 @@ impl Spool {
     pub fn begin(&self, now: SystemTime) -> Result<IncomingBody, SpoolError> {
         loop {
             let id = id::new_id(now);
-            if self.inner.queue.join(format!("{id}.env")).exists() {
+            // Ids restart with each process: one still queued (a clock
+            // stepped back) is skipped here rather than refused at commit.
+            if self.inner.queue.join(format!("{id}.msg")).exists() {
                 continue;
             }
             let path = self.inner.incoming.join(format!("{id}.msg"));
@@ -438,10 +440,10 @@ impl Spool {
     pub fn commit(&self, mut body: IncomingBody, envelope: &mut Envelope) -> Pending {
         let (reply, answer) = oneshot::channel();
         envelope.body_check = Some(body.check());
-        // Sealed here, on the caller's thread, so the staging thread only
+        // Sealed here, on the caller's thread, so the commit thread only
         // renames and fsyncs.
         match body.seal(&envelope::encode(envelope)) {
-            Ok(()) => self.inner.stager.stage(body, reply),
+            Ok(()) => self.inner.commits.commit(body, reply),
             Err(e) => {
                 let _ = reply.send(Err(e));
             }
@@ -512,7 +514,7 @@ impl Spool {
     /// recorded in the spool) every body is also read against its
     /// envelope's [`BodyCheck`]: a commit cut short by a power cut can
     /// leave a message that was never acknowledged with old or missing
-    /// bytes (see `staging.rs`). A crash of the process alone cannot, so
+    /// bytes (see `commit_pool.rs`). A crash of the process alone cannot, so
     /// ordinary restarts skip the reading.
     pub fn scan(&self) -> Result<ScanReport, SpoolError> {
         let queue = &self.inner.queue;
@@ -1081,6 +1083,24 @@ mod tests {
     }
 
     #[test]
+    fn judging_is_spread_over_threads_and_keeps_the_order() {
+        let ids: Vec<String> = (0..SCAN_MIN_PER_THREAD * 4)
+            .map(|i| format!("{i:015}"))
+            .collect();
+        let judged = in_parallel(&ids, |id| (id.to_string(), std::thread::current().id()));
+        let in_order: Vec<&String> = judged.iter().map(|(id, _)| id).collect();
+        assert_eq!(in_order, ids.iter().collect::<Vec<_>>());
+        let threads: std::collections::HashSet<_> = judged.iter().map(|(_, t)| *t).collect();
+        assert_eq!(threads.len(), 4, "ids judged on {} threads", threads.len());
+        // A short queue is not worth a thread.
+        let few = &ids[..10];
+        let here = std::thread::current().id();
+        assert!(in_parallel(few, |_| std::thread::current().id())
+            .into_iter()
+            .all(|t| t == here));
+    }
+
+    #[test]
     fn a_long_queue_is_read_by_several_threads_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (spool, _w) = Spool::open(dir.path()).unwrap();
@@ -1264,7 +1284,7 @@ mod tests {
         let queue = dir.path().join("queue");
         fs::write(queue.join(format!("{id}.msg")), b"a plain body\n").unwrap();
         let old = envelope::decode(&encode(&envelope_for(id))).unwrap();
-        fs::write(queue.join(format!("{id}.env")), encode(&old)).unwrap();
+        fs::write(queue.join(format!("{id}.env")), envelope::encode_v2(&old)).unwrap();
         fs::write(dir.path().join("boot_id"), "an earlier boot").unwrap();
         let report = spool.scan().unwrap();
         assert_eq!(report.envelopes, vec![old.clone()]);

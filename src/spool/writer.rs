@@ -1,7 +1,7 @@
 //! The queue's bookkeeping thread: envelope updates and removals of queued
 //! messages pass through here, in order, so their fsyncs never block an
 //! actor's thread and a batch of them shares one directory fsync. (New
-//! messages are committed by the staging pool, `staging.rs`.)
+//! messages are committed by the commit pool, `commit_pool.rs`.)
 
 use std::fs::{self, File};
 use std::io::Write;

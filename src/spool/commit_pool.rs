@@ -36,10 +36,10 @@ use super::{IncomingBody, SpoolError};
 
 /// Enough threads for the fsyncs of a burst of sessions to wait together;
 /// each is idle (blocked on a channel) when there is no mail.
-const STAGING_THREADS: usize = 4;
+const COMMIT_THREADS: usize = 4;
 
 /// Commit threads only rename and fsync.
-const STAGING_STACK: usize = 128 * 1024;
+const COMMIT_STACK: usize = 128 * 1024;
 
 type Task = Box<dyn FnOnce() + Send>;
 
@@ -55,30 +55,30 @@ pub struct CommitStats {
     pub most_at_once: AtomicU64,
 }
 
-/// Where commits put files, and the pool that makes them.
-pub(super) struct Stager {
+/// The threads that commit new messages, and where they put them.
+pub(super) struct CommitPool {
     tasks: Sender<Task>,
     queue: PathBuf,
     stats: Arc<CommitStats>,
 }
 
-impl Stager {
-    /// Starts the pool; its threads end when the stager is dropped.
-    pub(super) fn start(queue: PathBuf) -> Result<Stager, SpoolError> {
+impl CommitPool {
+    /// Starts the pool; its threads end when the pool is dropped.
+    pub(super) fn start(queue: PathBuf) -> Result<CommitPool, SpoolError> {
         let (tasks, received) = crossbeam_channel::unbounded();
-        for n in 0..STAGING_THREADS {
+        for n in 0..COMMIT_THREADS {
             let received: Receiver<Task> = received.clone();
             std::thread::Builder::new()
-                .name(format!("spool-stage-{n}"))
-                .stack_size(STAGING_STACK)
+                .name(format!("spool-commit-{n}"))
+                .stack_size(COMMIT_STACK)
                 .spawn(move || {
                     while let Ok(task) = received.recv() {
                         task();
                     }
                 })
-                .map_err(|e| SpoolError::io("start spool staging thread", e))?;
+                .map_err(|e| SpoolError::io("start spool commit thread", e))?;
         }
-        Ok(Stager {
+        Ok(CommitPool {
             tasks,
             queue,
             stats: Arc::new(CommitStats::default()),
@@ -91,13 +91,13 @@ impl Stager {
 
     /// Queues the commit of one sealed message; `reply` hears the outcome
     /// once it is durable or failed.
-    pub(super) fn stage(&self, mut body: IncomingBody, reply: Reply) {
+    pub(super) fn commit(&self, mut body: IncomingBody, reply: Reply) {
         let queue = self.queue.clone();
         let stats = Arc::clone(&self.stats);
         let task: Task = Box::new(move || {
             let at_once = stats.in_progress.fetch_add(1, Ordering::Relaxed) + 1;
             stats.most_at_once.fetch_max(at_once, Ordering::Relaxed);
-            let result = commit(&mut body, &queue);
+            let result = commit_one(&mut body, &queue);
             if result.is_ok() {
                 body.mark_committed();
                 stats.commits.fetch_add(1, Ordering::Relaxed);
@@ -121,7 +121,7 @@ fn io_err(context: &str, path: &Path, e: impl Into<std::io::Error>) -> SpoolErro
     SpoolError::io(format!("{context} {}", path.display()), e.into())
 }
 
-fn commit(body: &mut IncomingBody, queue: &Path) -> Result<(), SpoolError> {
+fn commit_one(body: &mut IncomingBody, queue: &Path) -> Result<(), SpoolError> {
     let queued = queue.join(format!("{}.msg", body.id()));
     // Never over a queued message: ids restart with each process, and a
     // clock stepped back could repeat one.
