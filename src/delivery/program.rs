@@ -419,9 +419,7 @@ async fn feed_stdin(
         }
     }
     if let Some(expected) = expected_len.filter(|&len| fed < len) {
-        return Err(format!(
-            "queued message ends after {fed} of its {expected} bytes"
-        ));
+        return Err(super::UnreadableMessage::Short { len: fed, expected }.to_string());
     }
     let _ = stdin.shutdown().await;
     Ok(())
