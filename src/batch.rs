@@ -12,10 +12,12 @@ use actix::prelude::*;
 use crate::actors::collector::{Collector, TakeCollected};
 use crate::actors::queue_runner::QueueRunner;
 use crate::actors::session::{serve_connection, Session};
-use crate::actors::supervisor::Shared;
+use crate::actors::Shared;
 use crate::config::Config;
 use crate::delivery::program::RunAs;
 use crate::protocol::session::ClientInfo;
+use crate::queue::scheduler::Mode;
+use crate::queue::InFlight;
 use crate::spool::{Envelope, QueueLock, Spool, SpoolError};
 use crate::{access, aliases, StartError};
 
@@ -66,16 +68,11 @@ async fn one_pass(config: &Config, spool: &Spool, run_as: &Option<RunAs>, due: V
     }
     let workers = plain_workers(config, spool, run_as);
     let (done, finished) = tokio::sync::oneshot::channel();
-    let _runner = QueueRunner::one_pass(
-        spool.clone(),
-        workers,
-        config.delivery.concurrency,
-        crate::queue_policy(config),
-        config.relay.host.is_some(),
-        due,
-        done,
-    )
-    .start();
+    let in_flight = InFlight::default();
+    let mut scheduler = crate::scheduler(config, Mode::OnePass, in_flight.clone());
+    scheduler.picked_up(due, std::time::SystemTime::now());
+    let _runner =
+        QueueRunner::new(scheduler, spool.clone(), workers, in_flight, Some(done)).start();
     let _ = finished.await;
 }
 

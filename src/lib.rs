@@ -9,7 +9,7 @@
 //! sessions finish, and [`NodeHandle::shutdown`] ends everything.
 
 pub mod access;
-pub mod actors;
+pub(crate) mod actors;
 pub mod aliases;
 pub mod batch;
 pub mod config;
@@ -33,12 +33,13 @@ use actors::alias_resolver::AliasResolver;
 use actors::control_server::{ControlDeps, ControlServer};
 use actors::delivery_worker::DeliveryWorker;
 use actors::metrics_server::MetricsServer;
-use actors::queue_runner::{QueueCounts, QueueRunner};
+use actors::queue_runner::QueueRunner;
 use actors::session::{SessionDeps, SessionLimits, Stopping};
 use actors::supervisor::{
-    Child, Children, DrainDeliveries, QueueStatus, ReloadAliases, Restarts, Shared, StopIntake,
+    Child, Children, DrainDeliveries, QueueStatus, ReloadAliases, Restarts, StopIntake,
     StopSupervising, Supervisor,
 };
+use actors::Shared;
 use config::{BareLf, Config};
 use delivery::program::{RunAs, RunAsError};
 use delivery::relay::RelayTarget;
@@ -46,6 +47,7 @@ use hooks::Hooks;
 use limits::ConnectionTracker;
 use protocol::data::BareLineEnding;
 use protocol::session::SessionConfig;
+use queue::QueueCounts;
 use queue::QueuePolicy;
 use spool::{QueueLock, Spool, SpoolError, SpoolWriter};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -274,6 +276,21 @@ pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
     }
 }
 
+/// An empty queue scheduler for this configuration.
+pub(crate) fn scheduler(
+    config: &Config,
+    mode: queue::scheduler::Mode,
+    in_flight: queue::InFlight,
+) -> queue::scheduler::Scheduler {
+    queue::scheduler::Scheduler::new(
+        queue_policy(config),
+        config.relay.host.is_some(),
+        config.delivery.concurrency,
+        mode,
+        in_flight,
+    )
+}
+
 /// One DeliveryWorker on each arbiter, each with the factory that makes
 /// it again there.
 pub(crate) fn worker_children(
@@ -418,14 +435,12 @@ fn build_tree(
     let queue_runner = {
         let spool = spool.clone();
         let workers = worker_addrs.clone();
-        let concurrency = config.delivery.concurrency;
-        let policy = queue_policy(&config);
-        let can_bounce = config.relay.host.is_some();
+        let config = config.clone();
         // The first runner gets what start-up scanned; a restarted one
         // reads the spool again: the spool, not the dead actor, is the truth.
         // (Without start-up's clean-up: the writer is live.)
         let recovered = std::cell::RefCell::new(Some(recovered));
-        let in_flight = actors::queue_runner::InFlight::default();
+        let in_flight = queue::InFlight::default();
         Child::start(
             "queue_runner",
             Box::new(move || {
@@ -435,14 +450,15 @@ fn build_tree(
                         Vec::new()
                     })
                 });
+                let mut scheduler =
+                    scheduler(&config, queue::scheduler::Mode::Daemon, in_flight.clone());
+                scheduler.picked_up(envelopes, std::time::SystemTime::now());
                 QueueRunner::new(
+                    scheduler,
                     spool.clone(),
                     workers.clone(),
-                    concurrency,
-                    policy,
-                    can_bounce,
-                    envelopes,
                     in_flight.clone(),
+                    None,
                 )
                 .start()
             }),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use actix::prelude::*;
 
-use crate::actors::supervisor::Shared;
+use crate::actors::Shared;
 use crate::aliases::{self, AliasTable, Resolution, Target};
 use crate::protocol::command::Address;
 use crate::protocol::reply;

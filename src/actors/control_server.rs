@@ -16,8 +16,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::actors::alias_resolver::{AliasResolver, Reload, Resolve};
-use crate::actors::queue_runner::{Control, QueueCommand, QueueRunner};
-use crate::actors::supervisor::Shared;
+use crate::actors::queue_runner::{Control, QueueRunner};
+use crate::actors::Shared;
+use crate::control::queue::QueueCommand;
 use crate::control::{Request, Response};
 use crate::limits::ConnectionTracker;
 use crate::protocol::command::{self, Command};

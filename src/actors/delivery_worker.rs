@@ -9,11 +9,11 @@ use std::time::{Duration, Instant, SystemTime};
 use actix::prelude::*;
 use tokio::io::AsyncReadExt;
 
-use crate::actors::queue_runner::InFlightGuard;
 use crate::aliases::Target;
 use crate::delivery::program::{self, DeliveryStatus, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
-use crate::delivery::{dsn, program_env, stdin_prefix};
+use crate::delivery::{dsn, program_env, stdin_prefix, DeliveryReport};
+use crate::queue::InFlightGuard;
 use crate::spool::{Envelope, Spool};
 
 /// Attempt delivery `index` of `envelope`.
@@ -26,18 +26,6 @@ pub struct Deliver {
     pub body: std::path::PathBuf,
     /// Held until the attempt ends (queued deliveries).
     pub in_flight: Option<InFlightGuard>,
-}
-
-/// The result of one attempt.
-#[derive(Debug, Clone)]
-pub struct DeliveryReport {
-    pub status: DeliveryStatus,
-    /// Enhanced status code (RFC 3463) of the outcome.
-    pub code: String,
-    pub duration: Duration,
-    /// False when no attempt was made (the worker was lost): it does not
-    /// count towards `ATTEMPT` or the backoff.
-    pub attempted: bool,
 }
 
 /// Return deliveries `failed` of `envelope` to its sender.

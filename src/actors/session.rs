@@ -19,7 +19,7 @@ use tokio_util::codec::Framed;
 use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
-use crate::actors::supervisor::Shared;
+use crate::actors::Shared;
 use crate::delivery::program::DeliveryStatus;
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;

@@ -1,14 +1,14 @@
 //! Supervisor: the top of the actor tree. It builds every long-lived actor
 //! from a factory, watches them, and recreates one that died (a panic in a
 //! handler kills only that actor; actix's own supervision does not restart
-//! it: see DESIGN.md). The others reach a child through a [`Shared`]
+//! it). The others reach a child through a [`Shared`]
 //! address the Supervisor swaps, so a restart is invisible to them. State
 //! that must survive lives in the spool or in what the factory hands over.
 //! Past the restart intensity (5 in 60 s) it stops intake and reports the
 //! failure, so the process exits non-zero and systemd starts it afresh.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -18,7 +18,9 @@ use crate::actors::alias_resolver::{AliasResolver, Reload};
 use crate::actors::control_server::ControlServer;
 use crate::actors::delivery_worker::DeliveryWorker;
 use crate::actors::metrics_server::MetricsServer;
-use crate::actors::queue_runner::{Counts, Drain, QueueCounts, QueueRunner};
+use crate::actors::queue_runner::{Counts, Drain, QueueRunner};
+use crate::actors::Shared;
+use crate::queue::QueueCounts;
 
 /// How often the children are looked at.
 const WATCH_EVERY: Duration = Duration::from_millis(250);
@@ -26,29 +28,6 @@ const WATCH_EVERY: Duration = Duration::from_millis(250);
 const MAX_RESTARTS: usize = 5;
 /// ... within this long is a failure a restart will not fix.
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
-
-/// A child's current address, swapped by the Supervisor on restart.
-pub struct Shared<T>(Arc<RwLock<T>>);
-
-impl<T: Clone> Shared<T> {
-    pub fn new(value: T) -> Self {
-        Shared(Arc::new(RwLock::new(value)))
-    }
-
-    pub fn get(&self) -> T {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    pub fn set(&self, value: T) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = value;
-    }
-}
-
-impl<T> Clone for Shared<T> {
-    fn clone(&self) -> Self {
-        Shared(Arc::clone(&self.0))
-    }
-}
 
 /// Builds one actor afresh.
 pub type Factory<A> = Box<dyn Fn() -> Addr<A>>;

@@ -9,7 +9,32 @@ pub mod spawn;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
+use crate::delivery::program::DeliveryStatus;
 use crate::spool::Envelope;
+
+/// The result of one attempt.
+#[derive(Debug, Clone)]
+pub struct DeliveryReport {
+    pub status: DeliveryStatus,
+    /// Enhanced status code (RFC 3463) of the outcome.
+    pub code: String,
+    pub duration: std::time::Duration,
+    /// False when no attempt was made (the worker was lost): it does not
+    /// count towards `ATTEMPT` or the backoff.
+    pub attempted: bool,
+}
+
+impl DeliveryReport {
+    /// No attempt was made: the worker asked to make it is gone.
+    pub fn worker_lost(why: impl std::fmt::Display) -> Self {
+        DeliveryReport {
+            status: DeliveryStatus::Temporary(format!("delivery worker lost: {why}")),
+            code: "4.3.0".into(),
+            duration: std::time::Duration::ZERO,
+            attempted: false,
+        }
+    }
+}
 
 /// Why a queued message cannot be handed on.
 #[derive(Debug, thiserror::Error)]

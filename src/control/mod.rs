@@ -3,6 +3,8 @@
 //! `{"cmd":"queue.list"}` -> `{"ok":true,"data":...}` or
 //! `{"ok":false,"error":"..."}`.
 
+pub(crate) mod queue;
+
 use serde::{Deserialize, Serialize};
 
 /// A request, tagged by `cmd` as the contract spells it.
