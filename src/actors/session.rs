@@ -24,13 +24,13 @@ use crate::delivery::program::DeliveryStatus;
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;
 use crate::protocol::codec::{Frame, SmtpCodec};
-use crate::protocol::command::{self, ReversePath};
+use crate::protocol::command;
 use crate::protocol::data::BareLineEnding;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
     Action, ClientInfo, Event, MessageDraft, RcptDecision, SessionConfig, SessionMachine,
 };
-use crate::spool::{Delivery, DeliveryState, Envelope, IncomingBody, Spool};
+use crate::spool::{DeliveryState, Envelope, IncomingBody, Spool};
 use crate::telemetry;
 
 /// How far the node is in going down.
@@ -233,7 +233,7 @@ impl Session {
             work.extend(self.machine.handle(Event::Committed(Err(failure))));
             return self.run(work, out);
         };
-        let mut envelope = envelope_from(draft, &self.client, SystemTime::now());
+        let mut envelope = Envelope::accepted(draft, &self.client, SystemTime::now());
         if let Some(workers) = &self.deps.inline {
             let workers = workers.clone();
             return self.deliver_inline(body, envelope, workers, work, out);
@@ -324,58 +324,6 @@ impl Session {
             work.extend(act.machine.handle(Event::DeliveredInline(verdict)));
             act.run(work, out)
         }))
-    }
-}
-
-/// The envelope of a message whose data is complete.
-fn envelope_from(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> Envelope {
-    let (sender, return_path) = match &draft.sender {
-        ReversePath::Null => (String::new(), String::new()),
-        ReversePath::Address(a) => (a.to_plain(), a.to_smtp()),
-    };
-    // The same recipient given twice, or reached twice through aliases,
-    // runs its program once (as Postfix does).
-    let mut seen = std::collections::HashSet::new();
-    let deliveries = draft
-        .recipients
-        .iter()
-        .flat_map(|r| r.targets.iter().map(move |t| (r, t)))
-        .filter(|(_, t)| seen.insert((t.recipient.clone(), t.target.clone())))
-        .map(|(r, t)| {
-            let mut d = Delivery::new(
-                r.original.clone(),
-                t.recipient.clone(),
-                t.local.clone(),
-                t.extension.clone(),
-                t.domain.clone(),
-                t.target.clone(),
-            );
-            // Already delivered to this recipient once on the message's
-            // way: a loop. It is returned, never delivered.
-            if draft.delivered_to.contains(&t.recipient.to_lowercase()) {
-                d.state = DeliveryState::Failed;
-                d.last_error = format!("mail forwarding loop for {}", t.recipient);
-                d.record(now, "5.4.6", &d.last_error.clone());
-            }
-            d
-        })
-        .collect();
-    Envelope {
-        id: draft.id,
-        sender,
-        return_path,
-        arrival: now,
-        client_address: client.address.to_string(),
-        client_helo: draft.helo,
-        channel: client.channel.clone(),
-        size: draft.size,
-        smtputf8: draft.params.smtputf8,
-        body_8bit: draft.params.body_8bit,
-        held: false,
-        next_attempt: now,
-        deliveries,
-        // The spool records it at commit.
-        body_check: None,
     }
 }
 

@@ -23,6 +23,7 @@
 //! - `spare/`: files of delivered messages kept for reuse (`spare.rs` says why);
 //!   never part of the queue.
 
+mod accepted;
 mod commit_pool;
 pub mod envelope;
 pub mod id;
