@@ -534,14 +534,7 @@ fn build_tree(
         }),
     );
     Supervisor::new(
-        Children {
-            acceptor: Some(acceptor),
-            resolver,
-            queue_runner,
-            workers,
-            metrics,
-            control,
-        },
+        Children::new(acceptor, resolver, queue_runner, workers, metrics, control),
         intake.failure,
         restarts,
     )

@@ -30,22 +30,55 @@ const MAX_RESTARTS: usize = 5;
 const RESTART_WINDOW: Duration = Duration::from_secs(60);
 
 /// Builds one actor afresh.
-pub type Factory<A> = Box<dyn Fn() -> Addr<A>>;
+pub(crate) type Factory<A> = Box<dyn Fn() -> Addr<A>>;
 
 /// One supervised actor: its address and how to make another.
-pub struct Child<A: Actor> {
-    pub name: &'static str,
-    pub addr: Shared<Addr<A>>,
-    pub factory: Factory<A>,
+pub(crate) struct Child<A: Actor> {
+    pub(crate) name: &'static str,
+    pub(crate) addr: Shared<Addr<A>>,
+    pub(crate) factory: Factory<A>,
 }
 
 impl<A: Actor<Context = Context<A>>> Child<A> {
-    pub fn start(name: &'static str, factory: Factory<A>) -> Self {
+    pub(crate) fn start(name: &'static str, factory: Factory<A>) -> Self {
         Child {
             name,
             addr: Shared::new(factory()),
             factory,
         }
+    }
+}
+
+/// A ping's answer: whether the actor answered in time.
+type PingAnswer = std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>;
+
+/// What the Supervisor does with any child, whatever its actor.
+pub(crate) trait Supervised {
+    fn name(&self) -> &'static str;
+    fn alive(&self) -> bool;
+    fn restart(&self);
+    fn ping(&self) -> PingAnswer;
+    /// Makes the actor panic inside a handler.
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn crash(&self);
+}
+
+/// The handlers every supervised actor has.
+#[cfg(not(any(test, feature = "fault-injection")))]
+pub(crate) trait SupervisedActor: Actor<Context = Context<Self>> + Handler<Ping> {}
+#[cfg(not(any(test, feature = "fault-injection")))]
+impl<A: Actor<Context = Context<A>> + Handler<Ping>> SupervisedActor for A {}
+#[cfg(any(test, feature = "fault-injection"))]
+pub(crate) trait SupervisedActor:
+    Actor<Context = Context<Self>> + Handler<Ping> + Handler<Crash>
+{
+}
+#[cfg(any(test, feature = "fault-injection"))]
+impl<A: Actor<Context = Context<A>> + Handler<Ping> + Handler<Crash>> SupervisedActor for A {}
+
+impl<A: SupervisedActor> Supervised for Child<A> {
+    fn name(&self) -> &'static str {
+        self.name
     }
 
     fn alive(&self) -> bool {
@@ -55,22 +88,76 @@ impl<A: Actor<Context = Context<A>>> Child<A> {
     fn restart(&self) {
         self.addr.set((self.factory)());
     }
+
+    fn ping(&self) -> PingAnswer {
+        let asked = self.addr.get().send(Ping).timeout(PING_TIMEOUT);
+        Box::pin(async move { asked.await.is_ok() })
+    }
+
+    #[cfg(any(test, feature = "fault-injection"))]
+    fn crash(&self) {
+        self.addr.get().do_send(Crash);
+    }
 }
 
-/// The supervised actors.
-pub struct Children {
+/// The supervised actors: all of them in one list, and the addresses of
+/// those the Supervisor also sends messages of their own.
+pub(crate) struct Children {
+    list: Vec<Box<dyn Supervised>>,
     /// None once intake has stopped (`stop()`): a stopped acceptor is not
     /// restarted, and its factory (holding the listening sockets) is gone.
-    pub acceptor: Option<Child<Acceptor>>,
-    pub resolver: Child<AliasResolver>,
-    pub queue_runner: Child<QueueRunner>,
-    pub workers: Vec<Child<DeliveryWorker>>,
-    /// None when `[metrics] listen = "off"`.
-    pub metrics: Option<Child<MetricsServer>>,
-    pub control: Child<ControlServer>,
+    acceptor: Option<Shared<Addr<Acceptor>>>,
+    resolver: Shared<Addr<AliasResolver>>,
+    queue_runner: Shared<Addr<QueueRunner>>,
+    #[cfg(any(test, feature = "fault-injection"))]
+    workers: Vec<Shared<Addr<DeliveryWorker>>>,
 }
 
-pub struct Supervisor {
+const ACCEPTOR: &str = "acceptor";
+
+impl Children {
+    /// `metrics` is None when `[metrics] listen = "off"`.
+    pub(crate) fn new(
+        acceptor: Child<Acceptor>,
+        resolver: Child<AliasResolver>,
+        queue_runner: Child<QueueRunner>,
+        workers: Vec<Child<DeliveryWorker>>,
+        metrics: Option<Child<MetricsServer>>,
+        control: Child<ControlServer>,
+    ) -> Self {
+        debug_assert_eq!(acceptor.name, ACCEPTOR);
+        let mut children = Children {
+            list: Vec::new(),
+            acceptor: Some(acceptor.addr.clone()),
+            resolver: resolver.addr.clone(),
+            queue_runner: queue_runner.addr.clone(),
+            #[cfg(any(test, feature = "fault-injection"))]
+            workers: workers.iter().map(|w| w.addr.clone()).collect(),
+        };
+        children.list.push(Box::new(acceptor));
+        children.list.push(Box::new(resolver));
+        children.list.push(Box::new(queue_runner));
+        if let Some(metrics) = metrics {
+            children.list.push(Box::new(metrics));
+        }
+        children.list.push(Box::new(control));
+        for worker in workers {
+            children.list.push(Box::new(worker));
+        }
+        children
+    }
+
+    /// Tells the acceptor to stop and drops it: dropping its factory drops
+    /// the last copies of the listening sockets, so the ports really close.
+    fn stop_acceptor(&mut self) {
+        if let Some(acceptor) = self.acceptor.take() {
+            acceptor.get().do_send(StopAccepting);
+        }
+        self.list.retain(|child| child.name() != ACCEPTOR);
+    }
+}
+
+pub(crate) struct Supervisor {
     children: Children,
     /// Shared with the control server's `status`.
     restarts: Arc<std::sync::Mutex<BTreeMap<&'static str, u64>>>,
@@ -81,7 +168,7 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(
+    pub(crate) fn new(
         children: Children,
         failure: tokio::sync::watch::Sender<Option<String>>,
         restarts: Arc<std::sync::Mutex<BTreeMap<&'static str, u64>>>,
@@ -99,39 +186,19 @@ impl Supervisor {
         if !self.supervising {
             return;
         }
-        let mut dead = Vec::new();
-        if let Some(a) = &self.children.acceptor {
-            if !a.alive() {
-                dead.push(a.name);
+        let dead: Vec<usize> = (0..self.children.list.len())
+            .filter(|&i| !self.children.list[i].alive())
+            .collect();
+        for i in dead {
+            if !self.supervising {
+                break;
             }
-        }
-        if !self.children.resolver.alive() {
-            dead.push(self.children.resolver.name);
-        }
-        if !self.children.queue_runner.alive() {
-            dead.push(self.children.queue_runner.name);
-        }
-        if let Some(m) = &self.children.metrics {
-            if !m.alive() {
-                dead.push(m.name);
-            }
-        }
-        if !self.children.control.alive() {
-            dead.push(self.children.control.name);
-        }
-        dead.extend(
-            self.children
-                .workers
-                .iter()
-                .filter(|w| !w.alive())
-                .map(|w| w.name),
-        );
-        for name in dead {
-            self.restart(name);
+            self.restart(i);
         }
     }
 
-    fn restart(&mut self, name: &'static str) {
+    fn restart(&mut self, child: usize) {
+        let name = self.children.list[child].name();
         let now = Instant::now();
         self.recent.push_back(now);
         while self
@@ -149,9 +216,7 @@ impl Supervisor {
             );
             tracing::error!("{why}");
             self.supervising = false;
-            if let Some(a) = self.children.acceptor.take() {
-                a.addr.get().do_send(StopAccepting);
-            }
+            self.children.stop_acceptor();
             let _ = self.failure.send(Some(why));
             return;
         }
@@ -160,27 +225,7 @@ impl Supervisor {
         }
         crate::telemetry::actor_restarted(name);
         tracing::warn!(actor = name, "actor died; restarting");
-        let c = &self.children;
-        match name {
-            "acceptor" => {
-                if let Some(a) = &c.acceptor {
-                    a.restart();
-                }
-            }
-            "alias_resolver" => c.resolver.restart(),
-            "queue_runner" => c.queue_runner.restart(),
-            "metrics_server" => {
-                if let Some(m) = &c.metrics {
-                    m.restart();
-                }
-            }
-            "control_server" => c.control.restart(),
-            _ => c
-                .workers
-                .iter()
-                .filter(|w| w.name == name && !w.alive())
-                .for_each(Child::restart),
-        }
+        self.children.list[child].restart();
     }
 }
 
@@ -201,11 +246,7 @@ impl Handler<StopIntake> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: StopIntake, _: &mut Self::Context) {
-        // Dropping the child drops its factory and so the last copies of the
-        // listening sockets: the ports really close.
-        if let Some(a) = self.children.acceptor.take() {
-            a.addr.get().do_send(StopAccepting);
-        }
+        self.children.stop_acceptor();
     }
 }
 
@@ -231,7 +272,7 @@ impl Handler<ReloadAliases> for Supervisor {
     type Result = ResponseFuture<Result<usize, String>>;
 
     fn handle(&mut self, _: ReloadAliases, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.resolver.addr.get().send(Reload);
+        let asked = self.children.resolver.get().send(Reload);
         Box::pin(async move {
             asked
                 .await
@@ -250,7 +291,7 @@ impl Handler<DrainDeliveries> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: DrainDeliveries, _: &mut Self::Context) {
-        self.children.queue_runner.addr.get().do_send(Drain(msg.0));
+        self.children.queue_runner.get().do_send(Drain(msg.0));
     }
 }
 
@@ -263,7 +304,7 @@ impl Handler<QueueStatus> for Supervisor {
     type Result = ResponseFuture<Option<QueueCounts>>;
 
     fn handle(&mut self, _: QueueStatus, _: &mut Self::Context) -> Self::Result {
-        let asked = self.children.queue_runner.addr.get().send(Counts);
+        let asked = self.children.queue_runner.get().send(Counts);
         Box::pin(async move { asked.await.ok() })
     }
 }
@@ -320,23 +361,7 @@ impl Handler<Health> for Supervisor {
         if !self.supervising {
             return Box::pin(async { false });
         }
-        type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = bool>>>;
-        fn ping<A>(addr: Addr<A>) -> Answer
-        where
-            A: Actor<Context = Context<A>> + Handler<Ping>,
-        {
-            let asked = addr.send(Ping).timeout(PING_TIMEOUT);
-            Box::pin(async move { asked.await.is_ok() })
-        }
-        let c = &self.children;
-        let mut pings: Vec<Answer> = vec![
-            ping(c.resolver.addr.get()),
-            ping(c.queue_runner.addr.get()),
-            ping(c.control.addr.get()),
-        ];
-        pings.extend(c.acceptor.iter().map(|a| ping(a.addr.get())));
-        pings.extend(c.metrics.iter().map(|m| ping(m.addr.get())));
-        pings.extend(c.workers.iter().map(|w| ping(w.addr.get())));
+        let pings: Vec<PingAnswer> = self.children.list.iter().map(|c| c.ping()).collect();
         Box::pin(async move {
             futures_util::future::join_all(pings)
                 .await
@@ -372,7 +397,7 @@ impl Handler<InjectWedge> for Supervisor {
 
     fn handle(&mut self, msg: InjectWedge, _: &mut Self::Context) {
         if let Some(w) = self.children.workers.first() {
-            w.addr.get().do_send(Wedge(msg.0));
+            w.get().do_send(Wedge(msg.0));
         }
     }
 }
@@ -397,37 +422,8 @@ impl Handler<InjectFault> for Supervisor {
     type Result = bool;
 
     fn handle(&mut self, msg: InjectFault, _: &mut Self::Context) -> bool {
-        let c = &self.children;
-        match msg.0 {
-            "acceptor" => c
-                .acceptor
-                .as_ref()
-                .map(|a| a.addr.get().do_send(Crash))
-                .is_some(),
-            "alias_resolver" => {
-                c.resolver.addr.get().do_send(Crash);
-                true
-            }
-            "queue_runner" => {
-                c.queue_runner.addr.get().do_send(Crash);
-                true
-            }
-            "metrics_server" => c
-                .metrics
-                .as_ref()
-                .map(|m| m.addr.get().do_send(Crash))
-                .is_some(),
-            "control_server" => {
-                c.control.addr.get().do_send(Crash);
-                true
-            }
-            name => c
-                .workers
-                .iter()
-                .find(|w| w.name == name)
-                .map(|w| w.addr.get().do_send(Crash))
-                .is_some(),
-        }
+        let child = self.children.list.iter().find(|c| c.name() == msg.0);
+        child.map(|c| c.crash()).is_some()
     }
 }
 
