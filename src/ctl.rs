@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use mailnode::config::{self, Config};
 use mailnode::control::{QueueEntry, Request, Response};
+use mailnode::sysexits::{EX_CONFIG, EX_UNAVAILABLE, EX_USAGE};
 use serde_json::Value;
 
-const EX_USAGE: u8 = 64;
-const EX_UNAVAILABLE: u8 = 69;
-const DEFAULT_CONFIG: &str = "config/mailnode.toml";
+use crate::DEFAULT_CONFIG;
 
 pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words: &[String]) -> u8 {
     let Some(request) = request(words) else {
@@ -31,7 +30,7 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
                 for p in problems {
                     eprintln!("{p}");
                 }
-                return 78;
+                return EX_CONFIG;
             }
         },
     };

@@ -20,6 +20,7 @@ pub mod limits;
 pub mod protocol;
 pub mod queue;
 pub mod spool;
+pub mod sysexits;
 pub mod telemetry;
 
 use std::net::SocketAddr;
@@ -84,6 +85,19 @@ pub enum StartError {
     },
 }
 
+/// A non-blocking listening socket on `addr`, for the actors' runtime.
+fn listen_on(addr: &SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let bind = || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    bind().map_err(|source| StartError::Bind {
+        addr: *addr,
+        source,
+    })
+}
+
 /// Starts nodes.
 pub struct Node;
 
@@ -114,14 +128,7 @@ impl Node {
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
         telemetry::install();
         let metrics_listener = match config.metrics.listen {
-            Some(addr) => {
-                let bind = || {
-                    let l = std::net::TcpListener::bind(addr)?;
-                    l.set_nonblocking(true)?;
-                    Ok::<_, std::io::Error>(l)
-                };
-                Some(bind().map_err(|source| StartError::Bind { addr, source })?)
-            }
+            Some(addr) => Some(listen_on(&addr)?),
             None => None,
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -145,15 +152,7 @@ impl Node {
             &[]
         };
         for addr in configured {
-            let bind = |addr: &SocketAddr| {
-                let l = std::net::TcpListener::bind(addr)?;
-                l.set_nonblocking(true)?;
-                Ok::<_, std::io::Error>(l)
-            };
-            let listener = bind(addr).map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?;
+            let listener = listen_on(addr)?;
             addrs.push(listener.local_addr().map_err(|source| StartError::Bind {
                 addr: *addr,
                 source,

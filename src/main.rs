@@ -8,15 +8,15 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use mailnode::config::{self, Config, LogFormat};
-use mailnode::delivery::relay::{self, sysexits, Outgoing, RelayTarget};
+use mailnode::delivery::relay::{self, Outgoing, RelayTarget};
+use mailnode::sysexits::{EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE};
 use mailnode::{aliases, Node};
 
 mod ctl;
 
-/// sysexits.h EX_CONFIG: the configuration or aliases are wrong.
-const EX_CONFIG: u8 = 78;
 /// Used when no `-c` is given and this file exists.
-const DEFAULT_CONFIG: &str = "config/mailnode.toml";
+/// The config file used without `-c`, when it exists (the repository's).
+pub(crate) const DEFAULT_CONFIG: &str = "config/mailnode.toml";
 
 #[derive(Parser)]
 #[command(
@@ -113,7 +113,7 @@ fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { sysexits::USAGE } else { 0 });
+            return ExitCode::from(if e.use_stderr() { EX_USAGE } else { 0 });
         }
     };
     match cli.command {
@@ -207,7 +207,7 @@ fn main() -> ExitCode {
                         Ok(a) => Some(a),
                         Err(_) => {
                             eprintln!("--metrics: expected IP:PORT or \"off\", got {addr:?}");
-                            return ExitCode::from(64);
+                            return ExitCode::from(EX_USAGE);
                         }
                     },
                 };
@@ -273,15 +273,10 @@ impl std::fmt::Display for SupervisorGaveUp {
 
 impl std::error::Error for SupervisorGaveUp {}
 
-/// EX_SOFTWARE: an internal failure; the service manager starts us afresh.
-const EX_SOFTWARE: u8 = 70;
-
 fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
         mailnode::StartError::Aliases(_) | mailnode::StartError::DeliveryUser(_) => EX_CONFIG,
-        mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => {
-            sysexits::TEMPFAIL
-        }
+        mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => EX_TEMPFAIL,
         _ => 1,
     }
 }
@@ -435,7 +430,7 @@ fn serve(config: Config) -> anyhow::Result<()> {
 fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String]) -> u8 {
     let Some((host, port)) = relay::parse_host_port(target) else {
         eprintln!("mailnode send: bad target {target:?}: expected HOST or HOST:PORT");
-        return sysexits::USAGE;
+        return EX_USAGE;
     };
     let sender = sender.trim_start_matches('<').trim_end_matches('>');
     let recipients: Vec<String> = recipients
@@ -444,17 +439,17 @@ fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String])
         .collect();
     if recipients.iter().any(String::is_empty) {
         eprintln!("mailnode send: empty recipient");
-        return sysexits::USAGE;
+        return EX_USAGE;
     }
     let has_control = |a: &str| a.chars().any(char::is_control);
     if has_control(sender) || recipients.iter().any(|r| has_control(r)) {
         eprintln!("mailnode send: addresses must not contain control characters");
-        return sysexits::USAGE;
+        return EX_USAGE;
     }
     let mut message = Vec::new();
     if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
         eprintln!("mailnode send: cannot read the message: {e}");
-        return sysexits::NOINPUT;
+        return EX_NOINPUT;
     }
     let target = RelayTarget {
         host,
@@ -469,7 +464,7 @@ fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String])
         Ok(r) => r,
         Err(e) => {
             eprintln!("mailnode send: {e}");
-            return sysexits::TEMPFAIL;
+            return EX_TEMPFAIL;
         }
     };
     let outgoing = Outgoing {

@@ -187,48 +187,61 @@ impl Handler<Bounce> for DeliveryWorker {
         let hostname = self.hostname.clone();
         let body_path = self.spool.body_path(&msg.envelope.id);
         Box::pin(async move {
-            let Some(relay) = relay else {
-                return DeliveryStatus::Permanent(
-                    "no [relay] to return the message through".into(),
-                );
-            };
-            let env = msg.envelope;
-            let mut head = Vec::new();
-            match tokio::fs::File::open(&body_path).await {
-                Ok(f) => {
-                    let most = env.body_len().unwrap_or(u64::MAX);
-                    if let Err(e) = f
-                        .take(most.min(dsn::MAX_ORIGINAL_HEADERS as u64))
-                        .read_to_end(&mut head)
-                        .await
-                    {
-                        return DeliveryStatus::Temporary(format!("cannot read the message: {e}"));
-                    }
-                }
-                Err(e) => {
-                    return DeliveryStatus::Temporary(format!("cannot open the message: {e}"))
-                }
-            }
-            let notice = dsn::build(
-                &env,
-                &msg.failed,
+            return_to_sender(
+                relay.as_ref(),
                 &hostname,
-                dsn::header_section(&head),
-                SystemTime::now(),
-            );
-            let recipients = [env.return_path.clone()];
-            let message = Outgoing {
-                sender: "",
-                recipients: &recipients,
-                body_8bit: true,
-                smtputf8: env.smtputf8,
-            };
-            let (status, _) =
-                relay::recipient_status(&relay::send(&relay, &message, &notice[..]).await, 0);
-            tracing::info!(queue_id = %env.id, to = %env.sender, result = ?status, "bounce");
-            status
+                &msg.envelope,
+                &msg.failed,
+                &body_path,
+            )
+            .await
         })
     }
+}
+
+/// Sends the sender a delivery status notification for deliveries
+/// `failed`, quoting the message's header section.
+async fn return_to_sender(
+    relay: Option<&RelayTarget>,
+    hostname: &str,
+    env: &Envelope,
+    failed: &[usize],
+    body_path: &std::path::Path,
+) -> DeliveryStatus {
+    let Some(relay) = relay else {
+        return DeliveryStatus::Permanent("no [relay] to return the message through".into());
+    };
+    // Only the message's own bytes: its sealed envelope follows them.
+    let most = env.body_len().unwrap_or(u64::MAX);
+    let file = match crate::delivery::open_message(body_path, env.body_len()) {
+        Ok(f) => tokio::fs::File::from_std(f),
+        Err(e) => return DeliveryStatus::Temporary(e.to_string()),
+    };
+    let mut head = Vec::new();
+    if let Err(e) = file
+        .take(most.min(dsn::MAX_ORIGINAL_HEADERS as u64))
+        .read_to_end(&mut head)
+        .await
+    {
+        return DeliveryStatus::Temporary(format!("cannot read the message: {e}"));
+    }
+    let notice = dsn::build(
+        env,
+        failed,
+        hostname,
+        dsn::header_section(&head),
+        SystemTime::now(),
+    );
+    let recipients = [env.return_path.clone()];
+    let message = Outgoing {
+        sender: "",
+        recipients: &recipients,
+        body_8bit: true,
+        smtputf8: env.smtputf8,
+    };
+    let (status, _) = relay::recipient_status(&relay::send(relay, &message, &notice[..]).await, 0);
+    tracing::info!(queue_id = %env.id, to = %env.sender, result = ?status, "bounce");
+    status
 }
 
 #[cfg(test)]
@@ -236,10 +249,11 @@ mod tests {
     use super::*;
     use crate::spool::BodyCheck;
 
-    #[tokio::test]
-    async fn a_queue_file_shorter_than_its_envelope_is_never_forwarded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("cut.msg");
+    /// A queue file cut short of the 1000 bytes its envelope records, and a
+    /// relay where nobody listens: had the message been sent, the failure
+    /// would be the connection's.
+    fn cut_message(dir: &std::path::Path) -> (std::path::PathBuf, Envelope, RelayTarget) {
+        let path = dir.join("cut.msg");
         std::fs::write(&path, b"Subject: x\n\ncut sh").unwrap();
         let mut env = Envelope::for_test(
             "0000000000000AA",
@@ -251,8 +265,6 @@ mod tests {
             len: 1000,
             crc32: 0,
         });
-        // Nobody listens there: had the message been sent, the failure
-        // would be the connection's.
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -264,11 +276,27 @@ mod tests {
             helo: "test".into(),
             timeout: Duration::from_secs(2),
         };
+        (path, env, relay)
+    }
+
+    fn is_cut(status: &DeliveryStatus) -> bool {
+        matches!(status, DeliveryStatus::Temporary(e) if e.contains("of its 1000 bytes"))
+    }
+
+    #[tokio::test]
+    async fn a_queue_file_shorter_than_its_envelope_is_never_forwarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, env, relay) = cut_message(dir.path());
         let (status, code) = forward(Some(&relay), &env, "x@example.org", &path).await;
         assert_eq!(code, "4.3.0");
-        assert!(
-            matches!(&status, DeliveryStatus::Temporary(e) if e.contains("of its 1000 bytes")),
-            "{status:?}"
-        );
+        assert!(is_cut(&status), "{status:?}");
+    }
+
+    #[tokio::test]
+    async fn a_queue_file_shorter_than_its_envelope_is_never_quoted_in_a_bounce() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, env, relay) = cut_message(dir.path());
+        let status = return_to_sender(Some(&relay), "mx.test", &env, &[], &path).await;
+        assert!(is_cut(&status), "{status:?}");
     }
 }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::spawn::{self, SpawnSpec};
+use crate::sysexits::{EX_CONFIG, EX_OSERR, EX_TEMPFAIL, EX_USAGE};
 
 /// Most of a program's output we keep for the log and the bounce.
 pub const OUTPUT_LIMIT: usize = 1024;
@@ -24,12 +25,6 @@ pub const PROGRAM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// After the program exits, how long we still collect output that it (or a
 /// child holding its pipe) had written.
 const OUTPUT_GRACE: Duration = Duration::from_millis(100);
-
-/// sysexits.h codes that matter here.
-pub const EX_USAGE: i32 = 64;
-pub const EX_CONFIG: i32 = 78;
-pub const EX_OSERR: i32 = 71;
-pub const EX_TEMPFAIL: i32 = 75;
 
 /// The outcome of one delivery attempt, typed as temporary or permanent
 /// rather than passed around as a number.
@@ -145,10 +140,12 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
             use std::os::unix::process::ExitStatusExt;
             match (status.code(), status.signal()) {
                 (Some(0), _) => DeliveryStatus::Delivered,
-                (Some(code), _) if code == EX_TEMPFAIL || code == EX_OSERR => {
+                (Some(code), _)
+                    if code == i32::from(EX_TEMPFAIL) || code == i32::from(EX_OSERR) =>
+                {
                     DeliveryStatus::Temporary(with_output(format!("program exited {code}")))
                 }
-                (Some(code), _) if (EX_USAGE..=EX_CONFIG).contains(&code) => {
+                (Some(code), _) if (i32::from(EX_USAGE)..=i32::from(EX_CONFIG)).contains(&code) => {
                     DeliveryStatus::Permanent(with_output(format!("program exited {code}")))
                 }
                 (Some(code), _) => {

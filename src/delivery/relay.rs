@@ -10,6 +10,7 @@ use tokio::net::TcpStream;
 
 use crate::delivery::program::DeliveryStatus;
 use crate::protocol::reply::Reply;
+use crate::sysexits::{EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE};
 
 /// The longest reply line we read; a peer sending more is broken.
 const MAX_REPLY_LINE: usize = 4096;
@@ -300,22 +301,12 @@ pub fn recipient_status(
     }
 }
 
-/// sysexits.h codes of `mailnode send` (the seed's `smtp` talker).
-pub mod sysexits {
-    pub const OK: u8 = 0;
-    pub const USAGE: u8 = 64;
-    pub const NOINPUT: u8 = 66;
-    pub const NOUSER: u8 = 67;
-    pub const UNAVAILABLE: u8 = 69;
-    pub const TEMPFAIL: u8 = 75;
-}
-
 /// The exit status for a transaction: 75 if anything must be tried again
 /// (4xx, no connection, timeout), else 69 for a refused transaction or
 /// message, else 67 for a refused recipient, else 0.
 pub fn exit_status(outcome: &Result<TransactionOutcome, RelayError>) -> u8 {
     let o = match outcome {
-        Err(_) => return sysexits::TEMPFAIL,
+        Err(_) => return EX_TEMPFAIL,
         Ok(o) => o,
     };
     let replies = o
@@ -323,16 +314,16 @@ pub fn exit_status(outcome: &Result<TransactionOutcome, RelayError>) -> u8 {
         .iter()
         .chain(o.recipients.iter())
         .chain(o.data.iter());
-    let mut status = sysexits::OK;
+    let mut status = EX_OK;
     for r in replies.filter(|r| !is_success(r)) {
         if !r.is_permanent() {
-            return sysexits::TEMPFAIL;
+            return EX_TEMPFAIL;
         }
         let refused_whole = o.refused.as_ref() == Some(r) || o.data.as_ref() == Some(r);
-        status = if refused_whole || status == sysexits::UNAVAILABLE {
-            sysexits::UNAVAILABLE
+        status = if refused_whole || status == EX_UNAVAILABLE {
+            EX_UNAVAILABLE
         } else {
-            sysexits::NOUSER
+            EX_NOUSER
         };
     }
     status
