@@ -83,6 +83,18 @@ pub enum LoadError {
     Invalid(Vec<AliasError>),
 }
 
+/// Why a running node's aliases were not reloaded; the old table stays in
+/// force either way.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    #[error("alias resolver unavailable: {0}")]
+    ResolverUnavailable(#[source] actix::MailboxError),
+    #[error("node not running: {0}")]
+    NodeNotRunning(#[source] actix::MailboxError),
+}
+
 /// Aliases keyed by lowercase name, each already flattened.
 #[derive(Debug, Clone, Default)]
 pub struct AliasTable {

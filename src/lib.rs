@@ -580,11 +580,11 @@ impl NodeHandle {
     }
 
     /// Re-reads the aliases file; on failure the old table stays in force.
-    pub async fn reload_aliases(&self) -> Result<usize, String> {
+    pub async fn reload_aliases(&self) -> Result<usize, aliases::ReloadError> {
         self.supervisor
             .send(ReloadAliases)
             .await
-            .unwrap_or_else(|e| Err(format!("node not running: {e}")))
+            .unwrap_or_else(|e| Err(aliases::ReloadError::NodeNotRunning(e)))
     }
 
     /// How many messages are queued, by state.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use actix::prelude::*;
 
 use crate::actors::Shared;
-use crate::aliases::{self, AliasTable, Resolution, Target};
+use crate::aliases::{self, AliasTable, ReloadError, Resolution, Target};
 use crate::protocol::command::Address;
 use crate::protocol::reply;
 use crate::protocol::session::{DeliveryTarget, RcptDecision};
@@ -21,7 +21,7 @@ pub struct Resolve(pub Address);
 /// Re-read the aliases file. Answers the number of aliases now in force, or
 /// every problem as `FILE:LINE: message` lines.
 #[derive(Message)]
-#[rtype(result = "Result<usize, String>")]
+#[rtype(result = "Result<usize, ReloadError>")]
 pub struct Reload;
 
 pub struct AliasResolver {
@@ -69,7 +69,7 @@ impl Handler<Resolve> for AliasResolver {
 }
 
 impl Handler<Reload> for AliasResolver {
-    type Result = Result<usize, String>;
+    type Result = Result<usize, ReloadError>;
 
     fn handle(&mut self, _: Reload, _: &mut Self::Context) -> Self::Result {
         match aliases::load(&self.path) {
@@ -84,7 +84,7 @@ impl Handler<Reload> for AliasResolver {
             }
             Err(e) => {
                 tracing::error!("aliases not reloaded, old table stays in force: {e}");
-                Err(e.to_string())
+                Err(e.into())
             }
         }
     }

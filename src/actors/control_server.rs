@@ -201,8 +201,10 @@ async fn execute(request: Request, deps: &ControlDeps) -> Response {
         Request::QueueBounce { id } => queue(deps, QueueCommand::Bounce(id)).await,
         Request::AliasesReload => match deps.resolver.get().send(Reload).await {
             Ok(Ok(n)) => Response::ok(serde_json::json!({ "aliases": n })),
-            Ok(Err(e)) => Response::error(e),
-            Err(e) => Response::error(format!("alias resolver unavailable: {e}")),
+            Ok(Err(e)) => Response::error(e.to_string()),
+            Err(e) => {
+                Response::error(crate::aliases::ReloadError::ResolverUnavailable(e).to_string())
+            }
         },
         Request::AliasesLookup { address } => lookup(deps, &address).await,
         Request::IntakePause => {

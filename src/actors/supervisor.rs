@@ -20,6 +20,7 @@ use crate::actors::delivery_worker::DeliveryWorker;
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::queue_runner::{Counts, Drain, QueueRunner};
 use crate::actors::Shared;
+use crate::aliases::ReloadError;
 use crate::queue::QueueCounts;
 
 /// How often the children are looked at.
@@ -265,18 +266,18 @@ impl Handler<StopSupervising> for Supervisor {
 
 /// Re-read the aliases file.
 #[derive(Message)]
-#[rtype(result = "Result<usize, String>")]
+#[rtype(result = "Result<usize, ReloadError>")]
 pub struct ReloadAliases;
 
 impl Handler<ReloadAliases> for Supervisor {
-    type Result = ResponseFuture<Result<usize, String>>;
+    type Result = ResponseFuture<Result<usize, ReloadError>>;
 
     fn handle(&mut self, _: ReloadAliases, _: &mut Self::Context) -> Self::Result {
         let asked = self.children.resolver.get().send(Reload);
         Box::pin(async move {
             asked
                 .await
-                .unwrap_or_else(|e| Err(format!("alias resolver unavailable: {e}")))
+                .unwrap_or_else(|e| Err(ReloadError::ResolverUnavailable(e)))
         })
     }
 }

@@ -48,12 +48,14 @@ pub use commit_pool::CommitStats;
 use writer::Job;
 
 /// What can go wrong with the spool.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{context}: {message}")]
+    #[error("{context}: {source}")]
     Io {
         context: String,
-        message: String,
+        /// Shared: a failed write is reported to every message waiting on it.
+        #[source]
+        source: std::sync::Arc<std::io::Error>,
         /// The file system is full (ENOSPC, EDQUOT).
         full: bool,
     },
@@ -76,7 +78,7 @@ impl SpoolError {
         );
         SpoolError::Io {
             context: context.into(),
-            message: e.to_string(),
+            source: std::sync::Arc::new(e),
             full,
         }
     }
@@ -1258,12 +1260,13 @@ mod tests {
         let report = spool.scan().unwrap();
         let loaded: Vec<&str> = report.envelopes.iter().map(|e| e.id.as_str()).collect();
         assert_eq!(loaded, vec![ids[0].as_str()]);
-        assert_eq!(
-            report.corrupt,
-            vec![SpoolError::Corrupt {
-                id: ids[1].clone(),
-                reason: EnvelopeError::BodyMismatch
-            }]
+        assert!(
+            matches!(
+                &report.corrupt[..],
+                [SpoolError::Corrupt { id, reason: EnvelopeError::BodyMismatch }] if *id == ids[1]
+            ),
+            "{:?}",
+            report.corrupt
         );
         assert!(dir
             .path()
