@@ -28,7 +28,8 @@ use crate::protocol::command;
 use crate::protocol::data::BareLineEnding;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
-    Action, ClientInfo, Event, MessageDraft, RcptDecision, SessionConfig, SessionMachine,
+    Action, ClientInfo, CloseReason, Event, MessageDraft, RcptDecision, SessionConfig,
+    SessionMachine, Tally,
 };
 use crate::spool::{DeliveryState, Envelope, IncomingBody, Spool};
 use crate::telemetry;
@@ -103,6 +104,8 @@ pub struct Response {
     pub replies: Vec<Reply>,
     pub enter_data: bool,
     pub close: bool,
+    /// What the metrics count of this exchange.
+    pub tallies: Vec<Tally>,
 }
 
 pub struct Session {
@@ -203,6 +206,7 @@ impl Session {
                 Action::Commit(draft) => return self.commit(*draft, work, out),
             }
         }
+        out.tallies = self.machine.take_tallies();
         Box::pin(actix::fut::ready(out))
     }
 
@@ -353,7 +357,7 @@ impl Handler<Input> for Session {
             Input::Abort => Event::Abort,
             Input::IdleTimeout => Event::IdleTimeout,
             Input::ConnectLimit => Event::ConnectLimit,
-            Input::Frame(Frame::Line(line)) => Event::Command(command::parse(&line)),
+            Input::Frame(Frame::Line(line)) => Event::Line(line),
             Input::Frame(Frame::LineTooLong) => {
                 Event::Command(Err(command::CommandError::LineTooLong))
             }
@@ -406,18 +410,18 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let mut ended = SessionGauge::open();
     loop {
         if let Some(input) = pending.take() {
-            let counted = Counted::of(&input);
             let Ok(response) = session.send(input).await else {
                 // The session actor is gone: say so rather than hang up.
                 let _ = write_replies(&mut framed, vec![reply::LOCAL_ERROR], true, limits).await;
-                ended.reason = "error";
+                ended.reason = CloseReason::Error.as_str();
                 break;
             };
-            if let Some(first) = response.replies.first() {
-                counted.record(first.code());
-            }
-            if response.close {
-                ended.reason = counted.close_reason(&response.replies);
+            for tally in &response.tallies {
+                match *tally {
+                    Tally::Recipient(code) => telemetry::recipient(code),
+                    Tally::Message(code) => telemetry::message(code),
+                    Tally::Closed(reason) => ended.reason = reason.as_str(),
+                }
             }
             if response.enter_data {
                 framed.codec_mut().enter_data();
@@ -488,51 +492,6 @@ impl SessionGauge {
 impl Drop for SessionGauge {
     fn drop(&mut self) {
         telemetry::session_closed(self.reason);
-    }
-}
-
-/// What an input's reply counts towards in the metrics.
-enum Counted {
-    Message,
-    Recipient,
-    Timeout,
-    ConnectLimit,
-    Shutdown,
-    Other,
-}
-
-impl Counted {
-    fn of(input: &Input) -> Self {
-        match input {
-            Input::Frame(Frame::DataEnd { .. } | Frame::DataRejected) => Counted::Message,
-            Input::Frame(Frame::Line(l))
-                if l.len() >= 4 && l[..4].eq_ignore_ascii_case(b"RCPT") =>
-            {
-                Counted::Recipient
-            }
-            Input::IdleTimeout => Counted::Timeout,
-            Input::ConnectLimit => Counted::ConnectLimit,
-            Input::Shutdown | Input::Abort => Counted::Shutdown,
-            _ => Counted::Other,
-        }
-    }
-
-    fn record(&self, code: u16) {
-        match self {
-            Counted::Message => telemetry::message(code),
-            Counted::Recipient => telemetry::recipient(code),
-            _ => {}
-        }
-    }
-
-    fn close_reason(&self, replies: &[Reply]) -> &'static str {
-        match self {
-            Counted::Timeout => "timeout",
-            Counted::ConnectLimit => "connect_limit",
-            Counted::Shutdown => "shutdown",
-            _ if replies.iter().any(|r| r.code() == 221) => "quit",
-            _ => "error",
-        }
     }
 }
 

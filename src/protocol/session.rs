@@ -111,6 +111,10 @@ pub struct MessageDraft {
 #[derive(Debug, Clone)]
 pub enum Event {
     Connected,
+    /// A command line as the client sent it, without its line end.
+    Line(Bytes),
+    /// A command already parsed, or a line the driver could not take
+    /// (over-long).
     Command(Result<Command, CommandError>),
     Resolved(RcptDecision),
     /// The body file was created with this queue id (or could not be).
@@ -169,23 +173,45 @@ pub enum Action {
     CheckSender(ReversePath),
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a session is doing, with the data that belongs to that step and
+/// no other: a transaction exists only while one is open, the address being
+/// resolved only while it is.
+#[derive(Debug)]
 enum Phase {
-    /// Waiting for a command.
-    Command,
-    /// Waiting for [`Event::Resolved`].
-    Resolving,
+    /// Waiting for a command, no transaction open.
+    Idle,
+    /// Waiting for [`Event::SenderChecked`] about this MAIL.
+    CheckingSender {
+        sender: ReversePath,
+        params: MailParams,
+    },
+    /// Waiting for a command inside a transaction.
+    Mail(Transaction),
+    /// Waiting for [`Event::Resolved`] about `address`.
+    Resolving {
+        tx: Transaction,
+        address: Address,
+    },
     /// Waiting for [`Event::BodyOpened`].
-    Opening,
-    /// Receiving message content.
-    Data,
-    /// Waiting for [`Event::Committed`].
+    Opening(Transaction),
+    /// Receiving the content of message `id`.
+    Data {
+        tx: Transaction,
+        id: String,
+        headers: HeaderScan,
+    },
+    /// Waiting for [`Event::Committed`] or [`Event::DeliveredInline`].
     Committing,
-    /// Waiting for [`Event::SenderChecked`].
-    CheckingSender,
     /// The client was refused (access, a host hook): only QUIT is honoured.
     Refused,
     Closed,
+}
+
+impl Phase {
+    /// Waiting for a command, inside `tx` if there is one.
+    fn between(tx: Option<Transaction>) -> Phase {
+        tx.map_or(Phase::Idle, Phase::Mail)
+    }
 }
 
 #[derive(Debug)]
@@ -193,9 +219,46 @@ struct Transaction {
     sender: ReversePath,
     params: MailParams,
     recipients: Vec<AcceptedRecipient>,
-    pending: Option<Address>,
-    id: Option<String>,
-    headers: HeaderScan,
+}
+
+/// What the metrics count of a session, as the machine saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tally {
+    /// The reply to a RCPT command (a malformed one included).
+    Recipient(u16),
+    /// The reply ending a message's data.
+    Message(u16),
+    /// The session closed, and why.
+    Closed(CloseReason),
+}
+
+/// Why a session ended (`mailnode_smtp_sessions_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Quit,
+    Timeout,
+    ConnectLimit,
+    Shutdown,
+    Error,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::Timeout => "timeout",
+            CloseReason::ConnectLimit => "connect_limit",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::Error => "error",
+        }
+    }
+}
+
+/// The input whose first reply is counted, once it comes.
+#[derive(Debug, Clone, Copy)]
+enum Counting {
+    Recipient,
+    Message,
 }
 
 /// One SMTP session's state.
@@ -206,9 +269,9 @@ pub struct SessionMachine {
     helo: Option<String>,
     esmtp: bool,
     phase: Phase,
-    transaction: Option<Transaction>,
-    /// MAIL waiting for [`Event::SenderChecked`].
-    pending_sender: Option<(ReversePath, MailParams)>,
+    /// The first reply still to come for an input that counts.
+    counting: Option<Counting>,
+    tallies: Vec<Tally>,
 }
 
 impl SessionMachine {
@@ -218,129 +281,180 @@ impl SessionMachine {
             client,
             helo: None,
             esmtp: false,
-            phase: Phase::Command,
-            transaction: None,
-            pending_sender: None,
+            phase: Phase::Idle,
+            counting: None,
+            tallies: Vec::new(),
         }
     }
 
     /// Whether the session is receiving message content.
     pub fn in_data(&self) -> bool {
-        self.phase == Phase::Data
+        matches!(self.phase, Phase::Data { .. })
     }
 
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
-        self.phase == Phase::Closed
+        matches!(self.phase, Phase::Closed)
+    }
+
+    /// What the metrics should count since the last call.
+    pub fn take_tallies(&mut self) -> Vec<Tally> {
+        std::mem::take(&mut self.tallies)
     }
 
     /// Feeds one event; returns what to do, in order.
     #[must_use]
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
-        if self.phase == Phase::Closed {
+        if self.is_closed() {
             return Vec::new();
         }
-        match event {
-            Event::Connected => vec![Action::Reply(reply::greeting(&self.config.hostname))],
-            Event::Refused => {
+        match &event {
+            // A malformed RCPT is a refused recipient all the same.
+            Event::Line(line) if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"RCPT") => {
+                self.counting = Some(Counting::Recipient);
+            }
+            Event::Command(Ok(Command::Rcpt { .. })) => self.counting = Some(Counting::Recipient),
+            Event::DataEnd { .. } | Event::DataRejected => self.counting = Some(Counting::Message),
+            _ => {}
+        }
+        let closing_as = match &event {
+            Event::IdleTimeout => Some(CloseReason::Timeout),
+            Event::ConnectLimit => Some(CloseReason::ConnectLimit),
+            Event::Shutdown | Event::Abort => Some(CloseReason::Shutdown),
+            _ => None,
+        };
+        let actions = self.step(event);
+        let mut replies = actions.iter().filter_map(|a| match a {
+            Action::Reply(r) => Some(r.code()),
+            _ => None,
+        });
+        if let Some(code) = replies.clone().next() {
+            match self.counting.take() {
+                Some(Counting::Recipient) => self.tallies.push(Tally::Recipient(code)),
+                Some(Counting::Message) => self.tallies.push(Tally::Message(code)),
+                None => {}
+            }
+        }
+        if actions.contains(&Action::Close) {
+            let reason = closing_as.unwrap_or(if replies.any(|code| code == 221) {
+                CloseReason::Quit
+            } else {
+                CloseReason::Error
+            });
+            self.tallies.push(Tally::Closed(reason));
+        }
+        actions
+    }
+
+    /// The phase is taken out for the event; an arm that puts none back
+    /// leaves the session idle, with no transaction.
+    fn step(&mut self, event: Event) -> Vec<Action> {
+        let phase = std::mem::replace(&mut self.phase, Phase::Idle);
+        match (phase, event) {
+            (phase, Event::Connected) => {
+                self.phase = phase;
+                vec![Action::Reply(reply::greeting(&self.config.hostname))]
+            }
+            (_, Event::Refused) => {
                 self.phase = Phase::Refused;
                 vec![Action::Reply(reply::ACCESS_DENIED)]
             }
-            Event::SenderChecked(verdict) if self.phase == Phase::CheckingSender => {
-                self.phase = Phase::Command;
-                let Some((sender, params)) = self.pending_sender.take() else {
-                    return vec![Action::Reply(reply::LOCAL_ERROR)];
-                };
-                if let Err(refusal) = verdict {
+            (Phase::CheckingSender { sender, params }, Event::SenderChecked(verdict)) => {
+                match verdict {
                     // A 421 means the service is closing the channel.
-                    if refusal.code() == 421 {
-                        return self.close_with(Vec::new(), refusal);
+                    Err(refusal) if refusal.code() == 421 => self.close_with(Vec::new(), refusal),
+                    Err(refusal) => vec![Action::Reply(refusal)],
+                    Ok(()) => {
+                        self.phase = Phase::Mail(Transaction {
+                            sender,
+                            params,
+                            recipients: Vec::new(),
+                        });
+                        vec![Action::Reply(reply::SENDER_OK)]
                     }
-                    return vec![Action::Reply(refusal)];
                 }
-                self.transaction = Some(Transaction {
-                    sender,
-                    params,
-                    recipients: Vec::new(),
-                    pending: None,
-                    id: None,
-                    headers: HeaderScan::default(),
-                });
-                vec![Action::Reply(reply::SENDER_OK)]
             }
-            Event::SenderChecked(_) => vec![Action::Reply(reply::LOCAL_ERROR)],
             // A message in flight finishes first; the driver asks again.
-            Event::Shutdown if matches!(self.phase, Phase::Command | Phase::Refused) => {
-                self.transaction = None;
+            (Phase::Idle | Phase::Mail(_) | Phase::Refused, Event::Shutdown) => {
                 self.close_with(Vec::new(), reply::SHUTTING_DOWN)
             }
-            Event::Shutdown => Vec::new(),
-            Event::Abort => {
-                let discard = if self.phase == Phase::Data {
-                    vec![Action::DiscardBody]
-                } else {
-                    Vec::new()
-                };
-                self.transaction = None;
-                self.close_with(discard, reply::SHUTTING_DOWN)
+            (phase, Event::Shutdown) => {
+                self.phase = phase;
+                Vec::new()
             }
-            Event::Command(cmd) => self.on_command(cmd),
-            Event::Resolved(decision) => self.on_resolved(decision),
-            Event::BodyOpened { result, now } => self.on_body_opened(result, now),
-            Event::DataChunk(chunk) if self.phase == Phase::Data => {
-                if let Some(tx) = self.transaction.as_mut() {
-                    tx.headers.feed(&chunk);
-                }
+            (phase, Event::Abort) => {
+                self.close_with(Self::discard_in(&phase), reply::SHUTTING_DOWN)
+            }
+            (phase, Event::Line(line)) => self.on_command(phase, command::parse(&line)),
+            (phase, Event::Command(cmd)) => self.on_command(phase, cmd),
+            (Phase::Resolving { tx, address }, Event::Resolved(decision)) => {
+                self.on_resolved(tx, address, decision)
+            }
+            (Phase::Opening(tx), Event::BodyOpened { result, now }) => {
+                self.on_body_opened(tx, result, now)
+            }
+            (
+                Phase::Data {
+                    tx,
+                    id,
+                    mut headers,
+                },
+                Event::DataChunk(chunk),
+            ) => {
+                headers.feed(&chunk);
+                self.phase = Phase::Data { tx, id, headers };
                 vec![Action::AppendBody(chunk)]
             }
-            Event::DataEnd { size, too_big } if self.phase == Phase::Data => {
-                self.on_data_end(size, too_big)
+            (Phase::Data { tx, id, headers }, Event::DataEnd { size, too_big }) => {
+                self.on_data_end(tx, id, headers, size, too_big)
             }
-            Event::DataRejected if self.phase == Phase::Data => {
-                self.transaction = None;
+            (Phase::Data { .. }, Event::DataRejected) => {
                 self.close_with(vec![Action::DiscardBody], reply::BARE_LF)
             }
-            Event::Committed(result) if self.phase == Phase::Committing => {
-                self.phase = Phase::Command;
-                self.transaction = None;
-                match result {
-                    Ok(id) => vec![Action::Reply(reply::queued(&id))],
-                    Err(failure) => vec![Action::Reply(failure.reply())],
-                }
-            }
-            Event::DeliveredInline(outcome) if self.phase == Phase::Committing => {
-                self.phase = Phase::Command;
-                self.transaction = None;
+            (Phase::Committing, Event::Committed(result)) => vec![Action::Reply(match result {
+                Ok(id) => reply::queued(&id),
+                Err(failure) => failure.reply(),
+            })],
+            (Phase::Committing, Event::DeliveredInline(outcome)) => {
                 vec![Action::Reply(match outcome {
                     InlineOutcome::Delivered(id) => reply::delivered(&id),
                     InlineOutcome::Temporary => reply::INLINE_TEMPORARY,
                     InlineOutcome::Permanent => reply::INLINE_PERMANENT,
                 })]
             }
-            Event::IdleTimeout | Event::ConnectLimit => {
-                let discard = if self.phase == Phase::Data {
-                    vec![Action::DiscardBody]
-                } else {
-                    Vec::new()
-                };
+            (phase, event @ (Event::IdleTimeout | Event::ConnectLimit)) => {
                 let last = if matches!(event, Event::IdleTimeout) {
                     reply::IDLE_TIMEOUT
                 } else {
                     reply::CONNECT_LIMIT
                 };
-                self.close_with(discard, last)
+                self.close_with(Self::discard_in(&phase), last)
             }
-            // An event out of its phase is a bug in the driver, not the
-            // client's doing: refuse the transaction rather than guess.
-            Event::DataChunk(_)
-            | Event::DataEnd { .. }
-            | Event::DataRejected
-            | Event::Committed(_)
-            | Event::DeliveredInline(_) => {
-                self.transaction = None;
-                self.phase = Phase::Command;
+            // An answer nobody asked for is a bug in the driver, not the
+            // client's doing: say so and leave the session where it was.
+            (phase, Event::SenderChecked(_) | Event::Resolved(_) | Event::BodyOpened { .. }) => {
+                self.phase = phase;
                 vec![Action::Reply(reply::LOCAL_ERROR)]
             }
+            // Message data or a commit out of their phase: the same kind of
+            // bug; refuse the transaction rather than guess.
+            (
+                _,
+                Event::DataChunk(_)
+                | Event::DataEnd { .. }
+                | Event::DataRejected
+                | Event::Committed(_)
+                | Event::DeliveredInline(_),
+            ) => vec![Action::Reply(reply::LOCAL_ERROR)],
+        }
+    }
+
+    /// Closing during DATA drops the message being received.
+    fn discard_in(phase: &Phase) -> Vec<Action> {
+        if matches!(phase, Phase::Data { .. }) {
+            vec![Action::DiscardBody]
+        } else {
+            Vec::new()
         }
     }
 
@@ -351,43 +465,57 @@ impl SessionMachine {
         actions
     }
 
-    fn on_command(&mut self, cmd: Result<Command, CommandError>) -> Vec<Action> {
-        if self.phase == Phase::Refused {
-            return match cmd {
-                Ok(Command::Quit) => self.close_with(Vec::new(), reply::BYE),
-                _ => vec![Action::Reply(reply::ONLY_QUIT)],
-            };
-        }
-        if self.phase != Phase::Command {
-            // Commands only arrive between transactions steps; anything else
+    fn on_command(&mut self, phase: Phase, cmd: Result<Command, CommandError>) -> Vec<Action> {
+        let tx = match phase {
+            Phase::Refused => {
+                self.phase = Phase::Refused;
+                return match cmd {
+                    Ok(Command::Quit) => self.close_with(Vec::new(), reply::BYE),
+                    _ => vec![Action::Reply(reply::ONLY_QUIT)],
+                };
+            }
+            Phase::Idle => None,
+            Phase::Mail(tx) => Some(tx),
+            // Commands only arrive between transaction steps; anything else
             // means the driver fed input while we waited for an answer.
-            return vec![Action::Reply(reply::BAD_SEQUENCE)];
-        }
+            other => {
+                self.phase = other;
+                return vec![Action::Reply(reply::BAD_SEQUENCE)];
+            }
+        };
         let cmd = match cmd {
             Ok(cmd) => cmd,
-            Err(e) => return vec![Action::Reply(e.reply())],
+            Err(e) => {
+                self.phase = Phase::between(tx);
+                return vec![Action::Reply(e.reply())];
+            }
         };
         let reply = match cmd {
+            // A new greeting also ends any transaction (RFC 5321 4.1.4).
             Command::Helo(name) => self.on_helo(name, false),
             Command::Ehlo(name) => self.on_helo(name, true),
-            Command::Mail { from, params } => return self.on_mail(from, params),
-            Command::Rcpt { to } => return self.on_rcpt(to),
-            Command::Data => return self.on_data(),
+            Command::Mail { from, params } => return self.on_mail(tx, from, params),
+            Command::Rcpt { to } => return self.on_rcpt(tx, to),
+            Command::Data => return self.on_data(tx),
             Command::Rset => {
-                self.transaction = None;
+                self.phase = Phase::Idle;
                 reply::OK
             }
-            Command::Noop => reply::OK,
-            Command::Vrfy => reply::CANNOT_VRFY,
-            Command::Help => reply::HELP,
             Command::Quit => return self.close_with(Vec::new(), reply::BYE),
+            other => {
+                self.phase = Phase::between(tx);
+                match other {
+                    Command::Vrfy => reply::CANNOT_VRFY,
+                    Command::Help => reply::HELP,
+                    _ => reply::OK,
+                }
+            }
         };
         vec![Action::Reply(reply)]
     }
 
-    /// HELO/EHLO: a new greeting also ends any transaction (RFC 5321 4.1.4).
     fn on_helo(&mut self, name: String, esmtp: bool) -> Reply {
-        self.transaction = None;
+        self.phase = Phase::Idle;
         self.esmtp = esmtp;
         self.helo = Some(name);
         if esmtp {
@@ -397,60 +525,69 @@ impl SessionMachine {
         }
     }
 
-    fn on_mail(&mut self, from: ReversePath, params: MailParams) -> Vec<Action> {
-        let refuse = |reply| vec![Action::Reply(reply)];
-        if self.transaction.is_some() {
-            return refuse(reply::NESTED_MAIL);
+    fn on_mail(
+        &mut self,
+        tx: Option<Transaction>,
+        from: ReversePath,
+        params: MailParams,
+    ) -> Vec<Action> {
+        if let Some(tx) = tx {
+            self.phase = Phase::Mail(tx);
+            return vec![Action::Reply(reply::NESTED_MAIL)];
         }
         if let ReversePath::Address(a) = &from {
             if !a.is_ascii() && !params.smtputf8 {
-                return refuse(reply::NEED_SMTPUTF8);
+                return vec![Action::Reply(reply::NEED_SMTPUTF8)];
             }
         }
         if params
             .size
             .is_some_and(|s| s > self.config.max_message_size)
         {
-            return refuse(reply::MESSAGE_TOO_BIG);
+            return vec![Action::Reply(reply::MESSAGE_TOO_BIG)];
         }
-        self.pending_sender = Some((from.clone(), params));
-        self.phase = Phase::CheckingSender;
+        self.phase = Phase::CheckingSender {
+            sender: from.clone(),
+            params,
+        };
         vec![Action::CheckSender(from)]
     }
 
-    fn on_rcpt(&mut self, to: Address) -> Vec<Action> {
-        let max_recipients = self.config.max_recipients;
-        let Some(tx) = self.transaction.as_mut() else {
+    fn on_rcpt(&mut self, tx: Option<Transaction>, to: Address) -> Vec<Action> {
+        let Some(tx) = tx else {
             return vec![Action::Reply(reply::NEED_MAIL)];
         };
-        if !to.is_ascii() && !tx.params.smtputf8 {
-            return vec![Action::Reply(reply::NEED_SMTPUTF8)];
+        let refusal = if !to.is_ascii() && !tx.params.smtputf8 {
+            Some(reply::NEED_SMTPUTF8)
+        } else if tx.recipients.len() >= self.config.max_recipients {
+            Some(reply::TOO_MANY_RECIPIENTS)
+        } else {
+            to.domain
+                .as_ref()
+                .map(|domain| domain.to_lowercase())
+                .filter(|domain| {
+                    !self.config.local_domains.is_empty()
+                        && !self.config.local_domains.contains(domain)
+                })
+                .map(|_| reply::DOMAIN_NOT_LOCAL)
+        };
+        if let Some(refusal) = refusal {
+            self.phase = Phase::Mail(tx);
+            return vec![Action::Reply(refusal)];
         }
-        if tx.recipients.len() >= max_recipients {
-            return vec![Action::Reply(reply::TOO_MANY_RECIPIENTS)];
-        }
-        if let Some(domain) = &to.domain {
-            let domain = domain.to_lowercase();
-            if !self.config.local_domains.is_empty() && !self.config.local_domains.contains(&domain)
-            {
-                return vec![Action::Reply(reply::DOMAIN_NOT_LOCAL)];
-            }
-        }
-        tx.pending = Some(to.clone());
-        self.phase = Phase::Resolving;
+        self.phase = Phase::Resolving {
+            tx,
+            address: to.clone(),
+        };
         vec![Action::Resolve(to)]
     }
 
-    fn on_resolved(&mut self, decision: RcptDecision) -> Vec<Action> {
-        if self.phase != Phase::Resolving {
-            // Only a confused driver sends this; leave the phase alone.
-            return vec![Action::Reply(reply::LOCAL_ERROR)];
-        }
-        self.phase = Phase::Command;
-        let pending = self.transaction.as_mut().and_then(|tx| tx.pending.take());
-        let (Some(address), Some(tx)) = (pending, self.transaction.as_mut()) else {
-            return vec![Action::Reply(reply::LOCAL_ERROR)];
-        };
+    fn on_resolved(
+        &mut self,
+        mut tx: Transaction,
+        address: Address,
+        decision: RcptDecision,
+    ) -> Vec<Action> {
         let reply = match decision {
             RcptDecision::Accept(targets) if !targets.is_empty() => {
                 tx.recipients.push(AcceptedRecipient {
@@ -462,17 +599,19 @@ impl SessionMachine {
             RcptDecision::Accept(_) => reply::UNKNOWN_RECIPIENT,
             RcptDecision::Refuse(reply) => reply,
         };
+        self.phase = Phase::Mail(tx);
         vec![Action::Reply(reply)]
     }
 
-    fn on_data(&mut self) -> Vec<Action> {
-        match &self.transaction {
+    fn on_data(&mut self, tx: Option<Transaction>) -> Vec<Action> {
+        match tx {
             None => vec![Action::Reply(reply::NEED_MAIL)],
             Some(tx) if tx.recipients.is_empty() => {
+                self.phase = Phase::Mail(tx);
                 vec![Action::Reply(reply::NO_VALID_RECIPIENTS)]
             }
-            Some(_) => {
-                self.phase = Phase::Opening;
+            Some(tx) => {
+                self.phase = Phase::Opening(tx);
                 vec![Action::OpenBody]
             }
         }
@@ -480,23 +619,13 @@ impl SessionMachine {
 
     fn on_body_opened(
         &mut self,
+        tx: Transaction,
         result: Result<String, StorageFailure>,
         now: SystemTime,
     ) -> Vec<Action> {
-        if self.phase != Phase::Opening {
-            return vec![Action::Reply(reply::LOCAL_ERROR)];
-        }
         let id = match result {
             Ok(id) => id,
-            Err(failure) => {
-                self.phase = Phase::Command;
-                self.transaction = None;
-                return vec![Action::Reply(failure.reply())];
-            }
-        };
-        let Some(tx) = self.transaction.as_mut() else {
-            self.phase = Phase::Command;
-            return vec![Action::DiscardBody, Action::Reply(reply::LOCAL_ERROR)];
+            Err(failure) => return vec![Action::Reply(failure.reply())],
         };
         let header = received_header(&ReceivedInfo {
             helo: self.helo.as_deref(),
@@ -510,8 +639,11 @@ impl SessionMachine {
             },
             now,
         });
-        tx.id = Some(id);
-        self.phase = Phase::Data;
+        self.phase = Phase::Data {
+            tx,
+            id,
+            headers: HeaderScan::default(),
+        };
         vec![
             Action::Reply(reply::START_DATA),
             Action::EnterData,
@@ -519,23 +651,18 @@ impl SessionMachine {
         ]
     }
 
-    fn on_data_end(&mut self, size: u64, too_big: bool) -> Vec<Action> {
-        let tx = self.transaction.take();
-        let (Some(tx), false) = (tx, too_big) else {
-            self.phase = Phase::Command;
-            let reply = if too_big {
-                reply::MESSAGE_TOO_BIG
-            } else {
-                reply::LOCAL_ERROR
-            };
-            return vec![Action::DiscardBody, Action::Reply(reply)];
-        };
-        let Some(id) = tx.id else {
-            self.phase = Phase::Command;
-            return vec![Action::DiscardBody, Action::Reply(reply::LOCAL_ERROR)];
-        };
-        if tx.headers.hops > MAX_HOPS {
-            self.phase = Phase::Command;
+    fn on_data_end(
+        &mut self,
+        tx: Transaction,
+        id: String,
+        headers: HeaderScan,
+        size: u64,
+        too_big: bool,
+    ) -> Vec<Action> {
+        if too_big {
+            return vec![Action::DiscardBody, Action::Reply(reply::MESSAGE_TOO_BIG)];
+        }
+        if headers.hops > MAX_HOPS {
             return vec![Action::DiscardBody, Action::Reply(reply::TOO_MANY_HOPS)];
         }
         self.phase = Phase::Committing;
@@ -546,7 +673,7 @@ impl SessionMachine {
             helo: self.helo.clone().unwrap_or_default(),
             recipients: tx.recipients,
             size,
-            delivered_to: tx.headers.delivered_to,
+            delivered_to: headers.delivered_to,
         }))]
     }
 }
@@ -1316,5 +1443,72 @@ mod tests {
         let _header = open_data(&mut busy, "Q1");
         assert!(busy.handle(Event::Shutdown).is_empty());
         assert!(busy.in_data());
+    }
+
+    /// A line as the driver sends it: unparsed.
+    fn line(m: &mut SessionMachine, text: &str) -> Vec<Action> {
+        m.handle(Event::Line(Bytes::copy_from_slice(text.as_bytes())))
+    }
+
+    #[test]
+    fn the_machine_tallies_recipients_messages_and_why_it_closed() {
+        let mut m = machine();
+        assert_eq!(m.handle(Event::Connected).len(), 1);
+        assert_reply(&line(&mut m, "RCPT TO:<a@example.org>"), 503, "5.5.1");
+        assert_eq!(line(&mut m, "EHLO client.example").len(), 1);
+        assert_eq!(m.take_tallies(), vec![Tally::Recipient(503)]);
+        assert_eq!(line(&mut m, "MAIL FROM:<s@client.example>").len(), 1);
+        assert_eq!(m.handle(Event::SenderChecked(Ok(()))).len(), 1);
+        // A malformed RCPT is a refused recipient all the same.
+        assert_eq!(only_reply(&line(&mut m, "rcpt TO:<@>")).code(), 501);
+        // The reply to a RCPT comes once the resolver answered.
+        let a = line(&mut m, "RCPT TO:<support@example.org>");
+        assert_eq!(a, vec![Action::Resolve(addr("support", "example.org"))]);
+        assert_eq!(m.take_tallies(), vec![Tally::Recipient(501)]);
+        let a = m.handle(Event::Resolved(RcptDecision::Accept(vec![pipe_target(
+            "support@example.org",
+        )])));
+        assert_reply(&a, 250, "2.1.5");
+        assert_eq!(m.take_tallies(), vec![Tally::Recipient(250)]);
+        open_data(&mut m, "Q1");
+        let a = m.handle(Event::DataEnd {
+            size: 10,
+            too_big: false,
+        });
+        assert!(matches!(a.as_slice(), [Action::Commit(_)]));
+        assert!(m.take_tallies().is_empty(), "counted before its reply");
+        let a = m.handle(Event::Committed(Ok("Q1".into())));
+        assert_reply(&a, 250, "2.0.0");
+        assert_eq!(m.take_tallies(), vec![Tally::Message(250)]);
+        assert_eq!(line(&mut m, "NOOP").len(), 1);
+        assert!(m.take_tallies().is_empty());
+        assert_reply_and_close(&line(&mut m, "QUIT"), 221, "2.0.0");
+        assert_eq!(m.take_tallies(), vec![Tally::Closed(CloseReason::Quit)]);
+    }
+
+    #[test]
+    fn each_way_of_closing_is_tallied_with_its_reason() {
+        let mut m = in_data();
+        assert_eq!(m.take_tallies(), vec![Tally::Recipient(250)]);
+        let _ = m.handle(Event::DataRejected);
+        assert_eq!(
+            m.take_tallies(),
+            vec![Tally::Message(521), Tally::Closed(CloseReason::Error)]
+        );
+        for (event, reason) in [
+            (Event::IdleTimeout, CloseReason::Timeout),
+            (Event::ConnectLimit, CloseReason::ConnectLimit),
+            (Event::Shutdown, CloseReason::Shutdown),
+            (Event::Abort, CloseReason::Shutdown),
+        ] {
+            let mut m = greeted(config());
+            let _ = m.handle(event);
+            assert_eq!(m.take_tallies(), vec![Tally::Closed(reason)]);
+        }
+        // A sender check that answers 421 closes the session: an error.
+        let mut m = greeted(config());
+        let _ = line(&mut m, "MAIL FROM:<s@client.example>");
+        let _ = m.handle(Event::SenderChecked(Err(reply::INTAKE_PAUSED)));
+        assert_eq!(m.take_tallies(), vec![Tally::Closed(CloseReason::Error)]);
     }
 }
