@@ -22,21 +22,30 @@
 //!   silently deleted;
 //! - `spare/`: files of delivered messages kept for reuse (`spare.rs` says why);
 //!   never part of the queue.
+//!
+//! The code follows a message's life: `incoming` (a body being received and
+//! sealed), `commit_pool` (the rename and fsyncs behind a `250`), `writer`
+//! (updates and removals), `scan` (reading the queue back), `lock` (one
+//! queue runner per spool), `spare` (files kept for reuse), `envelope`
+//! (the on-disk record) and `id` (queue ids).
 
 mod accepted;
 mod commit_pool;
 pub mod envelope;
 pub mod id;
+mod incoming;
+mod lock;
+mod scan;
 mod spare;
 mod writer;
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::io::BufWriter;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
@@ -45,6 +54,10 @@ pub use envelope::{Attempt, BodyCheck, Delivery, DeliveryState, Envelope, Envelo
 
 use crate::protocol::session::StorageFailure;
 pub use commit_pool::CommitStats;
+use incoming::remove_abandoned;
+pub use incoming::IncomingBody;
+pub use lock::QueueLock;
+pub use scan::{read_queued, ScanReport};
 use writer::Job;
 
 /// What can go wrong with the spool.
@@ -92,189 +105,6 @@ impl SpoolError {
     }
 }
 
-/// The end of a sealed queue file: the envelope's length and this mark.
-const SEAL_MARK: &[u8; 4] = b"MNQT";
-const TRAILER_LEN: u64 = 8;
-
-/// A message body being received into `incoming/`. Dropped without a
-/// successful commit, it removes its file, wherever the commit had moved
-/// it: a message that was never acknowledged leaves nothing behind.
-#[derive(Debug)]
-pub struct IncomingBody {
-    id: String,
-    /// Where the body is now: `incoming/`, or `queue/` once a commit has
-    /// renamed it there.
-    path: PathBuf,
-    /// Open from creation to the end of the commit: its lock keeps other
-    /// processes' start-up clean-up away.
-    file: BufWriter<File>,
-    /// Bytes written to the file so far (with the seal, once sealed).
-    written: u64,
-    /// CRC-32 of the body's bytes, for the envelope's [`BodyCheck`].
-    crc: crc32fast::Hasher,
-    /// A reused file's length before: bytes past `written` are old and cut
-    /// before anything reads or fsyncs the body.
-    old_len: u64,
-    committed: bool,
-}
-
-impl IncomingBody {
-    /// The queue id the message will have.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
-    /// Where the body is being written (in `incoming/`).
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Pushes buffered content to the file so another process (an inline
-    /// delivery) can read it; no fsync: nothing durable is promised yet.
-    pub fn flush(&mut self) -> Result<(), SpoolError> {
-        let context = || format!("write {}", self.path.display());
-        self.file
-            .flush()
-            .map_err(|e| SpoolError::io(context(), e))?;
-        if self.old_len > self.written {
-            self.file
-                .get_ref()
-                .set_len(self.written)
-                .map_err(|e| SpoolError::io(context(), e))?;
-            self.old_len = self.written;
-        }
-        Ok(())
-    }
-
-    /// Appends content.
-    pub fn append(&mut self, bytes: &[u8]) -> Result<(), SpoolError> {
-        self.file
-            .write_all(bytes)
-            .map_err(|e| SpoolError::io(format!("write {}", self.path.display()), e))?;
-        self.crc.update(bytes);
-        self.written += bytes.len() as u64;
-        Ok(())
-    }
-
-    /// What the body holds so far.
-    fn check(&self) -> BodyCheck {
-        BodyCheck {
-            len: self.written,
-            crc32: self.crc.clone().finalize(),
-        }
-    }
-
-    /// Ends the file with the encoded envelope and the trailer, and flushes
-    /// it: the file is now a queue file, ready to be renamed and fsynced.
-    fn seal(&mut self, envelope: &[u8]) -> Result<(), SpoolError> {
-        let context = || format!("write {}", self.path.display());
-        let len = u32::try_from(envelope.len()).map_err(|_| {
-            SpoolError::io(
-                context(),
-                std::io::Error::new(std::io::ErrorKind::InvalidInput, "envelope too large"),
-            )
-        })?;
-        let mut trailer = [0u8; TRAILER_LEN as usize];
-        trailer[..4].copy_from_slice(&len.to_le_bytes());
-        trailer[4..].copy_from_slice(SEAL_MARK);
-        for part in [envelope, &trailer[..]] {
-            self.file
-                .write_all(part)
-                .map_err(|e| SpoolError::io(context(), e))?;
-        }
-        self.written += u64::from(len) + TRAILER_LEN;
-        self.flush()
-    }
-
-    fn mark_committed(&mut self) {
-        self.committed = true;
-    }
-}
-
-impl Drop for IncomingBody {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = fs::remove_file(&self.path);
-        }
-    }
-}
-
-/// Reads the envelope of message `id` in the queue directory `queue`: the
-/// updated one beside the message if there is one, else the one it was
-/// sealed with.
-pub fn read_queued(queue: &Path, id: &str) -> Result<Envelope, SpoolError> {
-    if !id::is_valid_id(id) {
-        return Err(SpoolError::NotFound(id.to_string()));
-    }
-    let corrupt = |reason| SpoolError::Corrupt {
-        id: id.to_string(),
-        reason,
-    };
-    let path = queue.join(format!("{id}.env"));
-    let sealed = match fs::read(&path) {
-        Ok(bytes) => return envelope::decode(&bytes).map_err(corrupt),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let body = queue.join(format!("{id}.msg"));
-            read_sealed(&body).map_err(|e| match e.kind() {
-                std::io::ErrorKind::NotFound => SpoolError::NotFound(id.to_string()),
-                std::io::ErrorKind::UnexpectedEof => corrupt(EnvelopeError::Truncated),
-                _ => SpoolError::io(format!("read {}", body.display()), e),
-            })?
-        }
-        Err(e) => return Err(SpoolError::io(format!("read {}", path.display()), e)),
-    };
-    sealed.map_err(corrupt)
-}
-
-/// Reads the envelope a sealed queue file ends with.
-fn read_sealed(path: &Path) -> Result<Result<Envelope, EnvelopeError>, std::io::Error> {
-    use std::os::unix::fs::FileExt;
-    let file = File::open(path)?;
-    let file_len = file.metadata()?.len();
-    if file_len < TRAILER_LEN {
-        return Ok(Err(EnvelopeError::Truncated));
-    }
-    let mut trailer = [0u8; TRAILER_LEN as usize];
-    file.read_exact_at(&mut trailer, file_len - TRAILER_LEN)?;
-    if &trailer[4..] != SEAL_MARK {
-        return Ok(Err(EnvelopeError::BadMagic));
-    }
-    let env_len = u64::from(u32::from_le_bytes([
-        trailer[0], trailer[1], trailer[2], trailer[3],
-    ]));
-    let Some(body_len) = file_len.checked_sub(TRAILER_LEN + env_len) else {
-        return Ok(Err(EnvelopeError::Truncated));
-    };
-    let mut bytes = vec![0u8; env_len as usize];
-    file.read_exact_at(&mut bytes, body_len)?;
-    Ok(envelope::decode(&bytes).and_then(|env| {
-        // The seal and the envelope must agree on where the body ends.
-        match env.body_check {
-            Some(check) if check.len == body_len => Ok(env),
-            _ => Err(EnvelopeError::Truncated),
-        }
-    }))
-}
-
-/// Whether the first `check.len` bytes of the file at `path` are the body
-/// committed.
-fn body_matches(path: &Path, check: BodyCheck) -> std::io::Result<bool> {
-    use std::io::Read;
-    let mut body = File::open(path)?.take(check.len);
-    let mut crc = crc32fast::Hasher::new();
-    let mut buf = vec![0u8; 64 * 1024];
-    let mut len = 0u64;
-    loop {
-        let n = body.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        crc.update(&buf[..n]);
-        len += n as u64;
-    }
-    Ok(len == check.len && crc.finalize() == check.crc32)
-}
-
 struct Inner {
     root: PathBuf,
     incoming: PathBuf,
@@ -312,17 +142,6 @@ impl SpoolWriter {
             let _ = t.join();
         }
     }
-}
-
-/// What `scan` found in `queue/`.
-#[derive(Debug, Default)]
-pub struct ScanReport {
-    pub envelopes: Vec<Envelope>,
-    /// Damaged messages, moved to `corrupt/`.
-    pub corrupt: Vec<SpoolError>,
-    /// Updated envelopes whose message a removal had already taken,
-    /// removed.
-    pub orphans_removed: usize,
 }
 
 impl Spool {
@@ -482,241 +301,6 @@ impl Spool {
     pub fn read_envelope(&self, id: &str) -> Result<Envelope, SpoolError> {
         read_queued(&self.inner.queue, id)
     }
-
-    /// Envelopes in `queue/` that `known` does not know, for picking up
-    /// what other processes queued. Unreadable or damaged ones are left for
-    /// start-up to judge.
-    pub fn scan_new(&self, known: impl Fn(&str) -> bool) -> Result<Vec<Envelope>, SpoolError> {
-        let queue = &self.inner.queue;
-        let entries = fs::read_dir(queue)
-            .map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
-        let mut found = Vec::new();
-        for entry in entries.flatten() {
-            let name = entry.file_name();
-            let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".msg")) else {
-                continue;
-            };
-            // A message whose committer still holds it may not be durable
-            // yet, and its commit may still fail.
-            if known(id) || is_locked(&entry.path()) {
-                continue;
-            }
-            match self.read_envelope(id) {
-                Ok(env) if env.id == id => found.push(env),
-                _ => {}
-            }
-        }
-        Ok(found)
-    }
-
-    /// Reads every queued envelope (start-up). Removes leftovers of crashes:
-    /// updated envelopes of removed messages and half-written updates;
-    /// moves damaged messages to `corrupt/`.
-    ///
-    /// After the machine has restarted (its boot id differs from the one
-    /// recorded in the spool) every body is also read against its
-    /// envelope's [`BodyCheck`]: a commit cut short by a power cut can
-    /// leave a message that was never acknowledged with old or missing
-    /// bytes (see `commit_pool.rs`). A crash of the process alone cannot, so
-    /// ordinary restarts skip the reading.
-    pub fn scan(&self) -> Result<ScanReport, SpoolError> {
-        let queue = &self.inner.queue;
-        let entries = fs::read_dir(queue)
-            .map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
-        let mut message_ids = Vec::new();
-        let mut updated_ids = Vec::new();
-        for entry in entries {
-            let entry =
-                entry.map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(id) = name.strip_suffix(".msg") {
-                message_ids.push(id.to_string());
-            } else if let Some(id) = name.strip_suffix(".env") {
-                updated_ids.push(id.to_string());
-            } else if name.ends_with(".env.tmp") && is_old(&entry) {
-                let _ = fs::remove_file(entry.path());
-            }
-        }
-        message_ids.sort();
-        let mut report = ScanReport::default();
-        for id in &updated_ids {
-            // A removal takes the message first, its updated envelope
-            // second: alone, the envelope is a crash's leftover.
-            if message_ids.binary_search(id).is_err() && !self.body_path(id).exists() {
-                let _ = fs::remove_file(queue.join(format!("{id}.env")));
-                report.orphans_removed += 1;
-            }
-        }
-        let boot = BootId::check(&self.inner.root);
-        // Reading is most of a start-up with a long queue, and waits for
-        // the disk when the page cache is cold (after a reboot): several
-        // readers keep it busy. Every verdict comes before any move, so an
-        // unreadable file stops start-up with nothing half done.
-        let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted))
-            .into_iter()
-            .collect::<Result<Vec<_>, _>>()?;
-        for (id, judged) in message_ids.iter().zip(judged) {
-            let damaged = match judged {
-                Judged::Queued(env) => {
-                    report.envelopes.push(env);
-                    continue;
-                }
-                Judged::Gone => continue,
-                Judged::Damaged(damaged) => damaged,
-            };
-            // Left in queue/, a damaged message would be picked up again
-            // (a body that does not match its envelope reads as queued).
-            // The queue file first: an updated envelope left alone is
-            // removed as a leftover, never read as queued.
-            for ext in ["msg", "env"] {
-                let from = queue.join(format!("{id}.{ext}"));
-                match fs::rename(&from, self.inner.corrupt.join(format!("{id}.{ext}"))) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(SpoolError::io(
-                            format!("set aside damaged {} ({damaged})", from.display()),
-                            e,
-                        ))
-                    }
-                }
-            }
-            report.corrupt.push(damaged);
-        }
-        boot.record(&self.inner.root);
-        Ok(report)
-    }
-}
-
-/// What start-up makes of one file in `queue/`.
-// Not boxed: an envelope boxed on a reader thread and moved out on another
-// left its box behind in that thread's allocator arena, 27 MiB of RSS with
-// 100,000 queued.
-#[allow(clippy::large_enum_variant)]
-enum Judged {
-    Queued(Envelope),
-    Damaged(SpoolError),
-    /// Gone meanwhile, or another process's commit in progress.
-    Gone,
-}
-
-impl Spool {
-    /// Reads message `id`'s envelope, and with `verify_body` its body
-    /// against the envelope's check. Unreadable is an error, not damage.
-    fn judge(&self, id: &str, verify_body: bool) -> Result<Judged, SpoolError> {
-        let corrupt = |reason| {
-            Ok(Judged::Damaged(SpoolError::Corrupt {
-                id: id.to_string(),
-                reason,
-            }))
-        };
-        match self.read_envelope(id) {
-            Ok(env) if env.id == id => match (verify_body, env.body_check) {
-                (true, Some(check)) => {
-                    let body = self.body_path(id);
-                    match body_matches(&body, check) {
-                        Ok(true) => Ok(Judged::Queued(env)),
-                        Ok(false) => corrupt(EnvelopeError::BodyMismatch),
-                        Err(e) => Err(SpoolError::io(format!("read {}", body.display()), e)),
-                    }
-                }
-                _ => Ok(Judged::Queued(env)),
-            },
-            Ok(_) => corrupt(EnvelopeError::Truncated),
-            // Taken away meanwhile (a `runq` cannot run beside us, but an
-            // operator can): nothing to judge.
-            Err(SpoolError::NotFound(_)) => Ok(Judged::Gone),
-            // Another process is committing it (a session of an earlier
-            // version renames the body before the envelope).
-            Err(SpoolError::Corrupt { .. }) if is_locked(&self.body_path(id)) => Ok(Judged::Gone),
-            Err(e @ SpoolError::Corrupt { .. }) => Ok(Judged::Damaged(e)),
-            // Unreadable is not damaged (a wrong owner, EIO): refuse to
-            // start rather than set acknowledged mail aside.
-            Err(e) => Err(e),
-        }
-    }
-}
-
-/// Readers of a start-up scan; each takes a run of ids of its own.
-const SCAN_THREADS: usize = 8;
-/// Fewer ids than this each are not worth a thread.
-const SCAN_MIN_PER_THREAD: usize = 256;
-
-/// `judge` of every id, in order, spread over up to [`SCAN_THREADS`]
-/// threads (fewer if the system will not start them).
-fn in_parallel<T: Send>(ids: &[String], judge: impl Fn(&str) -> T + Sync) -> Vec<T> {
-    let threads = (ids.len() / SCAN_MIN_PER_THREAD).clamp(1, SCAN_THREADS);
-    if threads == 1 {
-        return ids.iter().map(|id| judge(id)).collect();
-    }
-    let judge = &judge;
-    let judge_all = move |run: &[String]| run.iter().map(|id| judge(id)).collect::<Vec<T>>();
-    std::thread::scope(|scope| {
-        let runs: Vec<_> = ids
-            .chunks(ids.len().div_ceil(threads))
-            .map(|run| {
-                let started = std::thread::Builder::new()
-                    .name("spool-scan".into())
-                    .spawn_scoped(scope, move || judge_all(run));
-                (run, started.ok())
-            })
-            .collect();
-        runs.into_iter()
-            .flat_map(|(run, started)| match started {
-                Some(handle) => handle
-                    .join()
-                    .unwrap_or_else(|panic| std::panic::resume_unwind(panic)),
-                None => judge_all(run),
-            })
-            .collect()
-    })
-}
-
-/// The machine's boot id (`/proc/sys/kernel/random/boot_id`) against the
-/// one the spool recorded when its queue was last checked.
-struct BootId {
-    current: Option<String>,
-    rebooted: bool,
-}
-
-const BOOT_ID_FILE: &str = "boot_id";
-
-impl BootId {
-    fn check(root: &Path) -> BootId {
-        let current = fs::read_to_string("/proc/sys/kernel/random/boot_id")
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty());
-        let recorded = fs::read_to_string(root.join(BOOT_ID_FILE)).ok();
-        // Not knowing counts as a restart: the reading costs time, skipping
-        // it could cost mail.
-        let rebooted = match (&current, recorded) {
-            (Some(current), Some(recorded)) => recorded.trim() != current,
-            _ => true,
-        };
-        BootId { current, rebooted }
-    }
-
-    /// Records the current boot once its queue has been checked, durably:
-    /// a process crash after this must not skip a check a power cut made
-    /// necessary, and it does not, since the check is done by then.
-    fn record(&self, root: &Path) {
-        let (Some(current), true) = (&self.current, self.rebooted) else {
-            return;
-        };
-        let tmp = root.join(format!("{BOOT_ID_FILE}.tmp"));
-        let written = (|| {
-            let mut f = File::create(&tmp)?;
-            f.write_all(current.as_bytes())?;
-            f.sync_all()?;
-            fs::rename(&tmp, root.join(BOOT_ID_FILE))?;
-            File::open(root)?.sync_all()
-        })();
-        if let Err(e) = written {
-            // Next start-up reads the bodies again; nothing else is lost.
-            tracing::warn!("cannot record the boot id in {}: {e}", root.display());
-        }
-    }
 }
 
 /// The answer to a writer job.
@@ -737,108 +321,14 @@ impl Pending {
     }
 }
 
-/// A file younger than this in `incoming/` or a `.tmp` may be another
-/// process's work in progress; older ones are a crash's leftovers.
-const ABANDONED_AFTER: Duration = Duration::from_secs(120);
-
-/// Removes bodies no live session holds (each holds an exclusive lock on
-/// its body), and envelopes older versions left there.
-fn remove_abandoned(incoming: &Path) -> Result<(), SpoolError> {
-    let entries = fs::read_dir(incoming)
-        .map_err(|e| SpoolError::io(format!("read {}", incoming.display()), e))?;
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if !is_locked(&path) {
-            let _ = fs::remove_file(&path);
-        }
-    }
-    Ok(())
-}
-
-/// Whether another holder (a session receiving or committing the file)
-/// has it locked.
-fn is_locked(path: &Path) -> bool {
-    File::open(path)
-        .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
-        .unwrap_or(false)
-}
-
-fn is_old(entry: &fs::DirEntry) -> bool {
-    entry
-        .metadata()
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > ABANDONED_AFTER)
-}
-
-/// The exclusive right to work the queue: held by `serve` and `runq` (and
-/// briefly by an `inetd` session delivering what it took), so two queue
-/// runners never attempt the same message at once.
-#[derive(Debug)]
-pub struct QueueLock {
-    _file: File,
-}
-
-impl QueueLock {
-    /// Takes the lock for `role` (`serve`, `runq`, `inetd`), waiting up to
-    /// `wait` for another holder to finish. The lock file names its holder,
-    /// so a refusal can say who has the spool.
-    pub fn acquire(root: &Path, role: &str, wait: Duration) -> Result<QueueLock, SpoolError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(root)
-            .map_err(|e| SpoolError::io(format!("create {}", root.display()), e))?;
-        let path = root.join("lock");
-        let mut file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| SpoolError::io(format!("open {}", path.display()), e))?;
-        let deadline = std::time::Instant::now() + wait;
-        loop {
-            match file.try_lock() {
-                Ok(()) => {
-                    // Best effort: the name is for messages, not for safety.
-                    let _ = file.set_len(0);
-                    let _ = writeln!(file, "{role}, pid {}", std::process::id());
-                    return Ok(QueueLock { _file: file });
-                }
-                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-                Err(std::fs::TryLockError::WouldBlock) => {
-                    return Err(SpoolError::Locked {
-                        path: root.to_path_buf(),
-                        holder: Self::holder(root),
-                    })
-                }
-                Err(std::fs::TryLockError::Error(e)) => {
-                    return Err(SpoolError::io(format!("lock {}", path.display()), e))
-                }
-            }
-        }
-    }
-
-    /// Who holds (or last held) the lock: `serve, pid 123`.
-    pub fn holder(root: &Path) -> String {
-        fs::read_to_string(root.join("lock"))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "unknown holder".into())
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::scan::{in_parallel, SCAN_MIN_PER_THREAD};
     use super::*;
     use crate::aliases::Target;
     use envelope::encode;
+    use std::fs::File;
+    use std::time::Duration;
 
     fn envelope_for(id: &str) -> Envelope {
         let delivery = Delivery::new(
