@@ -278,7 +278,9 @@ const EX_SOFTWARE: u8 = 70;
 
 fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
-        mailnode::StartError::Aliases(_) | mailnode::StartError::DeliveryUser(_) => EX_CONFIG,
+        mailnode::StartError::Aliases(_)
+        | mailnode::StartError::DeliveryUser(_)
+        | mailnode::StartError::Spawner(_) => EX_CONFIG,
         mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => {
             sysexits::TEMPFAIL
         }

@@ -1,7 +1,9 @@
 //! Running an alias's program: `/bin/sh -c COMMAND` with a clean environment,
 //! in its own process group, as an unprivileged user when we are root, fed
 //! the message on stdin, killed (with everything it started) at the timeout.
-//! Its exit status becomes a [`DeliveryStatus`].
+//! Its exit status becomes a [`DeliveryStatus`]. The program is started by
+//! the [`ProgramSpawner`] chosen at start-up; whichever it is, all of this
+//! works the same over it (see [`super::spawn`]).
 //!
 //! A command the shell would only split into words (an absolute program
 //! path and arguments free of quotes, variables, globs, redirections and
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::spawn::{self, SpawnSpec};
+use super::spawn::{ProgramSpawner, SpawnSpec, Spawner};
 
 /// Most of a program's output we keep for the log and the bounce.
 pub const OUTPUT_LIMIT: usize = 1024;
@@ -91,6 +93,8 @@ pub struct ProgramRequest {
     /// The contract's variables (`SENDER`, `RECIPIENT`, ...).
     pub env: Vec<(String, String)>,
     pub run_as: Option<RunAs>,
+    /// What starts the program (chosen once at start-up).
+    pub spawner: ProgramSpawner,
     pub timeout: Duration,
     /// `Return-Path:` and `Delivered-To:` lines, written before the body.
     pub stdin_prefix: Vec<u8>,
@@ -258,12 +262,12 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     // Starting counts against the timeout too (an exec can hang on a dead
     // network file system).
     let started_in_time = tokio::time::timeout(request.timeout, async {
-        let spawned = spawn::spawn(spawn_spec(request, true)?).await;
+        let spawned = request.spawner.spawn(spawn_spec(request, true)?).await;
         match spawned {
             // A script without a #! line: the shell would have run it as a
             // shell script, so let it.
             Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
-                spawn::spawn(spawn_spec(request, false)?).await
+                request.spawner.spawn(spawn_spec(request, false)?).await
             }
             other => other,
         }
@@ -477,6 +481,7 @@ mod tests {
             command: command.into(),
             env: vec![("SENDER".into(), "s@example.org".into())],
             run_as: None,
+            spawner: crate::delivery::spawn::choose(crate::config::SpawnerChoice::Auto).unwrap(),
             timeout,
             stdin_prefix: b"Return-Path: <s@example.org>\n".to_vec(),
             body_path: body.to_path_buf(),
