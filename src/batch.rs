@@ -15,6 +15,7 @@ use crate::actors::session::{serve_connection, Session};
 use crate::actors::Shared;
 use crate::config::Config;
 use crate::delivery::program::RunAs;
+use crate::delivery::spawn::{self, ProgramSpawner};
 use crate::protocol::session::ClientInfo;
 use crate::queue::scheduler::Mode;
 use crate::queue::InFlight;
@@ -37,6 +38,7 @@ pub struct PassSummary {
 pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let lock = QueueLock::acquire(&config.spool.path, "runq", Duration::ZERO)?;
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+    let spawner = spawn::choose(config.delivery.spawner)?;
     let (spool, writer) = Spool::open(&config.spool.path)?;
     let report = spool.scan()?;
     for damaged in &report.corrupt {
@@ -52,7 +54,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
         attempted: due.len(),
     };
     let system = System::new();
-    system.block_on(one_pass(&config, &spool, &run_as, due));
+    system.block_on(one_pass(&config, &spool, &run_as, spawner, due));
     // Dropping the system drops every actor and so every spool handle: the
     // writer then finishes its last batch.
     drop(system);
@@ -62,11 +64,17 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     Ok(summary)
 }
 
-async fn one_pass(config: &Config, spool: &Spool, run_as: &Option<RunAs>, due: Vec<Envelope>) {
+async fn one_pass(
+    config: &Config,
+    spool: &Spool,
+    run_as: &Option<RunAs>,
+    spawner: ProgramSpawner,
+    due: Vec<Envelope>,
+) {
     if due.is_empty() {
         return;
     }
-    let workers = plain_workers(config, spool, run_as);
+    let workers = plain_workers(config, spool, run_as, spawner);
     let (done, finished) = tokio::sync::oneshot::channel();
     let in_flight = InFlight::default();
     let mut scheduler = crate::scheduler(config, Mode::OnePass, in_flight.clone());
@@ -86,6 +94,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         tracing::warn!("{warning}");
     }
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+    let spawner = spawn::choose(config.delivery.spawner)?;
     let (spool, writer) = Spool::open(&config.spool.path)?;
     let address = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let client = ClientInfo {
@@ -96,7 +105,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     let (accepted, lock) = system.block_on(async {
         let resolver = crate::resolver_child(&config, Shared::new(Arc::new(loaded.table))).addr;
         let collector = Collector::default().start();
-        let workers = plain_workers(&config, &spool, &run_as);
+        let workers = plain_workers(&config, &spool, &run_as, spawner);
         // Nobody shuts a one-session process down from outside.
         let (_keep_running, shutdown) =
             tokio::sync::watch::channel(crate::actors::session::Stopping::No);
@@ -150,7 +159,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             .filter_map(|e| spool.read_envelope(&e.id).ok())
             .filter(|e| !e.held && e.next_attempt <= now)
             .collect();
-        one_pass(&config, &spool, &run_as, due).await;
+        one_pass(&config, &spool, &run_as, spawner, due).await;
         (count, Some(lock))
     });
     drop(system);
@@ -166,8 +175,9 @@ fn plain_workers(
     config: &Config,
     spool: &Spool,
     run_as: &Option<RunAs>,
+    spawner: ProgramSpawner,
 ) -> Vec<Shared<Addr<crate::actors::delivery_worker::DeliveryWorker>>> {
-    crate::worker_children(config, spool, run_as, &[Arbiter::current()])
+    crate::worker_children(config, spool, run_as, spawner, &[Arbiter::current()])
         .into_iter()
         .map(|child| child.addr)
         .collect()

@@ -192,6 +192,8 @@ pub struct DeliveryConfig {
     pub timeout: Duration,
     /// Unprivileged user that local deliveries run as; never `root`.
     pub user: String,
+    /// How programs are started.
+    pub spawner: SpawnerChoice,
 }
 
 impl Default for DeliveryConfig {
@@ -201,6 +203,7 @@ impl Default for DeliveryConfig {
             concurrency: 16,
             timeout: Duration::from_secs(10 * 60),
             user: "nobody".to_string(),
+            spawner: SpawnerChoice::Auto,
         }
     }
 }
@@ -226,6 +229,36 @@ impl DeliveryMode {
 }
 
 impl fmt::Display for DeliveryMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How programs are started (`delivery.spawner`); see
+/// [`crate::delivery::spawn`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum SpawnerChoice {
+    /// `clone` where a probe at start-up shows it works, else `process`.
+    #[default]
+    Auto,
+    /// `clone(CLONE_VM | CLONE_VFORK)`; refusing to start where it fails.
+    Clone,
+    /// `tokio::process`, which forks.
+    Process,
+}
+
+impl SpawnerChoice {
+    /// The value as spelled in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SpawnerChoice::Auto => "auto",
+            SpawnerChoice::Clone => "clone",
+            SpawnerChoice::Process => "process",
+        }
+    }
+}
+
+impl fmt::Display for SpawnerChoice {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
     }
@@ -643,6 +676,7 @@ struct RawDelivery {
     concurrency: Int,
     timeout: Text,
     user: Text,
+    spawner: Text,
 }
 
 #[derive(Deserialize, Default)]
@@ -891,6 +925,17 @@ impl Checker<'_> {
             concurrency: self.count("delivery.concurrency", raw.concurrency, d.concurrency),
             timeout: self.duration("delivery.timeout", raw.timeout, d.timeout),
             user,
+            spawner: self.choice(
+                "delivery.spawner",
+                raw.spawner,
+                d.spawner,
+                &[
+                    SpawnerChoice::Auto,
+                    SpawnerChoice::Clone,
+                    SpawnerChoice::Process,
+                ],
+                SpawnerChoice::as_str,
+            ),
         }
     }
 
@@ -1359,6 +1404,7 @@ mod tests {
         );
         assert_eq!(config.log.level, LogLevel::Info);
         assert_eq!(config.delivery.user, "nobody");
+        assert_eq!(config.delivery.spawner, SpawnerChoice::Auto);
     }
 
     #[test]
@@ -1390,6 +1436,7 @@ mod tests {
             "concurrency = ",
             "timeout = ",
             "user = ",
+            "spawner = \"auto\"",
             "[queue]",
             "retry_min = ",
             "retry_max = ",
@@ -1445,6 +1492,7 @@ mode = "inline"
 concurrency = 3
 timeout = "90s"
 user = "mail"
+spawner = "process"
 
 [queue]
 retry_min = "5m"
@@ -1515,6 +1563,7 @@ level = "debug"
         assert_eq!(c.delivery.concurrency, 3);
         assert_eq!(c.delivery.timeout, Duration::from_secs(90));
         assert_eq!(c.delivery.user, "mail");
+        assert_eq!(c.delivery.spawner, SpawnerChoice::Process);
 
         assert_eq!(c.queue.retry_min, Duration::from_secs(300));
         assert_eq!(c.queue.retry_max, Duration::from_secs(7200));
@@ -2074,6 +2123,15 @@ hosts = [\"bogus\"]
         assert!(one_err("[log]\nformat = \"xml\"\n").starts_with("mailnode.toml:2: log.format:"));
         assert!(one_err("[delivery]\nmode = \"Queue\"\n")
             .starts_with("mailnode.toml:2: delivery.mode:"));
+        assert_eq!(
+            one_err("[delivery]\nuser = \"mail\"\nspawner = \"vfork\"\n"),
+            "mailnode.toml:3: delivery.spawner: invalid value \"vfork\": expected \"auto\", \"clone\" or \"process\""
+        );
+        for spawner in ["auto", "clone", "process"] {
+            let c = ok(&format!("[delivery]\nspawner = \"{spawner}\"\n"));
+            assert_eq!(c.delivery.spawner.as_str(), spawner);
+            assert_eq!(c.delivery.spawner.to_string(), spawner);
+        }
         for level in ["error", "warn", "info", "debug", "trace"] {
             let c = ok(&format!("[log]\nlevel = \"{level}\"\n"));
             assert_eq!(c.log.level.as_str(), level);

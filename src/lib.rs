@@ -44,6 +44,7 @@ use actors::Shared;
 use config::{BareLf, Config};
 use delivery::program::{RunAs, RunAsError};
 use delivery::relay::RelayTarget;
+use delivery::spawn::{ProgramSpawner, SpawnerError};
 use hooks::Hooks;
 use limits::ConnectionTracker;
 use protocol::data::BareLineEnding;
@@ -75,6 +76,8 @@ pub enum StartError {
     },
     #[error("{0}")]
     DeliveryUser(#[from] RunAsError),
+    #[error("{0}")]
+    Spawner(#[from] SpawnerError),
     #[error("cannot start the actor system: {0}")]
     Runtime(String),
     #[error("cannot create control socket {}: {source}", path.display())]
@@ -126,6 +129,7 @@ impl Node {
             tracing::warn!("{warning}");
         }
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+        let spawner = delivery::spawn::choose(config.delivery.spawner)?;
         telemetry::install();
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(listen_on(&addr)?),
@@ -216,6 +220,7 @@ impl Node {
                         spool,
                         table,
                         run_as,
+                        spawner,
                         report.envelopes,
                         listeners,
                         handles,
@@ -296,6 +301,7 @@ pub(crate) fn worker_children(
     config: &Config,
     spool: &Spool,
     run_as: &Option<RunAs>,
+    spawner: ProgramSpawner,
     arbiters: &[ArbiterHandle],
 ) -> Vec<Child<DeliveryWorker>> {
     let permits = Arc::new(tokio::sync::Semaphore::new(
@@ -317,7 +323,9 @@ pub(crate) fn worker_children(
                     let (spool, run_as, relay) = (spool.clone(), run_as.clone(), relay.clone());
                     let (hostname, permits) = (hostname.clone(), Arc::clone(&permits));
                     DeliveryWorker::start_in_arbiter(&arbiter, move |_| {
-                        DeliveryWorker::new(spool, run_as, timeout, relay, hostname, permits)
+                        DeliveryWorker::new(
+                            spool, run_as, spawner, timeout, relay, hostname, permits,
+                        )
                     })
                 }),
             )
@@ -421,6 +429,7 @@ fn build_tree(
     spool: Spool,
     table: Arc<aliases::AliasTable>,
     run_as: Option<RunAs>,
+    spawner: ProgramSpawner,
     recovered: Vec<spool::Envelope>,
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
@@ -429,7 +438,7 @@ fn build_tree(
     control_listener: std::os::unix::net::UnixListener,
 ) -> Addr<Supervisor> {
     let resolver = resolver_child(&config, Shared::new(table));
-    let workers = worker_children(&config, &spool, &run_as, &arbiters);
+    let workers = worker_children(&config, &spool, &run_as, spawner, &arbiters);
     let worker_addrs: Vec<_> = workers.iter().map(|w| w.addr.clone()).collect();
     let queue_runner = {
         let spool = spool.clone();

@@ -275,7 +275,9 @@ impl std::error::Error for SupervisorGaveUp {}
 
 fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
-        mailnode::StartError::Aliases(_) | mailnode::StartError::DeliveryUser(_) => EX_CONFIG,
+        mailnode::StartError::Aliases(_)
+        | mailnode::StartError::DeliveryUser(_)
+        | mailnode::StartError::Spawner(_) => EX_CONFIG,
         mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => EX_TEMPFAIL,
         _ => 1,
     }

@@ -87,6 +87,23 @@ fn check_reports_an_unknown_config_key_with_its_line() {
 }
 
 #[test]
+fn check_reports_a_bad_spawner_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = write(&dir.path().join("aliases"), "ok: |cat\n");
+    let config = write(
+        &dir.path().join("c.toml"),
+        &format!("[aliases]\npath = \"{aliases}\"\n\n[delivery]\nspawner = \"fork\"\n"),
+    );
+    let out = mailnode(&["check", "-c", &config]);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        stderr.trim_end(),
+        format!("{config}:5: delivery.spawner: invalid value \"fork\": expected \"auto\", \"clone\" or \"process\"")
+    );
+}
+
+#[test]
 fn unsupported_alias_kinds_are_warnings_not_errors() {
     let dir = tempfile::tempdir().unwrap();
     let aliases = write(
@@ -133,7 +150,13 @@ impl Drop for Served {
 }
 
 fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
-    let mut child = Command::new(BIN)
+    serve_from(serve_command(args, cwd, env))
+}
+
+/// The `mailnode serve` command [`serve`] runs.
+fn serve_command(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(BIN);
+    command
         .arg("serve")
         .args(args)
         // Never the fixed default metrics port: tests run side by side.
@@ -142,9 +165,13 @@ fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("serve starts");
+        .stderr(Stdio::piped());
+    command
+}
+
+/// Starts `command` (a [`serve_command`]) and waits for its address.
+fn serve_from(mut command: Command) -> Served {
+    let mut child = command.spawn().expect("serve starts");
     let stderr = child.stderr.take().expect("stderr");
     let (tx, rx) = mpsc::channel();
     let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -199,6 +226,124 @@ fn readme_demo_runs_from_the_repository_root() {
     })
     .expect("the demo alias appended the message");
     assert!(found.contains(&format!(" id {id}")));
+}
+
+/// Makes `pidfd_open` fail with EPERM in `command`'s process, as the
+/// default seccomp filters of older container runtimes do.
+fn refuse_pidfd_open(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let statement = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    let filter = [
+        // The system call's number is the first word of seccomp_data.
+        statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+        statement(
+            libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K,
+            libc::SYS_pidfd_open as u32,
+            0,
+            1,
+        ),
+        statement(
+            libc::BPF_RET | libc::BPF_K,
+            libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
+            0,
+            0,
+        ),
+        statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+    ];
+    // SAFETY: prctl only, between fork and exec, on a filter made before
+    // the fork; the filter survives the exec (no_new_privs is set).
+    unsafe {
+        command.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A node whose programs put each message in `outbox`, named by queue id.
+fn outbox_config(dir: &Path, outbox: &Path, delivery: &str) -> String {
+    let aliases = write(
+        &dir.join("aliases"),
+        &format!("box: |cat > {}/$QUEUE_ID\n", outbox.display()),
+    );
+    write(
+        &dir.join("mailnode.toml"),
+        &format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n[delivery]\n{delivery}",
+            dir.join("spool").display()
+        ),
+    )
+}
+
+fn delivers_to_outbox(served: &Served, outbox: &Path) {
+    let id = send_one(
+        served.addr,
+        "box@example.org",
+        "Subject: by fork\r\n\r\nhello\r\n",
+    );
+    let delivered = wait_for_file(&outbox.join(&id));
+    assert!(
+        String::from_utf8_lossy(&delivered).contains("Subject: by fork\n\nhello\n"),
+        "{}",
+        String::from_utf8_lossy(&delivered)
+    );
+}
+
+#[test]
+fn the_process_spawner_delivers_and_the_log_names_it() {
+    let (dir, outbox) = shared_tempdir();
+    let config = outbox_config(dir.path(), &outbox, "spawner = \"process\"\n");
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    assert!(
+        served.logged("program spawner") && served.logged("spawner=process"),
+        "{:?}",
+        served.log.lock().unwrap()
+    );
+    delivers_to_outbox(&served, &outbox);
+}
+
+#[test]
+fn where_seccomp_refuses_pidfd_open_auto_takes_the_process_spawner_and_clone_refuses_to_start() {
+    let (dir, outbox) = shared_tempdir();
+    let config = outbox_config(dir.path(), &outbox, "");
+    let mut command = serve_command(&["-c", &config], dir.path(), &[]);
+    refuse_pidfd_open(&mut command);
+    let served = serve_from(command);
+    assert!(
+        served.logged("spawner=process configured=auto"),
+        "{:?}",
+        served.log.lock().unwrap()
+    );
+    delivers_to_outbox(&served, &outbox);
+    drop(served);
+
+    let config = outbox_config(dir.path(), &outbox, "spawner = \"clone\"\n");
+    let mut command = Command::new(BIN);
+    command
+        .args(["serve", "-c", &config, "--metrics", "off"])
+        .current_dir(dir.path());
+    refuse_pidfd_open(&mut command);
+    let out = command.output().expect("mailnode runs");
+    assert_eq!(out.status.code(), Some(78), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("delivery.spawner = \"clone\""), "{stderr}");
 }
 
 #[test]
@@ -655,15 +800,20 @@ fn json_logs_are_one_json_object_per_line() {
             let _ = tx.send(line);
         }
     });
-    let line = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("a log line");
+    // Every line is JSON, up to the one saying where SMTP is served.
+    let (line, v) = loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a log line");
+        let v: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        if v["fields"]["message"] == "listening for SMTP" {
+            break (line, v);
+        }
+    };
     let _ = child.kill();
     let _ = child.wait();
-    let v: serde_json::Value =
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
     assert_eq!(v["level"], "INFO", "{line}");
-    assert_eq!(v["fields"]["message"], "listening for SMTP", "{line}");
     assert!(
         v["fields"]["addr"]
             .as_str()

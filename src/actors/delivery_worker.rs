@@ -12,6 +12,7 @@ use tokio::io::AsyncReadExt;
 use crate::aliases::Target;
 use crate::delivery::program::{self, DeliveryStatus, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
+use crate::delivery::spawn::ProgramSpawner;
 use crate::delivery::{dsn, program_env, stdin_prefix, DeliveryReport};
 use crate::queue::InFlightGuard;
 use crate::spool::{Envelope, Spool};
@@ -39,6 +40,7 @@ pub struct Bounce {
 pub struct DeliveryWorker {
     spool: Spool,
     run_as: Option<RunAs>,
+    spawner: ProgramSpawner,
     timeout: Duration,
     relay: Option<RelayTarget>,
     hostname: String,
@@ -51,6 +53,7 @@ impl DeliveryWorker {
     pub fn new(
         spool: Spool,
         run_as: Option<RunAs>,
+        spawner: ProgramSpawner,
         timeout: Duration,
         relay: Option<RelayTarget>,
         hostname: String,
@@ -59,6 +62,7 @@ impl DeliveryWorker {
         DeliveryWorker {
             spool,
             run_as,
+            spawner,
             timeout,
             relay,
             hostname,
@@ -80,6 +84,7 @@ impl Handler<Deliver> for DeliveryWorker {
         let body_path = msg.body;
         let in_flight = msg.in_flight;
         let run_as = self.run_as.clone();
+        let spawner = self.spawner;
         let timeout = self.timeout;
         let relay = self.relay.clone();
         let permits = Arc::clone(&self.permits);
@@ -101,6 +106,7 @@ impl Handler<Deliver> for DeliveryWorker {
                         command: command.clone(),
                         env: program_env(&env, index),
                         run_as,
+                        spawner,
                         timeout,
                         stdin_prefix: stdin_prefix(&env, index),
                         body_path,

@@ -1,7 +1,9 @@
 //! Running an alias's program: `/bin/sh -c COMMAND` with a clean environment,
 //! in its own process group, as an unprivileged user when we are root, fed
 //! the message on stdin, killed (with everything it started) at the timeout.
-//! Its exit status becomes a [`DeliveryStatus`].
+//! Its exit status becomes a [`DeliveryStatus`]. The program is started by
+//! the [`ProgramSpawner`] chosen at start-up; whichever it is, all of this
+//! works the same over it (see [`super::spawn`]).
 //!
 //! A command the shell would only split into words (an absolute program
 //! path and arguments free of quotes, variables, globs, redirections and
@@ -15,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use super::spawn::{self, SpawnSpec};
+use super::spawn::{ProgramSpawner, SpawnSpec, Spawner};
 use crate::sysexits::{EX_CONFIG, EX_OSERR, EX_TEMPFAIL, EX_USAGE};
 
 /// Most of a program's output we keep for the log and the bounce.
@@ -86,6 +88,8 @@ pub struct ProgramRequest {
     /// The contract's variables (`SENDER`, `RECIPIENT`, ...).
     pub env: Vec<(String, String)>,
     pub run_as: Option<RunAs>,
+    /// What starts the program (chosen once at start-up).
+    pub spawner: ProgramSpawner,
     pub timeout: Duration,
     /// `Return-Path:` and `Delivered-To:` lines, written before the body.
     pub stdin_prefix: Vec<u8>,
@@ -255,12 +259,12 @@ pub async fn run(request: &ProgramRequest) -> ProgramOutcome {
     // Starting counts against the timeout too (an exec can hang on a dead
     // network file system).
     let started_in_time = tokio::time::timeout(request.timeout, async {
-        let spawned = spawn::spawn(spawn_spec(request, true)?).await;
+        let spawned = request.spawner.spawn(spawn_spec(request, true)?).await;
         match spawned {
             // A script without a #! line: the shell would have run it as a
             // shell script, so let it.
             Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {
-                spawn::spawn(spawn_spec(request, false)?).await
+                request.spawner.spawn(spawn_spec(request, false)?).await
             }
             other => other,
         }
@@ -474,6 +478,7 @@ mod tests {
             command: command.into(),
             env: vec![("SENDER".into(), "s@example.org".into())],
             run_as: None,
+            spawner: crate::delivery::spawn::choose(crate::config::SpawnerChoice::Auto).unwrap(),
             timeout,
             stdin_prefix: b"Return-Path: <s@example.org>\n".to_vec(),
             body_path: body.to_path_buf(),
@@ -736,5 +741,286 @@ mod tests {
         let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
         assert_eq!(outcome.status(), DeliveryStatus::Delivered);
         assert_eq!(outcome.output, b"ran as a shell script\n");
+    }
+}
+
+/// The same deliveries through both spawners, as production makes them (as
+/// the delivery user when the tests run as root): what the programs saw
+/// and how their ends were read must not tell the spawners apart.
+#[cfg(test)]
+mod both_spawners {
+    use super::*;
+    use crate::config::SpawnerChoice;
+    use crate::delivery::spawn::{self, ProcessSpawner};
+
+    /// The clone spawner as `[delivery] spawner = "clone"` gets it, and the
+    /// fallback.
+    fn spawners() -> [ProgramSpawner; 2] {
+        [
+            spawn::choose(SpawnerChoice::Clone).unwrap(),
+            ProgramSpawner::Process(ProcessSpawner),
+        ]
+    }
+
+    struct Setup {
+        dir: tempfile::TempDir,
+        body: PathBuf,
+        run_as: Option<RunAs>,
+    }
+
+    fn setup(body: &[u8]) -> Setup {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // The delivery user must reach the scripts some tests put here.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let body_path = dir.path().join("body");
+        std::fs::write(&body_path, body).unwrap();
+        Setup {
+            dir,
+            body: body_path,
+            run_as: RunAs::for_delivery_user("nobody").unwrap(),
+        }
+    }
+
+    impl Setup {
+        fn request(
+            &self,
+            command: &str,
+            spawner: ProgramSpawner,
+            timeout: Duration,
+        ) -> ProgramRequest {
+            ProgramRequest {
+                command: command.into(),
+                env: vec![
+                    ("SENDER".into(), "s@example.org".into()),
+                    ("RECIPIENT".into(), "r@example.org".into()),
+                ],
+                run_as: self.run_as.clone(),
+                spawner,
+                timeout,
+                stdin_prefix: b"Return-Path: <s@example.org>\n".to_vec(),
+                body_path: self.body.clone(),
+                body_len: None,
+            }
+        }
+
+        /// `command` through each spawner: (clone's outcome, the fallback's).
+        async fn run_both(
+            &self,
+            command: &str,
+            timeout: Duration,
+        ) -> (ProgramOutcome, ProgramOutcome) {
+            let [clone, process] = spawners();
+            let by_clone = run(&self.request(command, clone, timeout)).await;
+            let by_process = run(&self.request(command, process, timeout)).await;
+            (by_clone, by_process)
+        }
+
+        /// Runs `command` through both, asserts they saw and ended alike,
+        /// and returns what they printed.
+        async fn same_through_both(&self, command: &str) -> String {
+            let (clone, process) = self.run_both(command, Duration::from_secs(20)).await;
+            assert_eq!(
+                String::from_utf8_lossy(&clone.output),
+                String::from_utf8_lossy(&process.output),
+                "{command}: the spawners' programs printed differently"
+            );
+            assert_eq!(clone.exit, process.exit, "{command}");
+            assert_eq!(clone.status(), process.status(), "{command}");
+            String::from_utf8_lossy(&clone.output).into_owned()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_same_environment_in_the_same_order() {
+        let s = setup(b"x\n");
+        let env = s.same_through_both("/usr/bin/env").await;
+        let mut names: Vec<&str> = env
+            .lines()
+            .map(|l| l.split('=').next().unwrap_or_default())
+            .collect();
+        names.sort_unstable();
+        let mut expected = vec!["HOME", "LANG", "PATH", "RECIPIENT", "SENDER", "SHELL"];
+        if s.run_as.is_some() || own_user().is_some() {
+            expected.extend(["LOGNAME", "USER"]);
+        }
+        expected.sort_unstable();
+        assert_eq!(names, expected, "{env}");
+        // Through the shell too, which adds its own (PWD) alike.
+        s.same_through_both("env | sort").await;
+    }
+
+    #[tokio::test]
+    async fn the_same_user_groups_limits_signals_and_directory() {
+        let s = setup(b"x\n");
+        s.same_through_both("/usr/bin/id").await;
+        let seen = s
+            .same_through_both(
+                "umask; pwd; ulimit -n; ulimit -Hn; \
+                 grep -E '^(Uid|Gid|Groups|SigBlk|SigIgn|Cap(Inh|Prm|Eff|Amb)|NoNewPrivs):' /proc/self/status",
+            )
+            .await;
+        if let Some(user) = &s.run_as {
+            let uid = user.uid;
+            let gid = user.gid;
+            assert!(
+                seen.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}\n")),
+                "{seen}"
+            );
+            assert!(
+                seen.contains(&format!("Gid:\t{gid}\t{gid}\t{gid}\t{gid}\n")),
+                "{seen}"
+            );
+            let groups = seen.lines().find(|l| l.starts_with("Groups:"));
+            assert_eq!(groups.map(str::trim), Some("Groups:"), "{seen}");
+            assert!(seen.contains("CapEff:\t0000000000000000\n"), "{seen}");
+        }
+        assert!(seen.contains("SigBlk:\t0000000000000000\n"), "{seen}");
+        // mailnode ignores SIGPIPE (as every Rust program does); a program
+        // must not. (glibc refuses to touch signals 32 and 33, which it
+        // keeps for itself: whatever mailnode got there, programs get.)
+        let ignored = seen
+            .lines()
+            .find_map(|l| l.strip_prefix("SigIgn:\t"))
+            .and_then(|mask| u64::from_str_radix(mask, 16).ok());
+        assert_eq!(ignored.map(|mask| mask & 0x7fff_ffff), Some(0), "{seen}");
+    }
+
+    #[tokio::test]
+    async fn the_same_stdin() {
+        // Every byte value, lines of all kinds, and more than a pipe holds.
+        let mut body: Vec<u8> = (0..=255u8).collect();
+        body.extend_from_slice(b"\r\n.\n\nFrom x\n");
+        while body.len() < 300_000 {
+            body.extend_from_within(..1000.min(body.len()));
+        }
+        let s = setup(&body);
+        let mut expected = b"Return-Path: <s@example.org>\n".to_vec();
+        expected.extend_from_slice(&body);
+        let expected_path = s.dir.path().join("expected");
+        std::fs::write(&expected_path, &expected).unwrap();
+        let sum = std::process::Command::new("/usr/bin/sha256sum")
+            .arg(&expected_path)
+            .output()
+            .unwrap();
+        let sum = String::from_utf8_lossy(&sum.stdout);
+        let sum = sum.split_whitespace().next().unwrap();
+        for command in ["/usr/bin/sha256sum", "cat | /usr/bin/sha256sum"] {
+            let seen = s.same_through_both(command).await;
+            assert_eq!(seen, format!("{sum}  -\n"), "{command}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_same_argv_direct_through_the_shell_and_for_a_script_without_interpreter() {
+        use std::os::unix::fs::PermissionsExt;
+        let s = setup(b"x\n");
+        assert_eq!(
+            s.same_through_both("/usr/bin/cat /proc/self/cmdline").await,
+            "/usr/bin/cat\0/proc/self/cmdline\0"
+        );
+        assert_eq!(
+            s.same_through_both("/usr/bin/printf [%s] a=b --x user@example.org,100%")
+                .await,
+            "[a=b][--x][user@example.org,100%]"
+        );
+        let piped = "cat > /dev/null; echo one; echo two | tr a-z A-Z; cat /proc/$$/cmdline";
+        assert_eq!(
+            s.same_through_both(piped).await,
+            format!("one\nTWO\n/bin/sh\0-c\0{piped}\0")
+        );
+        // A plain command that turns out to be a script with no #! line.
+        let script = s.dir.path().join("no-interpreter");
+        std::fs::write(&script, b"cat /proc/$$/cmdline; echo \" $0 $#\"\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let command = format!("{} one two", script.display());
+        assert!(plain_argv(&command).is_some());
+        s.same_through_both(&command).await;
+    }
+
+    #[tokio::test]
+    async fn the_same_exit_mapping() {
+        let s = setup(b"x\n");
+        let cases = [
+            ("exit 0", DeliveryStatus::Delivered),
+            (
+                "echo busy; exit 75",
+                DeliveryStatus::Temporary("program exited 75: busy".into()),
+            ),
+            (
+                "echo no such user; exit 67",
+                DeliveryStatus::Permanent("program exited 67: no such user".into()),
+            ),
+            (
+                "kill -KILL $$",
+                DeliveryStatus::Temporary("program killed by signal 9".into()),
+            ),
+        ];
+        for (command, expected) in cases {
+            s.same_through_both(command).await;
+            let (clone, _) = s.run_both(command, Duration::from_secs(20)).await;
+            assert_eq!(clone.status(), expected, "{command}");
+        }
+        let (clone, process) = s.run_both("sleep 60", Duration::from_millis(300)).await;
+        for outcome in [clone, process] {
+            assert_eq!(outcome.exit, Exit::TimedOut);
+            assert_eq!(
+                outcome.status(),
+                DeliveryStatus::Temporary("program timed out".into())
+            );
+        }
+    }
+
+    /// Live (not zombie) processes in process group `pgid`.
+    fn live_members(pgid: i32) -> Vec<i32> {
+        let mut live = Vec::new();
+        for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // After the command name: state, ppid, pgrp.
+            let Some((_, rest)) = stat.rsplit_once(") ") else {
+                continue;
+            };
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            if fields.get(2) == Some(&pgid.to_string().as_str()) && fields.first() != Some(&"Z") {
+                live.push(pid);
+            }
+        }
+        live
+    }
+
+    #[tokio::test]
+    async fn the_timeout_kills_the_whole_group() {
+        let s = setup(b"x\n");
+        let [clone, process] = spawners();
+        for spawner in [clone, process] {
+            let request = s.request(
+                "sleep 60 & echo $$; wait",
+                spawner,
+                Duration::from_millis(500),
+            );
+            let outcome = run(&request).await;
+            assert_eq!(outcome.exit, Exit::TimedOut, "{spawner}");
+            let pgid: i32 = String::from_utf8_lossy(&outcome.output)
+                .trim()
+                .parse()
+                .unwrap();
+            let mut live = live_members(pgid);
+            for _ in 0..100 {
+                if live.is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                live = live_members(pgid);
+            }
+            assert!(
+                live.is_empty(),
+                "{spawner}: {live:?} of group {pgid} survived"
+            );
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Starting a program at `posix_spawn`'s cost.
 //!
 //! `std::process::Command` (and tokio's, built on it) falls back to `fork`
-//! as soon as a uid, a gid or a process group must be set, and a fork of a
+//! as soon as a uid, a gid or a step before `exec` is needed, and a fork of a
 //! multi-threaded server is dear: every page of the parent is made
 //! copy-on-write, which flushes the TLB of each CPU running one of its
 //! threads (an inter-processor interrupt, a VM exit under a hypervisor),
@@ -17,15 +17,6 @@
 //! ask every thread of the process (which here would be our parent's
 //! threads) to change theirs too.
 
-// The child changes its credentials with raw system calls; on these
-// targets SYS_setresuid and friends take 16-bit ids, and a uid of 65536
-// would become root.
-#[cfg(any(target_arch = "x86", target_arch = "arm"))]
-compile_error!(
-    "spawn.rs uses the 32-bit-id credential system calls; port it to the *32 calls first"
-);
-
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::ExitStatusExt;
@@ -34,103 +25,63 @@ use std::process::ExitStatus;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
 
-/// The open-file soft limit mailnode started with, restored in programs
-/// (0: never raised, nothing to restore). A program should not inherit the
-/// raised limit: tools that close every descriptor up to the limit would
-/// crawl, and select() users can break.
-static PROGRAM_OPEN_FILES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+use super::{
+    default_signals, program_open_files, restore_open_files, ExitWatch, SpawnSpec, Spawned, Spawner,
+};
 
-/// Raises this process's soft open-file limit to the hard one (a server
-/// holding thousands of connections needs it; systemd's default soft limit
-/// is 1024) while programs keep the limit mailnode started with. Returns
-/// the soft limit now in force.
-pub fn raise_open_file_limit() -> io::Result<u64> {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: plain system calls on local structs.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let original = limit.rlim_cur;
-        if original < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) != 0 {
-                return Err(io::Error::last_os_error());
+/// Starts programs with `clone(CLONE_VM | CLONE_VFORK)`. Made only by
+/// [`CloneSpawner::probe`], so one in hand has been seen to work here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CloneSpawner {
+    _probed: (),
+}
+
+impl CloneSpawner {
+    /// Whether this kernel and any seccomp filter let us start programs
+    /// this way: a child that exits at once, started and watched through
+    /// the very system calls a program's start makes (`clone` with these
+    /// flags, `pidfd_open`, `waitpid`).
+    pub fn probe() -> io::Result<CloneSpawner> {
+        let mut stack = vec![0u8; PROBE_STACK];
+        let pid = clone_vfork(exit_at_once, std::ptr::null_mut(), &mut stack)?;
+        // Killed and reaped if pidfd_open is refused.
+        let mut child = Unclaimed(Some(pid));
+        drop(pidfd_open(pid)?);
+        child.0 = None;
+        reap(pid, true)?;
+        Ok(CloneSpawner { _probed: () })
+    }
+}
+
+impl Spawner for CloneSpawner {
+    /// Starts the program in its own process group with the pipes as its
+    /// standard input, output and error.
+    async fn spawn(&self, spec: SpawnSpec) -> io::Result<Spawned> {
+        let started = match spawner() {
+            Some(jobs) => {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                jobs.send((spec, reply))
+                    .map_err(|_| io::Error::other("program spawner thread is gone"))?;
+                answer
+                    .await
+                    .map_err(|_| io::Error::other("program spawner thread is gone"))??
             }
-            PROGRAM_OPEN_FILES.store(original, std::sync::atomic::Ordering::Relaxed);
-            limit = raised;
-        }
-    }
-    Ok(limit.rlim_cur)
-}
-
-/// What to run and how.
-pub struct SpawnSpec {
-    /// Absolute path of the program.
-    pub program: CString,
-    /// The program's arguments, its name first.
-    pub argv: Vec<CString>,
-    /// `NAME=value` strings: the whole environment.
-    pub env: Vec<CString>,
-    /// uid and gid to become, dropping supplementary groups (we are root).
-    pub credentials: Option<(u32, u32)>,
-}
-
-impl SpawnSpec {
-    /// Builds a spec; fails on a NUL byte in any string.
-    pub fn new<'a>(
-        program: &str,
-        args: impl IntoIterator<Item = &'a str>,
-        env: impl IntoIterator<Item = (&'a str, &'a str)>,
-        credentials: Option<(u32, u32)>,
-    ) -> io::Result<SpawnSpec> {
-        let c = |s: &[u8]| {
-            CString::new(s).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL byte"))
+            // No thread could be made: start it here.
+            None => start(&spec)?,
         };
-        let program = c(program.as_bytes())?;
-        let mut argv = vec![program.clone()];
-        for a in args {
-            argv.push(c(a.as_bytes())?);
-        }
-        let mut vars = Vec::new();
-        for (k, v) in env {
-            let mut kv = k.as_bytes().to_vec();
-            kv.push(b'=');
-            kv.extend_from_slice(v.as_bytes());
-            vars.push(c(&kv)?);
-        }
-        Ok(SpawnSpec {
-            program,
-            argv,
-            env: vars,
-            credentials,
-        })
+        started.register()
     }
 }
 
-/// A running program: its stdin, its stdout and stderr (one pipe, in the
-/// order written), and its exit.
-pub struct Spawned {
+/// A started program's exit, seen through its pidfd.
+pub(super) struct Reaper {
     pid: libc::pid_t,
-    pub stdin: Option<pipe::Sender>,
-    pub output: Option<pipe::Receiver>,
     exited: Option<AsyncFd<OwnedFd>>,
 }
 
-impl Spawned {
-    /// The program's pid, which is also its process group's id.
-    pub fn pid(&self) -> i32 {
-        self.pid
-    }
-
+impl Reaper {
     /// Waits for the program to end and reaps it.
-    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+    pub(super) async fn wait(&mut self) -> io::Result<ExitStatus> {
         let Some(exited) = self.exited.as_ref() else {
             return Err(io::Error::other("program already reaped"));
         };
@@ -147,7 +98,7 @@ impl Spawned {
     }
 }
 
-impl Drop for Spawned {
+impl Drop for Reaper {
     /// A program dropped unreaped (its attempt abandoned; the caller has
     /// killed its group) is reaped in the background: no zombies.
     fn drop(&mut self) {
@@ -243,12 +194,6 @@ impl Started {
         let Some(pid) = self.child.0.take() else {
             return Err(io::Error::other("program already handed over"));
         };
-        let mut spawned = Spawned {
-            pid,
-            stdin: None,
-            output: None,
-            exited: None,
-        };
         let kill = |e: io::Error| {
             kill_unreaped(pid);
             e
@@ -257,18 +202,26 @@ impl Started {
         // the AsyncFd that owns it is dropped.
         let exited =
             unsafe { AsyncFd::register_with_interest(self.exited, tokio::io::Interest::READABLE) };
-        match exited {
-            Ok(exited) => spawned.exited = Some(exited),
+        let reaper = match exited {
+            Ok(exited) => Reaper {
+                pid,
+                exited: Some(exited),
+            },
             Err(e) => {
                 let e = kill(e.into());
                 let _ = reap(pid, true);
                 return Err(e);
             }
-        }
-        // From here a failure drops `spawned`, which reaps the child.
-        spawned.stdin = Some(pipe::Sender::from_owned_fd(self.stdin).map_err(kill)?);
-        spawned.output = Some(pipe::Receiver::from_owned_fd(self.output).map_err(kill)?);
-        Ok(spawned)
+        };
+        // From here a failure drops `reaper`, which reaps the child.
+        let stdin = pipe::Sender::from_owned_fd(self.stdin).map_err(kill)?;
+        let output = pipe::Receiver::from_owned_fd(self.output).map_err(kill)?;
+        Ok(Spawned {
+            pid,
+            stdin: Some(stdin),
+            output: Some(output),
+            exit: ExitWatch::Pidfd(reaper),
+        })
     }
 }
 
@@ -318,24 +271,6 @@ fn spawner() -> Option<&'static crossbeam_channel::Sender<SpawnJob>> {
         .as_ref()
 }
 
-/// Starts the program in its own process group with the pipes as its
-/// standard input, output and error.
-pub async fn spawn(spec: SpawnSpec) -> io::Result<Spawned> {
-    let started = match spawner() {
-        Some(jobs) => {
-            let (reply, answer) = tokio::sync::oneshot::channel();
-            jobs.send((spec, reply))
-                .map_err(|_| io::Error::other("program spawner thread is gone"))?;
-            answer
-                .await
-                .map_err(|_| io::Error::other("program spawner thread is gone"))??
-        }
-        // No thread could be made: start it here.
-        None => start(&spec)?,
-    };
-    started.register()
-}
-
 fn start(spec: &SpawnSpec) -> io::Result<Started> {
     let (stdin_read, stdin_write) = pipe_pair()?;
     let (output_read, output_write) = pipe_pair()?;
@@ -358,35 +293,11 @@ fn start(spec: &SpawnSpec) -> io::Result<Started> {
         stdin: stdin_read.as_raw_fd(),
         output: output_write.as_raw_fd(),
         credentials: spec.credentials,
-        open_files: PROGRAM_OPEN_FILES.load(std::sync::atomic::Ordering::Relaxed),
+        open_files: program_open_files(),
         errno: 0,
     };
     let mut stack = vec![0u8; CHILD_STACK];
-    // SAFETY: the stack grows down from its (16-byte aligned) end; it and
-    // the plan outlive the child's use of them, since CLONE_VFORK holds this
-    // thread until the child has exec'd or exited. All signals are blocked
-    // around the clone so no handler of ours runs in the child before it
-    // resets them.
-    let pid = unsafe {
-        let top = stack.as_mut_ptr().add(CHILD_STACK);
-        let top = top.sub(top as usize % 16);
-        let mut all: libc::sigset_t = std::mem::zeroed();
-        let mut previous: libc::sigset_t = std::mem::zeroed();
-        libc::sigfillset(&mut all);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
-        let pid = libc::clone(
-            child_main,
-            top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&mut plan as *mut ChildPlan).cast(),
-        );
-        let clone_error = io::Error::last_os_error();
-        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
-        if pid < 0 {
-            return Err(clone_error);
-        }
-        pid
-    };
+    let pid = clone_vfork(child_main, (&mut plan as *mut ChildPlan).cast(), &mut stack)?;
     drop(stack);
     drop(stdin_read);
     drop(output_write);
@@ -397,23 +308,76 @@ fn start(spec: &SpawnSpec) -> io::Result<Started> {
         let _ = reap(pid, true);
         return Err(io::Error::from_raw_os_error(child_errno));
     }
-    // SAFETY: a plain system call; the pid is our unreaped child, so it
-    // cannot have been reused.
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if pidfd < 0 {
-        let e = io::Error::last_os_error();
-        kill_unreaped(pid);
-        let _ = reap(pid, true);
-        return Err(e);
-    }
+    let exited = match pidfd_open(pid) {
+        Ok(exited) => exited,
+        Err(e) => {
+            kill_unreaped(pid);
+            let _ = reap(pid, true);
+            return Err(e);
+        }
+    };
     Ok(Started {
         child: Unclaimed(Some(pid)),
         stdin: stdin_write,
         output: output_read,
-        // SAFETY: pidfd_open returned a new descriptor we own.
-        exited: unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) },
+        exited,
     })
 }
+
+/// Runs `child(arg)` in a child on our memory and `stack`, and returns its
+/// pid once it has exec'd or exited.
+fn clone_vfork(
+    child: extern "C" fn(*mut libc::c_void) -> libc::c_int,
+    arg: *mut libc::c_void,
+    stack: &mut [u8],
+) -> io::Result<libc::pid_t> {
+    // SAFETY: the stack grows down from its (16-byte aligned) end; it and
+    // `arg` outlive the child's use of them, since CLONE_VFORK holds this
+    // thread until the child has exec'd or exited. All signals are blocked
+    // around the clone so no handler of ours runs in the child before it
+    // resets them.
+    unsafe {
+        let top = stack.as_mut_ptr().add(stack.len());
+        let top = top.sub(top as usize % 16);
+        let mut all: libc::sigset_t = std::mem::zeroed();
+        let mut previous: libc::sigset_t = std::mem::zeroed();
+        libc::sigfillset(&mut all);
+        libc::pthread_sigmask(libc::SIG_SETMASK, &all, &mut previous);
+        let pid = libc::clone(
+            child,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        );
+        let clone_error = io::Error::last_os_error();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut());
+        if pid < 0 {
+            return Err(clone_error);
+        }
+        Ok(pid)
+    }
+}
+
+/// A descriptor that becomes readable when our unreaped child `pid` ends.
+fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: a plain system call; the pid is our unreaped child, so it
+    // cannot have been reused.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if pidfd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open returned a new descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+}
+
+/// The probe's child: it only shows that it could be started.
+extern "C" fn exit_at_once(_: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: _exit is what a vfork'd child may call.
+    unsafe { libc::_exit(0) }
+}
+
+/// The probe child's stack: it makes one system call.
+const PROBE_STACK: usize = 4 * 1024;
 
 /// Runs in the child, on the parent's memory: system calls only.
 extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
@@ -428,17 +392,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
             }
             libc::_exit(127)
         };
-        // Default dispositions, then the empty mask a program expects.
-        let mut default: libc::sigaction = std::mem::zeroed();
-        default.sa_sigaction = libc::SIG_DFL;
-        for signal in 1..=libc::SIGRTMAX() {
-            if signal != libc::SIGKILL && signal != libc::SIGSTOP {
-                libc::sigaction(signal, &default, std::ptr::null_mut());
-            }
-        }
-        let mut none: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut none);
-        libc::pthread_sigmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+        default_signals();
         if let Some((uid, gid)) = plan.credentials {
             let empty: *const libc::gid_t = std::ptr::null();
             if libc::syscall(libc::SYS_setgroups, 0, empty) != 0
@@ -448,13 +402,7 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
                 fail(plan);
             }
         }
-        if plan.open_files != 0 {
-            let mut limit: libc::rlimit = std::mem::zeroed();
-            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                limit.rlim_cur = plan.open_files.min(limit.rlim_max);
-                libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-            }
-        }
+        restore_open_files(plan.open_files);
         if libc::setpgid(0, 0) != 0 {
             fail(plan);
         }
@@ -477,79 +425,83 @@ extern "C" fn child_main(arg: *mut libc::c_void) -> libc::c_int {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    fn spec(program: &str, args: &[&str]) -> SpawnSpec {
-        SpawnSpec::new(program, args.iter().copied(), [("PATH", "/bin")], None).unwrap()
+    #[test]
+    fn the_probe_leaves_no_child() {
+        CloneSpawner::probe().unwrap();
+        // The children of this thread alone: other tests' programs are
+        // started from other threads.
+        let children = std::fs::read_to_string("/proc/thread-self/children").unwrap();
+        assert_eq!(children.trim(), "", "the probe left a child");
     }
 
-    #[tokio::test]
-    async fn a_failed_exec_is_an_error_not_a_child() {
-        let err = spawn(spec("/nonexistent/program", &[]))
-            .await
-            .err()
-            .unwrap();
-        assert_eq!(err.kind(), io::ErrorKind::NotFound);
-    }
-
-    #[tokio::test]
-    async fn exit_status_and_output_come_back() {
-        use tokio::io::AsyncReadExt;
-        let mut child = spawn(spec("/bin/sh", &["-c", "echo out; echo err >&2; exit 3"]))
-            .await
-            .unwrap();
-        drop(child.stdin.take());
-        let mut output = Vec::new();
-        child
-            .output
-            .take()
-            .unwrap()
-            .read_to_end(&mut output)
-            .await
-            .unwrap();
-        assert_eq!(output, b"out\nerr\n");
-        assert_eq!(child.wait().await.unwrap().code(), Some(3));
-    }
-
-    #[tokio::test]
-    async fn programs_keep_the_open_file_limit_mailnode_started_with() {
-        use tokio::io::AsyncReadExt;
-        let before = {
-            let mut limit = libc::rlimit {
-                rlim_cur: 0,
-                rlim_max: 0,
-            };
-            // SAFETY: a plain system call on a local struct.
-            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
-            limit
+    /// Makes system call `nr` fail with `errno` in this thread (and only
+    /// here: the filter is not synchronised to the process's other threads).
+    fn refuse_in_this_thread(nr: libc::c_long, errno: libc::c_int) {
+        let statement = |code: u32, k: u32, jt: u8, jf: u8| libc::sock_filter {
+            code: code as u16,
+            jt,
+            jf,
+            k,
         };
-        let now = raise_open_file_limit().unwrap();
-        assert_eq!(now, before.rlim_max);
-        let mut child = spawn(spec("/bin/sh", &["-c", "ulimit -n"])).await.unwrap();
-        drop(child.stdin.take());
-        let mut output = String::new();
-        child
-            .output
-            .take()
-            .unwrap()
-            .read_to_string(&mut output)
-            .await
-            .unwrap();
-        assert_eq!(child.wait().await.unwrap().code(), Some(0));
-        assert_eq!(output.trim(), before.rlim_cur.to_string());
+        let filter = [
+            // The system call's number is the first word of seccomp_data.
+            statement(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, 0, 0, 0),
+            statement(libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K, nr as u32, 0, 1),
+            statement(
+                libc::BPF_RET | libc::BPF_K,
+                libc::SECCOMP_RET_ERRNO | (errno as u32 & libc::SECCOMP_RET_DATA),
+                0,
+                0,
+            ),
+            statement(libc::BPF_RET | libc::BPF_K, libc::SECCOMP_RET_ALLOW, 0, 0),
+        ];
+        let program = libc::sock_fprog {
+            len: filter.len() as u16,
+            filter: filter.as_ptr().cast_mut(),
+        };
+        // SAFETY: prctl on a filter that outlives the call (the kernel
+        // copies it); no_new_privs and the filter bind this thread only.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
+            assert_eq!(
+                libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &program as *const libc::sock_fprog,
+                ),
+                0,
+                "{}",
+                io::Error::last_os_error()
+            );
+        }
     }
 
-    #[tokio::test]
-    async fn a_program_dropped_unwaited_is_reaped() {
-        let child = spawn(spec("/bin/sleep", &["0"])).await.unwrap();
-        let proc_entry = format!("/proc/{}", child.pid());
-        drop(child);
-        for _ in 0..500 {
-            if !std::path::Path::new(&proc_entry).exists() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
+    #[test]
+    fn under_a_seccomp_filter_that_refuses_it_auto_falls_back() {
+        use super::super::{choose, ProcessSpawner, ProgramSpawner};
+        use crate::config::SpawnerChoice;
+        // Container runtimes' older default filters (pidfd_open), and a
+        // kernel or sandbox without the call.
+        for (nr, errno) in [
+            (libc::SYS_pidfd_open, libc::EPERM),
+            (libc::SYS_pidfd_open, libc::ENOSYS),
+            (libc::SYS_clone, libc::EPERM),
+        ] {
+            std::thread::spawn(move || {
+                refuse_in_this_thread(nr, errno);
+                let refused = CloneSpawner::probe().err();
+                assert_eq!(refused.and_then(|e| e.raw_os_error()), Some(errno));
+                assert_eq!(
+                    choose(SpawnerChoice::Auto).unwrap(),
+                    ProgramSpawner::Process(ProcessSpawner)
+                );
+                assert!(choose(SpawnerChoice::Clone).is_err());
+                let children = std::fs::read_to_string("/proc/thread-self/children").unwrap();
+                assert_eq!(children.trim(), "", "a refused probe left a child");
+            })
+            .join()
+            .unwrap();
         }
-        panic!("{proc_entry} is still there: a zombie");
     }
 }
