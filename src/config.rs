@@ -234,8 +234,8 @@ impl fmt::Display for DeliveryMode {
     }
 }
 
-/// How programs are started (`delivery.spawner`); see
-/// [`crate::delivery::spawn`].
+/// How programs are started (`delivery.spawner`): `clone` is the fast
+/// spawner, `process` the portable one, `auto` takes clone where it works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum SpawnerChoice {
     /// `clone` where a probe at start-up shows it works, else `process`.

@@ -8,22 +8,36 @@
 //! bound addresses), [`NodeHandle::stop`] releases the listeners while
 //! sessions finish, and [`NodeHandle::shutdown`] ends everything.
 
-pub mod access;
+// The README's code is compiled with the tests, so its embedding example
+// cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
+pub(crate) mod access;
 pub(crate) mod actors;
 pub mod aliases;
-pub mod batch;
+pub(crate) mod batch;
 pub mod config;
 pub mod control;
-pub mod delivery;
+pub(crate) mod delivery;
 pub mod hooks;
-pub mod limits;
+pub(crate) mod limits;
+// Public only to the fuzz targets (fuzz/), which drive the parsers directly.
+#[cfg(feature = "fuzzing")]
 pub mod protocol;
-pub mod queue;
+#[cfg(not(feature = "fuzzing"))]
+pub(crate) mod protocol;
+pub(crate) mod queue;
+pub mod send;
 pub mod spool;
 pub mod sysexits;
-pub mod telemetry;
+pub(crate) mod telemetry;
 
-use std::net::SocketAddr;
+pub use batch::{run_queue_once, serve_stdio, PassSummary};
+pub use delivery::program::RunAsError;
+pub use delivery::spawn::raise_open_file_limit;
+pub use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -42,7 +56,7 @@ use actors::supervisor::{
 };
 use actors::Shared;
 use config::{BareLf, Config};
-use delivery::program::{RunAs, RunAsError};
+use delivery::program::RunAs;
 use delivery::relay::RelayTarget;
 use delivery::spawn::{ProgramSpawner, SpawnerError};
 use hooks::Hooks;
@@ -711,5 +725,87 @@ impl NodeHandle {
 impl Drop for NodeHandle {
     fn drop(&mut self) {
         self.shutdown_in_place();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_finishes_messages_a_crash_left_fully_delivered() {
+        use crate::aliases::Target;
+        use crate::spool::{Delivery, DeliveryState, Envelope, Spool};
+        use std::time::{Duration, SystemTime};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config::Config {
+            hostname: "mx.test".into(),
+            ..config::Config::default()
+        };
+        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.spool.path = dir.path().join("spool");
+        config.aliases.path = dir.path().join("aliases");
+        config.metrics.listen = None;
+        config.control.socket = dir.path().join("ctl.sock");
+        std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
+        // A message whose only delivery is recorded as done, as if the node died
+        // before removing it.
+        {
+            let (spool, writer) = Spool::open(&config.spool.path).unwrap();
+            let body = spool.begin(SystemTime::now()).unwrap();
+            let id = body.id().to_string();
+            let mut envelope = Envelope {
+                id: id.clone(),
+                sender: "a@example.org".into(),
+                return_path: "a@example.org".into(),
+                arrival: SystemTime::now(),
+                client_address: "127.0.0.1".into(),
+                client_helo: "client".into(),
+                channel: "local".into(),
+                size: 0,
+                smtputf8: false,
+                body_8bit: false,
+                held: false,
+                next_attempt: SystemTime::now(),
+                deliveries: vec![{
+                    let mut d = Delivery::new(
+                        "ok@example.org".into(),
+                        "ok@example.org".into(),
+                        "ok".into(),
+                        String::new(),
+                        "example.org".into(),
+                        Target::Pipe {
+                            command: "exit 99".into(),
+                        },
+                    );
+                    d.state = DeliveryState::Delivered;
+                    d
+                }],
+                body_check: None,
+            };
+            spool.commit(body, &mut envelope).wait_blocking().unwrap();
+            drop(spool);
+            writer.join();
+        }
+        let queue = config.spool.path.join("queue");
+        // One sealed queue file.
+        assert_eq!(std::fs::read_dir(&queue).unwrap().count(), 1);
+        let node = Node::start(config).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let emptied = loop {
+            if std::fs::read_dir(&queue).is_ok_and(|d| d.count() == 0) {
+                break Some(());
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        node.shutdown();
+        assert!(
+            emptied.is_some(),
+            "a delivered message stayed queued after restart"
+        );
     }
 }

@@ -8,13 +8,11 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 
 use mailnode::config::{self, Config, LogFormat};
-use mailnode::delivery::relay::{self, Outgoing, RelayTarget};
 use mailnode::sysexits::{EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE};
 use mailnode::{aliases, Node};
 
 mod ctl;
 
-/// Used when no `-c` is given and this file exists.
 /// The config file used without `-c`, when it exists (the repository's).
 pub(crate) const DEFAULT_CONFIG: &str = "config/mailnode.toml";
 
@@ -137,7 +135,7 @@ fn main() -> ExitCode {
             if separate_stderr {
                 init_logging(&config);
             }
-            match mailnode::batch::serve_stdio(config) {
+            match mailnode::serve_stdio(config) {
                 Ok(_) => ExitCode::SUCCESS,
                 Err(e) => {
                     println!("421 4.3.0 mailnode cannot take mail now, try again later\r");
@@ -154,7 +152,7 @@ fn main() -> ExitCode {
                 Err(problems) => return report(problems),
             };
             init_logging(&config);
-            finish(mailnode::batch::run_queue_once(config).map(|summary| {
+            finish(mailnode::run_queue_once(config).map(|summary| {
                 tracing::info!(attempted = summary.attempted, "queue run done");
             }))
         }
@@ -352,7 +350,7 @@ const DESCRIPTORS_SPARE: u64 = 256;
 /// `max_connections` still cannot be reached.
 fn raise_open_file_limit(max_connections: usize) {
     let needed = (max_connections as u64) * DESCRIPTORS_PER_SESSION + DESCRIPTORS_SPARE;
-    match mailnode::delivery::spawn::raise_open_file_limit() {
+    match mailnode::raise_open_file_limit() {
         Ok(limit) if limit >= needed => {}
         Ok(limit) => tracing::warn!(
             open_files = limit,
@@ -428,68 +426,16 @@ fn serve(config: Config) -> anyhow::Result<()> {
     }
 }
 
-/// `mailnode send`: the seed's `smtp` talker.
+/// `mailnode send`: the seed's `smtp` talker, on the message on stdin.
 fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String]) -> u8 {
-    let Some((host, port)) = relay::parse_host_port(target) else {
-        eprintln!("mailnode send: bad target {target:?}: expected HOST or HOST:PORT");
-        return EX_USAGE;
-    };
-    let sender = sender.trim_start_matches('<').trim_end_matches('>');
-    let recipients: Vec<String> = recipients
-        .iter()
-        .map(|r| r.trim_start_matches('<').trim_end_matches('>').to_string())
-        .collect();
-    if recipients.iter().any(String::is_empty) {
-        eprintln!("mailnode send: empty recipient");
-        return EX_USAGE;
-    }
-    let has_control = |a: &str| a.chars().any(char::is_control);
-    if has_control(sender) || recipients.iter().any(|r| has_control(r)) {
-        eprintln!("mailnode send: addresses must not contain control characters");
-        return EX_USAGE;
-    }
     let mut message = Vec::new();
     if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
         eprintln!("mailnode send: cannot read the message: {e}");
         return EX_NOINPUT;
     }
-    let target = RelayTarget {
-        host,
-        port,
-        helo: helo.unwrap_or_else(config::system_hostname),
-        timeout: std::time::Duration::from_secs(300),
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("mailnode send: {e}");
-            return EX_TEMPFAIL;
-        }
-    };
-    let outgoing = Outgoing {
-        sender,
-        recipients: &recipients,
-        body_8bit: !message.is_ascii(),
-        smtputf8: !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
-    };
-    let outcome = runtime.block_on(relay::send(&target, &outgoing, &message[..]));
-    match &outcome {
-        Err(e) => eprintln!("mailnode send: {e}"),
-        Ok(o) => {
-            for r in o.refused.iter().chain(o.data.iter()) {
-                if !r.is_positive() {
-                    eprintln!("mailnode send: {r}");
-                }
-            }
-            for (rcpt, r) in recipients.iter().zip(&o.recipients) {
-                if !r.is_positive() {
-                    eprintln!("mailnode send: <{rcpt}>: {r}");
-                }
-            }
-        }
+    let report = mailnode::send::send_message(helo, target, sender, recipients, &message);
+    for problem in &report.problems {
+        eprintln!("mailnode send: {problem}");
     }
-    relay::exit_status(&outcome)
+    report.exit
 }

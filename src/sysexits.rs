@@ -1,6 +1,6 @@
 //! The exit codes of BSD's `sysexits.h`, in one place. mailnode reads them
 //! from programs (a program's exit says whether to retry, see
-//! [`crate::delivery::program::classify`]) and gives them itself (`check`,
+//! `delivery::program::classify`) and gives them itself (`check`,
 //! `send`, `ctl`, `runq`), as the mail tools it replaces do.
 
 /// Successful termination.

@@ -386,68 +386,6 @@ ok: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/ok.log
 }
 
 #[test]
-fn start_up_finishes_messages_a_crash_left_fully_delivered() {
-    use mailnode::aliases::Target;
-    use mailnode::spool::{Delivery, DeliveryState, Envelope, Spool};
-    use std::time::SystemTime;
-
-    let (dir, _outbox) = shared_tempdir();
-    let config = test_config(dir.path());
-    std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
-    // A message whose only delivery is recorded as done, as if the node died
-    // before removing it.
-    {
-        let (spool, writer) = Spool::open(&config.spool.path).unwrap();
-        let body = spool.begin(SystemTime::now()).unwrap();
-        let id = body.id().to_string();
-        let mut envelope = Envelope {
-            id: id.clone(),
-            sender: "a@example.org".into(),
-            return_path: "a@example.org".into(),
-            arrival: SystemTime::now(),
-            client_address: "127.0.0.1".into(),
-            client_helo: "client".into(),
-            channel: "local".into(),
-            size: 0,
-            smtputf8: false,
-            body_8bit: false,
-            held: false,
-            next_attempt: SystemTime::now(),
-            deliveries: vec![{
-                let mut d = Delivery::new(
-                    "ok@example.org".into(),
-                    "ok@example.org".into(),
-                    "ok".into(),
-                    String::new(),
-                    "example.org".into(),
-                    Target::Pipe {
-                        command: "exit 99".into(),
-                    },
-                );
-                d.state = DeliveryState::Delivered;
-                d
-            }],
-            body_check: None,
-        };
-        spool.commit(body, &mut envelope).wait_blocking().unwrap();
-        drop(spool);
-        writer.join();
-    }
-    let queue = config.spool.path.join("queue");
-    // One sealed queue file.
-    assert_eq!(std::fs::read_dir(&queue).unwrap().count(), 1);
-    let node = mailnode::Node::start(config).unwrap();
-    let emptied = wait_for(Duration::from_secs(20), || {
-        (std::fs::read_dir(&queue).ok()?.count() == 0).then_some(())
-    });
-    node.shutdown();
-    assert!(
-        emptied.is_some(),
-        "a delivered message stayed queued after restart"
-    );
-}
-
-#[test]
 fn a_recipient_given_twice_runs_its_program_once() {
     let node =
         TestNode::start("once: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/once.log\n");

@@ -96,7 +96,6 @@ impl Handler<Deliver> for DeliveryWorker {
                 return DeliveryReport {
                     status: DeliveryStatus::Permanent("no such delivery".into()),
                     code: "5.0.0".into(),
-                    duration: Duration::ZERO,
                     attempted: true,
                 };
             };
@@ -150,7 +149,6 @@ impl Handler<Deliver> for DeliveryWorker {
             DeliveryReport {
                 status,
                 code,
-                duration,
                 attempted: true,
             }
         })

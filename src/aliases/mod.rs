@@ -9,7 +9,7 @@
 //!
 //! Only pipes and `user@domain` forwards are deliverable. Other classic
 //! aliases targets (files, `:include:`, local users) are accepted in the file
-//! but make the alias resolve to [`Resolution::Unsupported`]: rejecting the
+//! but make the alias resolve to `Resolution::Unsupported`: rejecting the
 //! recipient is safer than delivering to only part of a list.
 //!
 //! Format rules beyond the basic `name: target, target` shape:
@@ -119,7 +119,7 @@ struct TableEntry {
 
 /// What a recipient's local part resolves to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Resolution {
+pub(crate) enum Resolution {
     /// No alias matches.
     Unknown,
     /// The alias exists but its expansion contains an unsupported target.
@@ -136,9 +136,9 @@ pub enum Resolution {
 /// A deliverable target together with the alias (lowercase) whose own list
 /// names it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Expanded {
-    pub via_alias: String,
-    pub target: Target,
+pub(crate) struct Expanded {
+    pub(crate) via_alias: String,
+    pub(crate) target: Target,
 }
 
 /// A deliverable target.
@@ -156,7 +156,7 @@ impl AliasTable {
     /// An alias whose name contains the `+` wins; otherwise the part before
     /// the first `+` is looked up and the rest becomes the extension, in its
     /// original case because programs may treat it as data.
-    pub fn resolve(&self, local_part: &str) -> Resolution {
+    pub(crate) fn resolve(&self, local_part: &str) -> Resolution {
         let whole = local_part.to_lowercase();
         if let Some(entry) = self.entries.get(&whole) {
             return entry.resolution(whole, None);

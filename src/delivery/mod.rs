@@ -18,7 +18,6 @@ pub struct DeliveryReport {
     pub status: DeliveryStatus,
     /// Enhanced status code (RFC 3463) of the outcome.
     pub code: String,
-    pub duration: std::time::Duration,
     /// False when no attempt was made (the worker was lost): it does not
     /// count towards `ATTEMPT` or the backoff.
     pub attempted: bool,
@@ -30,7 +29,6 @@ impl DeliveryReport {
         DeliveryReport {
             status: DeliveryStatus::Temporary(format!("delivery worker lost: {why}")),
             code: "4.3.0".into(),
-            duration: std::time::Duration::ZERO,
             attempted: false,
         }
     }

@@ -55,7 +55,9 @@ impl HeaderScan {
         }
     }
 
-    /// Whether `recipient` was already delivered to on this message's way.
+    /// Whether `recipient` was already delivered to on this message's way
+    /// (the node reads the list itself, see `Envelope::accepted`).
+    #[cfg(test)]
     pub fn delivered_to(&self, recipient: &str) -> bool {
         let recipient = recipient.to_lowercase();
         self.delivered_to.contains(&recipient)

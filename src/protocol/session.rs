@@ -287,7 +287,9 @@ impl SessionMachine {
         }
     }
 
-    /// Whether the session is receiving message content.
+    /// Whether the session is receiving message content (the driver asks
+    /// its codec, which switches on [`Action::EnterData`]).
+    #[cfg(test)]
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data { .. })
     }
@@ -735,9 +737,6 @@ fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
     h.push_str(&format!(";\n\t{date}\n"));
     h.into_bytes()
 }
-
-/// Re-exported for the driver: the command parser.
-pub use command::parse as parse_command;
 
 #[cfg(test)]
 mod tests {

@@ -829,7 +829,6 @@ mod tests {
         DeliveryReport {
             status,
             code: code.into(),
-            duration: Duration::ZERO,
             attempted: true,
         }
     }

@@ -85,6 +85,7 @@ impl CommitPool {
         })
     }
 
+    #[cfg(test)]
     pub(super) fn stats(&self) -> &CommitStats {
         &self.stats
     }

@@ -42,7 +42,7 @@ pub struct Attempt {
 }
 
 /// The most attempts a delivery remembers (the newest are kept).
-pub const HISTORY_LIMIT: usize = 32;
+pub(crate) const HISTORY_LIMIT: usize = 32;
 
 /// One recipient target of one message, tracked on its own: a retry never
 /// runs a program again for a delivery that already succeeded.
@@ -210,7 +210,7 @@ pub enum EnvelopeError {
 }
 
 /// Serialises an envelope.
-pub fn encode(env: &Envelope) -> Vec<u8> {
+pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(256));
     w.0.extend_from_slice(MAGIC);
     w.0.extend_from_slice(&VERSION.to_le_bytes());

@@ -6,7 +6,7 @@
 //! Layout under the spool directory:
 //! - `lock`: held exclusively by the one queue runner (`serve` or `runq`);
 //! - `boot_id`: the machine's boot when the queue was last checked (see
-//!   [`Spool::scan`]);
+//!   `Spool::scan`);
 //! - `incoming/ID.msg`: a body being received (never acknowledged, so
 //!   start-up deletes whatever is left here);
 //! - `queue/ID.msg`: a queued message, sealed: the body, then the envelope
@@ -32,7 +32,7 @@
 mod accepted;
 mod commit_pool;
 pub mod envelope;
-pub mod id;
+pub(crate) mod id;
 mod incoming;
 mod lock;
 mod scan;
@@ -53,11 +53,12 @@ use tokio::sync::oneshot;
 pub use envelope::{Attempt, BodyCheck, Delivery, DeliveryState, Envelope, EnvelopeError};
 
 use crate::protocol::session::StorageFailure;
-pub use commit_pool::CommitStats;
+#[cfg(test)]
+use commit_pool::CommitStats;
 use incoming::remove_abandoned;
-pub use incoming::IncomingBody;
-pub use lock::QueueLock;
-pub use scan::{read_queued, ScanReport};
+pub(crate) use incoming::IncomingBody;
+pub(crate) use lock::QueueLock;
+pub use scan::read_queued;
 use writer::Job;
 
 /// What can go wrong with the spool.
@@ -97,7 +98,7 @@ impl SpoolError {
     }
 
     /// How a client hears of it: 452 4.3.1 when the disk is full, else 451 4.3.0.
-    pub fn storage_failure(&self) -> StorageFailure {
+    pub(crate) fn storage_failure(&self) -> StorageFailure {
         match self {
             SpoolError::Io { full: true, .. } => StorageFailure::Full,
             _ => StorageFailure::Unavailable,
@@ -117,7 +118,7 @@ struct Inner {
 
 /// A handle on an open spool; cheap to clone and shared by all actors.
 #[derive(Clone)]
-pub struct Spool {
+pub(crate) struct Spool {
     inner: Arc<Inner>,
 }
 
@@ -131,7 +132,7 @@ impl std::fmt::Debug for Spool {
 
 /// The writer thread; join it after the last [`Spool`] handle is dropped to
 /// be sure every acknowledged change reached the disk.
-pub struct SpoolWriter {
+pub(crate) struct SpoolWriter {
     thread: Option<JoinHandle<()>>,
 }
 
@@ -201,14 +202,10 @@ impl Spool {
         ))
     }
 
-    /// What commits have done so far.
+    /// What commits have done so far (tests: commits must overlap).
+    #[cfg(test)]
     pub fn commit_stats(&self) -> &CommitStats {
         self.inner.commits.stats()
-    }
-
-    /// The spool directory.
-    pub fn root(&self) -> &Path {
-        &self.inner.root
     }
 
     /// Starts receiving a new message: allocates its id and body file.
@@ -305,7 +302,7 @@ impl Spool {
 
 /// The answer to a writer job.
 #[must_use = "the change is durable only once this resolves to Ok"]
-pub struct Pending(oneshot::Receiver<Result<(), SpoolError>>);
+pub(crate) struct Pending(oneshot::Receiver<Result<(), SpoolError>>);
 
 impl Pending {
     /// Waits asynchronously.
@@ -313,7 +310,8 @@ impl Pending {
         self.0.await.unwrap_or(Err(SpoolError::WriterGone))
     }
 
-    /// Waits on a thread that is not running async tasks (`runq`, tests).
+    /// Waits on a thread that is not running async tasks.
+    #[cfg(test)]
     pub fn wait_blocking(self) -> Result<(), SpoolError> {
         self.0
             .blocking_recv()
