@@ -10,9 +10,10 @@ use actix::prelude::*;
 use tokio::io::AsyncReadExt;
 
 use crate::aliases::Target;
-use crate::delivery::program::{self, DeliveryStatus, ProgramRequest, RunAs};
+use crate::delivery::program::{self, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
 use crate::delivery::spawn::ProgramSpawner;
+use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::delivery::{dsn, program_env, stdin_prefix, DeliveryReport};
 use crate::queue::InFlightGuard;
 use crate::spool::{Envelope, Spool};
@@ -94,12 +95,14 @@ impl Handler<Deliver> for DeliveryWorker {
             let started = Instant::now();
             let Some(delivery) = env.deliveries.get(index) else {
                 return DeliveryReport {
-                    status: DeliveryStatus::Permanent("no such delivery".into()),
-                    code: "5.0.0".into(),
+                    status: DeliveryStatus::Permanent(
+                        EnhancedCode::PERMANENT,
+                        "no such delivery".into(),
+                    ),
                     attempted: true,
                 };
             };
-            let (status, code, output) = match &delivery.target {
+            let (status, output) = match &delivery.target {
                 Target::Pipe { command } => {
                     let request = ProgramRequest {
                         command: command.clone(),
@@ -112,25 +115,19 @@ impl Handler<Deliver> for DeliveryWorker {
                         body_len: env.body_len(),
                     };
                     let outcome = program::run(&request).await;
-                    let status = outcome.status();
-                    let code = match status {
-                        DeliveryStatus::Delivered => "2.0.0",
-                        DeliveryStatus::Temporary(_) => "4.3.0",
-                        DeliveryStatus::Permanent(_) => "5.3.0",
-                    };
                     let output = String::from_utf8_lossy(&outcome.output).trim().to_string();
-                    (status, code.to_string(), output)
+                    (outcome.status(), output)
                 }
                 Target::Forward { address } => {
-                    let (status, code) = forward(relay.as_ref(), &env, address, &body_path).await;
-                    (status, code, String::new())
+                    let status = forward(relay.as_ref(), &env, address, &body_path).await;
+                    (status, String::new())
                 }
             };
             let duration = started.elapsed();
             let outcome = match status {
-                DeliveryStatus::Delivered => "delivered",
-                DeliveryStatus::Temporary(_) => "deferred",
-                DeliveryStatus::Permanent(_) => "bounced",
+                DeliveryStatus::Delivered(_) => "delivered",
+                DeliveryStatus::Temporary(..) => "deferred",
+                DeliveryStatus::Permanent(..) => "bounced",
             };
             // Here, so inline deliveries count too.
             crate::telemetry::delivery(outcome, duration);
@@ -139,7 +136,7 @@ impl Handler<Deliver> for DeliveryWorker {
                 recipient = %delivery.recipient,
                 attempt = delivery.attempts + 1,
                 result = ?status,
-                status = %code,
+                status = %status.code(),
                 duration_ms = duration.as_millis() as u64,
                 // Debug form: the program's newlines cannot forge log lines.
                 output = ?output,
@@ -148,7 +145,6 @@ impl Handler<Deliver> for DeliveryWorker {
             drop(in_flight);
             DeliveryReport {
                 status,
-                code,
                 attempted: true,
             }
         })
@@ -162,16 +158,16 @@ async fn forward(
     env: &Envelope,
     address: &str,
     body_path: &std::path::Path,
-) -> (DeliveryStatus, String) {
+) -> DeliveryStatus {
     let Some(relay) = relay else {
-        return (
-            DeliveryStatus::Permanent(format!("forwarding to {address} needs [relay]")),
-            "5.3.5".into(),
+        return DeliveryStatus::Permanent(
+            EnhancedCode::NOT_CONFIGURED,
+            format!("forwarding to {address} needs [relay]"),
         );
     };
     let body = match crate::delivery::open_message(body_path, env.body_len()) {
         Ok(f) => tokio::fs::File::from_std(f).take(env.body_len().unwrap_or(u64::MAX)),
-        Err(e) => return (DeliveryStatus::Temporary(e.to_string()), "4.3.0".into()),
+        Err(e) => return DeliveryStatus::temporary(e.to_string()),
     };
     let recipients = [address.to_string()];
     let message = Outgoing {
@@ -213,13 +209,16 @@ async fn return_to_sender(
     body_path: &std::path::Path,
 ) -> DeliveryStatus {
     let Some(relay) = relay else {
-        return DeliveryStatus::Permanent("no [relay] to return the message through".into());
+        return DeliveryStatus::Permanent(
+            EnhancedCode::NOT_CONFIGURED,
+            "no [relay] to return the message through".into(),
+        );
     };
     // Only the message's own bytes: its sealed envelope follows them.
     let most = env.body_len().unwrap_or(u64::MAX);
     let file = match crate::delivery::open_message(body_path, env.body_len()) {
         Ok(f) => tokio::fs::File::from_std(f),
-        Err(e) => return DeliveryStatus::Temporary(e.to_string()),
+        Err(e) => return DeliveryStatus::temporary(e.to_string()),
     };
     let mut head = Vec::new();
     if let Err(e) = file
@@ -227,7 +226,7 @@ async fn return_to_sender(
         .read_to_end(&mut head)
         .await
     {
-        return DeliveryStatus::Temporary(format!("cannot read the message: {e}"));
+        return DeliveryStatus::temporary(format!("cannot read the message: {e}"));
     }
     let notice = dsn::build(
         env,
@@ -243,7 +242,7 @@ async fn return_to_sender(
         body_8bit: true,
         smtputf8: env.smtputf8,
     };
-    let (status, _) = relay::recipient_status(&relay::send(relay, &message, &notice[..]).await, 0);
+    let status = relay::recipient_status(&relay::send(relay, &message, &notice[..]).await, 0);
     tracing::info!(queue_id = %env.id, to = %env.sender, result = ?status, "bounce");
     status
 }
@@ -284,15 +283,15 @@ mod tests {
     }
 
     fn is_cut(status: &DeliveryStatus) -> bool {
-        matches!(status, DeliveryStatus::Temporary(e) if e.contains("of its 1000 bytes"))
+        matches!(status, DeliveryStatus::Temporary(_, e) if e.contains("of its 1000 bytes"))
     }
 
     #[tokio::test]
     async fn a_queue_file_shorter_than_its_envelope_is_never_forwarded() {
         let dir = tempfile::tempdir().unwrap();
         let (path, env, relay) = cut_message(dir.path());
-        let (status, code) = forward(Some(&relay), &env, "x@example.org", &path).await;
-        assert_eq!(code, "4.3.0");
+        let status = forward(Some(&relay), &env, "x@example.org", &path).await;
+        assert_eq!(status.code().to_string(), "4.3.0");
         assert!(is_cut(&status), "{status:?}");
     }
 

@@ -12,7 +12,7 @@ use actix::prelude::*;
 use crate::actors::delivery_worker::{Bounce, Deliver, DeliveryWorker};
 use crate::actors::Shared;
 use crate::control::queue::{answer, QueueCommand};
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
 use crate::queue::scheduler::{Command, Removal, Scheduler};
 use crate::queue::{InFlight, QueueCounts};
@@ -156,7 +156,7 @@ impl QueueRunner {
                     });
                     ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
                         let status = result.unwrap_or_else(|e| {
-                            DeliveryStatus::Temporary(format!("delivery worker lost: {e}"))
+                            DeliveryStatus::temporary(format!("delivery worker lost: {e}"))
                         });
                         act.scheduler.bounced(id, failed, status, SystemTime::now());
                         act.execute(ctx);

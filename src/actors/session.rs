@@ -20,7 +20,7 @@ use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
 use crate::actors::Shared;
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;
 use crate::protocol::codec::{Frame, SmtpCodec};
@@ -297,7 +297,10 @@ impl Session {
             .deliveries
             .iter()
             .filter(|d| d.state == DeliveryState::Failed)
-            .map(|d| DeliveryStatus::Permanent(d.last_error.clone()))
+            .map(|d| {
+                let code = EnhancedCode::parse(&d.status).unwrap_or(EnhancedCode::PERMANENT);
+                DeliveryStatus::Permanent(code, d.last_error.clone())
+            })
             .collect();
         // Spread sessions over the workers rather than all starting at one.
         let first = envelope.id.bytes().map(usize::from).sum::<usize>();
@@ -321,7 +324,7 @@ impl Session {
             drop(body);
             refused.extend(results.into_iter().map(|r| match r {
                 Ok(report) => report.status,
-                Err(e) => DeliveryStatus::Temporary(format!("delivery worker lost: {e}")),
+                Err(e) => DeliveryStatus::temporary(format!("delivery worker lost: {e}")),
             }));
             let verdict = crate::queue::inline_verdict(&envelope.id, &refused);
             tracing::info!(queue_id = %envelope.id, sender = %envelope.sender, result = ?verdict, "inline delivery");

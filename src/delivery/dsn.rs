@@ -190,7 +190,11 @@ mod tests {
         );
         d.state = DeliveryState::Failed;
         d.last_error = "program exited 67: no such\nqueue".into();
-        d.record(SystemTime::now(), "5.3.0", &d.last_error.clone());
+        d.record(
+            SystemTime::now(),
+            crate::delivery::status::EnhancedCode::PROGRAM_REFUSED,
+            &d.last_error.clone(),
+        );
         let env = Envelope::for_test("ID", "alice@example.org", SystemTime::now(), vec![d]);
         let msg = build(
             &env,

@@ -5,19 +5,18 @@ pub mod dsn;
 pub mod program;
 pub mod relay;
 pub mod spawn;
+pub mod status;
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::DeliveryStatus;
 use crate::spool::Envelope;
 
 /// The result of one attempt.
 #[derive(Debug, Clone)]
 pub struct DeliveryReport {
     pub status: DeliveryStatus,
-    /// Enhanced status code (RFC 3463) of the outcome.
-    pub code: String,
     /// False when no attempt was made (the worker was lost): it does not
     /// count towards `ATTEMPT` or the backoff.
     pub attempted: bool,
@@ -27,8 +26,7 @@ impl DeliveryReport {
     /// No attempt was made: the worker asked to make it is gone.
     pub fn worker_lost(why: impl std::fmt::Display) -> Self {
         DeliveryReport {
-            status: DeliveryStatus::Temporary(format!("delivery worker lost: {why}")),
-            code: "4.3.0".into(),
+            status: DeliveryStatus::temporary(format!("delivery worker lost: {why}")),
             attempted: false,
         }
     }

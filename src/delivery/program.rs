@@ -28,16 +28,7 @@ pub const PROGRAM_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 /// child holding its pipe) had written.
 const OUTPUT_GRACE: Duration = Duration::from_millis(100);
 
-/// The outcome of one delivery attempt, typed as temporary or permanent
-/// rather than passed around as a number.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DeliveryStatus {
-    Delivered,
-    /// Try again later; the text says why.
-    Temporary(String),
-    /// Return to the sender; the text says why.
-    Permanent(String),
-}
+use super::status::{DeliveryStatus, EnhancedCode};
 
 /// The user programs run as when mailnode runs as root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,29 +127,32 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
         }
     };
     match exit {
-        Exit::TimedOut => DeliveryStatus::Temporary(with_output("program timed out".into())),
-        Exit::SpawnFailed(e) => DeliveryStatus::Temporary(format!("cannot run program: {e}")),
-        Exit::InputFailed(e) => DeliveryStatus::Temporary(e.clone()),
+        Exit::TimedOut => DeliveryStatus::temporary(with_output("program timed out".into())),
+        Exit::SpawnFailed(e) => DeliveryStatus::temporary(format!("cannot run program: {e}")),
+        Exit::InputFailed(e) => DeliveryStatus::temporary(e.clone()),
         Exit::Status(status) => {
             use std::os::unix::process::ExitStatusExt;
             match (status.code(), status.signal()) {
-                (Some(0), _) => DeliveryStatus::Delivered,
+                (Some(0), _) => DeliveryStatus::DELIVERED,
                 (Some(code), _)
                     if code == i32::from(EX_TEMPFAIL) || code == i32::from(EX_OSERR) =>
                 {
-                    DeliveryStatus::Temporary(with_output(format!("program exited {code}")))
+                    DeliveryStatus::temporary(with_output(format!("program exited {code}")))
                 }
                 (Some(code), _) if (i32::from(EX_USAGE)..=i32::from(EX_CONFIG)).contains(&code) => {
-                    DeliveryStatus::Permanent(with_output(format!("program exited {code}")))
+                    DeliveryStatus::Permanent(
+                        EnhancedCode::PROGRAM_REFUSED,
+                        with_output(format!("program exited {code}")),
+                    )
                 }
                 (Some(code), _) => {
-                    DeliveryStatus::Temporary(with_output(format!("program exited {code}")))
+                    DeliveryStatus::temporary(with_output(format!("program exited {code}")))
                 }
-                (None, Some(sig)) => DeliveryStatus::Temporary(with_output(format!(
+                (None, Some(sig)) => DeliveryStatus::temporary(with_output(format!(
                     "program killed by signal {sig}"
                 ))),
                 (None, None) => {
-                    DeliveryStatus::Temporary(with_output("program ended oddly".into()))
+                    DeliveryStatus::temporary(with_output("program ended oddly".into()))
                 }
             }
         }
@@ -430,31 +424,31 @@ mod tests {
 
     #[test]
     fn exit_status_mapping_follows_the_contract() {
-        assert_eq!(classify(&exited(0), b""), DeliveryStatus::Delivered);
+        assert_eq!(classify(&exited(0), b""), DeliveryStatus::DELIVERED);
         for temp in [75, 71, 1, 2, 63, 79, 126, 127, 255] {
             assert!(
-                matches!(classify(&exited(temp), b""), DeliveryStatus::Temporary(_)),
+                matches!(classify(&exited(temp), b""), DeliveryStatus::Temporary(..)),
                 "exit {temp}"
             );
         }
         for perm in [64, 65, 66, 67, 68, 69, 70, 72, 73, 74, 76, 77, 78] {
             assert!(
-                matches!(classify(&exited(perm), b""), DeliveryStatus::Permanent(_)),
+                matches!(classify(&exited(perm), b""), DeliveryStatus::Permanent(..)),
                 "exit {perm}"
             );
         }
         let killed = Exit::Status(ExitStatus::from_raw(9));
         assert!(matches!(
             classify(&killed, b""),
-            DeliveryStatus::Temporary(_)
+            DeliveryStatus::Temporary(..)
         ));
         assert!(matches!(
             classify(&Exit::TimedOut, b""),
-            DeliveryStatus::Temporary(_)
+            DeliveryStatus::Temporary(..)
         ));
         assert!(matches!(
             classify(&Exit::SpawnFailed("x".into()), b""),
-            DeliveryStatus::Temporary(_)
+            DeliveryStatus::Temporary(..)
         ));
     }
 
@@ -462,7 +456,10 @@ mod tests {
     fn diagnostics_carry_the_programs_words() {
         assert_eq!(
             classify(&exited(67), b"no such user\n"),
-            DeliveryStatus::Permanent("program exited 67: no such user".into())
+            DeliveryStatus::Permanent(
+                EnhancedCode::PROGRAM_REFUSED,
+                "program exited 67: no such user".into()
+            )
         );
     }
 
@@ -490,7 +487,7 @@ mod tests {
             out.display()
         );
         let outcome = run(&request(&cmd, &body, Duration::from_secs(10))).await;
-        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.status(), DeliveryStatus::DELIVERED);
         assert_eq!(
             std::fs::read(&out).unwrap(),
             b"Return-Path: <s@example.org>\nSubject: t\n\nhi\n".to_vec()
@@ -511,7 +508,7 @@ mod tests {
         let cmd = format!("cat > {}", out.display());
         let mut sealed = request(&cmd, &body, Duration::from_secs(10));
         sealed.body_len = Some(15);
-        assert_eq!(run(&sealed).await.status(), DeliveryStatus::Delivered);
+        assert_eq!(run(&sealed).await.status(), DeliveryStatus::DELIVERED);
         assert_eq!(
             std::fs::read(&out).unwrap(),
             b"Return-Path: <s@example.org>\nSubject: t\n\nhi\n".to_vec()
@@ -527,7 +524,7 @@ mod tests {
             "{:?}",
             outcome.exit
         );
-        assert!(matches!(outcome.status(), DeliveryStatus::Temporary(_)));
+        assert!(matches!(outcome.status(), DeliveryStatus::Temporary(..)));
     }
 
     #[tokio::test]
@@ -573,7 +570,7 @@ mod tests {
         ))
         .await;
         assert!(
-            matches!(outcome.status(), DeliveryStatus::Temporary(ref why) if why.contains("gone")),
+            matches!(outcome.status(), DeliveryStatus::Temporary(_, ref why) if why.contains("gone")),
             "{:?}",
             outcome.status()
         );
@@ -591,7 +588,7 @@ mod tests {
             Duration::from_secs(60),
         ))
         .await;
-        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.status(), DeliveryStatus::DELIVERED);
         assert_eq!(outcome.output.len(), OUTPUT_LIMIT);
     }
 
@@ -608,7 +605,7 @@ mod tests {
             Duration::from_secs(60),
         ))
         .await;
-        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.status(), DeliveryStatus::DELIVERED);
         let took = started.elapsed();
         assert!(took < Duration::from_secs(10), "{took:?}");
         assert!(String::from_utf8_lossy(&outcome.output).contains("done"));
@@ -631,7 +628,7 @@ mod tests {
         ] {
             let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
             assert!(
-                matches!(outcome.status(), DeliveryStatus::Temporary(_)),
+                matches!(outcome.status(), DeliveryStatus::Temporary(..)),
                 "{command}: {:?}",
                 outcome.status()
             );
@@ -644,9 +641,9 @@ mod tests {
         let body = dir.path().join("body");
         std::fs::write(&body, vec![b'a'; 1 << 20]).unwrap();
         let outcome = run(&request("exit 0", &body, Duration::from_secs(10))).await;
-        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.status(), DeliveryStatus::DELIVERED);
         let outcome = run(&request("exit 67", &body, Duration::from_secs(10))).await;
-        assert!(matches!(outcome.status(), DeliveryStatus::Permanent(_)));
+        assert!(matches!(outcome.status(), DeliveryStatus::Permanent(..)));
     }
 
     #[test]
@@ -709,7 +706,7 @@ mod tests {
             Duration::from_secs(10),
         ))
         .await;
-        assert_eq!(printed.status(), DeliveryStatus::Delivered);
+        assert_eq!(printed.status(), DeliveryStatus::DELIVERED);
         assert_eq!(printed.output, b"a=b,--x,");
         // No variable a shell sets (PWD, SHLVL) may be in the environment.
         let env = run(&request("/usr/bin/env", &body, Duration::from_secs(10))).await;
@@ -731,7 +728,7 @@ mod tests {
         let command = script.display().to_string();
         assert!(plain_argv(&command).is_some());
         let outcome = run(&request(&command, &body, Duration::from_secs(10))).await;
-        assert_eq!(outcome.status(), DeliveryStatus::Delivered);
+        assert_eq!(outcome.status(), DeliveryStatus::DELIVERED);
         assert_eq!(outcome.output, b"ran as a shell script\n");
     }
 }
@@ -934,18 +931,21 @@ mod both_spawners {
     async fn the_same_exit_mapping() {
         let s = setup(b"x\n");
         let cases = [
-            ("exit 0", DeliveryStatus::Delivered),
+            ("exit 0", DeliveryStatus::DELIVERED),
             (
                 "echo busy; exit 75",
-                DeliveryStatus::Temporary("program exited 75: busy".into()),
+                DeliveryStatus::temporary("program exited 75: busy"),
             ),
             (
                 "echo no such user; exit 67",
-                DeliveryStatus::Permanent("program exited 67: no such user".into()),
+                DeliveryStatus::Permanent(
+                    EnhancedCode::PROGRAM_REFUSED,
+                    "program exited 67: no such user".into(),
+                ),
             ),
             (
                 "kill -KILL $$",
-                DeliveryStatus::Temporary("program killed by signal 9".into()),
+                DeliveryStatus::temporary("program killed by signal 9"),
             ),
         ];
         for (command, expected) in cases {
@@ -958,7 +958,7 @@ mod both_spawners {
             assert_eq!(outcome.exit, Exit::TimedOut);
             assert_eq!(
                 outcome.status(),
-                DeliveryStatus::Temporary("program timed out".into())
+                DeliveryStatus::temporary("program timed out")
             );
         }
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::protocol::reply::Reply;
 use crate::sysexits::{EX_NOUSER, EX_OK, EX_TEMPFAIL, EX_UNAVAILABLE};
 
@@ -267,21 +267,21 @@ fn is_success(reply: &Reply) -> bool {
     (200..300).contains(&reply.code())
 }
 
-/// What one transaction meant for recipient `i`, as a delivery outcome and
-/// its enhanced status code: accepted, 4xx or no answer (temporary), 5xx
-/// (permanent). The relay's own words become the diagnostic.
+/// What one transaction meant for recipient `i`: accepted, 4xx or no
+/// answer (temporary), 5xx (permanent), with the relay's enhanced status
+/// code where it gave one. The relay's own words become the diagnostic.
 pub fn recipient_status(
     outcome: &Result<TransactionOutcome, RelayError>,
     i: usize,
-) -> (DeliveryStatus, String) {
+) -> DeliveryStatus {
     let reply = match outcome {
-        Err(e) => return (DeliveryStatus::Temporary(e.to_string()), "4.4.1".into()),
+        Err(e) => return DeliveryStatus::Temporary(EnhancedCode::NO_CONNECTION, e.to_string()),
         Ok(o) => match o.for_recipient(i) {
             Some(r) => r,
             None => {
-                return (
-                    DeliveryStatus::Temporary("relay gave no answer for the recipient".into()),
-                    "4.4.0".into(),
+                return DeliveryStatus::Temporary(
+                    EnhancedCode::NO_ANSWER,
+                    "relay gave no answer for the recipient".into(),
                 )
             }
         },
@@ -291,13 +291,18 @@ pub fn recipient_status(
         reply.code(),
         reply.text().replace('\n', " ")
     );
-    let code = |default: &str| reply.enhanced_code().unwrap_or(default).to_string();
+    let code = |default| {
+        reply
+            .enhanced_code()
+            .and_then(EnhancedCode::parse)
+            .unwrap_or(default)
+    };
     if is_success(reply) {
-        (DeliveryStatus::Delivered, code("2.0.0"))
+        DeliveryStatus::Delivered(code(EnhancedCode::DELIVERED))
     } else if reply.is_permanent() {
-        (DeliveryStatus::Permanent(said), code("5.0.0"))
+        DeliveryStatus::Permanent(code(EnhancedCode::PERMANENT), said)
     } else {
-        (DeliveryStatus::Temporary(said), code("4.0.0"))
+        DeliveryStatus::Temporary(code(EnhancedCode::TEMPORARY), said)
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::time::{Duration, SystemTime};
 
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::protocol::session::InlineOutcome;
 use crate::spool::{DeliveryState, Envelope};
 
@@ -54,7 +54,6 @@ pub fn record_result(
     env: &mut Envelope,
     index: usize,
     status: &DeliveryStatus,
-    code: &str,
     attempted: bool,
     now: SystemTime,
 ) {
@@ -65,23 +64,18 @@ pub fn record_result(
         d.attempts += 1;
         d.last_attempt = Some(now);
     }
-    let diagnostic = match status {
-        DeliveryStatus::Delivered => {
+    match status {
+        DeliveryStatus::Delivered(_) => {
             d.state = DeliveryState::Delivered;
             d.last_error.clear();
-            String::new()
         }
-        DeliveryStatus::Temporary(why) => {
-            d.last_error = why.clone();
-            why.clone()
-        }
-        DeliveryStatus::Permanent(why) => {
+        DeliveryStatus::Temporary(_, why) => d.last_error = why.clone(),
+        DeliveryStatus::Permanent(_, why) => {
             d.state = DeliveryState::Failed;
             d.last_error = why.clone();
-            why.clone()
         }
-    };
-    d.record(now, code, &diagnostic);
+    }
+    d.record(now, status.code(), status.diagnostic());
 }
 
 /// Decides the message's next step. Expiry happens here: once the message
@@ -106,7 +100,7 @@ pub fn next_step(
                 d.last_error
             );
             let why = d.last_error.clone();
-            d.record(now, "4.4.7", &why);
+            d.record(now, EnhancedCode::EXPIRED, &why);
         }
     }
     let failed: Vec<usize> = env
@@ -138,12 +132,12 @@ pub fn next_step(
 pub fn inline_verdict(id: &str, statuses: &[DeliveryStatus]) -> InlineOutcome {
     if statuses
         .iter()
-        .any(|s| matches!(s, DeliveryStatus::Temporary(_)))
+        .any(|s| matches!(s, DeliveryStatus::Temporary(..)))
     {
         InlineOutcome::Temporary
     } else if statuses
         .iter()
-        .any(|s| matches!(s, DeliveryStatus::Permanent(_)))
+        .any(|s| matches!(s, DeliveryStatus::Permanent(..)))
     {
         InlineOutcome::Permanent
     } else {
@@ -205,10 +199,10 @@ mod tests {
     fn temporary_failures_defer_by_the_backoff_of_the_least_tried() {
         let now = SystemTime::now();
         let mut env = envelope("a@x", 2, now);
-        let temp = DeliveryStatus::Temporary("later".into());
-        record_result(&mut env, 0, &temp, "4.3.0", true, now);
-        record_result(&mut env, 0, &temp, "4.3.0", true, now);
-        record_result(&mut env, 1, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        let temp = DeliveryStatus::temporary("later");
+        record_result(&mut env, 0, &temp, true, now);
+        record_result(&mut env, 0, &temp, true, now);
+        record_result(&mut env, 1, &DeliveryStatus::DELIVERED, true, now);
         assert_eq!(
             next_step(&mut env, now, &policy(), true),
             Step::Defer(now + Duration::from_secs(120))
@@ -221,10 +215,10 @@ mod tests {
     fn all_delivered_is_removed_and_a_lost_worker_is_not_an_attempt() {
         let now = SystemTime::now();
         let mut env = envelope("a@x", 1, now);
-        let lost = DeliveryStatus::Temporary("worker lost".into());
-        record_result(&mut env, 0, &lost, "4.3.0", false, now);
+        let lost = DeliveryStatus::temporary("worker lost");
+        record_result(&mut env, 0, &lost, false, now);
         assert_eq!(env.deliveries[0].attempts, 0);
-        record_result(&mut env, 0, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        record_result(&mut env, 0, &DeliveryStatus::DELIVERED, true, now);
         assert_eq!(env.deliveries[0].attempts, 1);
         assert_eq!(next_step(&mut env, now, &policy(), true), Step::Remove);
     }
@@ -232,10 +226,10 @@ mod tests {
     #[test]
     fn permanent_failures_bounce_unless_from_null_or_without_relay() {
         let now = SystemTime::now();
-        let perm = DeliveryStatus::Permanent("exit 67".into());
+        let perm = DeliveryStatus::Permanent(EnhancedCode::PROGRAM_REFUSED, "exit 67".into());
         let mut env = envelope("a@x", 2, now);
-        record_result(&mut env, 1, &perm, "5.3.0", true, now);
-        record_result(&mut env, 0, &DeliveryStatus::Delivered, "2.0.0", true, now);
+        record_result(&mut env, 1, &perm, true, now);
+        record_result(&mut env, 0, &DeliveryStatus::DELIVERED, true, now);
         assert_eq!(
             next_step(&mut env, now, &policy(), true),
             Step::Bounce(vec![1])
@@ -248,7 +242,7 @@ mod tests {
         assert_eq!(next_step(&mut env, now, &policy(), true), Step::Remove);
 
         let mut from_null = envelope("", 1, now);
-        record_result(&mut from_null, 0, &perm, "5.3.0", true, now);
+        record_result(&mut from_null, 0, &perm, true, now);
         assert!(matches!(
             next_step(&mut from_null, now, &policy(), true),
             Step::Hold(_)
@@ -257,9 +251,9 @@ mod tests {
 
     #[test]
     fn inline_verdict_prefers_temporary_then_permanent() {
-        let ok = DeliveryStatus::Delivered;
-        let temp = DeliveryStatus::Temporary("t".into());
-        let perm = DeliveryStatus::Permanent("p".into());
+        let ok = DeliveryStatus::DELIVERED;
+        let temp = DeliveryStatus::temporary("t");
+        let perm = DeliveryStatus::Permanent(EnhancedCode::PROGRAM_REFUSED, "p".into());
         assert_eq!(
             inline_verdict("ID", &[ok.clone(), ok.clone()]),
             InlineOutcome::Delivered("ID".into())
@@ -277,19 +271,11 @@ mod tests {
         record_result(
             &mut env,
             0,
-            &DeliveryStatus::Permanent("67".into()),
-            "5.3.0",
+            &DeliveryStatus::Permanent(EnhancedCode::PROGRAM_REFUSED, "67".into()),
             true,
             now,
         );
-        record_result(
-            &mut env,
-            1,
-            &DeliveryStatus::Temporary("75".into()),
-            "4.3.0",
-            true,
-            now,
-        );
+        record_result(&mut env, 1, &DeliveryStatus::temporary("75"), true, now);
         env
     }
 
@@ -319,8 +305,8 @@ mod tests {
         let arrival = SystemTime::now() - Duration::from_secs(3 * 86400 + 1);
         let now = SystemTime::now();
         let mut env = envelope("a@x", 1, arrival);
-        let temp = DeliveryStatus::Temporary("exit 75".into());
-        record_result(&mut env, 0, &temp, "4.3.0", true, now);
+        let temp = DeliveryStatus::temporary("exit 75");
+        record_result(&mut env, 0, &temp, true, now);
         assert_eq!(
             next_step(&mut env, now, &policy(), true),
             Step::Bounce(vec![0])

@@ -15,7 +15,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use crate::delivery::program::DeliveryStatus;
+use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::delivery::DeliveryReport;
 use crate::queue::{next_step, record_result, InFlight, QueuePolicy, Step};
 use crate::spool::{DeliveryState, Envelope, SpoolError};
@@ -295,7 +295,6 @@ impl Scheduler {
                 Arc::make_mut(&mut t.envelope),
                 index,
                 &report.status,
-                &report.code,
                 report.attempted,
                 now,
             );
@@ -361,11 +360,11 @@ impl Scheduler {
         if let Some(t) = self.messages.get_mut(&id) {
             t.bouncing = false;
             match status {
-                DeliveryStatus::Delivered => {
+                DeliveryStatus::Delivered(_) => {
                     crate::queue::policy::mark_bounced(Arc::make_mut(&mut t.envelope), &failed);
                     self.record_then_settle(id, now);
                 }
-                DeliveryStatus::Temporary(why) => {
+                DeliveryStatus::Temporary(_, why) => {
                     t.bounce_attempts += 1;
                     let until = self
                         .policy
@@ -376,7 +375,7 @@ impl Scheduler {
                     self.persist(&id);
                     self.defer(&id, until);
                 }
-                DeliveryStatus::Permanent(why) => {
+                DeliveryStatus::Permanent(_, why) => {
                     Arc::make_mut(&mut t.envelope).held = true;
                     self.persist(&id);
                     tracing::warn!(queue_id = %id, "held: the relay refused the bounce: {why}");
@@ -517,7 +516,7 @@ impl Scheduler {
                 d.state = DeliveryState::Failed;
                 d.last_error = format!("returned by the operator; last error: {}", d.last_error);
                 let why = d.last_error.clone();
-                d.record(now, "5.0.0", &why);
+                d.record(now, EnhancedCode::PERMANENT, &why);
             }
         }
         self.record_then_settle(id.to_string(), now);
@@ -821,24 +820,18 @@ mod tests {
     }
 
     fn report(status: DeliveryStatus) -> DeliveryReport {
-        let code = match status {
-            DeliveryStatus::Delivered => "2.0.0",
-            DeliveryStatus::Temporary(_) => "4.3.0",
-            DeliveryStatus::Permanent(_) => "5.3.0",
-        };
         DeliveryReport {
             status,
-            code: code.into(),
             attempted: true,
         }
     }
 
     fn temporary() -> DeliveryStatus {
-        DeliveryStatus::Temporary("exit 75".into())
+        DeliveryStatus::temporary("exit 75")
     }
 
     fn permanent() -> DeliveryStatus {
-        DeliveryStatus::Permanent("exit 67".into())
+        DeliveryStatus::Permanent(EnhancedCode::PROGRAM_REFUSED, "exit 67".into())
     }
 
     /// The dispatches among `commands`, as (id, index).
@@ -879,12 +872,12 @@ mod tests {
             dispatched(&commands),
             vec![("A".to_string(), 0), ("A".to_string(), 1)]
         );
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         // One still running: the first result is written down first.
         assert_eq!(kinds(&s.take_commands()), vec!["record"]);
         s.recorded("A".into(), Ok(()), now);
         assert!(s.take_commands().is_empty());
-        s.delivered("A".into(), 1, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 1, report(DeliveryStatus::DELIVERED), now);
         let commands = s.take_commands();
         assert!(
             matches!(&commands[..], [Command::Remove { id, why: Removal::Finished }] if id == "A"),
@@ -907,7 +900,7 @@ mod tests {
         assert_eq!(dispatched(&s.take_commands()).len(), 2);
         s.enqueued(envelope("B", "a@x", 1, now), now);
         assert!(dispatched(&s.take_commands()).is_empty());
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         assert_eq!(dispatched(&s.take_commands()), vec![("A".to_string(), 2)]);
     }
 
@@ -942,7 +935,7 @@ mod tests {
         let mut s = scheduler(16, true, Mode::Daemon);
         s.enqueued(envelope("A", "a@x", 2, now), now);
         let _ = s.take_commands();
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         s.delivered("A".into(), 1, report(permanent()), now);
         let _ = s.take_commands();
         s.recorded("A".into(), Err(SpoolError::WriterGone), now);
@@ -976,7 +969,7 @@ mod tests {
             Err(OperatorError::Busy("A".into())),
             "deleted while its bounce is out"
         );
-        s.bounced("A".into(), vec![0], DeliveryStatus::Delivered, now);
+        s.bounced("A".into(), vec![0], DeliveryStatus::DELIVERED, now);
         assert_eq!(kinds(&s.take_commands()), vec!["record"]);
         s.recorded("A".into(), Ok(()), now);
         assert_eq!(kinds(&s.take_commands()), vec!["remove"]);
@@ -1053,7 +1046,7 @@ mod tests {
         assert_eq!(dispatched(&s.take_commands()), vec![("A".to_string(), 0)]);
         s.release("B", now).unwrap();
         assert_eq!(kinds(&s.take_commands()), vec!["persist"]);
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         let commands = s.take_commands();
         assert_eq!(kinds(&commands), vec!["remove", "dispatch"]);
         s.removed("A");
@@ -1068,7 +1061,7 @@ mod tests {
         let mut s = scheduler(16, true, Mode::Daemon);
         s.enqueued(envelope("A", "a@x", 2, now), now);
         let _ = s.take_commands();
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         s.delivered("A".into(), 1, report(temporary()), now);
         s.recorded("A".into(), Ok(()), now);
         s.recorded("A".into(), Ok(()), now);
@@ -1099,7 +1092,7 @@ mod tests {
         let _ = s.take_commands();
         s.drain();
         assert!(s.take_commands().is_empty());
-        s.delivered("A".into(), 0, report(DeliveryStatus::Delivered), now);
+        s.delivered("A".into(), 0, report(DeliveryStatus::DELIVERED), now);
         assert_eq!(kinds(&s.take_commands()), vec!["record"]);
         s.recorded("A".into(), Ok(()), now);
         assert_eq!(kinds(&s.take_commands()), vec!["drained"]);
@@ -1337,18 +1330,18 @@ mod tests {
                 match command {
                     Command::Dispatch { id, index, .. } => {
                         let status = match outcome % 3 {
-                            0 => DeliveryStatus::Delivered,
+                            0 => DeliveryStatus::DELIVERED,
                             1 => temporary(),
                             _ => permanent(),
                         };
                         match status {
-                            DeliveryStatus::Delivered => {
+                            DeliveryStatus::Delivered(_) => {
                                 self.settled.insert((id.clone(), index), "was delivered");
                             }
-                            DeliveryStatus::Permanent(_) => {
+                            DeliveryStatus::Permanent(..) => {
                                 self.settled.insert((id.clone(), index), "failed for good");
                             }
-                            DeliveryStatus::Temporary(_) => {}
+                            DeliveryStatus::Temporary(..) => {}
                         }
                         let mut report = report(status);
                         // Now and then the worker was lost before trying.
@@ -1363,7 +1356,7 @@ mod tests {
                         let status = match outcome % 4 {
                             0 if !final_round => temporary(),
                             1 => permanent(),
-                            _ => DeliveryStatus::Delivered,
+                            _ => DeliveryStatus::DELIVERED,
                         };
                         self.s.bounced(id, failed, status, now);
                     }

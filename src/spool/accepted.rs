@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::time::SystemTime;
 
+use crate::delivery::status::EnhancedCode;
 use crate::protocol::command::ReversePath;
 use crate::protocol::session::{ClientInfo, MessageDraft};
 use crate::spool::{Delivery, DeliveryState, Envelope};
@@ -39,7 +40,7 @@ impl Envelope {
                 if draft.delivered_to.contains(&t.recipient.to_lowercase()) {
                     d.state = DeliveryState::Failed;
                     d.last_error = format!("mail forwarding loop for {}", t.recipient);
-                    d.record(now, "5.4.6", &d.last_error.clone());
+                    d.record(now, EnhancedCode::LOOP, &d.last_error.clone());
                 }
                 d
             })

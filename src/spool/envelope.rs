@@ -11,6 +11,7 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::aliases::Target;
+use crate::delivery::status::EnhancedCode;
 
 const MAGIC: &[u8; 4] = b"MNQE";
 /// 2 added each delivery's status and history, and the Bounced state; 3 the
@@ -90,16 +91,16 @@ impl Delivery {
     }
 
     /// Records one attempt's outcome in the history (bounded).
-    pub fn record(&mut self, at: SystemTime, status: &str, diagnostic: &str) {
+    pub(crate) fn record(&mut self, at: SystemTime, status: EnhancedCode, diagnostic: &str) {
         if self.history.len() >= HISTORY_LIMIT {
             self.history.remove(0);
         }
+        self.status = status.to_string();
         self.history.push(Attempt {
             at,
-            status: status.to_string(),
+            status: self.status.clone(),
             diagnostic: diagnostic.to_string(),
         });
-        self.status = status.to_string();
     }
 }
 
