@@ -77,7 +77,7 @@ async fn one_pass(
     let workers = plain_workers(config, spool, run_as, spawner);
     let (done, finished) = tokio::sync::oneshot::channel();
     let in_flight = InFlight::default();
-    let mut scheduler = crate::scheduler(config, Mode::OnePass, in_flight.clone());
+    let mut scheduler = crate::node::scheduler(config, Mode::OnePass, in_flight.clone());
     scheduler.picked_up(due, std::time::SystemTime::now());
     let _runner =
         QueueRunner::new(scheduler, spool.clone(), workers, in_flight, Some(done)).start();
@@ -103,13 +103,14 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     };
     let system = System::new();
     let (accepted, lock) = system.block_on(async {
-        let resolver = crate::resolver_child(&config, Shared::new(Arc::new(loaded.table))).addr;
+        let resolver =
+            crate::node::resolver_child(&config, Shared::new(Arc::new(loaded.table))).addr;
         let collector = Collector::default().start();
         let workers = plain_workers(&config, &spool, &run_as, spawner);
         // Nobody shuts a one-session process down from outside.
         let (_keep_running, shutdown) =
             tokio::sync::watch::channel(crate::actors::session::Stopping::No);
-        let deps = Arc::new(crate::session_deps(
+        let deps = Arc::new(crate::node::session_deps(
             &config,
             spool.clone(),
             resolver,
@@ -118,7 +119,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
                 Arc::new(move || collector.clone().recipient())
             },
             workers,
-            crate::SessionControls {
+            crate::node::SessionControls {
                 hooks: crate::hooks::Hooks::default(),
                 shutdown,
                 paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
@@ -177,7 +178,7 @@ fn plain_workers(
     run_as: &Option<RunAs>,
     spawner: ProgramSpawner,
 ) -> Vec<Shared<Addr<crate::actors::delivery_worker::DeliveryWorker>>> {
-    crate::worker_children(config, spool, run_as, spawner, &[Arbiter::current()])
+    crate::node::worker_children(config, spool, run_as, spawner, &[Arbiter::current()])
         .into_iter()
         .map(|child| child.addr)
         .collect()

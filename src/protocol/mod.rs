@@ -5,5 +5,6 @@ pub mod codec;
 pub mod command;
 pub mod data;
 pub mod headers;
+mod received;
 pub mod reply;
 pub mod session;

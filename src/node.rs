@@ -1,0 +1,780 @@
+//! The node: [`Node`] builds the actor tree for a configuration (the
+//! listeners, the spool, the supervisor and its children) and hands back a
+//! [`NodeHandle`] that stops and shuts it down; the helpers here also build
+//! the pieces `runq` and `inetd` use.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use actix::prelude::*;
+
+use crate::delivery::program::RunAsError;
+use crate::{actors, aliases, config, delivery, limits, queue, spool, telemetry};
+
+use crate::actors::acceptor::Acceptor;
+use crate::actors::alias_resolver::AliasResolver;
+use crate::actors::control_server::{ControlDeps, ControlServer};
+use crate::actors::delivery_worker::DeliveryWorker;
+use crate::actors::metrics_server::MetricsServer;
+use crate::actors::queue_runner::QueueRunner;
+use crate::actors::session::{SessionDeps, SessionLimits, Stopping};
+use crate::actors::supervisor::{
+    Child, Children, DrainDeliveries, QueueStatus, ReloadAliases, Restarts, StopIntake,
+    StopSupervising, Supervisor,
+};
+use crate::actors::Shared;
+use crate::config::{BareLf, Config};
+use crate::delivery::program::RunAs;
+use crate::delivery::relay::RelayTarget;
+use crate::delivery::spawn::{ProgramSpawner, SpawnerError};
+use crate::hooks::Hooks;
+use crate::limits::ConnectionTracker;
+use crate::protocol::data::BareLineEnding;
+use crate::protocol::session::SessionConfig;
+use crate::queue::QueueCounts;
+use crate::queue::QueuePolicy;
+use crate::spool::{QueueLock, Spool, SpoolError, SpoolWriter};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// How long the relay may take to answer, per step (RFC 5321 4.5.3.2
+/// suggests minutes; five is the usual client choice).
+const RELAY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// How long `serve` waits for another queue runner to release the spool.
+const SERVE_LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Aliases(#[from] aliases::LoadError),
+    #[error("{0}")]
+    Spool(#[from] SpoolError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    DeliveryUser(#[from] RunAsError),
+    #[error("{0}")]
+    Spawner(#[from] SpawnerError),
+    #[error("cannot start the actor system: {0}")]
+    Runtime(String),
+    #[error("cannot create control socket {}: {source}", path.display())]
+    Control {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A non-blocking listening socket on `addr`, for the actors' runtime.
+fn listen_on(addr: &SocketAddr) -> Result<std::net::TcpListener, StartError> {
+    let bind = || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        Ok(listener)
+    };
+    bind().map_err(|source| StartError::Bind {
+        addr: *addr,
+        source,
+    })
+}
+
+/// Starts nodes.
+pub struct Node;
+
+impl Node {
+    /// Loads the aliases, binds the listeners, opens the spool (picking up
+    /// what an earlier run left), starts the actors, and returns once the
+    /// node accepts connections.
+    pub fn start(config: Config) -> Result<NodeHandle, StartError> {
+        Self::start_with(config, Hooks::default())
+    }
+
+    /// [`Node::start`] with the embedding program's checks.
+    pub fn start_with(config: Config, hooks: Hooks) -> Result<NodeHandle, StartError> {
+        Self::start_on(config, hooks, Vec::new())
+    }
+
+    /// [`Node::start_with`] on listening sockets already open (systemd
+    /// socket activation); empty: bind `[smtp] listen`.
+    pub fn start_on(
+        config: Config,
+        hooks: Hooks,
+        inherited: Vec<std::net::TcpListener>,
+    ) -> Result<NodeHandle, StartError> {
+        let loaded = aliases::load(&config.aliases.path)?;
+        for warning in &loaded.warnings {
+            tracing::warn!("{warning}");
+        }
+        let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
+        let spawner = delivery::spawn::choose(config.delivery.spawner)?;
+        telemetry::install();
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(listen_on(&addr)?),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        let control_path = config.control.socket.clone();
+        let mut listeners = Vec::new();
+        let mut addrs = Vec::new();
+        for listener in inherited {
+            let addr = listener
+                .set_nonblocking(true)
+                .and_then(|()| listener.local_addr())
+                .map_err(|source| StartError::Bind {
+                    addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                })?;
+            addrs.push(addr);
+            listeners.push(listener);
+        }
+        let configured: &[SocketAddr] = if listeners.is_empty() {
+            &config.smtp.listen
+        } else {
+            &[]
+        };
+        for addr in configured {
+            let listener = listen_on(addr)?;
+            addrs.push(listener.local_addr().map_err(|source| StartError::Bind {
+                addr: *addr,
+                source,
+            })?);
+            listeners.push(listener);
+        }
+        // One queue runner per spool; a second `serve` waits a little (a
+        // restart racing its predecessor's exit), then says so.
+        let lock = QueueLock::acquire(&config.spool.path, "serve", SERVE_LOCK_WAIT)?;
+        let (spool, writer) = Spool::open(&config.spool.path)?;
+        // After the queue lock: a second `serve` must not take over the
+        // first one's socket.
+        let control_listener = actors::control_server::bind(&control_path, config.control.mode)
+            .map_err(|source| StartError::Control {
+                path: control_path.clone(),
+                source,
+            })?;
+        let report = spool.scan()?;
+        for damaged in &report.corrupt {
+            tracing::error!("{damaged}; moved to corrupt/");
+        }
+        if !report.envelopes.is_empty() || report.orphans_removed > 0 {
+            tracing::info!(
+                queued = report.envelopes.len(),
+                orphans_removed = report.orphans_removed,
+                "picked up the queue an earlier run left"
+            );
+        }
+
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let table = Arc::new(loaded.table);
+        let tracker = ConnectionTracker::new(
+            config.smtp.max_connections,
+            config.smtp.max_connections_per_ip,
+            &config.limits.connection_rate_per_ip,
+        );
+        let paused = Arc::new(AtomicBool::new(false));
+        let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(Stopping::No);
+        let (failure_tx, failure_rx) = tokio::sync::watch::channel(None);
+        let grace = Grace {
+            sessions: config.smtp.data_timeout.min(MAX_GRACE),
+            deliveries: config.delivery.timeout.min(MAX_GRACE),
+        };
+        let intake = Intake {
+            hooks,
+            tracker: Arc::clone(&tracker),
+            paused: Arc::clone(&paused),
+            shutdown: shutdown_rx,
+            failure: failure_tx,
+        };
+        let thread = std::thread::Builder::new()
+            .name("mailnode-actors".into())
+            .spawn(move || {
+                let system = System::new();
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let arbiters: Vec<Arbiter> = (0..cores).map(|_| Arbiter::new()).collect();
+                let handles: Vec<ArbiterHandle> = arbiters.iter().map(Arbiter::handle).collect();
+                let supervisor = system.block_on(async move {
+                    build_tree(
+                        config,
+                        spool,
+                        table,
+                        run_as,
+                        spawner,
+                        report.envelopes,
+                        listeners,
+                        handles,
+                        intake,
+                        metrics_listener,
+                        control_listener,
+                    )
+                });
+                let _ = ready_tx.send((System::current(), supervisor));
+                let _ = system.run();
+                for arbiter in arbiters {
+                    arbiter.stop();
+                    let _ = arbiter.join();
+                }
+            })
+            .map_err(|e| StartError::Runtime(e.to_string()))?;
+        let (system, supervisor) = ready_rx
+            .recv()
+            .map_err(|_| StartError::Runtime("actor system failed to start".into()))?;
+        Ok(NodeHandle {
+            addrs,
+            metrics_addr,
+            control_path,
+            supervisor,
+            system,
+            thread: Some(thread),
+            writer: Some(writer),
+            lock: Some(lock),
+            tracker,
+            paused,
+            shutdown: shutdown_tx,
+            grace,
+            failure: failure_rx,
+        })
+    }
+}
+
+/// The relay, when `[relay] host` names one.
+pub(crate) fn relay_target(config: &Config) -> Option<RelayTarget> {
+    config.relay.host.as_ref().map(|r| RelayTarget {
+        host: r.host.clone(),
+        port: r.port,
+        helo: config
+            .relay
+            .helo
+            .clone()
+            .unwrap_or_else(|| config.hostname.clone()),
+        timeout: RELAY_TIMEOUT,
+    })
+}
+
+pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
+    QueuePolicy {
+        retry_min: config.queue.retry_min,
+        retry_max: config.queue.retry_max,
+        max_age: config.queue.max_age,
+    }
+}
+
+/// An empty queue scheduler for this configuration.
+pub(crate) fn scheduler(
+    config: &Config,
+    mode: queue::scheduler::Mode,
+    in_flight: queue::InFlight,
+) -> queue::scheduler::Scheduler {
+    queue::scheduler::Scheduler::new(
+        queue_policy(config),
+        config.relay.host.is_some(),
+        config.delivery.concurrency,
+        mode,
+        in_flight,
+    )
+}
+
+/// One DeliveryWorker on each arbiter, each with the factory that makes
+/// it again there.
+pub(crate) fn worker_children(
+    config: &Config,
+    spool: &Spool,
+    run_as: &Option<RunAs>,
+    spawner: ProgramSpawner,
+    arbiters: &[ArbiterHandle],
+) -> Vec<Child<DeliveryWorker>> {
+    let permits = Arc::new(tokio::sync::Semaphore::new(
+        config.delivery.concurrency.max(1),
+    ));
+    arbiters
+        .iter()
+        .map(|arbiter| {
+            let arbiter = arbiter.clone();
+            let spool = spool.clone();
+            let run_as = run_as.clone();
+            let timeout = config.delivery.timeout;
+            let relay = relay_target(config);
+            let hostname = config.hostname.clone();
+            let permits = Arc::clone(&permits);
+            Child::start(
+                "delivery_worker",
+                Box::new(move || {
+                    let (spool, run_as, relay) = (spool.clone(), run_as.clone(), relay.clone());
+                    let (hostname, permits) = (hostname.clone(), Arc::clone(&permits));
+                    DeliveryWorker::start_in_arbiter(&arbiter, move |_| {
+                        DeliveryWorker::new(
+                            spool, run_as, spawner, timeout, relay, hostname, permits,
+                        )
+                    })
+                }),
+            )
+        })
+        .collect()
+}
+
+pub(crate) fn resolver_child(
+    config: &Config,
+    table: Shared<Arc<aliases::AliasTable>>,
+) -> Child<AliasResolver> {
+    let path = config.aliases.path.clone();
+    let hostname = config.hostname.clone();
+    let can_forward = config.relay.host.is_some();
+    Child::start(
+        "alias_resolver",
+        Box::new(move || {
+            AliasResolver::new(path.clone(), table.clone(), hostname.clone(), can_forward).start()
+        }),
+    )
+}
+
+/// What the embedding program and the node's handle steer sessions with.
+pub(crate) struct SessionControls {
+    pub hooks: Hooks,
+    pub shutdown: tokio::sync::watch::Receiver<Stopping>,
+    pub paused: Arc<AtomicBool>,
+}
+
+/// What sessions share, from the configuration.
+pub(crate) fn session_deps(
+    config: &Config,
+    spool: Spool,
+    resolver: Shared<Addr<AliasResolver>>,
+    queue: Arc<dyn Fn() -> Recipient<actors::queue_runner::Enqueued> + Send + Sync>,
+    workers: Vec<Shared<Addr<DeliveryWorker>>>,
+    controls: SessionControls,
+) -> SessionDeps {
+    let SessionControls {
+        hooks,
+        shutdown,
+        paused,
+    } = controls;
+    let smtp = &config.smtp;
+    SessionDeps {
+        config: Arc::new(SessionConfig {
+            hostname: config.hostname.clone(),
+            max_message_size: smtp.max_message_size,
+            max_recipients: smtp.max_recipients,
+            local_domains: smtp.local_domains.clone(),
+        }),
+        limits: SessionLimits {
+            connect_limit: smtp.connect_limit,
+            command_timeout: smtp.command_timeout,
+            data_timeout: smtp.data_timeout,
+            bare_lf: match smtp.bare_lf {
+                BareLf::Reject => BareLineEnding::Reject,
+                BareLf::Normalize => BareLineEnding::Normalize,
+            },
+            max_message_size: smtp.max_message_size,
+        },
+        spool,
+        resolver,
+        queue,
+        inline: (config.delivery.mode == config::DeliveryMode::Inline).then_some(workers),
+        message_rate: Arc::new(limits::keyed(&config.limits.message_rate_per_ip)),
+        hooks,
+        shutdown,
+        paused,
+    }
+}
+
+/// What the Acceptor and the sessions share with the [`NodeHandle`].
+struct Intake {
+    hooks: Hooks,
+    tracker: Arc<ConnectionTracker>,
+    paused: Arc<AtomicBool>,
+    shutdown: tokio::sync::watch::Receiver<Stopping>,
+    failure: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// How long a graceful shutdown waits.
+#[derive(Debug, Clone, Copy)]
+struct Grace {
+    /// For sessions to finish the message they are receiving.
+    sessions: std::time::Duration,
+    /// For running programs to finish.
+    deliveries: std::time::Duration,
+}
+
+/// Before the graceful deadline, this long is kept to tell sessions still
+/// inside DATA that time is up.
+const ABORT_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// No graceful wait is longer than this; what is cut short is retried.
+const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+#[allow(clippy::too_many_arguments)]
+fn build_tree(
+    config: Config,
+    spool: Spool,
+    table: Arc<aliases::AliasTable>,
+    run_as: Option<RunAs>,
+    spawner: ProgramSpawner,
+    recovered: Vec<spool::Envelope>,
+    listeners: Vec<std::net::TcpListener>,
+    arbiters: Vec<ArbiterHandle>,
+    intake: Intake,
+    metrics_listener: Option<std::net::TcpListener>,
+    control_listener: std::os::unix::net::UnixListener,
+) -> Addr<Supervisor> {
+    let resolver = resolver_child(&config, Shared::new(table));
+    let workers = worker_children(&config, &spool, &run_as, spawner, &arbiters);
+    let worker_addrs: Vec<_> = workers.iter().map(|w| w.addr.clone()).collect();
+    let queue_runner = {
+        let spool = spool.clone();
+        let workers = worker_addrs.clone();
+        let config = config.clone();
+        // The first runner gets what start-up scanned; a restarted one
+        // reads the spool again: the spool, not the dead actor, is the truth.
+        // (Without start-up's clean-up: the writer is live.)
+        let recovered = std::cell::RefCell::new(Some(recovered));
+        let in_flight = queue::InFlight::default();
+        Child::start(
+            "queue_runner",
+            Box::new(move || {
+                let envelopes = recovered.borrow_mut().take().unwrap_or_else(|| {
+                    spool.scan_new(|_| false).unwrap_or_else(|e| {
+                        tracing::error!("cannot scan the queue: {e}");
+                        Vec::new()
+                    })
+                });
+                let mut scheduler =
+                    scheduler(&config, queue::scheduler::Mode::Daemon, in_flight.clone());
+                scheduler.picked_up(envelopes, std::time::SystemTime::now());
+                QueueRunner::new(
+                    scheduler,
+                    spool.clone(),
+                    workers.clone(),
+                    in_flight.clone(),
+                    None,
+                )
+                .start()
+            }),
+        )
+    };
+    let runner = queue_runner.addr.clone();
+    let deps = Arc::new(session_deps(
+        &config,
+        spool,
+        resolver.addr.clone(),
+        Arc::new(move || runner.get().recipient()),
+        worker_addrs,
+        SessionControls {
+            hooks: intake.hooks,
+            shutdown: intake.shutdown,
+            paused: Arc::clone(&intake.paused),
+        },
+    ));
+    let access = config.access.clone();
+    let (tracker, paused) = (Arc::clone(&intake.tracker), Arc::clone(&intake.paused));
+    let acceptor = Child::start(
+        "acceptor",
+        Box::new(move || {
+            // Copies of the listening sockets: a restarted acceptor listens
+            // on the very same ports, and no connection is refused meanwhile
+            // (they wait in the backlog).
+            let listeners = listeners
+                .iter()
+                .filter_map(|l| l.try_clone().ok())
+                .collect();
+            Acceptor::new(
+                listeners,
+                arbiters.clone(),
+                Arc::clone(&deps),
+                access.clone(),
+                Arc::clone(&tracker),
+                Arc::clone(&paused),
+            )
+            .start()
+        }),
+    );
+    let metrics = metrics_listener.map(|listener| {
+        Child::start(
+            "metrics_server",
+            Box::new(move || match listener.try_clone() {
+                Ok(copy) => MetricsServer::new(copy).start(),
+                // Without a socket copy the server cannot listen; an actor
+                // that stops at once makes the supervisor try again.
+                Err(e) => {
+                    tracing::error!("cannot reuse the metrics socket: {e}");
+                    MetricsServer::stopped().start()
+                }
+            }),
+        )
+    });
+    let restarts = Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::new()));
+    let control_deps = ControlDeps {
+        queue_runner: queue_runner.addr.clone(),
+        resolver: resolver.addr.clone(),
+        tracker: Arc::clone(&intake.tracker),
+        paused: Arc::clone(&intake.paused),
+        restarts: Arc::clone(&restarts),
+        started: std::time::Instant::now(),
+    };
+    let control = Child::start(
+        "control_server",
+        Box::new(move || match control_listener.try_clone() {
+            Ok(copy) => ControlServer::new(copy, control_deps.clone()).start(),
+            Err(e) => {
+                tracing::error!("cannot reuse the control socket: {e}");
+                ControlServer::stopped(control_deps.clone()).start()
+            }
+        }),
+    );
+    Supervisor::new(
+        Children::new(acceptor, resolver, queue_runner, workers, metrics, control),
+        intake.failure,
+        restarts,
+    )
+    .start()
+}
+
+/// A running node.
+pub struct NodeHandle {
+    addrs: Vec<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    control_path: std::path::PathBuf,
+    supervisor: Addr<Supervisor>,
+    system: System,
+    thread: Option<JoinHandle<()>>,
+    writer: Option<SpoolWriter>,
+    /// Released last, once everything is on disk.
+    lock: Option<QueueLock>,
+    tracker: Arc<ConnectionTracker>,
+    paused: Arc<AtomicBool>,
+    shutdown: tokio::sync::watch::Sender<Stopping>,
+    grace: Grace,
+    failure: tokio::sync::watch::Receiver<Option<String>>,
+}
+
+impl NodeHandle {
+    /// The addresses SMTP listens on (with the real port when 0 was asked).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// The control socket.
+    pub fn control_path(&self) -> &std::path::Path {
+        &self.control_path
+    }
+
+    /// Where `/metrics` is served, if anywhere.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// Releases the listeners; sessions in progress finish.
+    pub fn stop(&self) {
+        self.supervisor.do_send(StopIntake);
+    }
+
+    /// Re-reads the aliases file; on failure the old table stays in force.
+    pub async fn reload_aliases(&self) -> Result<usize, aliases::ReloadError> {
+        self.supervisor
+            .send(ReloadAliases)
+            .await
+            .unwrap_or_else(|e| Err(aliases::ReloadError::NodeNotRunning(e)))
+    }
+
+    /// How many messages are queued, by state.
+    pub async fn queue_counts(&self) -> Option<QueueCounts> {
+        self.supervisor.send(QueueStatus).await.ok().flatten()
+    }
+
+    /// Refuses new sessions with 421 4.3.2 until [`NodeHandle::resume_intake`].
+    pub fn pause_intake(&self) {
+        self.paused.store(true, Ordering::Relaxed);
+        telemetry::intake_paused(true);
+    }
+
+    /// Accepts new sessions again.
+    pub fn resume_intake(&self) {
+        self.paused.store(false, Ordering::Relaxed);
+        telemetry::intake_paused(false);
+    }
+
+    /// Whether intake is paused.
+    pub fn intake_paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
+    /// Turns `Some(reason)` when the Supervisor gives up (restart intensity
+    /// exceeded): the process should exit non-zero.
+    pub fn failure(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.failure.clone()
+    }
+
+    /// Whether every supervised actor is alive and answering (what the
+    /// systemd watchdog is fed on).
+    pub async fn healthy(&self) -> bool {
+        let asked = self.supervisor.send(actors::supervisor::Health);
+        matches!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), asked).await,
+            Ok(Ok(true))
+        )
+    }
+
+    /// Blocks a delivery worker's thread for `how_long`: for tests and drills.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn inject_wedge(&self, how_long: std::time::Duration) {
+        let _ = self
+            .supervisor
+            .send(actors::supervisor::InjectWedge(how_long))
+            .await;
+    }
+
+    /// Actor restarts so far, by actor.
+    pub async fn actor_restarts(&self) -> std::collections::BTreeMap<&'static str, u64> {
+        self.supervisor.send(Restarts).await.unwrap_or_default()
+    }
+
+    /// Makes the named actor panic (`acceptor`, `alias_resolver`,
+    /// `queue_runner`, `delivery_worker`): for tests and chaos drills.
+    #[cfg(any(test, feature = "fault-injection"))]
+    pub async fn inject_fault(&self, actor: &'static str) -> bool {
+        self.supervisor
+            .send(actors::supervisor::InjectFault(actor))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// SMTP sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.tracker.open()
+    }
+
+    /// Ends everything and waits until every acknowledged change is on disk.
+    /// Gracefully: the listeners close; idle sessions hear 421 4.3.2; a
+    /// message being received is finished (bounded); running programs
+    /// finish (bounded); what is cut short stays queued and is retried.
+    pub fn shutdown(mut self) {
+        self.shutdown_in_place();
+    }
+
+    fn shutdown_in_place(&mut self) {
+        if self.thread.is_none() {
+            return;
+        }
+        // One deadline for all of it, so the whole stop stays bounded.
+        let deadline = std::time::Instant::now() + self.grace.sessions.max(self.grace.deliveries);
+        self.supervisor.do_send(StopSupervising);
+        self.supervisor.do_send(StopIntake);
+        // No new programs from here on; what finishes sessions still queue
+        // is delivered at the next start.
+        let (drained_tx, drained) = std::sync::mpsc::channel();
+        self.supervisor.do_send(DrainDeliveries(drained_tx));
+        let _ = self.shutdown.send(Stopping::Gracefully);
+        let wait_for_sessions = |until: std::time::Instant| {
+            while self.tracker.open() > 0 && std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        };
+        wait_for_sessions(deadline.checked_sub(ABORT_MARGIN).unwrap_or(deadline));
+        // Whoever is still receiving a message hears 421 rather than a reset.
+        let _ = self.shutdown.send(Stopping::Now);
+        wait_for_sessions(deadline);
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        // Plain std waiting: this may run inside a caller's async runtime.
+        let _ = drained.recv_timeout(left);
+        self.system.stop();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        if let Some(writer) = self.writer.take() {
+            writer.join();
+        }
+        let _ = std::fs::remove_file(&self.control_path);
+        self.lock = None;
+    }
+}
+
+impl Drop for NodeHandle {
+    fn drop(&mut self) {
+        self.shutdown_in_place();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_up_finishes_messages_a_crash_left_fully_delivered() {
+        use crate::aliases::Target;
+        use crate::spool::{Delivery, DeliveryState, Envelope, Spool};
+        use std::time::{Duration, SystemTime};
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config::Config {
+            hostname: "mx.test".into(),
+            ..config::Config::default()
+        };
+        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.spool.path = dir.path().join("spool");
+        config.aliases.path = dir.path().join("aliases");
+        config.metrics.listen = None;
+        config.control.socket = dir.path().join("ctl.sock");
+        std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
+        // A message whose only delivery is recorded as done, as if the node died
+        // before removing it.
+        {
+            let (spool, writer) = Spool::open(&config.spool.path).unwrap();
+            let body = spool.begin(SystemTime::now()).unwrap();
+            let id = body.id().to_string();
+            let mut envelope = Envelope {
+                id: id.clone(),
+                sender: "a@example.org".into(),
+                return_path: "a@example.org".into(),
+                arrival: SystemTime::now(),
+                client_address: "127.0.0.1".into(),
+                client_helo: "client".into(),
+                channel: "local".into(),
+                size: 0,
+                smtputf8: false,
+                body_8bit: false,
+                held: false,
+                next_attempt: SystemTime::now(),
+                deliveries: vec![{
+                    let mut d = Delivery::new(
+                        "ok@example.org".into(),
+                        "ok@example.org".into(),
+                        "ok".into(),
+                        String::new(),
+                        "example.org".into(),
+                        Target::Pipe {
+                            command: "exit 99".into(),
+                        },
+                    );
+                    d.state = DeliveryState::Delivered;
+                    d
+                }],
+                body_check: None,
+            };
+            spool.commit(body, &mut envelope).wait_blocking().unwrap();
+            drop(spool);
+            writer.join();
+        }
+        let queue = config.spool.path.join("queue");
+        // One sealed queue file.
+        assert_eq!(std::fs::read_dir(&queue).unwrap().count(), 1);
+        let node = Node::start(config).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let emptied = loop {
+            if std::fs::read_dir(&queue).is_ok_and(|d| d.count() == 0) {
+                break Some(());
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        node.shutdown();
+        assert!(
+            emptied.is_some(),
+            "a delivered message stayed queued after restart"
+        );
+    }
+}
