@@ -1,5 +1,5 @@
 //! ControlServer (≈ Postfix's postqueue/postsuper): the admin socket. One
-//! JSON request per line, one JSON reply per line (src/control.rs). Peers
+//! JSON request per line, one JSON reply per line (`src/control/`). Peers
 //! of another uid than ours are refused unless they are root.
 
 use std::collections::BTreeMap;
