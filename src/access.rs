@@ -33,7 +33,7 @@ pub fn admit(address: IpAddr, access: &AccessConfig) -> Admission {
 }
 
 /// The first channel whose hosts contain `address`; with no match, the last
-/// channel (SPEC: "no match: the last channel").
+/// channel (the contract: "no match: the last channel").
 pub fn channel_for(address: IpAddr, channels: &[Channel]) -> &str {
     let address = canonical(address);
     channels

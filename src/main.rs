@@ -428,14 +428,20 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 /// `mailnode send`: the seed's `smtp` talker, on the message on stdin.
 fn send(helo: Option<String>, target: &str, sender: &str, recipients: &[String]) -> u8 {
+    let print = |report: mailnode::send::Report| {
+        for problem in &report.problems {
+            eprintln!("mailnode send: {problem}");
+        }
+        report.exit
+    };
+    let sending = match mailnode::send::prepare(helo, target, sender, recipients) {
+        Ok(sending) => sending,
+        Err(usage) => return print(usage),
+    };
     let mut message = Vec::new();
     if let Err(e) = std::io::Read::read_to_end(&mut std::io::stdin(), &mut message) {
         eprintln!("mailnode send: cannot read the message: {e}");
         return EX_NOINPUT;
     }
-    let report = mailnode::send::send_message(helo, target, sender, recipients, &message);
-    for problem in &report.problems {
-        eprintln!("mailnode send: {problem}");
-    }
-    report.exit
+    print(sending.send(&message))
 }

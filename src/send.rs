@@ -28,19 +28,28 @@ impl Report {
     }
 }
 
-/// Sends `message` from `sender` to `recipients` through `target` (`HOST`
-/// or `HOST:PORT`, port 25 by default), greeting it as `helo` (default:
-/// this host's name). Angle brackets around addresses are optional; an
-/// empty sender is `<>`.
-pub fn send_message(
+/// A send whose arguments are checked, waiting for its message: a usage
+/// error is told before anything is read from a pipe that may never close.
+#[derive(Debug, Clone)]
+pub struct Sending {
+    target: RelayTarget,
+    sender: String,
+    recipients: Vec<String>,
+}
+
+/// Checks the arguments of a send to `target` (`HOST` or `HOST:PORT`, port
+/// 25 by default), greeting it as `helo` (default: this host's name).
+/// Angle brackets around addresses are optional; an empty sender is `<>`.
+pub fn prepare(
     helo: Option<String>,
     target: &str,
     sender: &str,
     recipients: &[String],
-    message: &[u8],
-) -> Report {
+) -> Result<Sending, Report> {
     let Some((host, port)) = relay::parse_host_port(target) else {
-        return Report::usage(format!("bad target {target:?}: expected HOST or HOST:PORT"));
+        return Err(Report::usage(format!(
+            "bad target {target:?}: expected HOST or HOST:PORT"
+        )));
     };
     let sender = sender.trim_start_matches('<').trim_end_matches('>');
     let recipients: Vec<String> = recipients
@@ -48,55 +57,68 @@ pub fn send_message(
         .map(|r| r.trim_start_matches('<').trim_end_matches('>').to_string())
         .collect();
     if recipients.iter().any(String::is_empty) {
-        return Report::usage("empty recipient".into());
+        return Err(Report::usage("empty recipient".into()));
     }
     let has_control = |a: &str| a.chars().any(char::is_control);
     if has_control(sender) || recipients.iter().any(|r| has_control(r)) {
-        return Report::usage("addresses must not contain control characters".into());
+        return Err(Report::usage(
+            "addresses must not contain control characters".into(),
+        ));
     }
-    let target = RelayTarget {
-        host,
-        port,
-        helo: helo.unwrap_or_else(crate::config::system_hostname),
-        timeout: TIMEOUT,
-    };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            return Report {
-                exit: EX_TEMPFAIL,
-                problems: vec![e.to_string()],
-            }
-        }
-    };
-    let outgoing = Outgoing {
-        sender,
-        recipients: &recipients,
-        body_8bit: !message.is_ascii(),
-        smtputf8: !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
-    };
-    let outcome = runtime.block_on(relay::send(&target, &outgoing, message));
-    let mut problems = Vec::new();
-    match &outcome {
-        Err(e) => problems.push(e.to_string()),
-        Ok(o) => {
-            for r in o.refused.iter().chain(o.data.iter()) {
-                if !r.is_positive() {
-                    problems.push(r.to_string());
+    Ok(Sending {
+        target: RelayTarget {
+            host,
+            port,
+            helo: helo.unwrap_or_else(crate::config::system_hostname),
+            timeout: TIMEOUT,
+        },
+        sender: sender.to_string(),
+        recipients,
+    })
+}
+
+impl Sending {
+    /// Sends `message` and says how it went.
+    pub fn send(self, message: &[u8]) -> Report {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                return Report {
+                    exit: EX_TEMPFAIL,
+                    problems: vec![e.to_string()],
                 }
             }
-            for (rcpt, r) in recipients.iter().zip(&o.recipients) {
-                if !r.is_positive() {
-                    problems.push(format!("<{rcpt}>: {r}"));
+        };
+        let (sender, recipients) = (self.sender.as_str(), &self.recipients);
+        let outgoing = Outgoing {
+            sender,
+            recipients,
+            body_8bit: !message.is_ascii(),
+            smtputf8: !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii()),
+        };
+        let outcome = runtime.block_on(relay::send(&self.target, &outgoing, message));
+        let mut problems = Vec::new();
+        match &outcome {
+            Err(e) => problems.push(e.to_string()),
+            Ok(o) => {
+                for r in o.refused.iter().chain(o.data.iter()) {
+                    if !r.is_positive() {
+                        problems.push(r.to_string());
+                    }
+                }
+                for (rcpt, r) in recipients.iter().zip(&o.recipients) {
+                    if !r.is_positive() {
+                        problems.push(format!("<{rcpt}>: {r}"));
+                    }
                 }
             }
         }
-    }
-    Report {
-        exit: relay::exit_status(&outcome),
-        problems,
+        Report {
+            exit: relay::exit_status(&outcome),
+            problems,
+        }
     }
 }

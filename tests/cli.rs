@@ -483,6 +483,32 @@ fn send_exits_with_sysexits_codes() {
     assert_eq!(sink.messages().len(), 1, "nothing more was sent");
 }
 
+#[test]
+fn send_refuses_bad_arguments_before_reading_its_message() {
+    // Standard input stays open and silent, as a terminal would: a usage
+    // error must not wait for it.
+    let mut child = Command::new(BIN)
+        .args(["send", "127.0.0.1:25", "me@example.org", "<>"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("send runs");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let status = status.expect("send waited for its message before refusing an empty recipient");
+    assert_eq!(status.code(), Some(64));
+}
+
 /// A config file for the binary in `dir`, with `aliases` and extra TOML.
 fn binary_config(dir: &Path, aliases: &str, extra: &str) -> String {
     let aliases = write(&dir.join("aliases"), aliases);

@@ -14,7 +14,7 @@ use crate::delivery::program::{self, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
 use crate::delivery::spawn::ProgramSpawner;
 use crate::delivery::status::{DeliveryStatus, EnhancedCode};
-use crate::delivery::{dsn, program_env, stdin_prefix, DeliveryReport};
+use crate::delivery::{dsn, program_env, stdin_prefix, DeliveryReport, UnreadableMessage};
 use crate::queue::InFlightGuard;
 use crate::spool::{Envelope, Spool};
 
@@ -167,7 +167,7 @@ async fn forward(
     };
     let body = match crate::delivery::open_message(body_path, env.body_len()) {
         Ok(f) => tokio::fs::File::from_std(f).take(env.body_len().unwrap_or(u64::MAX)),
-        Err(e) => return DeliveryStatus::temporary(e.to_string()),
+        Err(e) => return DeliveryStatus::system_temporary(e.to_string()),
     };
     let recipients = [address.to_string()];
     let message = Outgoing {
@@ -216,17 +216,23 @@ async fn return_to_sender(
     };
     // Only the message's own bytes: its sealed envelope follows them.
     let most = env.body_len().unwrap_or(u64::MAX);
-    let file = match crate::delivery::open_message(body_path, env.body_len()) {
-        Ok(f) => tokio::fs::File::from_std(f),
-        Err(e) => return DeliveryStatus::temporary(e.to_string()),
-    };
     let mut head = Vec::new();
-    if let Err(e) = file
-        .take(most.min(dsn::MAX_ORIGINAL_HEADERS as u64))
-        .read_to_end(&mut head)
-        .await
-    {
-        return DeliveryStatus::temporary(format!("cannot read the message: {e}"));
+    match crate::delivery::open_message(body_path, env.body_len()) {
+        Ok(file) => {
+            if let Err(e) = tokio::fs::File::from_std(file)
+                .take(most.min(dsn::MAX_ORIGINAL_HEADERS as u64))
+                .read_to_end(&mut head)
+                .await
+            {
+                return DeliveryStatus::system_temporary(format!("cannot read the message: {e}"));
+            }
+        }
+        // Damage no retry can mend: the sender still hears of the failure,
+        // without the message's headers quoted from a cut file.
+        Err(e @ UnreadableMessage::Short { .. }) => {
+            tracing::warn!(queue_id = %env.id, "returning the message without quoting it: {e}");
+        }
+        Err(e) => return DeliveryStatus::system_temporary(e.to_string()),
     }
     let notice = dsn::build(
         env,
@@ -296,10 +302,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_queue_file_shorter_than_its_envelope_is_never_quoted_in_a_bounce() {
+    async fn a_queue_file_shorter_than_its_envelope_is_still_returned_unquoted() {
         let dir = tempfile::tempdir().unwrap();
         let (path, env, relay) = cut_message(dir.path());
         let status = return_to_sender(Some(&relay), "mx.test", &env, &[], &path).await;
-        assert!(is_cut(&status), "{status:?}");
+        // It went as far as the relay (nobody listens there): a cut file is
+        // no reason to keep the sender from hearing, and retrying would
+        // never mend it.
+        assert_eq!(status.code(), EnhancedCode::NO_CONNECTION, "{status:?}");
     }
 }

@@ -14,7 +14,7 @@ use crate::actors::Shared;
 use crate::control::queue::{answer, QueueCommand};
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
-use crate::queue::scheduler::{Command, Removal, Scheduler};
+use crate::queue::scheduler::{Command, Mode, Removal, Scheduler};
 use crate::queue::{InFlight, QueueCounts};
 use crate::spool::{Envelope, Spool};
 
@@ -156,7 +156,7 @@ impl QueueRunner {
                     });
                     ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
                         let status = result.unwrap_or_else(|e| {
-                            DeliveryStatus::temporary(format!("delivery worker lost: {e}"))
+                            DeliveryStatus::system_temporary(format!("delivery worker lost: {e}"))
                         });
                         act.scheduler.bounced(id, failed, status, SystemTime::now());
                         act.execute(ctx);
@@ -212,7 +212,7 @@ impl Actor for QueueRunner {
     fn started(&mut self, ctx: &mut Self::Context) {
         self.scheduler.start();
         self.execute(ctx);
-        if self.pass_done.is_none() {
+        if self.scheduler.mode() == Mode::Daemon {
             let policy = self.scheduler.policy();
             let every = policy.retry_min.clamp(RESCAN_MIN, RESCAN_MAX);
             ctx.run_interval(every, |act, ctx| act.rescan(ctx));

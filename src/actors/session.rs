@@ -324,7 +324,7 @@ impl Session {
             drop(body);
             refused.extend(results.into_iter().map(|r| match r {
                 Ok(report) => report.status,
-                Err(e) => DeliveryStatus::temporary(format!("delivery worker lost: {e}")),
+                Err(e) => DeliveryStatus::system_temporary(format!("delivery worker lost: {e}")),
             }));
             let verdict = crate::queue::inline_verdict(&envelope.id, &refused);
             tracing::info!(queue_id = %envelope.id, sender = %envelope.sender, result = ?verdict, "inline delivery");

@@ -26,7 +26,7 @@ impl DeliveryReport {
     /// No attempt was made: the worker asked to make it is gone.
     pub fn worker_lost(why: impl std::fmt::Display) -> Self {
         DeliveryReport {
-            status: DeliveryStatus::temporary(format!("delivery worker lost: {why}")),
+            status: DeliveryStatus::system_temporary(format!("delivery worker lost: {why}")),
             attempted: false,
         }
     }

@@ -127,9 +127,11 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
         }
     };
     match exit {
-        Exit::TimedOut => DeliveryStatus::temporary(with_output("program timed out".into())),
-        Exit::SpawnFailed(e) => DeliveryStatus::temporary(format!("cannot run program: {e}")),
-        Exit::InputFailed(e) => DeliveryStatus::temporary(e.clone()),
+        Exit::TimedOut => DeliveryStatus::system_temporary(with_output("program timed out".into())),
+        Exit::SpawnFailed(e) => {
+            DeliveryStatus::system_temporary(format!("cannot run program: {e}"))
+        }
+        Exit::InputFailed(e) => DeliveryStatus::system_temporary(e.clone()),
         Exit::Status(status) => {
             use std::os::unix::process::ExitStatusExt;
             match (status.code(), status.signal()) {
@@ -137,7 +139,7 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
                 (Some(code), _)
                     if code == i32::from(EX_TEMPFAIL) || code == i32::from(EX_OSERR) =>
                 {
-                    DeliveryStatus::temporary(with_output(format!("program exited {code}")))
+                    DeliveryStatus::system_temporary(with_output(format!("program exited {code}")))
                 }
                 (Some(code), _) if (i32::from(EX_USAGE)..=i32::from(EX_CONFIG)).contains(&code) => {
                     DeliveryStatus::Permanent(
@@ -146,13 +148,13 @@ pub fn classify(exit: &Exit, output: &[u8]) -> DeliveryStatus {
                     )
                 }
                 (Some(code), _) => {
-                    DeliveryStatus::temporary(with_output(format!("program exited {code}")))
+                    DeliveryStatus::system_temporary(with_output(format!("program exited {code}")))
                 }
-                (None, Some(sig)) => DeliveryStatus::temporary(with_output(format!(
+                (None, Some(sig)) => DeliveryStatus::system_temporary(with_output(format!(
                     "program killed by signal {sig}"
                 ))),
                 (None, None) => {
-                    DeliveryStatus::temporary(with_output("program ended oddly".into()))
+                    DeliveryStatus::system_temporary(with_output("program ended oddly".into()))
                 }
             }
         }
@@ -934,7 +936,7 @@ mod both_spawners {
             ("exit 0", DeliveryStatus::DELIVERED),
             (
                 "echo busy; exit 75",
-                DeliveryStatus::temporary("program exited 75: busy"),
+                DeliveryStatus::system_temporary("program exited 75: busy"),
             ),
             (
                 "echo no such user; exit 67",
@@ -945,7 +947,7 @@ mod both_spawners {
             ),
             (
                 "kill -KILL $$",
-                DeliveryStatus::temporary("program killed by signal 9"),
+                DeliveryStatus::system_temporary("program killed by signal 9"),
             ),
         ];
         for (command, expected) in cases {
@@ -958,7 +960,7 @@ mod both_spawners {
             assert_eq!(outcome.exit, Exit::TimedOut);
             assert_eq!(
                 outcome.status(),
-                DeliveryStatus::temporary("program timed out")
+                DeliveryStatus::system_temporary("program timed out")
             );
         }
     }

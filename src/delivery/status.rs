@@ -43,8 +43,9 @@ impl EnhancedCode {
         }
     }
 
-    /// Reads `2.1.5` (class 2, 4 or 5; subject and detail of 1 to 3
-    /// digits); anything else is `None`.
+    /// Reads `2.1.5`: class 2, 4 or 5, then subject and detail of 1 to 3
+    /// digits (RFC 3463); anything else is `None`, and a relay's reply
+    /// that carries no such code is read by its class alone.
     pub fn parse(text: &str) -> Option<Self> {
         let mut parts = text.split('.');
         let mut number = |most: usize| {
@@ -81,7 +82,7 @@ impl DeliveryStatus {
     pub const DELIVERED: Self = DeliveryStatus::Delivered(EnhancedCode::DELIVERED);
 
     /// A temporary failure of this system (4.3.0).
-    pub fn temporary(why: impl Into<String>) -> Self {
+    pub fn system_temporary(why: impl Into<String>) -> Self {
         DeliveryStatus::Temporary(EnhancedCode::SYSTEM_TEMPORARY, why.into())
     }
 
@@ -128,7 +129,7 @@ mod tests {
     fn every_status_carries_its_code() {
         assert_eq!(DeliveryStatus::DELIVERED.code().to_string(), "2.0.0");
         assert_eq!(DeliveryStatus::DELIVERED.diagnostic(), "");
-        let later = DeliveryStatus::temporary("exit 75");
+        let later = DeliveryStatus::system_temporary("exit 75");
         assert_eq!(
             (later.code().to_string().as_str(), later.diagnostic()),
             ("4.3.0", "exit 75")

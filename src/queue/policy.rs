@@ -199,7 +199,7 @@ mod tests {
     fn temporary_failures_defer_by_the_backoff_of_the_least_tried() {
         let now = SystemTime::now();
         let mut env = envelope("a@x", 2, now);
-        let temp = DeliveryStatus::temporary("later");
+        let temp = DeliveryStatus::system_temporary("later");
         record_result(&mut env, 0, &temp, true, now);
         record_result(&mut env, 0, &temp, true, now);
         record_result(&mut env, 1, &DeliveryStatus::DELIVERED, true, now);
@@ -215,7 +215,7 @@ mod tests {
     fn all_delivered_is_removed_and_a_lost_worker_is_not_an_attempt() {
         let now = SystemTime::now();
         let mut env = envelope("a@x", 1, now);
-        let lost = DeliveryStatus::temporary("worker lost");
+        let lost = DeliveryStatus::system_temporary("worker lost");
         record_result(&mut env, 0, &lost, false, now);
         assert_eq!(env.deliveries[0].attempts, 0);
         record_result(&mut env, 0, &DeliveryStatus::DELIVERED, true, now);
@@ -252,7 +252,7 @@ mod tests {
     #[test]
     fn inline_verdict_prefers_temporary_then_permanent() {
         let ok = DeliveryStatus::DELIVERED;
-        let temp = DeliveryStatus::temporary("t");
+        let temp = DeliveryStatus::system_temporary("t");
         let perm = DeliveryStatus::Permanent(EnhancedCode::PROGRAM_REFUSED, "p".into());
         assert_eq!(
             inline_verdict("ID", &[ok.clone(), ok.clone()]),
@@ -275,7 +275,13 @@ mod tests {
             true,
             now,
         );
-        record_result(&mut env, 1, &DeliveryStatus::temporary("75"), true, now);
+        record_result(
+            &mut env,
+            1,
+            &DeliveryStatus::system_temporary("75"),
+            true,
+            now,
+        );
         env
     }
 
@@ -305,7 +311,7 @@ mod tests {
         let arrival = SystemTime::now() - Duration::from_secs(3 * 86400 + 1);
         let now = SystemTime::now();
         let mut env = envelope("a@x", 1, arrival);
-        let temp = DeliveryStatus::temporary("exit 75");
+        let temp = DeliveryStatus::system_temporary("exit 75");
         record_result(&mut env, 0, &temp, true, now);
         assert_eq!(
             next_step(&mut env, now, &policy(), true),

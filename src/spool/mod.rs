@@ -64,12 +64,13 @@ use writer::Job;
 /// What can go wrong with the spool.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
-    #[error("{context}: {source}")]
+    // The OS error is in the message rather than the source chain: every
+    // log line and reply prints this error alone.
+    #[error("{context}: {error}")]
     Io {
         context: String,
         /// Shared: a failed write is reported to every message waiting on it.
-        #[source]
-        source: std::sync::Arc<std::io::Error>,
+        error: std::sync::Arc<std::io::Error>,
         /// The file system is full (ENOSPC, EDQUOT).
         full: bool,
     },
@@ -92,7 +93,7 @@ impl SpoolError {
         );
         SpoolError::Io {
             context: context.into(),
-            source: std::sync::Arc::new(e),
+            error: std::sync::Arc::new(e),
             full,
         }
     }

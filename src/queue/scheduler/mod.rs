@@ -5,7 +5,9 @@
 //! due, an operator's command); what to do about them comes out as
 //! [`Command`]s, taken with [`Scheduler::take_commands`] and carried out by
 //! the QueueRunner actor, which reports each outcome back as another event.
-//! Nothing here touches a file, a socket or a clock: `now` is always given.
+//! Nothing here touches a file, a socket or a clock (`now` is always
+//! given); the one thing shared is the registry of deliveries still running
+//! for an earlier runner ([`InFlight`]), which it only reads.
 //!
 //! The rule that keeps mail safe: a delivery's result is recorded in the
 //! spool ([`Command::Record`]) before anything else is decided about its
@@ -243,6 +245,11 @@ impl Scheduler {
     /// [`Scheduler::start`]), or what another process (`mailnode inetd`)
     /// put there since.
     pub(crate) fn picked_up(&mut self, envelopes: Vec<Envelope>, now: SystemTime) {
+        // The wake-up timer runs on a monotonic clock: after the wall clock
+        // jumped (a suspended VM, an NTP step) it may be far off. Each
+        // rescan asks for it afresh, so due retries go out within one
+        // rescan interval.
+        self.armed = None;
         for envelope in envelopes {
             let id = envelope.id.clone();
             let (due, held) = (envelope.next_attempt, envelope.held);
@@ -343,8 +350,9 @@ impl Scheduler {
         self.after_event();
     }
 
-    /// The answer to [`Command::Remove`], whether or not it succeeded: a
-    /// file that could not be removed is the spool's to report.
+    /// The answer to [`Command::Remove`], whether or not it succeeded (the
+    /// runner logs a failure; the file is then the next start-up's to
+    /// judge).
     pub(crate) fn removed(&mut self, id: &str) {
         self.removing.remove(id);
         self.after_event();
@@ -418,6 +426,10 @@ impl Scheduler {
 
     pub(crate) fn policy(&self) -> QueuePolicy {
         self.policy
+    }
+
+    pub(crate) fn mode(&self) -> Mode {
+        self.mode
     }
 
     /// Known here, or on its way out: a rescan must not pick it up.
@@ -718,7 +730,7 @@ mod tests {
     }
 
     fn temporary() -> DeliveryStatus {
-        DeliveryStatus::temporary("exit 75")
+        DeliveryStatus::system_temporary("exit 75")
     }
 
     fn permanent() -> DeliveryStatus {
@@ -1045,6 +1057,25 @@ mod tests {
         drop(guard);
         s.due(recheck);
         assert_eq!(dispatched(&s.take_commands()), vec![("A".to_string(), 0)]);
+    }
+
+    #[test]
+    fn every_rescan_asks_for_the_wake_up_afresh() {
+        let now = start_of_time();
+        let mut s = scheduler(16, true, Mode::Daemon);
+        let mut later = envelope("L", "a@x", 1, now);
+        later.next_attempt = now + Duration::from_secs(30);
+        s.picked_up(vec![later], now);
+        s.start();
+        assert_eq!(kinds(&s.take_commands()), vec!["wake"]);
+        s.enqueued(envelope("A", "a@x", 1, now), now);
+        assert!(!kinds(&s.take_commands()).contains(&"wake"));
+        // A rescan that finds nothing new still re-arms: the timer may have
+        // gone astray with the wall clock.
+        s.picked_up(Vec::new(), now + Duration::from_secs(5));
+        assert!(
+            matches!(&s.take_commands()[..], [Command::WakeAt(at)] if *at == now + Duration::from_secs(30))
+        );
     }
 
     #[test]
