@@ -104,6 +104,44 @@ fn check_reports_a_bad_spawner_with_its_line() {
 }
 
 #[test]
+fn check_refuses_a_delivery_user_serve_would_refuse_with_the_same_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = write(&dir.path().join("aliases"), "ok: |cat\n");
+    let config = write(
+        &dir.path().join("c.toml"),
+        &format!(
+            "[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n[delivery]\nuser = \"nosuchuser\"\n",
+            dir.path().join("spool").display()
+        ),
+    );
+    let expected = format!(
+        "{config}:6: delivery.user: no user \"nosuchuser\" on this system: expected the name of an existing unprivileged user"
+    );
+    let check = mailnode(&["check", "-c", &config]);
+    assert_eq!(check.status.code(), Some(78));
+    assert_eq!(String::from_utf8_lossy(&check.stderr).trim_end(), expected);
+    let control = dir.path().join("ctl.sock").display().to_string();
+    let serve = mailnode(&[
+        "serve",
+        "-c",
+        &config,
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics",
+        "off",
+        "--control",
+        &control,
+    ]);
+    assert_eq!(serve.status.code(), Some(78));
+    let said = String::from_utf8_lossy(&serve.stderr);
+    assert_eq!(
+        said.matches(&expected).count(),
+        1,
+        "said once, with its line: {said}"
+    );
+}
+
+#[test]
 fn unsupported_alias_kinds_are_warnings_not_errors() {
     let dir = tempfile::tempdir().unwrap();
     let aliases = write(

@@ -183,6 +183,11 @@ impl Checker<'_> {
                         "delivery.user: must not be \"root\": expected the name of an unprivileged user".to_string(),
                     );
                     d.user.clone()
+                } else if let Err(problem) = unprivileged_user(&user) {
+                    // The same test `serve` makes before it starts, here so
+                    // that `check` refuses what `serve` would.
+                    self.error(span, format!("delivery.user: {problem}"));
+                    d.user.clone()
                 } else {
                     user
                 }
@@ -543,6 +548,23 @@ impl Checker<'_> {
             ),
         );
         default
+    }
+}
+
+/// Whether `user` names an account programs may run as: one that exists
+/// (names are exact: " nobody", "ROOT" and "0" are no user) and has neither
+/// uid 0 nor gid 0.
+fn unprivileged_user(user: &str) -> Result<(), String> {
+    match nix::unistd::User::from_name(user) {
+        Ok(Some(found)) if found.uid.is_root() || found.gid.as_raw() == 0 => Err(format!(
+            "{user:?} has uid {} and gid {}: expected an unprivileged user, programs never run as root",
+            found.uid, found.gid
+        )),
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(format!(
+            "no user {user:?} on this system: expected the name of an existing unprivileged user"
+        )),
+        Err(e) => Err(format!("cannot look up user {user:?}: {e}")),
     }
 }
 

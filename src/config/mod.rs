@@ -845,10 +845,20 @@ hosts = [\"bogus\"]
             msg.starts_with("mailnode.toml:2: delivery.user: must not be empty"),
             "{msg}"
         );
-        assert_eq!(
-            ok("[delivery]\nuser = \"mailnode\"\n").delivery.user,
-            "mailnode"
-        );
+        assert_eq!(ok("[delivery]\nuser = \"mail\"\n").delivery.user, "mail");
+        // What `serve` would refuse at start, `check` refuses with its line.
+        for (user, says) in [
+            ("nosuchuser", "no user \"nosuchuser\" on this system"),
+            ("0", "no user \"0\" on this system"),
+            ("ROOT", "no user \"ROOT\" on this system"),
+            (" nobody", "no user \" nobody\" on this system"),
+        ] {
+            let msg = one_err(&format!("[delivery]\nuser = \"{user}\"\n"));
+            assert!(
+                msg.starts_with(&format!("mailnode.toml:2: delivery.user: {says}")),
+                "{user:?}: {msg}"
+            );
+        }
     }
 
     #[test]
