@@ -41,9 +41,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let spawner = spawn::choose(config.delivery.spawner)?;
     let (spool, writer) = Spool::open(&config.spool.path)?;
     let report = spool.scan()?;
-    for damaged in &report.corrupt {
-        tracing::error!("{damaged}; moved to corrupt/");
-    }
+    report.log_what_was_set_aside();
     let now = SystemTime::now();
     let due: Vec<Envelope> = report
         .envelopes

@@ -158,9 +158,7 @@ impl Node {
                 source,
             })?;
         let report = spool.scan()?;
-        for damaged in &report.corrupt {
-            tracing::error!("{damaged}; moved to corrupt/");
-        }
+        report.log_what_was_set_aside();
         if !report.envelopes.is_empty() || report.orphans_removed > 0 {
             tracing::info!(
                 queued = report.envelopes.len(),

@@ -460,3 +460,41 @@ fn inline_mode_answers_with_the_programs_verdict_and_queues_nothing() {
     assert_eq!(node.queue_files(), 0, "inline mode left a queue file");
     assert_eq!(node.incoming_files(), 0, "inline mode left a body behind");
 }
+
+#[test]
+fn a_fifo_and_a_socket_in_the_queue_do_not_keep_the_node_from_serving() {
+    let (dir, _outbox) = shared_tempdir();
+    let config = test_config(dir.path());
+    std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
+    let queue = config.spool.path.join("queue");
+    std::fs::create_dir_all(&queue).unwrap();
+    let fifo = std::ffi::CString::new(
+        queue
+            .join("0000000000001AA.msg")
+            .into_os_string()
+            .into_encoded_bytes(),
+    )
+    .unwrap();
+    // SAFETY: a plain system call on a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+    let _socket =
+        std::os::unix::net::UnixListener::bind(queue.join("0000000000002AA.msg")).unwrap();
+    let (started, up) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = started.send(mailnode::Node::start(config));
+    });
+    let node = up
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the node did not start within 10 s")
+        .expect("the node refused to start");
+    let mut client = Client::connect(node.local_addrs()[0]);
+    assert_eq!(client.reply().code, 220, "no greeting");
+    node.shutdown();
+    let corrupt = dir.path().join("spool").join("corrupt");
+    for name in ["0000000000001AA.msg", "0000000000002AA.msg"] {
+        assert!(
+            std::fs::symlink_metadata(corrupt.join(name)).is_ok(),
+            "{name} not set aside"
+        );
+    }
+}

@@ -53,7 +53,7 @@ pub enum UnreadableMessage {
 /// envelope says (`body_len`, see [`Envelope::body_len`]): damage found
 /// before a program or a relay could take a cut message as whole.
 pub fn open_message(path: &Path, body_len: Option<u64>) -> Result<File, UnreadableMessage> {
-    let file = File::open(path).map_err(|source| UnreadableMessage::Open {
+    let file = crate::spool::open_regular(path).map_err(|source| UnreadableMessage::Open {
         path: path.to_path_buf(),
         source,
     })?;

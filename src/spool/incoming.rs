@@ -136,7 +136,7 @@ pub(super) fn remove_abandoned(incoming: &Path) -> Result<(), SpoolError> {
 /// Whether another holder (a session receiving or committing the file)
 /// has it locked.
 pub(super) fn is_locked(path: &Path) -> bool {
-    File::open(path)
+    super::open_regular(path)
         .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
         .unwrap_or(false)
 }

@@ -61,6 +61,26 @@ pub(crate) use lock::QueueLock;
 pub use scan::read_queued;
 use writer::Job;
 
+/// Opens a spool file for reading without ever waiting on it: a FIFO or a
+/// socket someone left in the spool would block a plain open (or a read)
+/// for ever, and start-up with it. Anything but a regular file is refused
+/// (`InvalidInput`); symbolic links are not followed.
+pub(crate) fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)?;
+    if file.metadata()?.is_file() {
+        Ok(file)
+    } else {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a regular file",
+        ))
+    }
+}
+
 /// What can go wrong with the spool.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
@@ -792,5 +812,80 @@ mod tests {
             .unwrap()
             .set_modified(SystemTime::now() - Duration::from_secs(3600))
             .unwrap();
+    }
+
+    /// Runs `f` on a thread of its own; `None` if it has not ended in 10 s
+    /// (the thread is left behind, blocked where it hung).
+    fn within_seconds<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(Duration::from_secs(10)).ok()
+    }
+
+    #[test]
+    fn what_is_not_a_regular_file_is_set_aside_and_never_waited_on() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let queued = {
+            let (spool, writer) = Spool::open(dir.path()).unwrap();
+            let body = spool.begin(SystemTime::now()).unwrap();
+            let id = body.id().to_string();
+            spool
+                .commit(body, &mut envelope_for(&id))
+                .wait_blocking()
+                .unwrap();
+            drop(spool);
+            writer.join();
+            id
+        };
+        let queue = dir.path().join("queue");
+        let odd = [
+            "0000000000001AA.msg",
+            "0000000000002AA.msg",
+            "0000000000003AA.env",
+            "0000000000004AA.msg",
+        ];
+        nix::unistd::mkfifo(&queue.join(odd[0]), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let _socket = std::os::unix::net::UnixListener::bind(queue.join(odd[1])).unwrap();
+        nix::unistd::mkfifo(&queue.join(odd[2]), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        symlink("/dev/zero", queue.join(odd[3])).unwrap();
+        // A FIFO in incoming/ too: start-up's clean-up must not wait on it.
+        nix::unistd::mkfifo(
+            &dir.path().join("incoming").join("0000000000005AA.msg"),
+            nix::sys::stat::Mode::S_IRWXU,
+        )
+        .unwrap();
+        let root = dir.path().to_path_buf();
+        let report = within_seconds(move || {
+            let (spool, _writer) = Spool::open(&root).unwrap();
+            spool.scan().unwrap()
+        })
+        .expect("start-up waited on a FIFO or a socket");
+        let loaded: Vec<&str> = report.envelopes.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(loaded, vec![queued.as_str()]);
+        let mut set_aside = report.set_aside.clone();
+        set_aside.sort();
+        assert_eq!(
+            set_aside,
+            vec![
+                format!("queue/{} is a FIFO", odd[0]),
+                format!("queue/{} is a socket", odd[1]),
+                format!("queue/{} is a FIFO", odd[2]),
+                format!("queue/{} is a symbolic link", odd[3]),
+            ]
+        );
+        for name in odd {
+            assert!(
+                fs::symlink_metadata(dir.path().join("corrupt").join(name)).is_ok(),
+                "{name}"
+            );
+            assert!(fs::symlink_metadata(queue.join(name)).is_err(), "{name}");
+        }
+        assert_eq!(
+            fs::read_dir(dir.path().join("incoming")).unwrap().count(),
+            0
+        );
     }
 }

@@ -22,7 +22,10 @@ pub fn read_queued(queue: &Path, id: &str) -> Result<Envelope, SpoolError> {
         reason,
     };
     let path = queue.join(format!("{id}.env"));
-    let sealed = match fs::read(&path) {
+    let sealed = match super::open_regular(&path).and_then(|mut f| {
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+    }) {
         Ok(bytes) => return envelope::decode(&bytes).map_err(corrupt),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let body = queue.join(format!("{id}.msg"));
@@ -40,7 +43,7 @@ pub fn read_queued(queue: &Path, id: &str) -> Result<Envelope, SpoolError> {
 /// Reads the envelope a sealed queue file ends with.
 fn read_sealed(path: &Path) -> Result<Result<Envelope, EnvelopeError>, std::io::Error> {
     use std::os::unix::fs::FileExt;
-    let file = File::open(path)?;
+    let file = super::open_regular(path)?;
     let file_len = file.metadata()?.len();
     if file_len < TRAILER_LEN {
         return Ok(Err(EnvelopeError::Truncated));
@@ -71,7 +74,7 @@ fn read_sealed(path: &Path) -> Result<Result<Envelope, EnvelopeError>, std::io::
 /// committed.
 fn body_matches(path: &Path, check: BodyCheck) -> std::io::Result<bool> {
     use std::io::Read;
-    let mut body = File::open(path)?.take(check.len);
+    let mut body = super::open_regular(path)?.take(check.len);
     let mut crc = crc32fast::Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut len = 0u64;
@@ -95,6 +98,22 @@ pub struct ScanReport {
     /// Updated envelopes whose message a removal had already taken,
     /// removed.
     pub orphans_removed: usize,
+    /// What was found in `queue/` that is not a regular file (a FIFO, a
+    /// socket, a link, a directory), each moved to `corrupt/`, as
+    /// `queue/NAME is a KIND`.
+    pub set_aside: Vec<String>,
+}
+
+impl ScanReport {
+    /// Names in the log, one line each, what start-up moved to `corrupt/`.
+    pub(crate) fn log_what_was_set_aside(&self) {
+        for odd in &self.set_aside {
+            tracing::error!("{odd}; moved to corrupt/");
+        }
+        for damaged in &self.corrupt {
+            tracing::error!("{damaged}; moved to corrupt/");
+        }
+    }
 }
 
 impl Spool {
@@ -140,10 +159,20 @@ impl Spool {
             .map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
         let mut message_ids = Vec::new();
         let mut updated_ids = Vec::new();
+        let mut report = ScanReport::default();
         for entry in entries {
             let entry =
                 entry.map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(kind) = not_a_file(&entry) {
+                // Nothing mailnode writes; opening a FIFO would wait for a
+                // writer for ever. Set aside where an operator looks.
+                let to = self.inner.corrupt.join(entry.file_name());
+                fs::rename(entry.path(), &to)
+                    .map_err(|e| SpoolError::io(format!("set aside queue/{name} ({kind})"), e))?;
+                report.set_aside.push(format!("queue/{name} is a {kind}"));
+                continue;
+            }
             if let Some(id) = name.strip_suffix(".msg") {
                 message_ids.push(id.to_string());
             } else if let Some(id) = name.strip_suffix(".env") {
@@ -153,7 +182,6 @@ impl Spool {
             }
         }
         message_ids.sort();
-        let mut report = ScanReport::default();
         for id in &updated_ids {
             // A removal takes the message first, its updated envelope
             // second: alone, the envelope is a crash's leftover.
@@ -201,6 +229,26 @@ impl Spool {
         boot.record(&self.inner.root);
         Ok(report)
     }
+}
+
+/// What kind of thing a directory entry is, if not a regular file (a
+/// symbolic link counts as not one: it is never followed).
+fn not_a_file(entry: &fs::DirEntry) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    let kind = entry.file_type().ok()?;
+    Some(if kind.is_file() {
+        return None;
+    } else if kind.is_fifo() {
+        "FIFO"
+    } else if kind.is_socket() {
+        "socket"
+    } else if kind.is_symlink() {
+        "symbolic link"
+    } else if kind.is_dir() {
+        "directory"
+    } else {
+        "device"
+    })
 }
 
 /// What start-up makes of one file in `queue/`.
