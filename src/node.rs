@@ -114,6 +114,11 @@ impl Node {
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
         let spawner = delivery::spawn::choose(config.delivery.spawner)?;
         telemetry::install();
+        // One queue runner per spool; a second `serve` waits a little (a
+        // restart racing its predecessor's exit), then says so. Taken before
+        // any port is opened: a node that may not start must not accept
+        // connections it would only reset.
+        let lock = QueueLock::acquire(&config.spool.path, "serve", SERVE_LOCK_WAIT)?;
         let metrics_listener = match config.metrics.listen {
             Some(addr) => Some(listen_on(&addr)?),
             None => None,
@@ -146,9 +151,6 @@ impl Node {
             })?);
             listeners.push(listener);
         }
-        // One queue runner per spool; a second `serve` waits a little (a
-        // restart racing its predecessor's exit), then says so.
-        let lock = QueueLock::acquire(&config.spool.path, "serve", SERVE_LOCK_WAIT)?;
         let (spool, writer) = Spool::open(&config.spool.path)?;
         // After the queue lock: a second `serve` must not take over the
         // first one's socket.

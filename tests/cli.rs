@@ -615,6 +615,51 @@ fn inetd_mode_over_pipes_delivers_before_it_exits() {
 }
 
 #[test]
+fn a_second_serve_opens_no_port_while_it_waits_for_the_spool() {
+    let (dir, _outbox) = shared_tempdir();
+    let config = binary_config(dir.path(), "ok: |cat > /dev/null\n", "");
+    let _first = serve(&["-c", &config], dir.path(), &[]);
+    let port = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap().port()
+    };
+    let control = dir.path().join("second.sock").display().to_string();
+    let listen = format!("127.0.0.1:{port}");
+    let mut second = Command::new(BIN)
+        .args([
+            "serve",
+            "-c",
+            &config,
+            "--listen",
+            &listen,
+            "--metrics",
+            "off",
+        ])
+        .args(["--control", &control])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("serve runs");
+    // Its wait for the spool lock lasts seconds; nothing may answer there
+    // meanwhile (it would only reset the connection later).
+    let mut tries = 0;
+    while second.try_wait().unwrap().is_none() {
+        assert!(
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+            "the second serve accepted a connection while it waited for the lock"
+        );
+        tries += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(tries > 10, "the second serve gave up too soon to tell");
+    let out = second.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(75));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("in use by another mailnode queue runner")
+    );
+}
+
+#[test]
 fn queue_runners_exclude_each_other_and_runq_finishes_what_serve_left() {
     let (dir, outbox) = shared_tempdir();
     let o = outbox.display().to_string();

@@ -4,7 +4,6 @@
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use super::{BodyCheck, SpoolError};
 
@@ -115,10 +114,6 @@ impl Drop for IncomingBody {
     }
 }
 
-/// A file younger than this in `incoming/` or a `.tmp` may be another
-/// process's work in progress; older ones are a crash's leftovers.
-const ABANDONED_AFTER: Duration = Duration::from_secs(120);
-
 /// Removes bodies no live session holds (each holds an exclusive lock on
 /// its body), and envelopes older versions left there.
 pub(super) fn remove_abandoned(incoming: &Path) -> Result<(), SpoolError> {
@@ -139,13 +134,4 @@ pub(super) fn is_locked(path: &Path) -> bool {
     super::open_regular(path)
         .map(|f| matches!(f.try_lock(), Err(std::fs::TryLockError::WouldBlock)))
         .unwrap_or(false)
-}
-
-pub(super) fn is_old(entry: &fs::DirEntry) -> bool {
-    entry
-        .metadata()
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .is_some_and(|age| age > ABANDONED_AFTER)
 }

@@ -888,4 +888,56 @@ mod tests {
             0
         );
     }
+
+    #[test]
+    fn every_leftover_is_named_and_what_may_be_mail_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let queued = {
+            let (spool, writer) = Spool::open(dir.path()).unwrap();
+            let body = spool.begin(SystemTime::now()).unwrap();
+            let id = body.id().to_string();
+            spool
+                .commit(body, &mut envelope_for(&id))
+                .wait_blocking()
+                .unwrap();
+            drop(spool);
+            writer.join();
+            id
+        };
+        let queue = dir.path().join("queue");
+        // A fresh unfinished update (the queue lock is ours: nobody else
+        // is writing it), an envelope without its message, and a file of a
+        // name mailnode never writes.
+        fs::write(queue.join(format!("{queued}.env.tmp")), b"half").unwrap();
+        fs::write(
+            queue.join("0000000000009ZZ.env"),
+            encode(&envelope_for("0000000000009ZZ")),
+        )
+        .unwrap();
+        fs::write(queue.join("urgent.eml"), b"Subject: by hand\n\nkeep me\n").unwrap();
+        let (spool, _writer) = Spool::open(dir.path()).unwrap();
+        let report = spool.scan().unwrap();
+        assert_eq!(report.envelopes.len(), 1);
+        assert_eq!(
+            report.removed,
+            vec![
+                format!("queue/{queued}.env.tmp, an unfinished envelope update"),
+                "queue/0000000000009ZZ.env, the envelope of a message already removed".to_string(),
+            ]
+        );
+        assert_eq!(
+            report.set_aside,
+            vec!["queue/urgent.eml is no queue file".to_string()]
+        );
+        assert_eq!(
+            fs::read(dir.path().join("corrupt/urgent.eml")).unwrap(),
+            b"Subject: by hand\n\nkeep me\n"
+        );
+        let mut left: Vec<String> = fs::read_dir(&queue)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec![format!("{queued}.msg")]);
+    }
 }

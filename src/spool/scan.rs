@@ -7,7 +7,7 @@ use std::fs::{self, File};
 use std::io::Write;
 use std::path::Path;
 
-use super::incoming::{is_locked, is_old, SEAL_MARK, TRAILER_LEN};
+use super::incoming::{is_locked, SEAL_MARK, TRAILER_LEN};
 use super::{envelope, id, BodyCheck, Envelope, EnvelopeError, Spool, SpoolError};
 
 /// Reads the envelope of message `id` in the queue directory `queue`: the
@@ -98,15 +98,20 @@ pub struct ScanReport {
     /// Updated envelopes whose message a removal had already taken,
     /// removed.
     pub orphans_removed: usize,
-    /// What was found in `queue/` that is not a regular file (a FIFO, a
-    /// socket, a link, a directory), each moved to `corrupt/`, as
-    /// `queue/NAME is a KIND`.
+    /// What was found in `queue/` that is not a queue file (a FIFO, a
+    /// socket, a link, a directory, a name mailnode never writes), each
+    /// moved to `corrupt/`, as `queue/NAME is ...`.
     pub set_aside: Vec<String>,
+    /// Leftovers of crashes that hold no mail, deleted, as `queue/NAME, why`.
+    pub removed: Vec<String>,
 }
 
 impl ScanReport {
     /// Names in the log, one line each, what start-up moved to `corrupt/`.
     pub(crate) fn log_what_was_set_aside(&self) {
+        for leftover in &self.removed {
+            tracing::info!("removed {leftover}");
+        }
         for odd in &self.set_aside {
             tracing::error!("{odd}; moved to corrupt/");
         }
@@ -143,9 +148,10 @@ impl Spool {
         Ok(found)
     }
 
-    /// Reads every queued envelope (start-up). Removes leftovers of crashes:
-    /// updated envelopes of removed messages and half-written updates;
-    /// moves damaged messages to `corrupt/`.
+    /// Reads every queued envelope (start-up, with the queue lock held).
+    /// Removes leftovers of crashes (updated envelopes of removed messages,
+    /// half-written updates) and moves damaged messages and whatever is not
+    /// a queue file to `corrupt/`; the report names each.
     ///
     /// After the machine has restarted (its boot id differs from the one
     /// recorded in the spool) every body is also read against its
@@ -177,8 +183,23 @@ impl Spool {
                 message_ids.push(id.to_string());
             } else if let Some(id) = name.strip_suffix(".env") {
                 updated_ids.push(id.to_string());
-            } else if name.ends_with(".env.tmp") && is_old(&entry) {
+            } else if name.ends_with(".env.tmp") {
+                // Only the holder of the queue lock (we are) updates
+                // envelopes: this is an update a crash cut short, and the
+                // envelope it was replacing is still in place.
                 let _ = fs::remove_file(entry.path());
+                report
+                    .removed
+                    .push(format!("queue/{name}, an unfinished envelope update"));
+            } else {
+                // Not a name mailnode writes; it may be mail someone put
+                // here by hand. Kept where an operator looks.
+                let to = self.inner.corrupt.join(entry.file_name());
+                fs::rename(entry.path(), &to)
+                    .map_err(|e| SpoolError::io(format!("set aside queue/{name}"), e))?;
+                report
+                    .set_aside
+                    .push(format!("queue/{name} is no queue file"));
             }
         }
         message_ids.sort();
@@ -188,6 +209,9 @@ impl Spool {
             if message_ids.binary_search(id).is_err() && !self.body_path(id).exists() {
                 let _ = fs::remove_file(queue.join(format!("{id}.env")));
                 report.orphans_removed += 1;
+                report.removed.push(format!(
+                    "queue/{id}.env, the envelope of a message already removed"
+                ));
             }
         }
         let boot = BootId::check(&self.inner.root);
