@@ -39,7 +39,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let lock = QueueLock::acquire(&config.spool.path, "runq", Duration::ZERO)?;
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let spawner = spawn::choose(config.delivery.spawner)?;
-    let (spool, writer) = Spool::open(&config.spool.path)?;
+    let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let report = spool.scan()?;
     report.log_what_was_set_aside();
     let now = SystemTime::now();
@@ -93,7 +93,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     }
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let spawner = spawn::choose(config.delivery.spawner)?;
-    let (spool, writer) = Spool::open(&config.spool.path)?;
+    let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let address = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let client = ClientInfo {
         address,

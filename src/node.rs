@@ -151,7 +151,7 @@ impl Node {
             })?);
             listeners.push(listener);
         }
-        let (spool, writer) = Spool::open(&config.spool.path)?;
+        let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
         // After the queue lock: a second `serve` must not take over the
         // first one's socket.
         let control_listener = actors::control_server::bind(&control_path, config.control.mode)

@@ -187,6 +187,26 @@ fn every_control_command_end_to_end() {
     let dsn = sink.wait_for(1);
     assert_eq!(dsn[0].rcpts, vec!["alice@example.org".to_string()]);
     assert!(String::from_utf8_lossy(&dsn[0].data).contains("returned by the operator"));
+    assert!(
+        wait_for(Duration::from_secs(20), || state_of(&ctl, &returned)
+            .is_none()
+            .then_some(()))
+        .is_some()
+    );
+
+    // Deleted and returned mail is gone from the disk: no copy is kept
+    // for reuse (each message names its id in its Received header).
+    for gone in [&doomed, &returned] {
+        let mark = format!(" id {gone}");
+        let kept = files_under(&node.spool)
+            .into_iter()
+            .filter(|f| {
+                std::fs::read(f)
+                    .is_ok_and(|bytes| bytes.windows(mark.len()).any(|w| w == mark.as_bytes()))
+            })
+            .collect::<Vec<_>>();
+        assert!(kept.is_empty(), "{gone} is still on disk: {kept:?}");
+    }
 
     // Unknown ids are errors (exit 1), not crashes.
     let (code, _, err) = ctl.run(true, &["queue", "show", "0000000000000XX"]);
@@ -245,4 +265,20 @@ fn a_peer_of_another_uid_is_refused() {
     let said = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("permission denied"), "{said}");
+}
+
+/// Every regular file under `dir`, at any depth.
+fn files_under(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            match entry.file_type() {
+                Ok(t) if t.is_dir() => dirs.push(entry.path()),
+                Ok(t) if t.is_file() => found.push(entry.path()),
+                _ => {}
+            }
+        }
+    }
+    found
 }

@@ -420,6 +420,16 @@ class Mailnode(Server):
             if name.startswith("serve-") and name.endswith(".stderr"):
                 os.remove(os.path.join(self.dir, name))
 
+    @property
+    def spool_extra(self):
+        # BENCH_REUSE_FILES=false measures the cost of [spool] reuse_files = false.
+        value = os.environ.get("BENCH_REUSE_FILES", "").strip().lower()
+        if value in ("", "true"):
+            return ""
+        if value != "false":
+            raise BenchError(f"BENCH_REUSE_FILES: expected true or false, got {value!r}")
+        return "reuse_files = false\n"
+
     def write_config(self, label, mode="queue", alias_lines=None):
         aliases = os.path.join(self.dir, f"aliases-{label}")
         if alias_lines is None:
@@ -442,7 +452,7 @@ path = "{aliases}"
 
 [spool]
 path = "{self.spool}"
-
+{self.spool_extra}
 [delivery]
 mode = "{mode}"
 

@@ -16,7 +16,7 @@ use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
 use crate::queue::scheduler::{Command, Mode, Removal, Scheduler};
 use crate::queue::{InFlight, QueueCounts};
-use crate::spool::{Envelope, Spool};
+use crate::spool::{Disposal, Envelope, Spool};
 
 /// How often the queue size gauges are brought up to date.
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
@@ -133,11 +133,17 @@ impl QueueRunner {
                     }));
                 }
                 Command::Remove { id, why } => {
-                    let removal = self.spool.remove(&id).wait();
+                    // Only a delivered message's files may hold the next
+                    // ones: deleted or returned mail leaves no copy behind.
+                    let disposal = match why {
+                        Removal::Delivered => Disposal::Recycle,
+                        Removal::Returned | Removal::Deleted => Disposal::Erase,
+                    };
+                    let removal = self.spool.remove(&id, disposal).wait();
                     ctx.spawn(removal.into_actor(self).map(move |result, act, ctx| {
                         if let Err(e) = result {
                             match why {
-                                Removal::Finished => tracing::error!(queue_id = %id, "cannot remove finished message: {e}"),
+                                Removal::Delivered | Removal::Returned => tracing::error!(queue_id = %id, "cannot remove finished message: {e}"),
                                 Removal::Deleted => tracing::error!(queue_id = %id, "cannot delete message: {e}"),
                             }
                         }

@@ -73,6 +73,10 @@ impl Checker<'_> {
             },
             spool: SpoolConfig {
                 path: self.path("spool.path", raw.spool.path, SpoolConfig::default().path),
+                reuse_files: raw
+                    .spool
+                    .reuse_files
+                    .unwrap_or(SpoolConfig::default().reuse_files),
             },
             delivery: self.delivery(raw.delivery),
             queue: self.queue(raw.queue),

@@ -15,7 +15,7 @@ pub(super) struct RawConfig {
     pub(super) hostname: Text,
     pub(super) smtp: RawSmtp,
     pub(super) aliases: RawPath,
-    pub(super) spool: RawPath,
+    pub(super) spool: RawSpool,
     pub(super) delivery: RawDelivery,
     pub(super) queue: RawQueue,
     pub(super) relay: RawRelay,
@@ -39,6 +39,13 @@ pub(super) struct RawSmtp {
     pub(super) data_timeout: Text,
     pub(super) local_domains: TextList,
     pub(super) bare_lf: Text,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawSpool {
+    pub(super) path: Text,
+    pub(super) reuse_files: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

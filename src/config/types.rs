@@ -157,12 +157,17 @@ impl Default for AliasesConfig {
 pub struct SpoolConfig {
     /// Path of the spool directory, as written.
     pub path: PathBuf,
+    /// Keep the files of delivered messages in `spare/` to hold the next
+    /// ones (creating files is the dearest thing a message costs the file
+    /// system); off, every removed file is unlinked at once.
+    pub reuse_files: bool,
 }
 
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
             path: PathBuf::from("var/spool"),
+            reuse_files: true,
         }
     }
 }

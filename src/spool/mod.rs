@@ -59,6 +59,7 @@ use incoming::remove_abandoned;
 pub(crate) use incoming::IncomingBody;
 pub(crate) use lock::QueueLock;
 pub use scan::read_queued;
+pub(crate) use spare::Disposal;
 use writer::Job;
 
 /// Opens a spool file for reading without ever waiting on it: a FIFO or a
@@ -167,11 +168,19 @@ impl SpoolWriter {
 }
 
 impl Spool {
+    /// [`Spool::open_with`] with files reused, as by default.
+    #[cfg(test)]
+    pub fn open(root: &Path) -> Result<(Spool, SpoolWriter), SpoolError> {
+        Self::open_with(root, true)
+    }
+
     /// Opens (creating if needed) the spool at `root`, clears what crashed
     /// sessions left in `incoming/` and starts the writer thread. Any number
     /// of processes may write to one spool (`serve`, `inetd` sessions); only
-    /// the holder of the [`QueueLock`] works the queue.
-    pub fn open(root: &Path) -> Result<(Spool, SpoolWriter), SpoolError> {
+    /// the holder of the [`QueueLock`] works the queue. `reuse_files`
+    /// (`[spool] reuse_files`) keeps delivered messages' files for the next
+    /// ones; without it `spare/` is emptied at once.
+    pub fn open_with(root: &Path, reuse_files: bool) -> Result<(Spool, SpoolWriter), SpoolError> {
         let incoming = root.join("incoming");
         let queue = root.join("queue");
         let corrupt = root.join("corrupt");
@@ -193,7 +202,7 @@ impl Spool {
         // can hold new mail.
         writer::sync_dir(&queue)?;
         let spares = Arc::new(
-            spare::Spares::load(spare.clone())
+            spare::Spares::load(spare.clone(), reuse_files)
                 .map_err(|e| SpoolError::io(format!("read {}", spare.display()), e))?,
         );
         let (jobs, rx) = crossbeam_channel::unbounded();
@@ -305,9 +314,13 @@ impl Spool {
     /// between brings the message back to be delivered again: mail is
     /// never lost that way, at worst delivered twice, as it is anyway when
     /// a power cut falls between a program's exit and its record.
-    pub fn remove(&self, id: &str) -> Pending {
+    pub fn remove(&self, id: &str, disposal: Disposal) -> Pending {
         let id = id.to_string();
-        self.submit(|reply| Job::Remove { id, reply })
+        self.submit(|reply| Job::Remove {
+            id,
+            disposal,
+            reply,
+        })
     }
 
     /// Where a queued message's body is.
@@ -403,7 +416,10 @@ mod tests {
         spool.update(env.clone()).wait_blocking().unwrap();
         assert_eq!(spool.read_envelope(&id).unwrap(), env);
 
-        spool.remove(&id).wait_blocking().unwrap();
+        spool
+            .remove(&id, Disposal::Recycle)
+            .wait_blocking()
+            .unwrap();
         assert!(matches!(
             spool.read_envelope(&id),
             Err(SpoolError::NotFound(_))
@@ -445,7 +461,10 @@ mod tests {
             .wait_blocking()
             .unwrap();
         let old_inode = fs::metadata(spool.body_path(&id)).unwrap().ino();
-        spool.remove(&id).wait_blocking().unwrap();
+        spool
+            .remove(&id, Disposal::Recycle)
+            .wait_blocking()
+            .unwrap();
         // Not durable yet (a removal alone waits for a directory fsync to
         // share): a power cut could bring `id` back, so its body must not
         // hold new mail.
@@ -939,5 +958,53 @@ mod tests {
             .collect();
         left.sort();
         assert_eq!(left, vec![format!("{queued}.msg")]);
+    }
+
+    #[test]
+    fn erased_mail_and_a_spool_without_reuse_keep_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let commit = |spool: &Spool, text: &[u8]| {
+            let mut body = spool.begin(SystemTime::now()).unwrap();
+            body.append(text).unwrap();
+            let id = body.id().to_string();
+            spool
+                .commit(body, &mut envelope_for(&id))
+                .wait_blocking()
+                .unwrap();
+            id
+        };
+        let spare = dir.path().join("spare");
+        let spares = || fs::read_dir(&spare).unwrap().count();
+        {
+            let (spool, writer) = Spool::open_with(dir.path(), true).unwrap();
+            let delivered = commit(&spool, b"delivered\n");
+            let deleted = commit(&spool, b"deleted\n");
+            spool
+                .remove(&delivered, Disposal::Recycle)
+                .wait_blocking()
+                .unwrap();
+            spool
+                .remove(&deleted, Disposal::Erase)
+                .wait_blocking()
+                .unwrap();
+            // The delivered message's file waits in spare/; the deleted one's
+            // is nowhere.
+            assert!(spare.join(format!("{delivered}.msg")).exists());
+            assert!(!spare.join(format!("{deleted}.msg")).exists());
+            assert!(!spool.body_path(&deleted).exists());
+            assert_eq!(spares(), 1);
+            drop(spool);
+            writer.join();
+        }
+        // Without reuse: spare/ is emptied at start, and nothing is kept.
+        let (spool, _writer) = Spool::open_with(dir.path(), false).unwrap();
+        assert_eq!(spares(), 0);
+        let delivered = commit(&spool, b"delivered too\n");
+        spool
+            .remove(&delivered, Disposal::Recycle)
+            .wait_blocking()
+            .unwrap();
+        assert_eq!(spares(), 0);
+        assert!(!spool.body_path(&delivered).exists());
     }
 }

@@ -18,7 +18,9 @@
 //! still followed by a directory fsync. Like unlinked files' blocks, spares
 //! keep old bytes until overwritten, inside the spool's private
 //! directories; only files up to [`MAX_SPARE_SIZE`] are kept, at most
-//! [`MAX_SPARES`] of them.
+//! [`MAX_SPARES`] of them. Only delivered messages are recycled: one deleted
+//! by an operator or returned to its sender is unlinked, and with
+//! `[spool] reuse_files = false` every file is, and `spare/` is emptied.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::ErrorKind;
@@ -63,25 +65,44 @@ pub(super) enum Existing {
     Truncate,
 }
 
+/// What becomes of a removed message's files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposal {
+    /// Delivered: its files may hold the next messages (when
+    /// `[spool] reuse_files` is on).
+    Recycle,
+    /// Deleted by an operator or returned to its sender: unlinked, so no
+    /// copy of it stays in `spare/`.
+    Erase,
+}
+
 /// A file moved to `spare/` whose removal from `queue/` is not yet durable.
 #[derive(Debug)]
 pub(super) struct Retired(PathBuf, u64);
 
 pub(super) struct Spares {
     dir: PathBuf,
+    /// `[spool] reuse_files`.
+    reuse: bool,
     /// Each spare with its length.
     names: Mutex<Vec<(PathBuf, u64)>>,
 }
 
 impl Spares {
     /// Takes stock of `dir` (created by the caller). Files beyond the
-    /// limits, from a node that ran with larger ones, are removed.
-    pub(super) fn load(dir: PathBuf) -> std::io::Result<Spares> {
+    /// limits, from a node that ran with larger ones, are removed; without
+    /// `reuse`, all of them are.
+    pub(super) fn load(dir: PathBuf, reuse: bool) -> std::io::Result<Spares> {
         let mut names = Vec::new();
         for entry in fs::read_dir(&dir)?.flatten() {
             let path = entry.path();
             match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() && m.len() <= MAX_SPARE_SIZE && names.len() < MAX_SPARES => {
+                Ok(m)
+                    if reuse
+                        && m.is_file()
+                        && m.len() <= MAX_SPARE_SIZE
+                        && names.len() < MAX_SPARES =>
+                {
                     names.push((path, m.len()));
                 }
                 _ => {
@@ -91,6 +112,7 @@ impl Spares {
         }
         Ok(Spares {
             dir,
+            reuse,
             names: Mutex::new(names),
         })
     }
@@ -153,16 +175,21 @@ impl Spares {
         })
     }
 
-    /// Takes a file out of `queue/`: moved to `spare/` if it is small and
-    /// there is room, else unlinked. A file already gone is not an error.
+    /// Takes a file out of `queue/`: moved to `spare/` if `recycle` allows
+    /// it, reuse is on, the file is small and there is room; else unlinked.
+    /// A file already gone is not an error.
     ///
     /// A moved file comes back as a [`Retired`], not yet reusable: until a
     /// directory fsync of `queue/` has made its removal durable, a power cut
     /// could bring the old entry back, and it must not then point at a new
     /// message's bytes. The writer hands it to [`Spares::release`] after
     /// that fsync.
-    pub(super) fn retire(&self, path: &Path) -> std::io::Result<Option<Retired>> {
-        let room = {
+    pub(super) fn retire(
+        &self,
+        path: &Path,
+        recycle: Disposal,
+    ) -> std::io::Result<Option<Retired>> {
+        let room = self.reuse && recycle == Disposal::Recycle && {
             let names = self.names.lock().unwrap_or_else(PoisonError::into_inner);
             names.len() < MAX_SPARES
         };
@@ -224,7 +251,7 @@ mod tests {
     fn spares_in(tmp: &Path) -> Spares {
         let dir = tmp.join("spare");
         fs::create_dir_all(&dir).unwrap();
-        Spares::load(dir).unwrap()
+        Spares::load(dir, true).unwrap()
     }
 
     #[test]
@@ -234,7 +261,7 @@ mod tests {
         let old = tmp.path().join("old.msg");
         fs::write(&old, b"yesterday's mail").unwrap();
         let inode = fs::metadata(&old).unwrap().ino();
-        let retired = spares.retire(&old).unwrap();
+        let retired = spares.retire(&old, Disposal::Recycle).unwrap();
         assert_eq!(spares.count(), 0, "reusable before the removal is durable");
         spares.release(retired);
         assert!(!old.exists());
@@ -261,7 +288,7 @@ mod tests {
         let spares = spares_in(tmp.path());
         let spare_source = tmp.path().join("s.env");
         fs::write(&spare_source, b"x").unwrap();
-        let retired = spares.retire(&spare_source).unwrap();
+        let retired = spares.retire(&spare_source, Disposal::Recycle).unwrap();
         spares.release(retired);
         let taken = tmp.path().join("taken.msg");
         fs::write(&taken, b"someone else's").unwrap();
@@ -286,24 +313,26 @@ mod tests {
         )
         .unwrap();
         fs::write(spare_dir.join("small.msg"), b"x").unwrap();
-        let spares = Spares::load(spare_dir.clone()).unwrap();
+        let spares = Spares::load(spare_dir.clone(), true).unwrap();
         assert_eq!(spares.count(), 1);
         assert!(!spare_dir.join("huge.msg").exists());
 
         let big = tmp.path().join("big.msg");
         fs::write(&big, vec![b'x'; MAX_SPARE_SIZE as usize + 1]).unwrap();
-        assert!(spares.retire(&big).unwrap().is_none());
+        assert!(spares.retire(&big, Disposal::Recycle).unwrap().is_none());
         assert!(!big.exists());
         assert!(!spare_dir.join("big.msg").exists());
         assert_eq!(spares.count(), 1);
-        spares.retire(&tmp.path().join("gone.msg")).unwrap();
+        spares
+            .retire(&tmp.path().join("gone.msg"), Disposal::Recycle)
+            .unwrap();
 
         for n in spares.count()..MAX_SPARES {
             spares.give_back((spare_dir.join(format!("placeholder{n}")), 0));
         }
         let extra = tmp.path().join("extra.msg");
         fs::write(&extra, b"x").unwrap();
-        let retired = spares.retire(&extra).unwrap();
+        let retired = spares.retire(&extra, Disposal::Recycle).unwrap();
         spares.release(retired);
         assert!(!extra.exists());
         assert!(!spare_dir.join("extra.msg").exists());
@@ -316,7 +345,7 @@ mod tests {
         for name in ["a.msg", "b.msg"] {
             let path = tmp.path().join(name);
             fs::write(&path, b"x").unwrap();
-            let retired = spares.retire(&path).unwrap();
+            let retired = spares.retire(&path, Disposal::Recycle).unwrap();
             spares.release(retired);
         }
         // The other process renames the most recent spare away.

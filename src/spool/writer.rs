@@ -13,7 +13,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError};
 use tokio::sync::oneshot;
 
 use super::envelope::{encode, Envelope};
-use super::spare::{Existing, Retired, Spares};
+use super::spare::{Disposal, Existing, Retired, Spares};
 use super::SpoolError;
 
 /// Most jobs taken into one batch: enough to share fsyncs, few enough that
@@ -32,7 +32,11 @@ pub(super) enum Job {
     /// Forget a message: the queue file first, so a crash leaves at most
     /// an updated envelope without its message, which start-up removes.
     /// Answered before the directory fsync (see [`REMOVAL_SYNC_DELAY`]).
-    Remove { id: String, reply: Reply },
+    Remove {
+        id: String,
+        disposal: Disposal,
+        reply: Reply,
+    },
 }
 
 /// How long a removal may wait for a directory fsync to share. Removals do
@@ -122,9 +126,13 @@ fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, unsynced: &mut 
                 reply,
                 result: update_one(&envelope, queue, spares),
             },
-            Job::Remove { id, reply } => Done {
+            Job::Remove {
+                id,
+                disposal,
                 reply,
-                result: remove_one(&id, queue, spares, &mut unsynced.retired),
+            } => Done {
+                reply,
+                result: remove_one(&id, disposal, queue, spares, &mut unsynced.retired),
             },
         });
     }
@@ -192,6 +200,7 @@ fn update_one(envelope: &Envelope, queue: &Path, spares: &Spares) -> Result<(), 
 
 fn remove_one(
     id: &str,
+    disposal: Disposal,
     queue: &Path,
     spares: &Spares,
     retired: &mut Vec<Retired>,
@@ -199,7 +208,7 @@ fn remove_one(
     for ext in ["msg", "env"] {
         let path = queue.join(format!("{id}.{ext}"));
         let moved = spares
-            .retire(&path)
+            .retire(&path, disposal)
             .map_err(|e| io_err("remove", &path, e))?;
         retired.extend(moved);
     }

@@ -67,9 +67,11 @@ pub(crate) enum Command {
 /// Why a message leaves the spool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Removal {
-    /// Every recipient delivered or returned.
-    Finished,
-    /// `ctl queue delete`.
+    /// Every recipient delivered: its files may be reused.
+    Delivered,
+    /// Done, some of it returned to its sender: erased, not reused.
+    Returned,
+    /// `ctl queue delete`: erased, not reused.
     Deleted,
 }
 
@@ -598,7 +600,17 @@ impl Scheduler {
         );
         match step {
             Step::Remove => {
-                self.remove(id, Removal::Finished);
+                let returned = t
+                    .envelope
+                    .deliveries
+                    .iter()
+                    .any(|d| d.state == DeliveryState::Bounced);
+                let why = if returned {
+                    Removal::Returned
+                } else {
+                    Removal::Delivered
+                };
+                self.remove(id, why);
                 tracing::info!(queue_id = %id, "done with every recipient; removed");
             }
             Step::Defer(until) => {
@@ -783,7 +795,7 @@ mod tests {
         s.delivered("A".into(), 1, report(DeliveryStatus::DELIVERED), now);
         let commands = s.take_commands();
         assert!(
-            matches!(&commands[..], [Command::Remove { id, why: Removal::Finished }] if id == "A"),
+            matches!(&commands[..], [Command::Remove { id, why: Removal::Delivered }] if id == "A"),
             "{commands:?}"
         );
         assert!(
@@ -875,7 +887,14 @@ mod tests {
         s.bounced("A".into(), vec![0], DeliveryStatus::DELIVERED, now);
         assert_eq!(kinds(&s.take_commands()), vec!["record"]);
         s.recorded("A".into(), Ok(()), now);
-        assert_eq!(kinds(&s.take_commands()), vec!["remove"]);
+        // Returned mail is erased, never kept for reuse.
+        assert!(matches!(
+            &s.take_commands()[..],
+            [Command::Remove {
+                why: Removal::Returned,
+                ..
+            }]
+        ));
     }
 
     #[test]
@@ -956,6 +975,18 @@ mod tests {
         let _ = s.take_commands();
         assert_eq!(s.delete("A"), Err(OperatorError::NotQueued("A".into())));
         assert_eq!(s.view("B").map(|v| v.state), Ok(MessageState::Active));
+        s.delivered("B".into(), 0, report(temporary()), now);
+        s.recorded("B".into(), Ok(()), now);
+        let _ = s.take_commands();
+        s.delete("B").unwrap();
+        // Deleted mail is erased, never kept for reuse.
+        assert!(matches!(
+            &s.take_commands()[..],
+            [Command::Remove {
+                why: Removal::Deleted,
+                ..
+            }]
+        ));
     }
 
     #[test]
