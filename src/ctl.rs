@@ -17,7 +17,7 @@ use crate::DEFAULT_CONFIG;
 pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words: &[String]) -> u8 {
     let Some(request) = request(words) else {
         eprintln!(
-            "mailnode ctl: unknown command {:?}; try: status, queue [show|flush|delete|hold|release|bounce ID], aliases reload, aliases lookup ADDRESS, pause, resume",
+            "mailnode ctl: unknown command {:?}; try: status, queue [--limit N] [--after ID], queue show|flush|delete|hold|release|bounce ID, aliases reload, aliases lookup ADDRESS, pause, resume",
             words.join(" ")
         );
         return EX_USAGE;
@@ -63,6 +63,18 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
         );
     } else {
         print_human(&request, &data);
+        if let (Some(true), Some(last)) = (response.more, data.as_array().and_then(|a| a.last())) {
+            let limit = match &request {
+                Request::QueueList {
+                    limit: Some(limit), ..
+                } => format!(" --limit {limit}"),
+                _ => String::new(),
+            };
+            println!(
+                "-- more follow: mailnode ctl queue{limit} --after {}",
+                scalar(&last["id"])
+            );
+        }
     }
     0
 }
@@ -87,7 +99,6 @@ fn request(words: &[String]) -> Option<Request> {
     let id = |s: &str| s.to_string();
     Some(match w.as_slice() {
         ["status"] => Request::Status,
-        ["queue"] | ["queue", "list"] => Request::QueueList,
         ["queue", "show", i] => Request::QueueShow { id: id(i) },
         ["queue", "flush"] => Request::QueueFlush { id: None },
         ["queue", "flush", i] => Request::QueueFlush { id: Some(id(i)) },
@@ -95,6 +106,10 @@ fn request(words: &[String]) -> Option<Request> {
         ["queue", "hold", i] => Request::QueueHold { id: id(i) },
         ["queue", "release", i] => Request::QueueRelease { id: id(i) },
         ["queue", "bounce", i] => Request::QueueBounce { id: id(i) },
+        ["queue", rest @ ..] => {
+            let (limit, after) = listing(rest)?;
+            Request::QueueList { limit, after }
+        }
         ["aliases", "reload"] => Request::AliasesReload,
         ["aliases", "lookup", a] => Request::AliasesLookup {
             address: a.to_string(),
@@ -103,6 +118,24 @@ fn request(words: &[String]) -> Option<Request> {
         ["resume"] => Request::IntakeResume,
         _ => return None,
     })
+}
+
+/// `[list] [--limit N] [--after ID]`, the words after `queue`.
+fn listing(words: &[&str]) -> Option<(Option<usize>, Option<String>)> {
+    let mut words = match words {
+        ["list", rest @ ..] => rest,
+        rest => rest,
+    };
+    let (mut limit, mut after) = (None, None);
+    while let [flag, value, rest @ ..] = words {
+        match *flag {
+            "--limit" => limit = Some(value.parse().ok().filter(|&n| n > 0)?),
+            "--after" => after = Some(value.to_string()),
+            _ => return None,
+        }
+        words = rest;
+    }
+    words.is_empty().then_some((limit, after))
 }
 
 fn exchange(path: &std::path::Path, request: &Request) -> std::io::Result<Response> {
@@ -125,10 +158,12 @@ fn exchange(path: &std::path::Path, request: &Request) -> std::io::Result<Respon
 
 fn print_human(request: &Request, data: &Value) {
     match request {
-        Request::QueueList => match serde_json::from_value::<Vec<QueueEntry>>(data.clone()) {
-            Ok(entries) => print_queue(&entries),
-            Err(_) => print_value(data, 0),
-        },
+        Request::QueueList { .. } => {
+            match serde_json::from_value::<Vec<QueueEntry>>(data.clone()) {
+                Ok(entries) => print_queue(&entries),
+                Err(_) => print_value(data, 0),
+            }
+        }
         _ => print_value(data, 0),
     }
 }
@@ -222,5 +257,43 @@ fn scalar(v: &Value) -> String {
             .map(|c| if c.is_control() { ' ' } else { c })
             .collect(),
         other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn words(line: &str) -> Option<Request> {
+        request(&line.split(' ').map(String::from).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn queue_listings_page_with_limit_and_after() {
+        let list = |limit, after: Option<&str>| {
+            Some(Request::QueueList {
+                limit,
+                after: after.map(String::from),
+            })
+        };
+        assert_eq!(words("queue"), list(None, None));
+        assert_eq!(words("queue list"), list(None, None));
+        assert_eq!(words("queue --limit 5"), list(Some(5), None));
+        assert_eq!(
+            words("queue list --after 0SV4W2X8Y9Z0001 --limit 5"),
+            list(Some(5), Some("0SV4W2X8Y9Z0001"))
+        );
+        for bad in [
+            "queue --limit 0",
+            "queue --limit x",
+            "queue --limit",
+            "queue --bogus 1",
+        ] {
+            assert_eq!(words(bad), None, "{bad}");
+        }
+        assert_eq!(
+            words("queue show X"),
+            Some(Request::QueueShow { id: "X".into() })
+        );
     }
 }

@@ -513,6 +513,9 @@ fn build_tree(
         paused: Arc::clone(&intake.paused),
         restarts: Arc::clone(&restarts),
         started: std::time::Instant::now(),
+        clients: Arc::new(tokio::sync::Semaphore::new(
+            actors::control_server::MAX_CLIENTS,
+        )),
     };
     let control = Child::start(
         "control_server",

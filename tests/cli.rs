@@ -931,3 +931,146 @@ fn json_logs_are_one_json_object_per_line() {
         "{line}"
     );
 }
+
+/// The resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// One control request on a fresh connection; the reply line, parsed.
+fn control_request(socket: &Path, request: &str) -> serde_json::Value {
+    use std::io::Write;
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream.write_all(format!("{request}\n").as_bytes()).unwrap();
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+#[test]
+fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
+    use std::io::{Read, Write};
+    let (dir, _outbox) = shared_tempdir();
+    // The relay accepts connections and never speaks: the one delivery
+    // allowed at a time waits, so every message stays queued.
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let socket = dir.path().join("ctl.sock");
+    let config = binary_config(
+        dir.path(),
+        "fwd: someone@elsewhere.example\n",
+        &format!(
+            "[delivery]\nconcurrency = 1\n[relay]\nhost = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            relay.local_addr().unwrap(),
+            socket.display()
+        ),
+    );
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    let (messages, recipients) = (60, 100);
+    for _ in 0..messages {
+        let mut client = Client::connect(served.addr);
+        assert_eq!(client.reply().code, 220);
+        client.cmd("HELO client");
+        client.cmd("MAIL FROM:<sender@example.org>");
+        for n in 0..recipients {
+            let rcpt = format!("fwd+a-rather-long-extension-for-a-long-listing-{n}@example.org");
+            assert_eq!(client.cmd(&format!("RCPT TO:<{rcpt}>")).code, 250);
+        }
+        assert_eq!(client.cmd("DATA").code, 354);
+        client.send(b"Subject: listed\r\n\r\nx\r\n.\r\n");
+        assert_eq!(client.reply().code, 250);
+        client.cmd("QUIT");
+    }
+
+    // The whole queue in one reply, and then page by page: every message
+    // once, in order, the last page saying no more follow.
+    let full = control_request(&socket, r#"{"cmd":"queue.list"}"#);
+    let all: Vec<String> = full["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(all.len(), messages);
+    assert!(
+        full.get("more").is_none(),
+        "an unpaged listing has no 'more'"
+    );
+    let full_size = serde_json::to_vec(&full).unwrap().len();
+    assert!(
+        full_size > 1_000_000,
+        "a listing of {full_size} bytes is too small to tell"
+    );
+    let mut paged = Vec::new();
+    let mut after = None::<String>;
+    loop {
+        let request = match &after {
+            Some(id) => format!(r#"{{"cmd":"queue.list","limit":7,"after":"{id}"}}"#),
+            None => r#"{"cmd":"queue.list","limit":7}"#.to_string(),
+        };
+        let page = control_request(&socket, &request);
+        let ids: Vec<String> = page["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        assert!(ids.len() <= 7);
+        paged.extend(ids.iter().cloned());
+        if page["more"] == false {
+            break;
+        }
+        assert_eq!(page["more"], true);
+        after = ids.last().cloned();
+        assert!(paged.len() <= messages, "paging does not end");
+    }
+    assert_eq!(paged, all, "every message once, in order");
+
+    // Clients that pipeline listings and never read: each holds one reply
+    // being written, never one per request, and past the bound a client is
+    // told to try again.
+    let before = rss_kib(served.child.id());
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Past what the socket holds: a refused client has hung up.
+        let _ = stream.write_all(
+            &br#"{"cmd":"queue.list"}
+"#
+            .repeat(20),
+        );
+        clients.push(stream);
+    }
+    let mut refused = 0;
+    for stream in &mut clients {
+        let mut start = [0u8; 64];
+        stream.read_exact(&mut start).unwrap();
+        if start.starts_with(br#"{"ok":false,"error":"too many control clients"#) {
+            refused += 1;
+        } else {
+            assert!(start.starts_with(br#"{"ok":true,"data":["#));
+        }
+    }
+    assert_eq!(refused, 4, "16 clients at once, the rest refused");
+    let mut most = before;
+    for _ in 0..20 {
+        most = most.max(rss_kib(served.child.id()));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let grew_mib = (most.saturating_sub(before)) / 1024;
+    // Before, each such client held its whole reply, and its JSON tree:
+    // 16 x about ten times the listing's size.
+    assert!(
+        grew_mib < 24,
+        "16 clients that never read grew the node by {grew_mib} MiB (a listing is {full_size} bytes)"
+    );
+    drop(clients);
+    drop(relay);
+}

@@ -16,9 +16,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::actors::alias_resolver::{AliasResolver, Reload, Resolve};
-use crate::actors::queue_runner::{Control, QueueRunner};
+use crate::actors::queue_runner::{Control, List, QueueRunner};
 use crate::actors::Shared;
-use crate::control::queue::QueueCommand;
+use crate::control::queue::{entry, QueueCommand};
 use crate::control::{Request, Response};
 use crate::limits::ConnectionTracker;
 use crate::protocol::command::{self, Command};
@@ -26,7 +26,14 @@ use crate::protocol::session::RcptDecision;
 
 /// The longest request line we read.
 const MAX_REQUEST: usize = 64 * 1024;
+/// How long a client may stay silent, or leave a reply unread.
 const IDLE: Duration = Duration::from_secs(60);
+/// Control clients served at once; more are told to try again. With one
+/// request in flight per client, this bounds what replies can hold.
+pub(crate) const MAX_CLIENTS: usize = 16;
+/// A listing is written in pieces of about this size: however long the
+/// queue, no reply is ever whole in memory.
+const CHUNK: usize = 64 * 1024;
 
 /// What the control commands reach.
 #[derive(Clone)]
@@ -37,6 +44,8 @@ pub struct ControlDeps {
     pub paused: Arc<AtomicBool>,
     pub restarts: Arc<Mutex<BTreeMap<&'static str, u64>>>,
     pub started: Instant,
+    /// [`MAX_CLIENTS`] permits, shared by restarted servers.
+    pub clients: Arc<tokio::sync::Semaphore>,
 }
 
 /// Creates the socket: a stale one left by a crash is replaced, the
@@ -128,6 +137,12 @@ async fn serve_peer(stream: UnixStream, deps: ControlDeps) -> std::io::Result<()
         let refusal = Response::error("permission denied: not the server's user or root");
         return send(&mut write, &refusal).await;
     }
+    let Ok(_client) = Arc::clone(&deps.clients).try_acquire_owned() else {
+        let busy = Response::error(format!(
+            "too many control clients at once ({MAX_CLIENTS}); try again"
+        ));
+        return send(&mut write, &busy).await;
+    };
     let mut lines = FramedRead::new(read, LinesCodec::new_with_max_length(MAX_REQUEST));
     while let Ok(Some(next)) = tokio::time::timeout(IDLE, lines.next()).await {
         let line = match next {
@@ -140,13 +155,65 @@ async fn serve_peer(stream: UnixStream, deps: ControlDeps) -> std::io::Result<()
         if line.trim().is_empty() {
             continue;
         }
-        let response = match serde_json::from_str::<Request>(&line) {
-            Ok(request) => execute(request, &deps).await,
-            Err(e) => Response::error(format!("bad request: {e}")),
-        };
-        send(&mut write, &response).await?;
+        // One request at a time: the next line is read only once this
+        // reply is written, so a client that pipelines and never reads
+        // holds one reply, not one per request.
+        match serde_json::from_str::<Request>(&line) {
+            Ok(request) => execute(request, &deps, &mut write).await?,
+            Err(e) => send(&mut write, &Response::error(format!("bad request: {e}"))).await?,
+        }
     }
     Ok(())
+}
+
+/// Writes `bytes`, or gives up on a client that has not read them within
+/// [`IDLE`].
+async fn write_within(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    tokio::time::timeout(IDLE, write.write_all(bytes))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+/// `queue.list`, written as one reply line but built a piece at a time from
+/// a snapshot of shared envelopes: its size is bounded by [`CHUNK`] and one
+/// entry, not by the queue.
+async fn send_listing(
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+    deps: &ControlDeps,
+    after: Option<String>,
+    limit: Option<usize>,
+) -> std::io::Result<()> {
+    let paged = after.is_some() || limit.is_some();
+    let listing = match deps.queue_runner.get().send(List { after, limit }).await {
+        Ok(listing) => listing,
+        Err(e) => {
+            let lost = Response::error(format!("queue runner unavailable: {e}"));
+            return send(write, &lost).await;
+        }
+    };
+    let now = std::time::SystemTime::now();
+    let mut out = Vec::with_capacity(CHUNK + 4096);
+    out.extend_from_slice(br#"{"ok":true,"data":["#);
+    for (i, listed) in listing.entries.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        serde_json::to_writer(&mut out, &entry(&listed.view(), false, now))
+            .map_err(std::io::Error::other)?;
+        if out.len() >= CHUNK {
+            write_within(write, &out).await?;
+            out.clear();
+        }
+    }
+    out.push(b']');
+    if paged {
+        out.extend_from_slice(format!(r#","more":{}"#, listing.more).as_bytes());
+    }
+    out.extend_from_slice(b"}\n");
+    write_within(write, &out).await
 }
 
 async fn send(
@@ -155,7 +222,7 @@ async fn send(
 ) -> std::io::Result<()> {
     let mut line = serde_json::to_vec(response).unwrap_or_else(|_| br#"{"ok":false}"#.to_vec());
     line.push(b'\n');
-    write.write_all(&line).await
+    write_within(write, &line).await
 }
 
 async fn queue(deps: &ControlDeps, command: QueueCommand) -> Response {
@@ -166,8 +233,13 @@ async fn queue(deps: &ControlDeps, command: QueueCommand) -> Response {
     }
 }
 
-async fn execute(request: Request, deps: &ControlDeps) -> Response {
-    match request {
+/// Carries out one request and writes its reply.
+async fn execute(
+    request: Request,
+    deps: &ControlDeps,
+    write: &mut tokio::net::unix::OwnedWriteHalf,
+) -> std::io::Result<()> {
+    let response = match request {
         Request::Status => {
             let counts = match deps
                 .queue_runner
@@ -176,7 +248,10 @@ async fn execute(request: Request, deps: &ControlDeps) -> Response {
                 .await
             {
                 Ok(c) => c,
-                Err(e) => return Response::error(format!("queue runner unavailable: {e}")),
+                Err(e) => {
+                    let lost = Response::error(format!("queue runner unavailable: {e}"));
+                    return send(write, &lost).await;
+                }
             };
             let restarts = deps.restarts.lock().map(|r| r.clone()).unwrap_or_default();
             Response::ok(serde_json::json!({
@@ -192,7 +267,9 @@ async fn execute(request: Request, deps: &ControlDeps) -> Response {
                 "actor_restarts": restarts,
             }))
         }
-        Request::QueueList => queue(deps, QueueCommand::List).await,
+        Request::QueueList { limit, after } => {
+            return send_listing(write, deps, after, limit).await
+        }
         Request::QueueShow { id } => queue(deps, QueueCommand::Show(id)).await,
         Request::QueueFlush { id } => queue(deps, QueueCommand::Flush(id)).await,
         Request::QueueDelete { id } => queue(deps, QueueCommand::Delete(id)).await,
@@ -217,7 +294,8 @@ async fn execute(request: Request, deps: &ControlDeps) -> Response {
             crate::telemetry::intake_paused(false);
             Response::ok(serde_json::json!({ "intake": "accepting" }))
         }
-    }
+    };
+    send(write, &response).await
 }
 
 /// What an address resolves to, exactly as RCPT would see it.

@@ -14,7 +14,7 @@ use crate::actors::Shared;
 use crate::control::queue::{answer, QueueCommand};
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
-use crate::queue::scheduler::{Command, Mode, Removal, Scheduler};
+use crate::queue::scheduler::{Command, Listed, Mode, Removal, Scheduler};
 use crate::queue::{InFlight, QueueCounts};
 use crate::spool::{Disposal, Envelope, Spool};
 
@@ -43,6 +43,20 @@ pub(crate) struct Drain(pub std::sync::mpsc::Sender<()>);
 #[derive(Message)]
 #[rtype(result = "QueueCounts")]
 pub(crate) struct Counts;
+
+/// `queue.list`: the messages after `after`, at most `limit`.
+#[derive(Message)]
+#[rtype(result = "Listing")]
+pub(crate) struct List {
+    pub after: Option<String>,
+    pub limit: Option<usize>,
+}
+
+/// The answer to [`List`]: the messages, and whether more follow.
+pub(crate) struct Listing {
+    pub entries: Vec<Listed>,
+    pub more: bool,
+}
 
 /// A [`QueueCommand`]; answered with the data of the reply or an error.
 #[derive(Message)]
@@ -256,6 +270,15 @@ impl Handler<Counts> for QueueRunner {
 
     fn handle(&mut self, _: Counts, _: &mut Self::Context) -> Self::Result {
         MessageResult(self.scheduler.counts())
+    }
+}
+
+impl Handler<List> for QueueRunner {
+    type Result = MessageResult<List>;
+
+    fn handle(&mut self, msg: List, _: &mut Self::Context) -> Self::Result {
+        let (entries, more) = self.scheduler.list(msg.after.as_deref(), msg.limit);
+        MessageResult(Listing { entries, more })
     }
 }
 

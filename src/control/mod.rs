@@ -13,8 +13,15 @@ use serde::{Deserialize, Serialize};
 pub enum Request {
     #[serde(rename = "status")]
     Status,
+    /// Every queued message in id order; or a page of them: those after
+    /// `after`, at most `limit` (the reply then says whether `more` follow).
     #[serde(rename = "queue.list")]
-    QueueList,
+    QueueList {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<usize>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<String>,
+    },
     #[serde(rename = "queue.show")]
     QueueShow { id: String },
     #[serde(rename = "queue.flush")]
@@ -48,6 +55,9 @@ pub struct Response {
     pub data: Option<serde_json::Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// A page of `queue.list`: whether more messages follow.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub more: Option<bool>,
 }
 
 impl Response {
@@ -56,6 +66,7 @@ impl Response {
             ok: true,
             data: Some(data),
             error: None,
+            more: None,
         }
     }
 
@@ -64,6 +75,7 @@ impl Response {
             ok: false,
             data: None,
             error: Some(text.into()),
+            more: None,
         }
     }
 }
@@ -112,7 +124,22 @@ mod tests {
     #[test]
     fn requests_use_the_contract_spelling() {
         let r: Request = serde_json::from_str(r#"{"cmd":"queue.list"}"#).unwrap();
-        assert_eq!(r, Request::QueueList);
+        assert_eq!(
+            r,
+            Request::QueueList {
+                limit: None,
+                after: None
+            }
+        );
+        let r: Request =
+            serde_json::from_str(r#"{"cmd":"queue.list","limit":50,"after":"X"}"#).unwrap();
+        assert_eq!(
+            r,
+            Request::QueueList {
+                limit: Some(50),
+                after: Some("X".into())
+            }
+        );
         let r: Request = serde_json::from_str(r#"{"cmd":"queue.flush"}"#).unwrap();
         assert_eq!(r, Request::QueueFlush { id: None });
         let r: Request = serde_json::from_str(r#"{"cmd":"queue.show","id":"X"}"#).unwrap();

@@ -10,7 +10,6 @@ use crate::spool::DeliveryState;
 /// What an operator asks of the queue (`mailnode ctl queue ...`).
 #[derive(Debug, Clone)]
 pub(crate) enum QueueCommand {
-    List,
     Show(String),
     /// Attempt now: one message, or every deferred one.
     Flush(Option<String>),
@@ -31,14 +30,6 @@ pub(crate) fn answer(
     use serde_json::json;
     let refused = |e: crate::queue::scheduler::OperatorError| e.to_string();
     match command {
-        QueueCommand::List => {
-            let mut entries: Vec<QueueEntry> = scheduler
-                .views()
-                .map(|view| entry(&view, false, now))
-                .collect();
-            entries.sort_by(|a, b| a.id.cmp(&b.id));
-            serde_json::to_value(entries).map_err(|e| e.to_string())
-        }
         QueueCommand::Show(id) => {
             let view = scheduler.view(&id).map_err(refused)?;
             let mut v = serde_json::to_value(entry(&view, true, now)).map_err(|e| e.to_string())?;
@@ -85,7 +76,8 @@ fn delivery_state(state: DeliveryState) -> &'static str {
     }
 }
 
-fn entry(view: &MessageView<'_>, with_history: bool, now: SystemTime) -> QueueEntry {
+/// One message as `queue.list` shows it (`queue.show` adds the history).
+pub(crate) fn entry(view: &MessageView<'_>, with_history: bool, now: SystemTime) -> QueueEntry {
     let env = view.envelope;
     let recipients = env
         .deliveries

@@ -115,6 +115,24 @@ pub(crate) struct MessageView<'a> {
     pub(crate) next_attempt: Option<SystemTime>,
 }
 
+/// One message of a listing. The envelope is shared with the scheduler,
+/// not copied: a listing of a long queue costs a pointer per message.
+pub(crate) struct Listed {
+    pub(crate) envelope: Arc<Envelope>,
+    pub(crate) state: MessageState,
+    pub(crate) next_attempt: Option<SystemTime>,
+}
+
+impl Listed {
+    pub(crate) fn view(&self) -> MessageView<'_> {
+        MessageView {
+            envelope: &self.envelope,
+            state: self.state,
+            next_attempt: self.next_attempt,
+        }
+    }
+}
+
 /// Why an operator's command was refused; the text is the reply.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum OperatorError {
@@ -443,8 +461,28 @@ impl Scheduler {
         self.tracked(id).map(Tracked::view)
     }
 
-    pub(crate) fn views(&self) -> impl Iterator<Item = MessageView<'_>> {
-        self.messages.values().map(Tracked::view)
+    /// The messages in id order (queue ids grow with time), those after
+    /// `after` only, at most `limit`; and whether more follow.
+    pub(crate) fn list(&self, after: Option<&str>, limit: Option<usize>) -> (Vec<Listed>, bool) {
+        let mut ids: Vec<&String> = self
+            .messages
+            .keys()
+            .filter(|id| after.is_none_or(|after| id.as_str() > after))
+            .collect();
+        ids.sort_unstable();
+        let limit = limit.unwrap_or(usize::MAX);
+        let more = ids.len() > limit;
+        let listed = ids
+            .into_iter()
+            .take(limit)
+            .filter_map(|id| self.messages.get(id))
+            .map(|t| Listed {
+                envelope: Arc::clone(&t.envelope),
+                state: t.state(),
+                next_attempt: t.deferred_until,
+            })
+            .collect();
+        (listed, more)
     }
 
     pub(crate) fn counts(&self) -> QueueCounts {
