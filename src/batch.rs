@@ -41,7 +41,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let spawner = spawn::choose(config.delivery.spawner)?;
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let report = spool.scan()?;
-    report.log_what_was_set_aside();
+    report.log_damaged();
     let now = SystemTime::now();
     let due: Vec<Envelope> = report
         .envelopes

@@ -85,9 +85,8 @@ fn socket_from_config(config: Option<PathBuf>) -> Result<PathBuf, Vec<String>> {
         p.exists().then_some(p)
     });
     let config = match path {
-        Some(p) => {
-            config::load(&p).map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())?
-        }
+        Some(p) => config::load_files_only(&p)
+            .map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())?,
         None => Config::default(),
     };
     Ok(config.control.socket)

@@ -160,7 +160,7 @@ impl Node {
                 source,
             })?;
         let report = spool.scan()?;
-        report.log_what_was_set_aside();
+        report.log_damaged();
         if !report.envelopes.is_empty() || report.orphans_removed > 0 {
             tracing::info!(
                 queued = report.envelopes.len(),

@@ -946,6 +946,9 @@ fn rss_kib(pid: u32) -> u64 {
 fn control_request(socket: &Path, request: &str) -> serde_json::Value {
     use std::io::Write;
     let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     stream.write_all(format!("{request}\n").as_bytes()).unwrap();
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line).unwrap();
@@ -985,6 +988,21 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
         assert_eq!(client.reply().code, 250);
         client.cmd("QUIT");
     }
+    // More messages than the node lists at a time (256): one reply, made
+    // of several batches.
+    let small = 250;
+    let mut client = Client::connect(served.addr);
+    assert_eq!(client.reply().code, 220);
+    client.cmd("HELO client");
+    for _ in 0..small {
+        assert_eq!(client.cmd("MAIL FROM:<sender@example.org>").code, 250);
+        assert_eq!(client.cmd("RCPT TO:<fwd@example.org>").code, 250);
+        assert_eq!(client.cmd("DATA").code, 354);
+        client.send(b"Subject: small\r\n\r\nx\r\n.\r\n");
+        assert_eq!(client.reply().code, 250);
+    }
+    client.cmd("QUIT");
+    let messages = messages + small;
 
     // The whole queue in one reply, and then page by page: every message
     // once, in order, the last page saying no more follow.
@@ -1029,6 +1047,15 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
         assert!(paged.len() <= messages, "paging does not end");
     }
     assert_eq!(paged, all, "every message once, in order");
+    let mut sorted = all.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted, all, "listed in id order, each once");
+    let zero = control_request(&socket, r#"{"cmd":"queue.list","limit":0}"#);
+    assert_eq!(
+        zero["ok"], false,
+        "a page of nothing would never end: {zero}"
+    );
 
     // Clients that pipeline listings and never read: each holds one reply
     // being written, never one per request, and past the bound a client is

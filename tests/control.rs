@@ -198,14 +198,18 @@ fn every_control_command_end_to_end() {
     // for reuse (each message names its id in its Received header).
     for gone in [&doomed, &returned] {
         let mark = format!(" id {gone}");
-        let kept = files_under(&node.spool)
-            .into_iter()
-            .filter(|f| {
-                std::fs::read(f)
-                    .is_ok_and(|bytes| bytes.windows(mark.len()).any(|w| w == mark.as_bytes()))
-            })
-            .collect::<Vec<_>>();
-        assert!(kept.is_empty(), "{gone} is still on disk: {kept:?}");
+        let kept = || {
+            files_under(&node.spool)
+                .into_iter()
+                .filter(|f| {
+                    std::fs::read(f)
+                        .is_ok_and(|bytes| bytes.windows(mark.len()).any(|w| w == mark.as_bytes()))
+                })
+                .collect::<Vec<_>>()
+        };
+        // The queue forgets a message before the writer has unlinked it.
+        let erased = wait_for(Duration::from_secs(10), || kept().is_empty().then_some(()));
+        assert!(erased.is_some(), "{gone} is still on disk: {:?}", kept());
     }
 
     // Unknown ids are errors (exit 1), not crashes.

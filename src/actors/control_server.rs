@@ -34,6 +34,8 @@ pub(crate) const MAX_CLIENTS: usize = 16;
 /// A listing is written in pieces of about this size: however long the
 /// queue, no reply is ever whole in memory.
 const CHUNK: usize = 64 * 1024;
+/// A listing asks the queue runner for this many messages at a time.
+const LIST_BATCH: usize = 256;
 
 /// What the control commands reach.
 #[derive(Clone)]
@@ -177,40 +179,72 @@ async fn write_within(
         .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
 }
 
-/// `queue.list`, written as one reply line but built a piece at a time from
-/// a snapshot of shared envelopes: its size is bounded by [`CHUNK`] and one
-/// entry, not by the queue.
+/// `queue.list`, written as one reply line but built a piece at a time:
+/// its memory is bounded by [`CHUNK`] and a batch of [`LIST_BATCH`]
+/// messages, not by the queue, and a slow reader keeps no more than one
+/// batch of envelopes from being freed or updated in place.
 async fn send_listing(
     write: &mut tokio::net::unix::OwnedWriteHalf,
     deps: &ControlDeps,
-    after: Option<String>,
+    mut after: Option<String>,
     limit: Option<usize>,
 ) -> std::io::Result<()> {
+    if limit == Some(0) {
+        return send(
+            write,
+            &Response::error("queue.list: limit must be at least 1"),
+        )
+        .await;
+    }
     let paged = after.is_some() || limit.is_some();
-    let listing = match deps.queue_runner.get().send(List { after, limit }).await {
-        Ok(listing) => listing,
-        Err(e) => {
-            let lost = Response::error(format!("queue runner unavailable: {e}"));
-            return send(write, &lost).await;
+    let mut left = limit.unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(CHUNK + 4096);
+    let mut first = true;
+    let mut begun = false;
+    let more = loop {
+        let batch = Some(left.min(LIST_BATCH));
+        let runner = deps.queue_runner.get();
+        let listing = match runner
+            .send(List {
+                after: after.take(),
+                limit: batch,
+            })
+            .await
+        {
+            Ok(listing) => listing,
+            Err(e) if !begun => {
+                let lost = Response::error(format!("queue runner unavailable: {e}"));
+                return send(write, &lost).await;
+            }
+            // Part of the reply is out: it cannot turn into an error now.
+            Err(_) => return Err(std::io::ErrorKind::BrokenPipe.into()),
+        };
+        if !begun {
+            out.extend_from_slice(br#"{"ok":true,"data":["#);
+            begun = true;
+        }
+        let now = std::time::SystemTime::now();
+        for listed in &listing.entries {
+            if !first {
+                out.push(b',');
+            }
+            first = false;
+            serde_json::to_writer(&mut out, &entry(&listed.view(), false, now))
+                .map_err(std::io::Error::other)?;
+            if out.len() >= CHUNK {
+                write_within(write, &out).await?;
+                out.clear();
+            }
+        }
+        left -= listing.entries.len();
+        after = listing.entries.last().map(|l| l.envelope.id.clone());
+        if !listing.more || left == 0 || after.is_none() {
+            break listing.more;
         }
     };
-    let now = std::time::SystemTime::now();
-    let mut out = Vec::with_capacity(CHUNK + 4096);
-    out.extend_from_slice(br#"{"ok":true,"data":["#);
-    for (i, listed) in listing.entries.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        serde_json::to_writer(&mut out, &entry(&listed.view(), false, now))
-            .map_err(std::io::Error::other)?;
-        if out.len() >= CHUNK {
-            write_within(write, &out).await?;
-            out.clear();
-        }
-    }
     out.push(b']');
     if paged {
-        out.extend_from_slice(format!(r#","more":{}"#, listing.more).as_bytes());
+        out.extend_from_slice(format!(r#","more":{more}"#).as_bytes());
     }
     out.extend_from_slice(b"}\n");
     write_within(write, &out).await

@@ -32,6 +32,9 @@ pub(super) struct Checker<'a> {
     pub(super) text: &'a str,
     pub(super) file: &'a Path,
     pub(super) errors: Vec<ConfigError>,
+    /// Look `[delivery] user` up in the user database, as `serve` does
+    /// when it runs as root.
+    pub(super) look_up_users: bool,
 }
 
 impl Checker<'_> {
@@ -172,7 +175,19 @@ impl Checker<'_> {
     fn delivery(&mut self, raw: RawDelivery) -> DeliveryConfig {
         let d = DeliveryConfig::default();
         let user = match raw.user {
-            None => d.user.clone(),
+            None => {
+                if self.look_up_users {
+                    if let Err(problem) = unprivileged_user(&d.user) {
+                        // No line to point at: the default is in force.
+                        self.errors.push(ConfigError {
+                            file: self.file.to_path_buf(),
+                            line: None,
+                            message: format!("delivery.user (default): {problem}"),
+                        });
+                    }
+                }
+                d.user.clone()
+            }
             Some(value) => {
                 let (span, user) = (value.span(), value.into_inner());
                 if user.trim().is_empty() {
@@ -187,7 +202,11 @@ impl Checker<'_> {
                         "delivery.user: must not be \"root\": expected the name of an unprivileged user".to_string(),
                     );
                     d.user.clone()
-                } else if let Err(problem) = unprivileged_user(&user) {
+                } else if let Some(problem) = self
+                    .look_up_users
+                    .then(|| unprivileged_user(&user).err())
+                    .flatten()
+                {
                     // The same test `serve` makes before it starts, here so
                     // that `check` refuses what `serve` would.
                     self.error(span, format!("delivery.user: {problem}"));

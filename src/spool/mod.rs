@@ -73,6 +73,18 @@ pub(crate) fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(path)?;
     if file.metadata()?.is_file() {
+        // Needed only to open without waiting: reads of a regular file
+        // block as usual (some network and FUSE file systems would
+        // otherwise answer EAGAIN).
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
         Ok(file)
     } else {
         Err(std::io::Error::new(
@@ -934,6 +946,10 @@ mod tests {
         )
         .unwrap();
         fs::write(queue.join("urgent.eml"), b"Subject: by hand\n\nkeep me\n").unwrap();
+        // A name like a queue file's that is no queue id.
+        fs::write(queue.join("urgent.msg"), b"Subject: also by hand\n").unwrap();
+        // An earlier start-up set aside a file of the same name: kept too.
+        fs::write(dir.path().join("corrupt/urgent.eml"), b"earlier").unwrap();
         let (spool, _writer) = Spool::open(dir.path()).unwrap();
         let report = spool.scan().unwrap();
         assert_eq!(report.envelopes.len(), 1);
@@ -944,13 +960,26 @@ mod tests {
                 "queue/0000000000009ZZ.env, the envelope of a message already removed".to_string(),
             ]
         );
+        let mut set_aside = report.set_aside.clone();
+        set_aside.sort();
         assert_eq!(
-            report.set_aside,
-            vec!["queue/urgent.eml is no queue file".to_string()]
+            set_aside,
+            vec![
+                "queue/urgent.eml is no queue file".to_string(),
+                "queue/urgent.msg is no queue file".to_string(),
+            ]
         );
         assert_eq!(
             fs::read(dir.path().join("corrupt/urgent.eml")).unwrap(),
+            b"earlier"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("corrupt/urgent.eml.1")).unwrap(),
             b"Subject: by hand\n\nkeep me\n"
+        );
+        assert_eq!(
+            fs::read(dir.path().join("corrupt/urgent.msg")).unwrap(),
+            b"Subject: also by hand\n"
         );
         let mut left: Vec<String> = fs::read_dir(&queue)
             .unwrap()

@@ -107,14 +107,10 @@ pub struct ScanReport {
 }
 
 impl ScanReport {
-    /// Names in the log, one line each, what start-up moved to `corrupt/`.
-    pub(crate) fn log_what_was_set_aside(&self) {
-        for leftover in &self.removed {
-            tracing::info!("removed {leftover}");
-        }
-        for odd in &self.set_aside {
-            tracing::error!("{odd}; moved to corrupt/");
-        }
+    /// Names in the log, one line each, the damaged messages start-up moved
+    /// to `corrupt/` (what else it set aside or removed is logged as it
+    /// happens, so the log has it even if start-up then fails).
+    pub(crate) fn log_damaged(&self) {
         for damaged in &self.corrupt {
             tracing::error!("{damaged}; moved to corrupt/");
         }
@@ -170,36 +166,31 @@ impl Spool {
             let entry =
                 entry.map_err(|e| SpoolError::io(format!("read {}", queue.display()), e))?;
             let name = entry.file_name().to_string_lossy().into_owned();
+            let queued_id = |suffix| name.strip_suffix(suffix).filter(|id| id::is_valid_id(id));
             if let Some(kind) = not_a_file(&entry) {
                 // Nothing mailnode writes; opening a FIFO would wait for a
                 // writer for ever. Set aside where an operator looks.
-                let to = self.inner.corrupt.join(entry.file_name());
-                fs::rename(entry.path(), &to)
-                    .map_err(|e| SpoolError::io(format!("set aside queue/{name} ({kind})"), e))?;
-                report.set_aside.push(format!("queue/{name} is a {kind}"));
-                continue;
-            }
-            if let Some(id) = name.strip_suffix(".msg") {
+                self.set_aside(&entry, format!("queue/{name} is a {kind}"), &mut report);
+            } else if let Some(id) = queued_id(".msg") {
                 message_ids.push(id.to_string());
-            } else if let Some(id) = name.strip_suffix(".env") {
+            } else if let Some(id) = queued_id(".env") {
                 updated_ids.push(id.to_string());
-            } else if name.ends_with(".env.tmp") {
+            } else if queued_id(".env.tmp").is_some() {
                 // Only the holder of the queue lock (we are) updates
                 // envelopes: this is an update a crash cut short, and the
                 // envelope it was replacing is still in place.
                 let _ = fs::remove_file(entry.path());
-                report
-                    .removed
-                    .push(format!("queue/{name}, an unfinished envelope update"));
+                let leftover = format!("queue/{name}, an unfinished envelope update");
+                tracing::info!("removed {leftover}");
+                report.removed.push(leftover);
             } else {
                 // Not a name mailnode writes; it may be mail someone put
                 // here by hand. Kept where an operator looks.
-                let to = self.inner.corrupt.join(entry.file_name());
-                fs::rename(entry.path(), &to)
-                    .map_err(|e| SpoolError::io(format!("set aside queue/{name}"), e))?;
-                report
-                    .set_aside
-                    .push(format!("queue/{name} is no queue file"));
+                self.set_aside(
+                    &entry,
+                    format!("queue/{name} is no queue file"),
+                    &mut report,
+                );
             }
         }
         message_ids.sort();
@@ -209,16 +200,17 @@ impl Spool {
             if message_ids.binary_search(id).is_err() && !self.body_path(id).exists() {
                 let _ = fs::remove_file(queue.join(format!("{id}.env")));
                 report.orphans_removed += 1;
-                report.removed.push(format!(
-                    "queue/{id}.env, the envelope of a message already removed"
-                ));
+                let leftover = format!("queue/{id}.env, the envelope of a message already removed");
+                tracing::info!("removed {leftover}");
+                report.removed.push(leftover);
             }
         }
         let boot = BootId::check(&self.inner.root);
         // Reading is most of a start-up with a long queue, and waits for
         // the disk when the page cache is cold (after a reboot): several
-        // readers keep it busy. Every verdict comes before any move, so an
-        // unreadable file stops start-up with nothing half done.
+        // readers keep it busy. Every verdict on a message comes before any
+        // message moves, so an unreadable one stops start-up with no
+        // message half set aside.
         let judged = in_parallel(&message_ids, |id| self.judge(id, boot.rebooted))
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
@@ -252,6 +244,44 @@ impl Spool {
         }
         boot.record(&self.inner.root);
         Ok(report)
+    }
+}
+
+impl Spool {
+    /// Moves a stray entry of `queue/` to `corrupt/`, under a name of its
+    /// own there (never over an earlier one), and logs it. One that cannot
+    /// be moved is left in place with an error logged: it is not mail the
+    /// node would deliver, so it does not stop start-up.
+    fn set_aside(&self, entry: &fs::DirEntry, what: String, report: &mut ScanReport) {
+        use nix::errno::Errno;
+        use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
+        let name = entry.file_name();
+        let mut to = self.inner.corrupt.join(&name);
+        for n in 1..=100 {
+            match renameat2(
+                AT_FDCWD,
+                &entry.path(),
+                AT_FDCWD,
+                &to,
+                RenameFlags::RENAME_NOREPLACE,
+            ) {
+                Ok(()) => {
+                    tracing::error!("{what}; moved to {}", to.display());
+                    report.set_aside.push(what);
+                    return;
+                }
+                Err(Errno::EEXIST) => {
+                    let mut numbered = name.clone();
+                    numbered.push(format!(".{n}"));
+                    to = self.inner.corrupt.join(numbered);
+                }
+                Err(e) => {
+                    tracing::error!("{what}; cannot move it to corrupt/ ({e}), left in place");
+                    return;
+                }
+            }
+        }
+        tracing::error!("{what}; corrupt/ holds 100 of that name, left in place");
     }
 }
 
