@@ -154,11 +154,21 @@ impl QueueRunner {
                         Removal::Returned | Removal::Deleted => Disposal::Erase,
                     };
                     let removal = self.spool.remove(&id, disposal).wait();
+                    // Answered once durable: "removed" is logged only when
+                    // a power cut can no longer bring the message back.
                     ctx.spawn(removal.into_actor(self).map(move |result, act, ctx| {
-                        if let Err(e) = result {
-                            match why {
-                                Removal::Delivered | Removal::Returned => tracing::error!(queue_id = %id, "cannot remove finished message: {e}"),
-                                Removal::Deleted => tracing::error!(queue_id = %id, "cannot delete message: {e}"),
+                        match (result, why) {
+                            (Ok(()), Removal::Delivered | Removal::Returned) => {
+                                tracing::info!(queue_id = %id, "done with every recipient; removed")
+                            }
+                            (Ok(()), Removal::Deleted) => {
+                                tracing::info!(queue_id = %id, "deleted by the operator; removed")
+                            }
+                            (Err(e), Removal::Delivered | Removal::Returned) => {
+                                tracing::error!(queue_id = %id, "cannot remove finished message: {e}")
+                            }
+                            (Err(e), Removal::Deleted) => {
+                                tracing::error!(queue_id = %id, "cannot delete message: {e}")
                             }
                         }
                         act.scheduler.removed(&id);

@@ -31,7 +31,8 @@ pub(super) enum Job {
     },
     /// Forget a message: the queue file first, so a crash leaves at most
     /// an updated envelope without its message, which start-up removes.
-    /// Answered before the directory fsync (see [`REMOVAL_SYNC_DELAY`]).
+    /// Answered once the directory fsync has made it durable, which may
+    /// wait a little to be shared (see [`REMOVAL_SYNC_DELAY`]).
     Remove {
         id: String,
         disposal: Disposal,
@@ -52,6 +53,9 @@ struct Unsynced {
     since: Option<Instant>,
     /// Their files, reusable only after that fsync.
     retired: Vec<Retired>,
+    /// Their answers: a removal is reported done only once it is durable,
+    /// so whoever logs "removed" says what a power cut cannot undo.
+    waiting: Vec<Reply>,
 }
 
 impl Unsynced {
@@ -59,6 +63,9 @@ impl Unsynced {
     fn synced(&mut self, spares: &Spares) {
         self.since = None;
         spares.release(self.retired.drain(..));
+        for reply in self.waiting.drain(..) {
+            let _ = reply.send(Ok(()));
+        }
     }
 
     fn sync_now(&mut self, queue: &Path, spares: &Spares) {
@@ -106,7 +113,10 @@ pub(super) fn run(jobs: Receiver<Job>, queue: PathBuf, spares: Arc<Spares>) {
         }
     }
     if unsynced.since.is_some() {
-        let _ = sync_dir(&queue);
+        let result = sync_dir(&queue);
+        for reply in unsynced.waiting.drain(..) {
+            let _ = reply.send(result.clone());
+        }
     }
 }
 
@@ -115,8 +125,8 @@ struct Done {
     result: Result<(), SpoolError>,
 }
 
-/// A batch of removals only is answered without a directory fsync, left to
-/// `unsynced`.
+/// A batch of removals only leaves its directory fsync, and its answers,
+/// to `unsynced`.
 fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, unsynced: &mut Unsynced) {
     let only_removals = batch.iter().all(|job| matches!(job, Job::Remove { .. }));
     let mut done = Vec::with_capacity(batch.len());
@@ -139,7 +149,12 @@ fn process_batch(batch: Vec<Job>, queue: &Path, spares: &Spares, unsynced: &mut 
     if only_removals {
         unsynced.since.get_or_insert_with(Instant::now);
         for d in done {
-            let _ = d.reply.send(d.result);
+            match d.result {
+                Ok(()) => unsynced.waiting.push(d.reply),
+                failed => {
+                    let _ = d.reply.send(failed);
+                }
+            }
         }
         return;
     }

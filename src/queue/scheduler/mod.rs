@@ -648,8 +648,8 @@ impl Scheduler {
                 } else {
                     Removal::Delivered
                 };
+                // Logged by the runner once the removal is durable.
                 self.remove(id, why);
-                tracing::info!(queue_id = %id, "done with every recipient; removed");
             }
             Step::Defer(until) => {
                 Arc::make_mut(&mut t.envelope).next_attempt = until;

@@ -51,8 +51,8 @@ impl Scheduler {
             return Err(OperatorError::Busy(id.to_string()));
         }
         self.ready.retain(|(r, _)| r != id);
+        // Logged by the runner once the removal is durable.
         self.remove(id, Removal::Deleted);
-        tracing::info!(queue_id = %id, "deleted by the operator");
         self.after_event();
         Ok(())
     }
