@@ -159,8 +159,6 @@ pub fn mark_bounced(env: &mut Envelope, failed: &[usize]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliases::Target;
-    use crate::spool::Delivery;
 
     fn policy() -> QueuePolicy {
         QueuePolicy {
@@ -171,21 +169,7 @@ mod tests {
     }
 
     fn envelope(sender: &str, n: usize, arrival: SystemTime) -> Envelope {
-        let deliveries = (0..n)
-            .map(|i| {
-                Delivery::new(
-                    format!("r{i}@x"),
-                    format!("r{i}@x"),
-                    format!("r{i}"),
-                    String::new(),
-                    "x".into(),
-                    Target::Pipe {
-                        command: "cat".into(),
-                    },
-                )
-            })
-            .collect();
-        Envelope::for_test("ID", sender, arrival, deliveries)
+        Envelope::for_test_piped("ID", sender, n, arrival)
     }
 
     #[test]

@@ -185,6 +185,32 @@ impl Envelope {
             body_check: None,
         }
     }
+
+    /// [`Envelope::for_test`] with `recipients` deliveries to `r0@x`,
+    /// `r1@x`, ..., each piped to `cat`.
+    #[cfg(test)]
+    pub(crate) fn for_test_piped(
+        id: &str,
+        sender: &str,
+        recipients: usize,
+        arrival: SystemTime,
+    ) -> Envelope {
+        let deliveries = (0..recipients)
+            .map(|i| {
+                Delivery::new(
+                    format!("r{i}@x"),
+                    format!("r{i}@x"),
+                    format!("r{i}"),
+                    String::new(),
+                    "x".into(),
+                    Target::Pipe {
+                        command: "cat".into(),
+                    },
+                )
+            })
+            .collect();
+        Envelope::for_test(id, sender, arrival, deliveries)
+    }
 }
 
 /// Why bytes are not an envelope.

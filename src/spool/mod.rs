@@ -845,22 +845,25 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).ok()
     }
 
+    /// A spool at `root` holding one queued message, closed again; its id.
+    fn one_queued_message(root: &Path) -> String {
+        let (spool, writer) = Spool::open(root).unwrap();
+        let body = spool.begin(SystemTime::now()).unwrap();
+        let id = body.id().to_string();
+        spool
+            .commit(body, &mut envelope_for(&id))
+            .wait_blocking()
+            .unwrap();
+        drop(spool);
+        writer.join();
+        id
+    }
+
     #[test]
     fn what_is_not_a_regular_file_is_set_aside_and_never_waited_on() {
         use std::os::unix::fs::symlink;
         let dir = tempfile::tempdir().unwrap();
-        let queued = {
-            let (spool, writer) = Spool::open(dir.path()).unwrap();
-            let body = spool.begin(SystemTime::now()).unwrap();
-            let id = body.id().to_string();
-            spool
-                .commit(body, &mut envelope_for(&id))
-                .wait_blocking()
-                .unwrap();
-            drop(spool);
-            writer.join();
-            id
-        };
+        let queued = one_queued_message(dir.path());
         let queue = dir.path().join("queue");
         let odd = [
             "0000000000001AA.msg",
@@ -913,18 +916,7 @@ mod tests {
     #[test]
     fn every_leftover_is_named_and_what_may_be_mail_is_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let queued = {
-            let (spool, writer) = Spool::open(dir.path()).unwrap();
-            let body = spool.begin(SystemTime::now()).unwrap();
-            let id = body.id().to_string();
-            spool
-                .commit(body, &mut envelope_for(&id))
-                .wait_blocking()
-                .unwrap();
-            drop(spool);
-            writer.join();
-            id
-        };
+        let queued = one_queued_message(dir.path());
         let queue = dir.path().join("queue");
         // A fresh unfinished update (the queue lock is ours: nobody else
         // is writing it), an envelope without its message, and a file of a

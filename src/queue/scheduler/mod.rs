@@ -732,9 +732,7 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::aliases::Target;
     use crate::delivery::status::EnhancedCode;
-    use crate::spool::Delivery;
 
     const T0: Duration = Duration::from_secs(1_700_000_000);
 
@@ -751,21 +749,7 @@ mod tests {
     }
 
     fn envelope(id: &str, sender: &str, recipients: usize, arrival: SystemTime) -> Envelope {
-        let deliveries = (0..recipients)
-            .map(|i| {
-                Delivery::new(
-                    format!("r{i}@x"),
-                    format!("r{i}@x"),
-                    format!("r{i}"),
-                    String::new(),
-                    "x".into(),
-                    Target::Pipe {
-                        command: "cat".into(),
-                    },
-                )
-            })
-            .collect();
-        Envelope::for_test(id, sender, arrival, deliveries)
+        Envelope::for_test_piped(id, sender, recipients, arrival)
     }
 
     fn scheduler(concurrency: usize, can_bounce: bool, mode: Mode) -> Scheduler {
