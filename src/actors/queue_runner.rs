@@ -14,9 +14,9 @@ use crate::actors::Shared;
 use crate::control::queue::{answer, QueueCommand};
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
-use crate::queue::scheduler::{Command, Listed, Mode, Removal, Scheduler};
+use crate::queue::scheduler::{Command, Listed, Mode, Scheduler};
 use crate::queue::{InFlight, QueueCounts};
-use crate::spool::{Disposal, Envelope, Spool};
+use crate::spool::{Envelope, Spool};
 
 /// How often the queue size gauges are brought up to date.
 const GAUGE_EVERY: Duration = Duration::from_secs(1);
@@ -147,29 +147,13 @@ impl QueueRunner {
                     }));
                 }
                 Command::Remove { id, why } => {
-                    // Only a delivered message's files may hold the next
-                    // ones: deleted or returned mail leaves no copy behind.
-                    let disposal = match why {
-                        Removal::Delivered => Disposal::Recycle,
-                        Removal::Returned | Removal::Deleted => Disposal::Erase,
-                    };
-                    let removal = self.spool.remove(&id, disposal).wait();
+                    let removal = self.spool.remove(&id, why.disposal()).wait();
                     // Answered once durable: "removed" is logged only when
                     // a power cut can no longer bring the message back.
                     ctx.spawn(removal.into_actor(self).map(move |result, act, ctx| {
-                        match (result, why) {
-                            (Ok(()), Removal::Delivered | Removal::Returned) => {
-                                tracing::info!(queue_id = %id, "done with every recipient; removed")
-                            }
-                            (Ok(()), Removal::Deleted) => {
-                                tracing::info!(queue_id = %id, "deleted by the operator; removed")
-                            }
-                            (Err(e), Removal::Delivered | Removal::Returned) => {
-                                tracing::error!(queue_id = %id, "cannot remove finished message: {e}")
-                            }
-                            (Err(e), Removal::Deleted) => {
-                                tracing::error!(queue_id = %id, "cannot delete message: {e}")
-                            }
+                        match result {
+                            Ok(()) => tracing::info!(queue_id = %id, "{}", why.done()),
+                            Err(e) => tracing::error!(queue_id = %id, "{}: {e}", why.failed()),
                         }
                         act.scheduler.removed(&id);
                         act.execute(ctx);

@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime};
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
 use crate::queue::{next_step, record_result, InFlight, QueuePolicy, Step};
-use crate::spool::{DeliveryState, Envelope, SpoolError};
+use crate::spool::{DeliveryState, Disposal, Envelope, SpoolError};
 
 mod operator;
 
@@ -73,6 +73,33 @@ pub(crate) enum Removal {
     Returned,
     /// `ctl queue delete`: erased, not reused.
     Deleted,
+}
+
+impl Removal {
+    /// Only a delivered message's files may hold the next ones: deleted or
+    /// returned mail leaves no copy behind.
+    pub(crate) fn disposal(self) -> Disposal {
+        match self {
+            Removal::Delivered => Disposal::Recycle,
+            Removal::Returned | Removal::Deleted => Disposal::Erase,
+        }
+    }
+
+    /// What the log says once the removal is durable.
+    pub(crate) fn done(self) -> &'static str {
+        match self {
+            Removal::Delivered | Removal::Returned => "done with every recipient; removed",
+            Removal::Deleted => "deleted by the operator; removed",
+        }
+    }
+
+    /// What the log says when the removal failed.
+    pub(crate) fn failed(self) -> &'static str {
+        match self {
+            Removal::Delivered | Removal::Returned => "cannot remove finished message",
+            Removal::Deleted => "cannot delete message",
+        }
+    }
 }
 
 /// Where a message stands, as `ctl queue` and the gauges show it.
