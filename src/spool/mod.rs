@@ -756,14 +756,7 @@ mod tests {
         {
             let (spool, writer) = Spool::open(dir.path()).unwrap();
             for text in [&b"intact\n"[..], b"to be damaged\n"] {
-                let mut body = spool.begin(SystemTime::now()).unwrap();
-                body.append(text).unwrap();
-                let id = body.id().to_string();
-                spool
-                    .commit(body, &mut envelope_for(&id))
-                    .wait_blocking()
-                    .unwrap();
-                ids.push(id);
+                ids.push(commit_text(&spool, text));
             }
             drop(spool);
             writer.join();
@@ -845,15 +838,22 @@ mod tests {
         rx.recv_timeout(Duration::from_secs(10)).ok()
     }
 
-    /// A spool at `root` holding one queued message, closed again; its id.
-    fn one_queued_message(root: &Path) -> String {
-        let (spool, writer) = Spool::open(root).unwrap();
-        let body = spool.begin(SystemTime::now()).unwrap();
+    /// Queues a message holding `text`; its id.
+    fn commit_text(spool: &Spool, text: &[u8]) -> String {
+        let mut body = spool.begin(SystemTime::now()).unwrap();
+        body.append(text).unwrap();
         let id = body.id().to_string();
         spool
             .commit(body, &mut envelope_for(&id))
             .wait_blocking()
             .unwrap();
+        id
+    }
+
+    /// A spool at `root` holding one queued message, closed again; its id.
+    fn one_queued_message(root: &Path) -> String {
+        let (spool, writer) = Spool::open(root).unwrap();
+        let id = commit_text(&spool, b"");
         drop(spool);
         writer.join();
         id
@@ -974,22 +974,12 @@ mod tests {
     #[test]
     fn erased_mail_and_a_spool_without_reuse_keep_no_copy() {
         let dir = tempfile::tempdir().unwrap();
-        let commit = |spool: &Spool, text: &[u8]| {
-            let mut body = spool.begin(SystemTime::now()).unwrap();
-            body.append(text).unwrap();
-            let id = body.id().to_string();
-            spool
-                .commit(body, &mut envelope_for(&id))
-                .wait_blocking()
-                .unwrap();
-            id
-        };
         let spare = dir.path().join("spare");
         let spares = || fs::read_dir(&spare).unwrap().count();
         {
             let (spool, writer) = Spool::open_with(dir.path(), true).unwrap();
-            let delivered = commit(&spool, b"delivered\n");
-            let deleted = commit(&spool, b"deleted\n");
+            let delivered = commit_text(&spool, b"delivered\n");
+            let deleted = commit_text(&spool, b"deleted\n");
             spool
                 .remove(&delivered, Disposal::Recycle)
                 .wait_blocking()
@@ -1010,7 +1000,7 @@ mod tests {
         // Without reuse: spare/ is emptied at start, and nothing is kept.
         let (spool, _writer) = Spool::open_with(dir.path(), false).unwrap();
         assert_eq!(spares(), 0);
-        let delivered = commit(&spool, b"delivered too\n");
+        let delivered = commit_text(&spool, b"delivered too\n");
         spool
             .remove(&delivered, Disposal::Recycle)
             .wait_blocking()
