@@ -23,6 +23,7 @@ pub mod control;
 pub(crate) mod delivery;
 pub mod hooks;
 pub(crate) mod limits;
+pub(crate) mod memory;
 mod node;
 // Public only to the fuzz targets (fuzz/), which drive the parsers directly.
 #[cfg(feature = "fuzzing")]

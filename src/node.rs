@@ -159,6 +159,8 @@ impl Node {
                 path: control_path.clone(),
                 source,
             })?;
+        #[cfg(test)]
+        let test_spool = Some(spool.clone());
         let report = spool.scan()?;
         report.log_damaged();
         if !report.envelopes.is_empty() || report.orphans_removed > 0 {
@@ -237,6 +239,8 @@ impl Node {
             shutdown: shutdown_tx,
             grace,
             failure: failure_rx,
+            #[cfg(test)]
+            spool: test_spool,
         })
     }
 }
@@ -551,6 +555,10 @@ pub struct NodeHandle {
     shutdown: tokio::sync::watch::Sender<Stopping>,
     grace: Grace,
     failure: tokio::sync::watch::Receiver<Option<String>>,
+    /// The node's spool, for tests that act as its disk; let go before the
+    /// writer is joined.
+    #[cfg(test)]
+    spool: Option<Spool>,
 }
 
 impl NodeHandle {
@@ -686,6 +694,8 @@ impl NodeHandle {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+        #[cfg(test)]
+        drop(self.spool.take());
         if let Some(writer) = self.writer.take() {
             writer.join();
         }
@@ -703,6 +713,115 @@ impl Drop for NodeHandle {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::net::TcpStream;
+    use std::time::Duration;
+
+    /// A node's config in `dir`, on port 0, with `aliases`.
+    fn config_in(dir: &std::path::Path, aliases: &str) -> config::Config {
+        let mut config = config::Config {
+            hostname: "mx.test".into(),
+            ..config::Config::default()
+        };
+        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
+        config.spool.path = dir.join("spool");
+        config.aliases.path = dir.join("aliases");
+        config.metrics.listen = None;
+        config.control.socket = dir.join("ctl.sock");
+        std::fs::write(&config.aliases.path, aliases).unwrap();
+        config
+    }
+
+    /// Sends `line` and returns the reply's last line (multi-line replies
+    /// read whole).
+    fn exchange(reader: &mut BufReader<TcpStream>, line: &str) -> String {
+        if !line.is_empty() {
+            reader
+                .get_mut()
+                .write_all(format!("{line}\r\n").as_bytes())
+                .unwrap();
+        }
+        loop {
+            let mut reply = String::new();
+            reader.read_line(&mut reply).unwrap();
+            if reply.len() < 4 || reply.as_bytes()[3] != b'-' {
+                return reply;
+            }
+        }
+    }
+
+    fn session(addr: SocketAddr) -> BufReader<TcpStream> {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .unwrap();
+        let mut reader = BufReader::new(stream);
+        assert!(exchange(&mut reader, "").starts_with("220"));
+        assert!(exchange(&mut reader, "HELO client").starts_with("250"));
+        reader
+    }
+
+    fn queue_one(addr: SocketAddr, rcpt: &str) {
+        let mut s = session(addr);
+        assert!(exchange(&mut s, "MAIL FROM:<a@example.org>").starts_with("250"));
+        assert!(exchange(&mut s, &format!("RCPT TO:<{rcpt}>")).starts_with("250"));
+        assert!(exchange(&mut s, "DATA").starts_with("354"));
+        assert!(exchange(&mut s, "Subject: x\r\n\r\nx\r\n.").starts_with("250"));
+    }
+
+    #[test]
+    fn intake_waits_for_a_spool_behind_its_disk_and_past_the_wait_refuses_with_451() {
+        let dir = tempfile::tempdir().unwrap();
+        // Each delivery fails for now: its result is an envelope update.
+        let node = Node::start(config_in(dir.path(), "later: |exit 75\n")).unwrap();
+        let addr = node.local_addrs()[0];
+        let spool = node.spool.clone().unwrap();
+        spool.set_intake_bound(2, Duration::from_millis(1500));
+        // A disk that stops answering the writer (commits still land).
+        spool.hold_writer(true);
+        for _ in 0..3 {
+            queue_one(addr, "later@example.org");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while spool.has_intake_room() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the updates never waited for the writer"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+
+        // A new transaction waits, then hears a temporary refusal.
+        let mut refused = session(addr);
+        let asked = std::time::Instant::now();
+        let reply = exchange(&mut refused, "MAIL FROM:<a@example.org>");
+        assert!(reply.starts_with("451 4.3.2"), "{reply}");
+        assert!(
+            asked.elapsed() >= Duration::from_millis(1500),
+            "refused without waiting"
+        );
+        // The session goes on: a later transaction may be accepted.
+        assert!(exchange(&mut refused, "NOOP").starts_with("250"));
+
+        // One that waits is let through once the disk catches up.
+        let released = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = {
+            let released = Arc::clone(&released);
+            std::thread::spawn(move || {
+                let mut s = session(addr);
+                let reply = exchange(&mut s, "MAIL FROM:<a@example.org>");
+                (reply, released.load(std::sync::atomic::Ordering::SeqCst))
+            })
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        released.store(true, std::sync::atomic::Ordering::SeqCst);
+        spool.hold_writer(false);
+        let (reply, after_release) = waiter.join().unwrap();
+        assert!(reply.starts_with("250"), "{reply}");
+        assert!(after_release, "accepted while the spool was behind");
+        drop(spool);
+        node.shutdown();
+    }
 
     #[test]
     fn start_up_finishes_messages_a_crash_left_fully_delivered() {
@@ -711,16 +830,7 @@ mod tests {
         use std::time::{Duration, SystemTime};
 
         let dir = tempfile::tempdir().unwrap();
-        let mut config = config::Config {
-            hostname: "mx.test".into(),
-            ..config::Config::default()
-        };
-        config.smtp.listen = vec!["127.0.0.1:0".parse().unwrap()];
-        config.spool.path = dir.path().join("spool");
-        config.aliases.path = dir.path().join("aliases");
-        config.metrics.listen = None;
-        config.control.socket = dir.path().join("ctl.sock");
-        std::fs::write(&config.aliases.path, "ok: |cat > /dev/null\n").unwrap();
+        let config = config_in(dir.path(), "ok: |cat > /dev/null\n");
         // A message whose only delivery is recorded as done, as if the node died
         // before removing it.
         {

@@ -1101,3 +1101,135 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     drop(clients);
     drop(relay);
 }
+
+/// A preload library that makes every fsync and fdatasync of the process
+/// wait `SLOW_FSYNC_MS` first: a disk busy with other writers.
+fn slow_fsync_library(dir: &Path) -> String {
+    let source = dir.join("slow_fsync.c");
+    write(
+        &source,
+        r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <time.h>
+static void wait_like_a_busy_disk(void) {
+    const char *ms = getenv("SLOW_FSYNC_MS");
+    long n = ms ? atol(ms) : 0;
+    struct timespec left = { n / 1000, (n % 1000) * 1000000L };
+    int saved = errno;
+    while (nanosleep(&left, &left) != 0 && errno == EINTR) {}
+    errno = saved;
+}
+int fsync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    wait_like_a_busy_disk();
+    return real(fd);
+}
+int fdatasync(int fd) {
+    static int (*real)(int);
+    if (!real) real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
+    wait_like_a_busy_disk();
+    return real(fd);
+}
+"#,
+    );
+    let library = dir.join("slow_fsync.so");
+    // `cc` is there wherever Rust links.
+    let built = Command::new("cc")
+        .args(["-shared", "-fPIC", "-O2", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .expect("cc runs");
+    assert!(built.success(), "cannot build the slow-fsync library");
+    library.display().to_string()
+}
+
+#[test]
+fn memory_stays_bounded_when_fsync_is_slow() {
+    let (dir, _outbox) = shared_tempdir();
+    let library = slow_fsync_library(dir.path());
+    // Every delivery fails for now: each of the 100 results per message is
+    // an envelope update waiting for the slow disk.
+    let flag = dir.path().join("failing");
+    write(&flag, "");
+    let program = write(
+        &dir.path().join("program"),
+        &format!(
+            "#!/bin/sh\ncat > /dev/null\ntest -e {} && exit 75\nexit 0\n",
+            flag.display()
+        ),
+    );
+    std::fs::set_permissions(
+        &program,
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    let socket = dir.path().join("ctl.sock");
+    let config = binary_config(
+        dir.path(),
+        &format!("ops: |{program}\n"),
+        &format!("[control]\nsocket = \"{}\"\n", socket.display()),
+    );
+    let served = serve(
+        &["-c", &config],
+        dir.path(),
+        &[("LD_PRELOAD", &library), ("SLOW_FSYNC_MS", "20")],
+    );
+    let pid = served.child.id();
+    let start = rss_kib(pid);
+    let (messages, recipients) = (40, 100);
+    let mut peak = start;
+    for _ in 0..messages {
+        let mut client = Client::connect(served.addr);
+        assert_eq!(client.reply().code, 220);
+        client.cmd("HELO client");
+        let mail = client.cmd("MAIL FROM:<sender@example.org>");
+        assert_eq!(
+            mail.code, 250,
+            "intake refused: the spool fell behind: {mail:?}"
+        );
+        for n in 0..recipients {
+            assert_eq!(client.cmd(&format!("RCPT TO:<ops+{n}@x.test>")).code, 250);
+        }
+        assert_eq!(client.cmd("DATA").code, 354);
+        client.send(b"Subject: burst\r\n\r\nx\r\n.\r\n");
+        assert_eq!(client.reply().code, 250);
+        client.cmd("QUIT");
+        peak = peak.max(rss_kib(pid));
+    }
+    // Until every first attempt is recorded.
+    let deferred = wait_for(Duration::from_secs(120), || {
+        peak = peak.max(rss_kib(pid));
+        let status = control_request(&socket, r#"{"cmd":"status"}"#);
+        (status["data"]["queue"]["deferred"] == messages).then_some(())
+    });
+    assert!(deferred.is_some(), "the first attempts were never recorded");
+    let grew_mib = (peak - start) / 1024;
+    // Before, every result queued a copy of its 100-recipient envelope
+    // for the disk: about 5 MiB per message, 200 MiB here.
+    assert!(
+        grew_mib < 32,
+        "{messages} messages of {recipients} recipients on a slow disk grew the node by {grew_mib} MiB"
+    );
+
+    // The programs work again: on the same slow disk the queue drains.
+    // (That the free heap is then given back is memory.rs's test: at this
+    // size it is within the noise of a debug build.)
+    std::fs::remove_file(&flag).unwrap();
+    let flushed = control_request(&socket, r#"{"cmd":"queue.flush"}"#);
+    assert_eq!(flushed["ok"], true, "{flushed}");
+    let drained = wait_for(Duration::from_secs(120), || {
+        let status = control_request(&socket, r#"{"cmd":"status"}"#);
+        let queue = &status["data"]["queue"];
+        (queue["active"] == 0 && queue["deferred"] == 0 && queue["held"] == 0).then_some(())
+    });
+    assert!(drained.is_some(), "the queue never drained");
+    eprintln!(
+        "RSS: {start} KiB at start, {peak} KiB at most, {} KiB drained",
+        rss_kib(pid)
+    );
+}

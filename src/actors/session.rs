@@ -181,6 +181,8 @@ impl Session {
                         Err(reply::MESSAGE_RATE)
                     } else if !self.deps.hooks.sender_allowed(&sender.to_plain()) {
                         Err(reply::SENDER_REFUSED)
+                    } else if !self.deps.spool.has_intake_room() {
+                        return self.wait_for_spool(work, out);
                     } else {
                         Ok(())
                     };
@@ -208,6 +210,31 @@ impl Session {
         }
         out.tallies = self.machine.take_tallies();
         Box::pin(actix::fut::ready(out))
+    }
+
+    /// The spool is behind its disk: a new transaction waits for it, so
+    /// that what waits in memory for the disk stays bounded, and past the
+    /// intake wait is refused with a temporary error.
+    fn wait_for_spool(
+        &mut self,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        let spool = self.deps.spool.clone();
+        let room = async move { spool.wait_for_intake_room().await };
+        Box::pin(room.into_actor(self).then(move |room, act, _| {
+            let verdict = if room {
+                Ok(())
+            } else {
+                tracing::warn!(
+                    client = %act.client.address,
+                    "transaction refused: the spool is behind its disk"
+                );
+                Err(reply::SPOOL_BEHIND)
+            };
+            work.extend(act.machine.handle(Event::SenderChecked(verdict)));
+            act.run(work, out)
+        }))
     }
 
     fn append(&mut self, bytes: &[u8]) {

@@ -85,6 +85,11 @@ impl CommitPool {
         })
     }
 
+    /// Commits queued and not yet started.
+    pub(super) fn waiting(&self) -> usize {
+        self.tasks.len()
+    }
+
     #[cfg(test)]
     pub(super) fn stats(&self) -> &CommitStats {
         &self.stats

@@ -47,7 +47,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::SystemTime;
 
-use crossbeam_channel::Sender;
 use tokio::sync::oneshot;
 
 pub use envelope::{Attempt, BodyCheck, Delivery, DeliveryState, Envelope, EnvelopeError};
@@ -60,7 +59,7 @@ pub(crate) use incoming::IncomingBody;
 pub(crate) use lock::QueueLock;
 pub use scan::read_queued;
 pub(crate) use spare::Disposal;
-use writer::Job;
+use writer::Backlog;
 
 /// Opens a spool file for reading without ever waiting on it: a FIFO or a
 /// socket someone left in the spool would block a plain open (or a read)
@@ -145,9 +144,16 @@ struct Inner {
     incoming: PathBuf,
     queue: PathBuf,
     corrupt: PathBuf,
-    jobs: Sender<Job>,
+    backlog: Arc<Backlog>,
     commits: commit_pool::CommitPool,
     spares: Arc<spare::Spares>,
+}
+
+impl Drop for Inner {
+    /// The last handle is gone: the writer finishes what waits, then stops.
+    fn drop(&mut self) {
+        self.backlog.close();
+    }
 }
 
 /// A handle on an open spool; cheap to clone and shared by all actors.
@@ -217,12 +223,13 @@ impl Spool {
             spare::Spares::load(spare.clone(), reuse_files)
                 .map_err(|e| SpoolError::io(format!("read {}", spare.display()), e))?,
         );
-        let (jobs, rx) = crossbeam_channel::unbounded();
+        let backlog = Arc::new(Backlog::new());
+        let writer_backlog = Arc::clone(&backlog);
         let writer_queue = queue.clone();
         let writer_spares = Arc::clone(&spares);
         let thread = std::thread::Builder::new()
             .name("spool-writer".into())
-            .spawn(move || writer::run(rx, writer_queue, writer_spares))
+            .spawn(move || writer::run(writer_backlog, writer_queue, writer_spares))
             .map_err(|e| SpoolError::io("start spool writer thread", e))?;
         let commits = commit_pool::CommitPool::start(queue.clone())?;
         let spool = Spool {
@@ -231,7 +238,7 @@ impl Spool {
                 incoming,
                 queue,
                 corrupt,
-                jobs,
+                backlog,
                 commits,
                 spares,
             }),
@@ -287,14 +294,6 @@ impl Spool {
         }
     }
 
-    fn submit(&self, make: impl FnOnce(writer::Reply) -> Job) -> Pending {
-        let (tx, rx) = oneshot::channel();
-        // If the writer is gone, the job (and its reply sender) drops, and
-        // the receiver reports WriterGone.
-        let _ = self.inner.jobs.send(make(tx));
-        Pending(rx)
-    }
-
     /// Makes a received message durable, recording the body's check in
     /// `envelope` first. Resolves once body, envelope and directory are
     /// fsynced: only then may the client hear `250`.
@@ -313,11 +312,13 @@ impl Spool {
     }
 
     /// Durably replaces a queued message's envelope.
+    /// An update of a message still waiting for the writer is replaced by
+    /// the newer one (each envelope is the whole of what is known about the
+    /// message); both resolve once the newer is durable.
     pub fn update(&self, envelope: Envelope) -> Pending {
-        self.submit(|reply| Job::Update {
-            envelope: Box::new(envelope),
-            reply,
-        })
+        let (reply, answer) = oneshot::channel();
+        self.inner.backlog.update(envelope, reply);
+        Pending(answer)
     }
 
     /// Removes a message from the queue. Resolves once the removal is
@@ -327,13 +328,44 @@ impl Spool {
     /// delivered again: mail is never lost that way, at worst delivered
     /// twice, as it is anyway when a power cut falls between a program's
     /// exit and its record.
+    ///
+    /// Removals are written before any update waiting with them.
     pub fn remove(&self, id: &str, disposal: Disposal) -> Pending {
-        let id = id.to_string();
-        self.submit(|reply| Job::Remove {
-            id,
-            disposal,
-            reply,
-        })
+        let (reply, answer) = oneshot::channel();
+        self.inner.backlog.remove(id.to_string(), disposal, reply);
+        Pending(answer)
+    }
+
+    /// Whether the spool keeps up with its disk: fewer messages than the
+    /// intake limit wait for the writer and for the commit pool. Intake
+    /// waits while it does not ([`Spool::wait_for_intake_room`]), so what
+    /// waits in memory for a slow disk stays bounded.
+    pub fn has_intake_room(&self) -> bool {
+        let limit = self.inner.backlog.limit();
+        self.inner.backlog.len() < limit && self.inner.commits.waiting() < limit
+    }
+
+    /// Waits, for at most the intake wait (20 s), until
+    /// [`Spool::has_intake_room`]; false if it did not come.
+    pub async fn wait_for_intake_room(&self) -> bool {
+        self.has_intake_room()
+            || self
+                .inner
+                .backlog
+                .wait_for_room(|| self.has_intake_room())
+                .await
+    }
+
+    /// Test hooks: a smaller intake bound, and a writer held before its next
+    /// batch (a disk that stops answering) until released.
+    #[cfg(test)]
+    pub fn set_intake_bound(&self, limit: usize, wait: std::time::Duration) {
+        self.inner.backlog.set_bound(limit, wait);
+    }
+
+    #[cfg(test)]
+    pub fn hold_writer(&self, held: bool) {
+        self.inner.backlog.hold(held);
     }
 
     /// Where a queued message's body is.
@@ -494,6 +526,82 @@ mod tests {
             old_inode,
             "the removal was answered before it was durable"
         );
+    }
+
+    #[test]
+    fn a_messages_waiting_updates_coalesce_into_its_newest_envelope() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(dir.path()).unwrap();
+        let kept = commit_text(&spool, b"kept\n");
+        let gone = commit_text(&spool, b"gone\n");
+        let mut envelope = spool.read_envelope(&kept).unwrap();
+        // A disk that does not answer: what waits for it must not grow
+        // with each result.
+        spool.hold_writer(true);
+        let mut answers = Vec::new();
+        for n in 0..50 {
+            envelope.deliveries[0].last_error = format!("attempt {n}");
+            answers.push(spool.update(envelope.clone()));
+        }
+        answers.push(spool.remove(&gone, Disposal::Erase));
+        assert_eq!(
+            spool.inner.backlog.len(),
+            2,
+            "one envelope of one message, and one removal"
+        );
+        spool.hold_writer(false);
+        for answer in answers {
+            answer.wait_blocking().unwrap();
+        }
+        assert_eq!(
+            spool.read_envelope(&kept).unwrap().deliveries[0].last_error,
+            "attempt 49",
+            "the newest envelope is the one written"
+        );
+        assert!(matches!(
+            spool.read_envelope(&gone),
+            Err(SpoolError::NotFound(_))
+        ));
+        drop(spool);
+        writer.join();
+    }
+
+    #[test]
+    fn intake_has_room_until_the_writer_falls_behind_and_again_once_it_catches_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(dir.path()).unwrap();
+        let ids: Vec<String> = (0..3).map(|_| commit_text(&spool, b"x\n")).collect();
+        spool.set_intake_bound(3, Duration::from_millis(200));
+        spool.hold_writer(true);
+        let answers: Vec<Pending> = ids
+            .iter()
+            .map(|id| spool.update(spool.read_envelope(id).unwrap()))
+            .collect();
+        assert!(!spool.has_intake_room(), "three waiting, at a limit of 3");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        let started = std::time::Instant::now();
+        assert!(!rt.block_on(spool.wait_for_intake_room()));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        // Released while someone waits: the wait ends with room.
+        let releaser = {
+            let spool = spool.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                spool.hold_writer(false);
+            })
+        };
+        spool.set_intake_bound(3, Duration::from_secs(20));
+        assert!(rt.block_on(spool.wait_for_intake_room()));
+        releaser.join().unwrap();
+        for answer in answers {
+            answer.wait_blocking().unwrap();
+        }
+        assert!(spool.has_intake_room());
+        drop(spool);
+        writer.join();
     }
 
     #[test]
