@@ -10,6 +10,7 @@ Parts (BENCH_ONLY, comma-separated; default all):
   inline   mailnode in inline mode vs an aiosmtpd peer that runs the sink before 250
   backlog  100,000 queued messages: start-up to first 250, memory, drain rate
   idle     10,000 idle connections: memory, latency of a message beside them
+  window   the duplicate window: last delivery to durable removal, p50/p99/max (20 sessions)
 
 Load is Postfix's smtp-source, one connection per message. Each server
 delivers to the same sink program (ops/bench/sink.c), which appends the
@@ -22,6 +23,7 @@ Standard library only, except aiosmtpd for the inline peer.
 
 import argparse
 import ctypes
+import datetime
 import json
 import os
 import platform
@@ -170,6 +172,47 @@ class Sampler(threading.Thread):
         if self.main_pid:
             self.peak_rss = max(self.peak_rss, status_kib(self.main_pid, "VmRSS"))
         self.samples += 1
+
+    def part_window(self):
+        """The duplicate window: from a message's last delivery (the program
+        exited 0) to its removal being durable, which the log's "removed"
+        line marks. A power cut in between delivers the message again."""
+        conf = self.mailnode.write_config("window", log_level="info", log_format="json")
+        label = "mailnode 20 sess 4 KB, info logs"
+        log(f"window: {label}")
+        self.mailnode.start(conf, "window")
+        try:
+            n = self.size_n(self.mailnode, 20, 4 * KB, label)
+            r = measure(self.mailnode, self.dlog, 20, 4 * KB, n, label)
+        finally:
+            self.mailnode.stop()
+        delivered, removed = {}, {}
+        with open(self.mailnode.errfile, errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                fields = entry.get("fields", {})
+                qid = fields.get("queue_id")
+                if qid is None:
+                    continue
+                at = datetime.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+                if fields.get("message") == "delivery attempt" and fields.get("status", "").startswith("2"):
+                    delivered[qid] = max(at, delivered.get(qid, at))
+                elif fields.get("message", "").endswith("removed"):
+                    removed[qid] = at
+        windows = sorted((removed[q] - delivered[q]) * 1000 for q in removed if q in delivered)
+        if not windows:
+            raise BenchError("window: no message was logged both delivered and removed")
+        def pct(p):
+            return windows[min(len(windows) - 1, int(round(p / 100 * (len(windows) - 1))))]
+        self.results["window"] = {
+            "label": label, "n": n, "measured": len(windows), "accepted_rate": r["accepted_rate"],
+            "delivered_rate": r["delivered_rate"], "exactly_once": r["exactly_once"],
+            "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": windows[-1],
+        }
+        log(f"  window: p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms, max {windows[-1]:.1f} ms over {len(windows)} messages")
 
     def run(self):
         self.sample()
@@ -430,7 +473,7 @@ class Mailnode(Server):
             raise BenchError(f"BENCH_REUSE_FILES: expected true or false, got {value!r}")
         return "reuse_files = false\n"
 
-    def write_config(self, label, mode="queue", alias_lines=None):
+    def write_config(self, label, mode="queue", alias_lines=None, log_level="warn", log_format="text"):
         aliases = os.path.join(self.dir, f"aliases-{label}")
         if alias_lines is None:
             alias_lines = [f"sink: |{self.sink} {self.dlog_path}"]
@@ -467,7 +510,8 @@ socket = "{self.socket}"
 listen = "off"
 
 [log]
-level = "warn"
+level = "{log_level}"
+format = "{log_format}"
 """)
         r = subprocess.run([self.binary, "check", "-c", conf], capture_output=True, text=True)
         if r.returncode != 0:
@@ -684,9 +728,9 @@ class Bench:
         self.idle_n = env_int("BENCH_IDLE", 500 if self.quick else 10_000)
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.parts = [p.strip() for p in only.split(",") if p.strip()] if only else \
-            ["compare", "sizes", "inline", "backlog", "idle"]
+            ["compare", "sizes", "inline", "backlog", "idle", "window"]
         for p in self.parts:
-            if p not in ("compare", "sizes", "inline", "backlog", "idle"):
+            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window"):
                 raise BenchError(f"BENCH_ONLY: unknown part {p!r}")
         self.workdir = args.workdir
         self.dlog = DeliveryLog(os.path.join(self.workdir, "out", "delivered.log"))
@@ -895,8 +939,49 @@ class Bench:
                 s.close()
             mn.stop()
 
+    def part_window(self):
+        """The duplicate window: from a message's last delivery (the program
+        exited 0) to its removal being durable, which the log's "removed"
+        line marks. A power cut in between delivers the message again."""
+        conf = self.mailnode.write_config("window", log_level="info", log_format="json")
+        label = "mailnode 20 sess 4 KB, info logs"
+        log(f"window: {label}")
+        self.mailnode.start(conf, "window")
+        try:
+            n = self.size_n(self.mailnode, 20, 4 * KB, label)
+            r = measure(self.mailnode, self.dlog, 20, 4 * KB, n, label)
+        finally:
+            self.mailnode.stop()
+        delivered, removed = {}, {}
+        with open(self.mailnode.errfile, errors="replace") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:
+                    continue
+                fields = entry.get("fields", {})
+                qid = fields.get("queue_id")
+                if qid is None:
+                    continue
+                at = datetime.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
+                if fields.get("message") == "delivery attempt" and fields.get("status", "").startswith("2"):
+                    delivered[qid] = max(at, delivered.get(qid, at))
+                elif fields.get("message", "").endswith("removed"):
+                    removed[qid] = at
+        windows = sorted((removed[q] - delivered[q]) * 1000 for q in removed if q in delivered)
+        if not windows:
+            raise BenchError("window: no message was logged both delivered and removed")
+        def pct(p):
+            return windows[min(len(windows) - 1, int(round(p / 100 * (len(windows) - 1))))]
+        self.results["window"] = {
+            "label": label, "n": n, "measured": len(windows), "accepted_rate": r["accepted_rate"],
+            "delivered_rate": r["delivered_rate"], "exactly_once": r["exactly_once"],
+            "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": windows[-1],
+        }
+        log(f"  window: p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms, max {windows[-1]:.1f} ms over {len(windows)} messages")
+
     def run(self):
-        for part in ("compare", "sizes", "inline", "backlog", "idle"):
+        for part in ("compare", "sizes", "inline", "backlog", "idle", "window"):
             if part in self.parts:
                 getattr(self, f"part_{part}")()
 
@@ -1114,6 +1199,19 @@ def report(b, machine, error=None):
           f"({idle['per_conn_kib']:.1f} KiB RSS per connection) |")
         w(f"| one message beside them, connect → 250 (5 tries) | max **{idle['max_latency'] * 1000:.0f} ms** "
           f"(all: {', '.join(f'{x * 1000:.0f}' for x in idle['latencies'])} ms) |")
+        w("")
+
+    win = b.results.get("window")
+    if win:
+        w("### The duplicate window (mailnode, 20 sessions, 4 KB, info logs in JSON)")
+        w("")
+        w("From a message's last delivery (the log's \"delivery attempt\" line of its program's success) "
+          "to its removal being durable (the \"removed\" line): a power cut in between delivers it again.")
+        w("")
+        w("| N | accepted/s | delivered/s | messages measured | p50 | p99 | max | exactly-once |")
+        w("|---:|---:|---:|---:|---:|---:|---:|---|")
+        w(f"| {win['n']} | {win['accepted_rate']:.0f} | {win['delivered_rate']:.0f} | {win['measured']} | "
+          f"{win['p50_ms']:.1f} ms | {win['p99_ms']:.1f} ms | {win['max_ms']:.1f} ms | {eo(win)} |")
         w("")
 
     w("### How it was run")

@@ -65,9 +65,6 @@ import threading
 import time
 import urllib.request
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench import DeliveryLog, log, pss_kib, status_kib  # noqa: E402  (same directory)
-
 HOST = "127.0.0.1"
 HOSTILE_SOURCE = "127.0.0.2"  # hostile clients connect from here: their log lines and limits are their own
 DOMAIN = "soak.test"
@@ -123,6 +120,51 @@ echo "soak: unknown kind $kind"; exit 64
 
 class SoakError(Exception):
     pass
+
+
+def log(msg):
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def proc_kib(path, key):
+    """The value of `key` in a /proc file of "Key: value [kB]" lines; 0 if
+    absent (or the process is gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def status_kib(pid, key):
+    return proc_kib(f"/proc/{pid}/status", key)
+
+
+def pss_kib(pid):
+    return proc_kib(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+class DeliveryLog:
+    """A log the sink (running as nobody) appends one line per message to."""
+
+    def __init__(self, path):
+        self.path = path
+        self.reset()
+
+    def reset(self):
+        """Empty it, writable by the sink's user."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o666)
+        nobody = pwd.getpwnam("nobody")
+        os.fchown(fd, nobody.pw_uid, nobody.pw_gid)
+        os.fchmod(fd, 0o666)
+        os.close(fd)
+
+    def count(self):
+        with open(self.path, "rb") as f:
+            return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
 
 
 def env_float(name, default):
@@ -877,10 +919,39 @@ def read_proc(pid):
 
 
 def cpu_ticks():
-    """(steal, total) jiffies of all CPUs, from /proc/stat."""
+    """(steal, idle + iowait, total) jiffies of all CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
-    return fields[7], sum(fields[:8])
+    return fields[7], fields[3] + fields[4], sum(fields[:8])
+
+
+def anatomy(pid):
+    """What a process's threads and descriptors are, by kind: thread names
+    ("tokio-runtime-w": 2, ...) and fd targets ("socket": 40, "pipe": 6,
+    files by directory): to say what grew."""
+    threads, fds = {}, {}
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                    name = f.read().strip()
+            except OSError:
+                continue
+            threads[name] = threads.get(name, 0) + 1
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            kind = target.split(":")[0] if ":" in target and not target.startswith("/") else os.path.dirname(target)
+            fds[kind] = fds.get(kind, 0) + 1
+    except OSError:
+        pass
+    return {"threads": threads, "fds": fds}
+
+
+def fmt_anatomy(d):
+    return ", ".join(f"{k} {v}" for k, v in sorted(d.items(), key=lambda kv: -kv[1]))
 
 
 class Records:
@@ -1055,7 +1126,6 @@ class Soak:
         self.catcher = None
         self.serve = None
         self.samples = []
-        self.events = []  # (t, text) for the report
         self.notes = []
         self.stop_threads = threading.Event()
         self.ctl_stats = {"queue": [], "reload": [], "lookup": []}  # (t, rc, seconds)
@@ -1066,6 +1136,7 @@ class Soak:
         self.calibration = {}
         self.final = {}
         self.listing_words = None
+        self.anatomy_before_kill = None
         self.n_senders = max(1, int(os.environ.get("SOAK_SENDERS", "2")))
         self.sessions = max(self.n_senders, int(os.environ.get("SOAK_SESSIONS", "20")))
         self.per_conn = max(1, int(os.environ.get("SOAK_PER_CONN", "5")))
@@ -1210,8 +1281,7 @@ level = "info"
         a node of its own, stopped (SIGTERM) and wiped afterwards, so that
         the soak's first process starts from nothing."""
         log(f"calibration: {self.sessions} sessions, 4 KB, {self.per_conn} per connection, {self.calib_s:.0f} s, unpaced")
-        t_up = self.serve.start("calibration")
-        self.events.append((None, f"calibration serve up in {t_up:.2f} s"))
+        self.serve.start("calibration")
         procs = self.start_senders("calib", 0.0, self.sessions, self.calib_s, [["sink", 1.0, 4 * KB]])
         self.wait_procs(procs, self.calib_s + 30)
         ok, lats, bad = 0, [], 0
@@ -1303,7 +1373,7 @@ level = "info"
                           ("process_open_fds", "m_open_fds")):
             if key in m:
                 s[name] = m[key]
-        s["steal"], s["total_ticks"] = cpu_ticks()
+        s["steal"], s["idle_ticks"], s["total_ticks"] = cpu_ticks()
         self.samples.append(s)
         end_orphans(self.nobody.pw_uid, kill=False)  # reap zombies of programs reparented to us
         return s
@@ -1321,6 +1391,7 @@ level = "info"
     # -- the kill and the restart -----------------------------------------------
 
     def kill_and_restart(self):
+        self.anatomy_before_kill = anatomy(self.serve.pid)
         t_kill = time.monotonic()
         old = self.serve.pid
         log(f"t={t_kill - self.t0:.0f}s: SIGKILL serve (pid {old}) and restart on the same spool and port")
@@ -1360,8 +1431,7 @@ level = "info"
         self.mix_used = mix
         log(f"soak: {self.minutes:g} min at {rate:.0f} msg/s (half of {peak:.0f}); kill at {self.kill_at:.0f} s; "
             f"warm-up {self.warmup_s:.0f} s; max_age {self.max_age_s} s")
-        up = self.serve.start("soak")
-        self.events.append((0.0, f"serve up in {up:.2f} s"))
+        self.serve.start("soak")
         self.first_pid = self.serve.pid
 
         # `ctl queue --limit N` as docs/control.md says, if this binary's
@@ -1471,6 +1541,7 @@ level = "info"
         self.final["left"] = left
         self.final["status"] = self.serve.ctl("status")[1] or {}
         self.final["hwm_kib"] = status_kib(self.serve.pid, "VmHWM")
+        self.final["anatomy"] = anatomy(self.serve.pid)
         rc, took = self.serve.stop()
         self.final["stop_rc"], self.final["stop_s"] = rc, took
         log(f"serve stopped (SIGTERM): status {rc} in {took:.1f} s")
@@ -1504,9 +1575,14 @@ def fmt(v, spec=".1f", none="–"):
     return none if v is None else format(v, spec)
 
 
-def window_median(samples, key, lo, hi, pid=None):
-    vals = [s[key] for s in samples if lo <= s["t"] < hi and s.get(key) is not None
+def window_values(samples, key, lo, hi, pid=None):
+    """The samples of `key` taken in [lo, hi) (of one process)."""
+    return [s[key] for s in samples if lo <= s["t"] < hi and s.get(key) is not None
             and (pid is None or s["pid"] == pid)]
+
+
+def window_median(samples, key, lo, hi, pid=None):
+    vals = window_values(samples, key, lo, hi, pid)
     return statistics.median(vals) if vals else None
 
 
@@ -1551,6 +1627,7 @@ class Report:
                 "p99_ms": None if not lat else percentile(lat, 99) / 1000,
                 "max_ms": None if not lat else lat[-1] / 1000,
                 "cpu_pct": self.cpu_pct(sm),
+                "machine_pct": self.machine_pct(lo, hi),
                 "restart": rt is not None and lo <= rt < hi,
                 "warmup": hi <= s.warmup_s + 1e-9,
             }
@@ -1585,6 +1662,15 @@ class Report:
             prev = x
         return 100.0 * total / CLK_TCK / span if span else None
 
+    def machine_pct(self, lo, hi):
+        """How busy the whole machine was over [lo, hi): 100 = every CPU."""
+        sm = [x for x in self.s.samples if lo <= x["t"] <= hi + 1e-6 and "idle_ticks" in x]
+        if len(sm) < 2:
+            return None
+        total = sm[-1]["total_ticks"] - sm[0]["total_ticks"]
+        idle = sm[-1]["idle_ticks"] - sm[0]["idle_ticks"]
+        return 100.0 * (total - idle) / total if total else None
+
     def deliveries(self, m):
         """Counter deltas over the minute (a counter that went down was
         reset by the restart: its new value is the delta)."""
@@ -1607,7 +1693,8 @@ class Report:
 
     def write_csv(self):
         wd = self.s.workdir
-        cols = ["t", "pid", "rss_kib", "pss_kib", "fds", "threads", "cpu_ticks", "q_active", "q_deferred", "q_held",
+        cols = ["t", "pid", "rss_kib", "pss_kib", "fds", "threads", "cpu_ticks", "idle_ticks", "total_ticks",
+                "q_active", "q_deferred", "q_held",
                 "sessions", "actor_restarts", "m_accepted", "m_delivered", "m_deferred", "m_bounced", "m_open_fds"]
         lat = {b["t"]: b for b in self.bins}
         with open(os.path.join(wd, "samples.csv"), "w") as f:
@@ -1621,12 +1708,13 @@ class Report:
                         fmt(None if b.get("p99_ms") is None else b["p99_ms"] / 1000, ".3f", "")]
                 f.write(",".join(row) + "\n")
         with open(os.path.join(wd, "minutes.csv"), "w") as f:
-            f.write("minute,pids,rss_mib,pss_mib,fds,threads,queue,cpu_pct,ok_250,no_250,rate_250,p50_ms,p99_ms,max_ms,"
+            f.write("minute,pids,rss_mib,pss_mib,fds,threads,queue,cpu_pct,machine_pct,ok_250,no_250,rate_250,p50_ms,p99_ms,max_ms,"
                     "delivered,deferred,bounced,restart\n")
             for r in self.minutes:
                 f.write(",".join([str(r["minute"]), "/".join(map(str, r["pids"])), fmt(r["rss_mib"], ".2f", ""),
                                   fmt(r["pss_mib"], ".2f", ""), fmt(r["fds"], ".0f", ""), fmt(r["threads"], ".0f", ""),
-                                  fmt(r["queue"], ".0f", ""), fmt(r["cpu_pct"], ".1f", ""), str(r["ok"]), str(r["bad"]),
+                                  fmt(r["queue"], ".0f", ""), fmt(r["cpu_pct"], ".1f", ""),
+                                  fmt(r["machine_pct"], ".1f", ""), str(r["ok"]), str(r["bad"]),
                                   f"{r['rate']:.1f}", fmt(r["p50_ms"], ".3f", ""), fmt(r["p99_ms"], ".3f", ""),
                                   fmt(r["max_ms"], ".3f", ""), str(r["m_delivered"]), str(r["m_deferred"]),
                                   str(r["m_bounced"]), "1" if r["restart"] else "0"]) + "\n")
@@ -1733,11 +1821,15 @@ unset multiplot
                                 "text": f"{label}, {name}: n/a (no samples)"})
                     continue
                 g = 100.0 * (b - a) / a if a else 0.0
+                # The samples' range in each window: how much of the growth is noise.
+                ra = window_values(s.samples, key, ref_lo, ref_hi, pid)
+                rb = window_values(s.samples, key, end_lo, min(end_hi, s.soak_s + 1), pid)
+                spread = lambda v: f"{min(v) * scale:.1f}–{max(v) * scale:.1f}"
                 out.append({"metric": label, "span": name, "ok": g < 5.0, "key": key, "growth": g,
                             "text": f"{label}, {name} (pid {pid}): {a * scale:.1f}{unit} in "
-                                    f"[{ref_lo / 60:.2f}, {ref_hi / 60:.2f}) min → {b * scale:.1f}{unit} in "
-                                    f"[{end_lo / 60:.2f}, {min(end_hi, s.soak_s) / 60:.2f}) min: "
-                                    f"**{g:+.1f} %**"})
+                                    f"[{ref_lo / 60:.2f}, {ref_hi / 60:.2f}) min ({len(ra)} samples, {spread(ra)}) → "
+                                    f"{b * scale:.1f}{unit} in [{end_lo / 60:.2f}, {min(end_hi, s.soak_s) / 60:.2f}) min "
+                                    f"({len(rb)} samples, {spread(rb)}): **{g:+.1f} %**"})
             if s.restart:
                 a = window_median(s.samples, key, warm, warm + w, s.restart["old_pid"])
                 b = window_median(s.samples, key, s.soak_s - w, s.soak_s + 1, s.restart["new_pid"])
@@ -1793,12 +1885,14 @@ unset multiplot
                 for line in f:
                     if "panicked" in line:
                         panics += 1
-                    for pattern in self.NOTABLE_INFO:
+                    for pattern in self.NOTABLE_INFO if "picked up" in line or "refused" in line else ():
                         if pattern in line:
                             key = (label, pattern)
                             if key not in self.notable:
                                 self.notable[key] = [0, line.strip()[:300]]
                             self.notable[key][0] += 1
+                    if " WARN " not in line and " ERROR " not in line:
+                        continue  # (most lines: split only the few that matter)
                     parts = line.split(None, 3)
                     if len(parts) < 4 or parts[1] not in ("WARN", "ERROR"):
                         continue
@@ -1845,7 +1939,8 @@ unset multiplot
               f"dropped because the senders were more than 1 s behind). {fail_share:.1f} % of the messages go to failing programs "
               f"(below), the rest to the sink. Latency: from the final `.` to the reply, 4 KB messages only. "
               f"Resources: the serve process alone, median of the six 10-s samples of the minute; queue: `ctl status`, "
-              f"active + deferred + held; CPU: serve's, % of one core; deliveries: the node's counters.")
+              f"active + deferred + held; CPU: serve's, % of one core; machine: all CPUs busy, % (the soak's own "
+              f"clients included, and whatever else runs on the machine); deliveries: the node's counters.")
             w("")
         if s.restart:
             r = s.restart
@@ -1855,9 +1950,9 @@ unset multiplot
               f"{r['kill_to_listen_s']:.2f} s after the kill; "
               f"first 250 {fmt(r.get('first_250_after_s'), '.2f')} s after it.")
             w("")
-        w("| min | serve pid | RSS MiB | PSS MiB | fds | threads | CPU % | queue | 250/s | p50 ms | p99 ms | max ms "
-          "| no 250 | delivered / deferred / bounced | note |")
-        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+        w("| min | serve pid | RSS MiB | PSS MiB | fds | threads | CPU % | machine % | queue | 250/s | p50 ms | p99 ms "
+          "| max ms | no 250 | delivered / deferred / bounced | note |")
+        w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for r in self.minutes:
             note = []
             if r["restart"]:
@@ -1868,6 +1963,7 @@ unset multiplot
                 note.append("partial minute")
             w(f"| {r['minute']} | {' → '.join(map(str, r['pids']))} | {fmt(r['rss_mib'])} | {fmt(r['pss_mib'])} | "
               f"{fmt(r['fds'], '.0f')} | {fmt(r['threads'], '.0f')} | {fmt(r['cpu_pct'], '.0f')} | "
+              f"{fmt(r['machine_pct'], '.0f')} | "
               f"{fmt(r['queue'], '.0f')} | {r['rate']:.0f} | {fmt(r['p50_ms'], '.2f')} | {fmt(r['p99_ms'], '.2f')} | "
               f"{fmt(r['max_ms'], '.0f')} | {r['bad']} | {r['m_delivered']} / {r['m_deferred']} / {r['m_bounced']} | "
               f"{', '.join(note)} |")
@@ -1888,7 +1984,9 @@ unset multiplot
           f"last one, for each serve process on its own: the SIGKILL at the middle starts a new process, whose memory, "
           f"fds and threads start from nothing, so the first process is judged from its warm-up to the kill, and the "
           f"restarted one from its own warm-up (the same length, counted from its start) to the end. The "
-          f"comparison across the two is shown too, not judged.{scale_note} Latency: the p99 of every whole minute "
+          f"comparison across the two is shown too, not judged. Each figure is the median of the 10-s samples in its "
+          f"window (their range in brackets): open fds and threads follow the sessions and programs open at the "
+          f"instant, so a leak shows as a climbing range, not as one sample.{scale_note} Latency: the p99 of every whole minute "
           f"after the warm-up, but the restart's, against 2× the first minute's.")
         w("")
         checks = self.comparisons()
@@ -1943,6 +2041,14 @@ unset multiplot
             w(f"- Final SIGTERM: serve exited with status **{f['stop_rc']}** in {f['stop_s']:.1f} s; VmHWM of the "
               f"restarted process {f['hwm_kib'] / 1024:.1f} MiB; actor restarts (`ctl status`): "
               f"{f['status'].get('actor_restarts') or 'none'}.")
+        if s.anatomy_before_kill:
+            a = s.anatomy_before_kill
+            w(f"- The first process just before the SIGKILL: threads {fmt_anatomy(a['threads'])}; "
+              f"fds {fmt_anatomy(a['fds'])}.")
+        if f.get("anatomy"):
+            a = f["anatomy"]
+            w(f"- The restarted process at the end, before SIGTERM: threads {fmt_anatomy(a['threads'])}; "
+              f"fds {fmt_anatomy(a['fds'])}.")
         q = s.ctl_stats["queue"]
         if q:
             fails = [x for x in q if x[1] != 0]
@@ -2066,7 +2172,9 @@ unset multiplot
         if len(s.samples) >= 2:
             a, b = s.samples[0], s.samples[-1]
             steal = 100.0 * (b["steal"] - a["steal"]) / max(1, b["total_ticks"] - a["total_ticks"])
+            busy = 100.0 - 100.0 * (b["idle_ticks"] - a["idle_ticks"]) / max(1, b["total_ticks"] - a["total_ticks"])
             w(f"| Host steal during the soak | {steal:.1f} % |")
+            w(f"| Machine busy during the soak (all CPUs) | {busy:.0f} % |")
         w(f"| Load average at the end | {' '.join(f'{x:.2f}' for x in os.getloadavg())} |")
         w("")
         knobs = " ".join(f"{k}={shlex.quote(v)}" for k, v in sorted(os.environ.items())

@@ -323,7 +323,7 @@ impl Spool {
 
     /// Removes a message from the queue. Resolves once the removal is
     /// durable: the directory fsync that makes it survive a power cut is
-    /// shared with other removals (within 50 ms) or with the next batch of
+    /// shared with other removals (within 10 ms) or with the next batch of
     /// updates. A power cut before it brings the message back to be
     /// delivered again: mail is never lost that way, at worst delivered
     /// twice, as it is anyway when a power cut falls between a program's

@@ -225,7 +225,7 @@ impl Backlog {
 /// message is delivered again), so they ride on the next update's fsync or
 /// share one with the removals of the next few milliseconds, instead of
 /// paying their own; at the latest this long after the first unsynced one.
-pub(super) const REMOVAL_SYNC_DELAY: Duration = Duration::from_millis(50);
+pub(super) const REMOVAL_SYNC_DELAY: Duration = Duration::from_millis(10);
 
 /// Removals made but not yet made durable by a directory fsync.
 #[derive(Default)]
