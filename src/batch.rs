@@ -42,6 +42,17 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let report = spool.scan()?;
     report.log_damaged();
+    // Retries expand aliases with the file as it is now; a file that does
+    // not load does not keep queued mail from its programs.
+    let table = match aliases::load(&config.aliases.path) {
+        Ok(loaded) => Some(Shared::new(Arc::new(loaded.table))),
+        Err(e) => {
+            tracing::error!(
+                "aliases not loaded, retries keep the targets their messages were accepted with: {e}"
+            );
+            None
+        }
+    };
     let now = SystemTime::now();
     let due: Vec<Envelope> = report
         .envelopes
@@ -52,7 +63,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
         attempted: due.len(),
     };
     let system = System::new();
-    system.block_on(one_pass(&config, &spool, &run_as, spawner, due));
+    system.block_on(one_pass(&config, &spool, &run_as, spawner, due, table));
     // Dropping the system drops every actor and so every spool handle: the
     // writer then finishes its last batch.
     drop(system);
@@ -68,6 +79,7 @@ async fn one_pass(
     run_as: &Option<RunAs>,
     spawner: ProgramSpawner,
     due: Vec<Envelope>,
+    table: Option<Shared<Arc<aliases::AliasTable>>>,
 ) {
     if due.is_empty() {
         return;
@@ -75,7 +87,7 @@ async fn one_pass(
     let workers = plain_workers(config, spool, run_as, spawner);
     let (done, finished) = tokio::sync::oneshot::channel();
     let in_flight = InFlight::default();
-    let mut scheduler = crate::node::scheduler(config, Mode::OnePass, in_flight.clone());
+    let mut scheduler = crate::node::scheduler(config, Mode::OnePass, in_flight.clone(), table);
     scheduler.picked_up(due, std::time::SystemTime::now());
     let _runner =
         QueueRunner::new(scheduler, spool.clone(), workers, in_flight, Some(done)).start();
@@ -101,8 +113,8 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     };
     let system = System::new();
     let (accepted, lock) = system.block_on(async {
-        let resolver =
-            crate::node::resolver_child(&config, Shared::new(Arc::new(loaded.table))).addr;
+        let table = Shared::new(Arc::new(loaded.table));
+        let resolver = crate::node::resolver_child(&config, table.clone()).addr;
         let collector = Collector::default().start();
         let workers = plain_workers(&config, &spool, &run_as, spawner);
         // Nobody shuts a one-session process down from outside.
@@ -158,7 +170,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             .filter_map(|e| spool.read_envelope(&e.id).ok())
             .filter(|e| !e.held && e.next_attempt <= now)
             .collect();
-        one_pass(&config, &spool, &run_as, spawner, due).await;
+        one_pass(&config, &spool, &run_as, spawner, due, Some(table)).await;
         (count, Some(lock))
     });
     drop(system);

@@ -268,18 +268,29 @@ pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
 }
 
 /// An empty queue scheduler for this configuration.
+/// The queue scheduler; with `table`, the aliases in force, retries
+/// expand their recipients again.
 pub(crate) fn scheduler(
     config: &Config,
     mode: queue::scheduler::Mode,
     in_flight: queue::InFlight,
+    table: Option<Shared<Arc<aliases::AliasTable>>>,
 ) -> queue::scheduler::Scheduler {
-    queue::scheduler::Scheduler::new(
+    let scheduler = queue::scheduler::Scheduler::new(
         queue_policy(config),
         config.relay.host.is_some(),
         config.delivery.concurrency,
         mode,
         in_flight,
-    )
+    );
+    match table {
+        Some(table) => scheduler.with_aliases(queue::Aliases {
+            table,
+            hostname: config.hostname.clone(),
+            can_forward: config.relay.host.is_some(),
+        }),
+        None => scheduler,
+    }
 }
 
 /// One DeliveryWorker on each arbiter, each with the factory that makes
@@ -424,7 +435,9 @@ fn build_tree(
     metrics_listener: Option<std::net::TcpListener>,
     control_listener: std::os::unix::net::UnixListener,
 ) -> Addr<Supervisor> {
-    let resolver = resolver_child(&config, Shared::new(table));
+    // One table for both: a reload reaches the retries of queued mail too.
+    let table = Shared::new(table);
+    let resolver = resolver_child(&config, table.clone());
     let workers = worker_children(&config, &spool, &run_as, spawner, &arbiters);
     let worker_addrs: Vec<_> = workers.iter().map(|w| w.addr.clone()).collect();
     let queue_runner = {
@@ -445,8 +458,12 @@ fn build_tree(
                         Vec::new()
                     })
                 });
-                let mut scheduler =
-                    scheduler(&config, queue::scheduler::Mode::Daemon, in_flight.clone());
+                let mut scheduler = scheduler(
+                    &config,
+                    queue::scheduler::Mode::Daemon,
+                    in_flight.clone(),
+                    Some(table.clone()),
+                );
                 scheduler.picked_up(envelopes, std::time::SystemTime::now());
                 QueueRunner::new(
                     scheduler,

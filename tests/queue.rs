@@ -498,3 +498,85 @@ fn a_fifo_and_a_socket_in_the_queue_do_not_keep_the_node_from_serving() {
         );
     }
 }
+
+#[test]
+fn fixing_an_alias_fixes_its_queued_mail_and_a_vanished_alias_is_returned() {
+    let sink = Sink::start(|_| None);
+    let steady = "steady: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/steady.log\n";
+    let node = TestNode::start_with(
+        &format!(
+            "{steady}broken: |cat > /dev/null; echo \"$DELIVERY_ID\" >> OUTBOX/broken.log; exit 75
+helpdesk: steady, broken
+leaving: |cat > /dev/null; exit 75
+"
+        ),
+        relay_to(&sink),
+    );
+    let mut client = node.client();
+    client.reply();
+    client.cmd("HELO client");
+    client.cmd("MAIL FROM:<alice@example.org>");
+    assert!(client
+        .cmd("RCPT TO:<helpdesk@example.org>")
+        .is(250, "2.1.5"));
+    assert!(client.cmd("RCPT TO:<leaving@example.org>").is(250, "2.1.5"));
+    client.cmd("DATA");
+    client.send(b"Subject: help\r\n\r\nplease\r\n.\r\n");
+    let id = queued_id(&client.reply());
+    client.cmd("QUIT");
+    // Deliveries: 0 steady, 1 broken (both for helpdesk), 2 leaving. The
+    // broken one has failed at least once.
+    wait_for_file(&node.outbox.join("broken.log"));
+    assert_eq!(
+        std::fs::read_to_string(node.outbox.join("steady.log")).unwrap(),
+        format!("{id}.0\n")
+    );
+
+    // The operator fixes helpdesk and retires leaving.
+    std::fs::write(
+        node.dir.path().join("aliases"),
+        format!(
+            "{steady}fixed: |cat > /dev/null; echo \"$DELIVERY_ID $RECIPIENT\" >> OUTBOX/fixed.log\nhelpdesk: steady, fixed\n"
+        )
+        .replace("OUTBOX", &node.outbox.display().to_string()),
+    )
+    .unwrap();
+    let rt = actix_rt::Runtime::new().unwrap();
+    let handle = node.node.as_ref().unwrap();
+    assert_eq!(rt.block_on(handle.reload_aliases()).unwrap(), 3);
+
+    // The retry runs the fixed program, as a delivery of its own; the
+    // recipient whose alias is gone is returned with 5.1.1.
+    let fixed = wait_for_file(&node.outbox.join("fixed.log"));
+    assert_eq!(
+        String::from_utf8_lossy(&fixed),
+        format!("{id}.3 fixed@example.org\n")
+    );
+    let got = sink.wait_for(1);
+    let report = parse_report(node.dir.path(), &got[0].data);
+    let block = recipient_block(&report);
+    assert_eq!(block["Status"], "5.1.1", "{block:?}");
+    assert!(
+        block["Final-Recipient"].contains("leaving@example.org"),
+        "{block:?}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || (node.queue_files() == 0)
+            .then_some(()))
+        .is_some(),
+        "the message stayed queued"
+    );
+    // What succeeded never ran again; the broken program only ever ran
+    // as delivery 1.
+    assert_eq!(
+        std::fs::read_to_string(node.outbox.join("steady.log")).unwrap(),
+        format!("{id}.0\n"),
+        "steady ran again"
+    );
+    let broken_runs = std::fs::read_to_string(node.outbox.join("broken.log")).unwrap();
+    assert!(
+        broken_runs.lines().all(|l| l == format!("{id}.1")),
+        "{broken_runs}"
+    );
+    assert_eq!(sink.messages().len(), 1, "one return, for leaving only");
+}

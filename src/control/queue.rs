@@ -73,6 +73,7 @@ fn delivery_state(state: DeliveryState) -> &'static str {
         DeliveryState::Delivered => "delivered",
         DeliveryState::Failed => "failed",
         DeliveryState::Bounced => "bounced",
+        DeliveryState::Superseded => "superseded",
     }
 }
 

@@ -6,9 +6,11 @@
 
 pub(crate) mod in_flight;
 pub(crate) mod policy;
+pub(crate) mod reexpand;
 pub(crate) mod scheduler;
 
 pub(crate) use in_flight::{InFlight, InFlightGuard};
 pub use policy::QueuePolicy;
 pub(crate) use policy::{inline_verdict, next_step, record_result, Step};
+pub(crate) use reexpand::Aliases;
 pub use scheduler::QueueCounts;

@@ -31,6 +31,10 @@ pub enum DeliveryState {
     Failed,
     /// Failed, and the sender has been sent a delivery status notification.
     Bounced,
+    /// Never to be attempted again: when the message was retried, the
+    /// aliases in force no longer led its recipient to this target (see
+    /// `queue::reexpand`).
+    Superseded,
 }
 
 /// One attempt in a delivery's history.
@@ -275,6 +279,7 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
             DeliveryState::Delivered => 1,
             DeliveryState::Failed => 2,
             DeliveryState::Bounced => 3,
+            DeliveryState::Superseded => 4,
         });
         w.u32(d.attempts);
         w.time(d.last_attempt);
@@ -362,6 +367,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
             1 => DeliveryState::Delivered,
             2 => DeliveryState::Failed,
             3 => DeliveryState::Bounced,
+            4 => DeliveryState::Superseded,
             _ => return Err(EnvelopeError::BadTag("state")),
         };
         let attempts = r.u32()?;
@@ -660,7 +666,7 @@ mod tests {
                 ),
                 (any::<bool>(), any::<String>()),
                 (
-                    0u8..4,
+                    0u8..5,
                     any::<u32>(),
                     proptest::option::of(time()),
                     any::<String>(),
@@ -686,6 +692,7 @@ mod tests {
                             DeliveryState::Delivered,
                             DeliveryState::Failed,
                             DeliveryState::Bounced,
+                            DeliveryState::Superseded,
                         ][usize::from(state)],
                         attempts,
                         last_attempt,

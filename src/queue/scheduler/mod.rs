@@ -19,7 +19,8 @@ use std::time::{Duration, SystemTime};
 
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
-use crate::queue::{next_step, record_result, InFlight, QueuePolicy, Step};
+use crate::queue::reexpand::{reexpand, Change};
+use crate::queue::{next_step, record_result, Aliases, InFlight, QueuePolicy, Step};
 use crate::spool::{DeliveryState, Disposal, Envelope, SpoolError};
 
 mod operator;
@@ -27,6 +28,39 @@ mod operator;
 /// How soon a message whose delivery another (dead) runner started is
 /// looked at again.
 const IN_FLIGHT_RECHECK: Duration = Duration::from_secs(1);
+
+/// Whether a message is being tried for the first time since it was
+/// accepted, or again (a retry, an operator's flush or release, a pick-up
+/// from disk): only then are its aliases expanded again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Round {
+    First,
+    Again,
+}
+
+fn log_reexpansion(id: &str, changes: &[Change]) {
+    for change in changes {
+        match change {
+            Change::Vanished { recipient, failed } => tracing::info!(
+                queue_id = %id,
+                %recipient,
+                deliveries = failed,
+                "the recipient's alias is gone: returning its pending deliveries (5.1.1)"
+            ),
+            Change::Retargeted {
+                recipient,
+                superseded,
+                added,
+            } => tracing::info!(
+                queue_id = %id,
+                %recipient,
+                superseded,
+                added,
+                "the recipient's alias changed: retrying with the aliases in force"
+            ),
+        }
+    }
+}
 
 /// Work for the QueueRunner; each names the event that answers it.
 #[derive(Debug)]
@@ -229,6 +263,9 @@ pub(crate) struct Scheduler {
     concurrency: usize,
     mode: Mode,
     in_flight: InFlight,
+    /// The aliases in force, for retries (see `queue::reexpand`); `None`:
+    /// retries keep the targets a message was accepted with.
+    aliases: Option<Aliases>,
     messages: HashMap<String, Tracked>,
     ready: VecDeque<(String, usize)>,
     /// May hold stale entries: an entry counts only while it matches its
@@ -266,6 +303,7 @@ impl Scheduler {
             concurrency: concurrency.max(1),
             mode,
             in_flight,
+            aliases: None,
             messages: HashMap::new(),
             ready: VecDeque::new(),
             deferred: BTreeSet::new(),
@@ -278,6 +316,12 @@ impl Scheduler {
             armed: None,
             commands: Vec::new(),
         }
+    }
+
+    /// Retries expand their recipients' aliases again with `aliases`.
+    pub(crate) fn with_aliases(mut self, aliases: Aliases) -> Self {
+        self.aliases = Some(aliases);
+        self
     }
 
     /// What is to be done now; empties the list.
@@ -305,7 +349,7 @@ impl Scheduler {
                 continue;
             }
             if due <= now {
-                self.make_ready(&id, now);
+                self.make_ready(&id, Round::Again, now);
                 // Nothing pending (a crash between recording the last
                 // result and acting on it): finish what was decided.
                 self.settle(&id, now);
@@ -329,7 +373,7 @@ impl Scheduler {
             return;
         }
         self.track(envelope);
-        self.make_ready(&id, now);
+        self.make_ready(&id, Round::First, now);
         // A message whose every delivery failed at intake (a mail loop)
         // has nothing to run: return it at once.
         self.settle(&id, now);
@@ -453,7 +497,7 @@ impl Scheduler {
             self.deferred.pop_first();
             let current = self.messages.get(&id).and_then(|t| t.deferred_until);
             if current == Some(due) {
-                self.make_ready(&id, now);
+                self.make_ready(&id, Round::Again, now);
                 // Nothing pending (a bounce to retry, or a clock that stepped
                 // back across a restart): settle instead of forgetting it.
                 self.settle(&id, now);
@@ -562,7 +606,7 @@ impl Scheduler {
     }
 
     /// Queues every pending delivery of a message for a worker.
-    fn make_ready(&mut self, id: &str, now: SystemTime) {
+    fn make_ready(&mut self, id: &str, round: Round, now: SystemTime) {
         let Some(t) = self.messages.get_mut(id) else {
             return;
         };
@@ -584,6 +628,11 @@ impl Scheduler {
             // (its result is lost with that runner; this one tries again).
             self.defer(id, now + IN_FLIGHT_RECHECK);
             return;
+        }
+        if let (Round::Again, Some(aliases)) = (round, &self.aliases) {
+            // Nothing of the message runs or waits: its indexes may grow.
+            let changes = reexpand(Arc::make_mut(&mut t.envelope), aliases, now);
+            log_reexpansion(id, &changes);
         }
         let before = self.ready.len();
         self.ready.extend(
@@ -634,10 +683,12 @@ impl Scheduler {
         let all_delivered = t.running == 0
             && t.waiting == 0
             && !t.envelope.held
-            && t.envelope
-                .deliveries
-                .iter()
-                .all(|d| d.state == DeliveryState::Delivered);
+            && t.envelope.deliveries.iter().all(|d| {
+                matches!(
+                    d.state,
+                    DeliveryState::Delivered | DeliveryState::Superseded
+                )
+            });
         if all_delivered {
             self.settle(&id, now);
             return;
@@ -654,11 +705,12 @@ impl Scheduler {
             return;
         };
         // A message held while its last delivery ran may be done anyway.
-        let finished = t
-            .envelope
-            .deliveries
-            .iter()
-            .all(|d| matches!(d.state, DeliveryState::Delivered | DeliveryState::Bounced));
+        let finished = t.envelope.deliveries.iter().all(|d| {
+            matches!(
+                d.state,
+                DeliveryState::Delivered | DeliveryState::Bounced | DeliveryState::Superseded
+            )
+        });
         if t.is_busy() || t.deferred_until.is_some() || (t.envelope.held && !finished) {
             return;
         }

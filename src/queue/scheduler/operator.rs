@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use super::{MessageState, OperatorError, Removal, Scheduler};
+use super::{MessageState, OperatorError, Removal, Round, Scheduler};
 use crate::delivery::status::EnhancedCode;
 use crate::spool::DeliveryState;
 
@@ -37,7 +37,7 @@ impl Scheduler {
                 .get(id)
                 .is_some_and(|t| t.deferred_until.is_some())
             {
-                self.make_ready(id, now);
+                self.make_ready(id, Round::Again, now);
                 self.settle(id, now);
             }
         }
@@ -79,7 +79,7 @@ impl Scheduler {
             t.deferred_until = None;
         }
         self.persist(id);
-        self.make_ready(id, now);
+        self.make_ready(id, Round::Again, now);
         self.settle(id, now);
         tracing::info!(queue_id = %id, "released by the operator");
         self.after_event();
