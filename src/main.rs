@@ -82,9 +82,17 @@ enum Cmd {
         /// Print the reply's data as JSON
         #[arg(long)]
         json: bool,
-        /// status | queue [show|flush|delete|hold|release|bounce ID] |
+        /// status | queue [--limit N] [--after ID] |
+        /// queue show|flush|delete|hold|release|bounce ID |
         /// aliases reload | aliases lookup ADDRESS | pause | resume
-        #[arg(required = true, num_args = 1..)]
+        // Everything from the command on is the command's, `--limit`
+        // included: ctl's own options go before it.
+        #[arg(
+            required = true,
+            num_args = 1..,
+            trailing_var_arg = true,
+            allow_hyphen_values = true
+        )]
         command: Vec<String>,
     },
     /// Send the message on stdin to an SMTP server; exit with sysexits codes

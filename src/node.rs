@@ -787,6 +787,46 @@ mod tests {
     }
 
     #[test]
+    fn a_message_a_rescan_already_delivered_is_not_tracked_again_when_its_session_reports_it() {
+        use crate::actors::queue_runner::{Counts, Enqueued, QueueRunner};
+        let dir = tempfile::tempdir().unwrap();
+        let (spool, writer) = Spool::open(dir.path()).unwrap();
+        let system = System::new();
+        let counts = system.block_on(async {
+            let scheduler = queue::scheduler::Scheduler::new(
+                queue_policy(&config::Config::default()),
+                false,
+                1,
+                queue::scheduler::Mode::Daemon,
+                queue::InFlight::default(),
+            );
+            // No workers: a message tracked again would be handed to one.
+            let runner = QueueRunner::new(
+                scheduler,
+                spool.clone(),
+                Vec::new(),
+                queue::InFlight::default(),
+                None,
+            )
+            .start();
+            // Its session's word arrives after its file was removed.
+            let done = crate::spool::Envelope::for_test_piped(
+                "GONE",
+                "a@example.org",
+                1,
+                std::time::SystemTime::now(),
+            );
+            runner.do_send(Enqueued(Box::new(done)));
+            runner.send(Counts).await
+        });
+        let counts = counts.expect("the runner is still there");
+        assert_eq!(counts, queue::QueueCounts::default(), "{counts:?}");
+        drop(system);
+        drop(spool);
+        writer.join();
+    }
+
+    #[test]
     fn intake_waits_for_a_spool_behind_its_disk_and_past_the_wait_refuses_with_451() {
         let dir = tempfile::tempdir().unwrap();
         // Each delivery fails for now: its result is an envelope update.

@@ -1051,6 +1051,19 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted, all, "listed in id order, each once");
+    // The same through `mailnode ctl`, which says how to ask for the rest.
+    let page = Command::new(BIN)
+        .args(["ctl", "--control"])
+        .arg(&socket)
+        .args(["queue", "--limit", "7"])
+        .output()
+        .unwrap();
+    assert!(page.status.success(), "{page:?}");
+    let printed = String::from_utf8_lossy(&page.stdout);
+    assert!(
+        printed.contains(&format!("mailnode ctl queue --limit 7 --after {}", all[6])),
+        "{printed}"
+    );
     let zero = control_request(&socket, r#"{"cmd":"queue.list","limit":0}"#);
     assert_eq!(
         zero["ok"], false,

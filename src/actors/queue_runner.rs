@@ -244,6 +244,13 @@ impl Handler<Enqueued> for QueueRunner {
     type Result = ();
 
     fn handle(&mut self, msg: Enqueued, ctx: &mut Self::Context) {
+        // A rescan may have found the message between the end of its commit
+        // and this word from its session, and delivered and removed it
+        // already: then its file is gone, and it must not be tracked again.
+        if !self.spool.body_path(&msg.0.id).exists() {
+            tracing::debug!(queue_id = %msg.0.id, "enqueued, but already done");
+            return;
+        }
         self.scheduler.enqueued(*msg.0, SystemTime::now());
         self.execute(ctx);
     }
