@@ -7,29 +7,22 @@
 
 use std::time::Duration;
 
-/// How often the free heap is looked at. Cheap when there is little to
-/// return (the allocator walks its free lists, under each arena's lock in
-/// turn).
+/// How often the allocator is asked. Cheap when there is little to
+/// return: it walks its free lists, under each arena's lock in turn.
 pub(crate) const GIVE_BACK_EVERY: Duration = Duration::from_secs(10);
 
-/// Below this much free heap nothing is done: pages freed now are likely
-/// to be used again soon.
-const WORTH_GIVING_BACK: usize = 1 << 20;
-
-/// Returns the allocator's free pages to the system when it holds more
-/// than a little; the bytes it held free, if it did.
-pub(crate) fn give_back_free_heap() -> Option<usize> {
+/// Returns the allocator's free pages to the system (glibc's
+/// `malloc_trim`); whether it returned any. Elsewhere it does nothing.
+pub(crate) fn give_back_free_heap() -> bool {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
-        // SAFETY: both only read and adjust the allocator's own state,
-        // under its locks.
-        let free = unsafe { libc::mallinfo2() }.fordblks;
-        if free >= WORTH_GIVING_BACK {
-            unsafe { libc::malloc_trim(0) };
-            return Some(free);
-        }
+        // SAFETY: only adjusts the allocator's own state, under its locks.
+        unsafe { libc::malloc_trim(0) == 1 }
     }
-    None
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        false
+    }
 }
 
 #[cfg(all(test, target_os = "linux", target_env = "gnu"))]
@@ -60,10 +53,7 @@ mod tests {
                 .filter_map(|(n, p)| (n % 8 == 0).then_some(p))
                 .collect();
             let held = rss_kib();
-            assert!(
-                give_back_free_heap().is_some(),
-                "56 MiB free is worth giving back"
-            );
+            assert!(give_back_free_heap(), "56 MiB free and nothing given back");
             let after = rss_kib();
             drop(kept);
             (before, held, after)

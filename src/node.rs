@@ -267,8 +267,7 @@ pub(crate) fn queue_policy(config: &Config) -> QueuePolicy {
     }
 }
 
-/// An empty queue scheduler for this configuration.
-/// The queue scheduler; with `table`, the aliases in force, retries
+/// An empty queue scheduler for this configuration; with `table`, the aliases in force, retries
 /// expand their recipients again.
 pub(crate) fn scheduler(
     config: &Config,
@@ -833,12 +832,12 @@ mod tests {
         let node = Node::start(config_in(dir.path(), "later: |exit 75\n")).unwrap();
         let addr = node.local_addrs()[0];
         let spool = node.spool.clone().unwrap();
-        spool.set_intake_bound(2, Duration::from_millis(1500));
         // A disk that stops answering the writer (commits still land).
         spool.hold_writer(true);
         for _ in 0..3 {
             queue_one(addr, "later@example.org");
         }
+        spool.set_intake_bound(2, Duration::from_millis(1500));
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while spool.has_intake_room() {
             assert!(

@@ -139,10 +139,15 @@ impl QueueRunner {
                         act.execute(ctx);
                     });
                 }
-                Command::Persist { id, envelope } => {
+                Command::Persist {
+                    id,
+                    envelope,
+                    expansion,
+                } => {
                     let written = self.spool.update(envelope).wait();
                     ctx.spawn(written.into_actor(self).map(move |result, act, ctx| {
-                        act.scheduler.persisted(&id, result);
+                        let now = SystemTime::now();
+                        act.scheduler.persisted(&id, result, expansion, now);
                         act.execute(ctx);
                     }));
                 }

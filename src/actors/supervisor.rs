@@ -236,9 +236,12 @@ impl Actor for Supervisor {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(WATCH_EVERY, |act, _| act.watch());
         ctx.run_interval(crate::memory::GIVE_BACK_EVERY, |_, _| {
-            if let Some(free) = crate::memory::give_back_free_heap() {
-                tracing::debug!(free_bytes = free, "gave free heap back to the system");
-            }
+            // Off the supervisor's thread: on a big heap it takes a while.
+            actix_rt::task::spawn_blocking(|| {
+                if crate::memory::give_back_free_heap() {
+                    tracing::debug!("gave free heap back to the system");
+                }
+            });
         });
     }
 }

@@ -32,9 +32,9 @@ impl EnhancedCode {
     pub const PROGRAM_REFUSED: Self = Self::new(5, 3, 0);
     /// 5.3.5: this system is not set up to deliver there (no relay).
     pub const NOT_CONFIGURED: Self = Self::new(5, 3, 5);
-    /// 5.4.6: a mail loop.
-    /// The recipient's alias is gone.
+    /// 5.1.1: the recipient's alias is gone.
     pub const UNKNOWN_RECIPIENT: Self = Self::new(5, 1, 1);
+    /// 5.4.6: a mail loop.
     pub const LOOP: Self = Self::new(5, 4, 6);
 
     pub const fn new(class: u8, subject: u16, detail: u16) -> Self {

@@ -198,12 +198,12 @@ pub const TOO_MANY_FROM_YOU: Reply =
 /// `connection_rate_per_ip` exceeded.
 pub const CONNECTION_RATE: Reply =
     Reply::fixed(421, "4.7.0 Error: too many connections from you, slow down");
-/// Intake paused by the operator.
 /// The spool's disk is behind: intake waited for it and may not any longer.
 pub const SPOOL_BEHIND: Reply = Reply::fixed(
     451,
     "4.3.2 The mail system is busy writing to disk, try again later",
 );
+/// Intake paused by the operator.
 pub const INTAKE_PAUSED: Reply = Reply::fixed(421, "4.3.2 Not accepting mail now, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::fixed(
     421,

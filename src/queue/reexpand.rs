@@ -3,18 +3,26 @@
 //! alias and reloads fixes the mail already queued for it. Pure: the
 //! table is given.
 //!
-//! For each original recipient with a delivery still pending, the table
-//! in force decides again:
-//! - the alias is gone (or now names only what mailnode cannot deliver
-//!   to): its pending deliveries fail with 5.1.1 and are returned;
-//! - otherwise a pending delivery to a target the alias still names stays
-//!   as it is (its attempts and `DELIVERY_ID` kept); one to a target it no
-//!   longer names is superseded, never attempted again; a target it names
-//!   now that the message has no delivery to yet is added. A target that
-//!   already succeeded, or failed for good, is never added again.
+//! Every recipient (as given at `RCPT`) still waiting for something is
+//! decided again by the table in force, all of them before anything
+//! changes; then:
+//! - a pending delivery some recipient's alias still names stays as it is
+//!   (its attempts and `DELIVERY_ID` kept);
+//! - one that none names any more is superseded, never attempted again,
+//!   or, when its own recipient's alias is gone (or now refused as at
+//!   `RCPT`: it names a file, or an address with no relay), fails with
+//!   5.1.1 and is returned;
+//! - a target named now that the message has neither pending nor done is
+//!   attempted: a superseded delivery to it comes back, else a new one is
+//!   added. A target that succeeded or failed for good never runs again,
+//!   nor does a program that already took this recipient's mail under
+//!   another alias's name.
 //!
 //! Deliveries are only ever added at the end, never removed: a delivery's
 //! index is its `DELIVERY_ID`, which must not change between retries.
+//! (Intake keeps a delivery for each recipient that reaches a target
+//! another recipient reached first, superseded from the start, so that
+//! every recipient is decided again here.)
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,7 +33,7 @@ use crate::actors::Shared;
 use crate::aliases::{AliasTable, Target};
 use crate::delivery::status::EnhancedCode;
 use crate::protocol::command::Address;
-use crate::protocol::session::RcptDecision;
+use crate::protocol::session::{DeliveryTarget, RcptDecision};
 use crate::spool::{Delivery, DeliveryState, Envelope};
 
 /// The aliases in force, as the AliasResolver has them (a reload swaps
@@ -45,7 +53,8 @@ pub(crate) enum Change {
     /// Its alias no longer exists (or has nothing mailnode delivers to):
     /// `failed` pending deliveries fail with 5.1.1.
     Vanished { recipient: String, failed: usize },
-    /// Its alias now names other targets.
+    /// Its alias now names other targets: `superseded` deliveries set
+    /// aside, `added` new or set-aside ones to attempt.
     Retargeted {
         recipient: String,
         superseded: usize,
@@ -53,86 +62,151 @@ pub(crate) enum Change {
     },
 }
 
-/// Expands the pending recipients of `envelope` again with `aliases`;
-/// what changed, one entry per recipient whose deliveries changed.
+/// Expands again, with `aliases`, every recipient of `envelope` still
+/// waiting for something; what changed, one entry per recipient (as given
+/// at `RCPT`) whose deliveries changed.
 pub(crate) fn reexpand(envelope: &mut Envelope, aliases: &Aliases, now: SystemTime) -> Vec<Change> {
     let table = aliases.table.get();
-    let mut pending_recipients: Vec<String> = Vec::new();
-    for (_, d) in envelope.pending() {
-        if !pending_recipients.contains(&d.original_recipient) {
-            pending_recipients.push(d.original_recipient.clone());
+    // Waiting: a delivery pending, or one set aside (superseded) that the
+    // aliases may name again.
+    let mut originals: Vec<String> = Vec::new();
+    for d in &envelope.deliveries {
+        if matches!(d.state, DeliveryState::Pending | DeliveryState::Superseded)
+            && !originals.contains(&d.original_recipient)
+        {
+            originals.push(d.original_recipient.clone());
         }
     }
-    let mut changes = Vec::new();
-    for original in pending_recipients {
-        let decision = decide(
-            &table,
-            &address_of(&original),
-            &aliases.hostname,
-            aliases.can_forward,
-        );
-        let change = match decision {
-            RcptDecision::Accept(targets) => {
-                let now_named: HashSet<(&str, &Target)> = targets
-                    .iter()
-                    .map(|t| (t.recipient.as_str(), &t.target))
-                    .collect();
-                let mut superseded = 0;
-                for d in envelope.deliveries.iter_mut().filter(|d| {
-                    d.original_recipient == original && d.state == DeliveryState::Pending
-                }) {
-                    if !now_named.contains(&(d.recipient.as_str(), &d.target)) {
-                        d.state = DeliveryState::Superseded;
-                        d.last_error = "the recipient's alias no longer names this target".into();
-                        superseded += 1;
-                    }
+    // All decided before anything changes: a delivery several recipients
+    // reach (kept once at intake) stays while any of them names it.
+    let decided: Vec<(String, Result<Vec<DeliveryTarget>, String>)> = originals
+        .into_iter()
+        .map(|original| {
+            let decision = match decide(
+                &table,
+                &address_of(&original),
+                &aliases.hostname,
+                aliases.can_forward,
+            ) {
+                RcptDecision::Accept(targets) => Ok(targets),
+                RcptDecision::Refuse(reply) => {
+                    let text = reply.text();
+                    Err(text
+                        .split_once(' ')
+                        .map_or(text, |(_, why)| why)
+                        .to_string())
                 }
-                let mut added = 0;
-                for t in &targets {
-                    let known = envelope
-                        .deliveries
-                        .iter()
-                        .any(|d| d.recipient == t.recipient && d.target == t.target);
-                    if !known {
-                        envelope.deliveries.push(Delivery::new(
-                            original.clone(),
-                            t.recipient.clone(),
-                            t.local.clone(),
-                            t.extension.clone(),
-                            t.domain.clone(),
-                            t.target.clone(),
-                        ));
-                        added += 1;
-                    }
-                }
-                (superseded + added > 0).then_some(Change::Retargeted {
-                    recipient: original,
-                    superseded,
-                    added,
-                })
-            }
-            RcptDecision::Refuse(reply) => {
-                let text = reply.text();
-                let reason = text.split_once(' ').map_or(text, |(_, reason)| reason);
-                let why = format!("the aliases in force no longer take it: {reason}");
-                let mut failed = 0;
-                for d in envelope.deliveries.iter_mut().filter(|d| {
-                    d.original_recipient == original && d.state == DeliveryState::Pending
-                }) {
-                    d.state = DeliveryState::Failed;
-                    d.last_error = why.clone();
-                    d.record(now, EnhancedCode::UNKNOWN_RECIPIENT, &why);
-                    failed += 1;
-                }
-                Some(Change::Vanished {
-                    recipient: original,
-                    failed,
-                })
-            }
+            };
+            (original, decision)
+        })
+        .collect();
+    let named: HashSet<(&str, &Target)> = decided
+        .iter()
+        .filter_map(|(_, decision)| decision.as_ref().ok())
+        .flatten()
+        .map(|t| (t.recipient.as_str(), &t.target))
+        .collect();
+    let mut tally: Vec<Tally> = decided
+        .iter()
+        .map(|(original, _)| Tally {
+            recipient: original.clone(),
+            ..Tally::default()
+        })
+        .collect();
+    let position = |original: &str| decided.iter().position(|(o, _)| o == original);
+
+    // Pending deliveries no recipient's alias names any more.
+    for d in &mut envelope.deliveries {
+        if d.state != DeliveryState::Pending || named.contains(&(d.recipient.as_str(), &d.target)) {
+            continue;
+        }
+        let Some(at) = position(&d.original_recipient) else {
+            continue;
         };
-        changes.extend(change);
+        match &decided[at].1 {
+            Ok(_) => {
+                d.state = DeliveryState::Superseded;
+                d.last_error = "the recipient's alias no longer names this target".into();
+                tally[at].superseded += 1;
+            }
+            Err(why) => {
+                d.state = DeliveryState::Failed;
+                d.last_error = format!("the aliases in force no longer take it: {why}");
+                let why = d.last_error.clone();
+                d.record(now, EnhancedCode::UNKNOWN_RECIPIENT, &why);
+                tally[at].failed += 1;
+            }
+        }
     }
-    changes
+
+    // Targets named now that the message has not delivered, nor has pending.
+    for (at, (original, decision)) in decided.iter().enumerate() {
+        let Ok(targets) = decision else {
+            continue;
+        };
+        for t in targets {
+            let same = |d: &Delivery| d.recipient == t.recipient && d.target == t.target;
+            let taken = envelope
+                .deliveries
+                .iter()
+                .any(|d| same(d) && d.state != DeliveryState::Superseded);
+            // The alias holding the target was renamed: the program has
+            // this recipient's mail already.
+            let delivered_for_this_recipient = envelope.deliveries.iter().any(|d| {
+                d.original_recipient == *original
+                    && d.target == t.target
+                    && d.state == DeliveryState::Delivered
+            });
+            if taken || delivered_for_this_recipient {
+                continue;
+            }
+            // Named again: the delivery set aside comes back, under its
+            // own DELIVERY_ID.
+            if let Some(d) = envelope.deliveries.iter_mut().find(|d| same(d)) {
+                d.state = DeliveryState::Pending;
+                d.last_error.clear();
+            } else {
+                envelope.deliveries.push(Delivery::new(
+                    original.clone(),
+                    t.recipient.clone(),
+                    t.local.clone(),
+                    t.extension.clone(),
+                    t.domain.clone(),
+                    t.target.clone(),
+                ));
+            }
+            tally[at].added += 1;
+        }
+    }
+    tally.into_iter().filter_map(Tally::change).collect()
+}
+
+/// What happened to one recipient's deliveries.
+#[derive(Default)]
+struct Tally {
+    recipient: String,
+    superseded: usize,
+    failed: usize,
+    added: usize,
+}
+
+impl Tally {
+    fn change(self) -> Option<Change> {
+        if self.failed > 0 {
+            Some(Change::Vanished {
+                recipient: self.recipient,
+                failed: self.failed,
+            })
+        } else if self.superseded + self.added > 0 {
+            Some(Change::Retargeted {
+                recipient: self.recipient,
+                superseded: self.superseded,
+                added: self.added,
+            })
+        } else {
+            None
+        }
+    }
 }
 
 /// The address a recipient was accepted as (`Address::to_plain`): the
@@ -329,5 +403,107 @@ mod tests {
         );
         assert_eq!(envelope.deliveries[1].recipient, "postmaster@mx.test");
         assert_eq!(envelope.deliveries[1].target, pipe("new"));
+    }
+
+    #[test]
+    fn a_target_named_again_comes_back_under_its_own_delivery_id() {
+        let mut envelope = accepted("helpdesk: |a\n", &["helpdesk@example.org"]);
+        envelope.deliveries[0].attempts = 1;
+        let epoch = SystemTime::UNIX_EPOCH;
+        reexpand(&mut envelope, &aliases_of("helpdesk: |b\n"), epoch);
+        envelope.deliveries[1].attempts = 1;
+        let changes = reexpand(&mut envelope, &aliases_of("helpdesk: |a\n"), epoch);
+        assert_eq!(
+            changes,
+            vec![Change::Retargeted {
+                recipient: "helpdesk@example.org".into(),
+                superseded: 1,
+                added: 1,
+            }]
+        );
+        let targets: Vec<(Target, DeliveryState)> = envelope
+            .deliveries
+            .iter()
+            .map(|d| (d.target.clone(), d.state))
+            .collect();
+        assert_eq!(
+            targets,
+            vec![
+                (pipe("a"), DeliveryState::Pending),
+                (pipe("b"), DeliveryState::Superseded),
+            ],
+            "a is not lost, and keeps its DELIVERY_ID"
+        );
+        assert_eq!(envelope.deliveries[0].attempts, 1);
+    }
+
+    /// As intake keeps it: `sales` and `support` both reach `rt`, which
+    /// runs once, for `sales`.
+    fn reached_by_two() -> Envelope {
+        let mut envelope = accepted(
+            "rt: |rt\nsales: rt\nsupport: rt\n",
+            &["sales@example.org", "support@example.org"],
+        );
+        envelope.deliveries[0].attempts = 1;
+        envelope.deliveries[1].state = DeliveryState::Superseded;
+        envelope
+    }
+
+    #[test]
+    fn a_target_two_recipients_reach_stays_while_either_still_names_it() {
+        let epoch = SystemTime::UNIX_EPOCH;
+        let mut envelope = reached_by_two();
+        reexpand(
+            &mut envelope,
+            &aliases_of("rt: |rt\ncrm: |crm\nsales: crm\nsupport: rt\n"),
+            epoch,
+        );
+        let states: Vec<(String, Target, DeliveryState)> = states(&envelope);
+        assert_eq!(
+            states,
+            vec![
+                ("rt@example.org".into(), pipe("rt"), DeliveryState::Pending),
+                (
+                    "rt@example.org".into(),
+                    pipe("rt"),
+                    DeliveryState::Superseded
+                ),
+                (
+                    "crm@example.org".into(),
+                    pipe("crm"),
+                    DeliveryState::Pending
+                ),
+            ],
+            "support still reaches rt"
+        );
+
+        let mut envelope = reached_by_two();
+        let changes = reexpand(&mut envelope, &aliases_of("rt: |rt\nsupport: rt\n"), epoch);
+        assert!(
+            changes.is_empty(),
+            "sales is gone, but rt still runs for support: {changes:?}"
+        );
+        assert_eq!(envelope.deliveries[0].state, DeliveryState::Pending);
+
+        let mut envelope = reached_by_two();
+        reexpand(&mut envelope, &aliases_of("rt: |rt\n"), epoch);
+        assert_eq!(envelope.deliveries[0].state, DeliveryState::Failed);
+        assert_eq!(envelope.deliveries[0].status, "5.1.1");
+    }
+
+    #[test]
+    fn a_program_that_took_the_recipients_mail_is_not_run_again_under_another_alias_name() {
+        let mut envelope = accepted(
+            "rt: |rt\nother: |other\nhelpdesk: rt, other\n",
+            &["helpdesk@example.org"],
+        );
+        envelope.deliveries[0].state = DeliveryState::Delivered;
+        let changes = reexpand(
+            &mut envelope,
+            &aliases_of("support: |rt\nother: |other\nhelpdesk: support, other\n"),
+            SystemTime::UNIX_EPOCH,
+        );
+        assert!(changes.is_empty(), "{changes:?}");
+        assert_eq!(envelope.deliveries.len(), 2);
     }
 }

@@ -2,7 +2,6 @@
 //! where each recipient's mail goes, and which of those deliveries are
 //! refused at once. Pure: the session actor only calls it.
 
-use std::collections::HashSet;
 use std::time::SystemTime;
 
 use crate::delivery::status::EnhancedCode;
@@ -14,7 +13,9 @@ impl Envelope {
     /// The envelope of `draft`, accepted `now` from `client`.
     ///
     /// The same recipient given twice, or reached twice through aliases,
-    /// runs its program once (as Postfix does). A recipient the message
+    /// runs its program once (as Postfix does): a recipient that reaches
+    /// it after another has a delivery superseded from the start, kept so
+    /// that a retry expands its aliases again too (`queue::reexpand`). A recipient the message
     /// already carries a `Delivered-To:` for is a mail loop: that delivery
     /// fails at once (5.4.6), to be returned, never run.
     pub(crate) fn accepted(draft: MessageDraft, client: &ClientInfo, now: SystemTime) -> Envelope {
@@ -22,29 +23,38 @@ impl Envelope {
             ReversePath::Null => (String::new(), String::new()),
             ReversePath::Address(a) => (a.to_plain(), a.to_smtp()),
         };
-        let mut seen = HashSet::new();
-        let deliveries = draft
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        for (r, t) in draft
             .recipients
             .iter()
             .flat_map(|r| r.targets.iter().map(move |t| (r, t)))
-            .filter(|(_, t)| seen.insert((t.recipient.clone(), t.target.clone())))
-            .map(|(r, t)| {
-                let mut d = Delivery::new(
-                    r.original.clone(),
-                    t.recipient.clone(),
-                    t.local.clone(),
-                    t.extension.clone(),
-                    t.domain.clone(),
-                    t.target.clone(),
-                );
-                if draft.delivered_to.contains(&t.recipient.to_lowercase()) {
-                    d.state = DeliveryState::Failed;
-                    d.last_error = format!("mail forwarding loop for {}", t.recipient);
-                    d.record(now, EnhancedCode::LOOP, &d.last_error.clone());
-                }
-                d
-            })
-            .collect();
+        {
+            let same = |d: &Delivery| d.recipient == t.recipient && d.target == t.target;
+            let first = deliveries.iter().find(|d| same(d));
+            if first.is_some_and(|d| d.original_recipient == r.original) {
+                // The same RCPT given twice.
+                continue;
+            }
+            let mut d = Delivery::new(
+                r.original.clone(),
+                t.recipient.clone(),
+                t.local.clone(),
+                t.extension.clone(),
+                t.domain.clone(),
+                t.target.clone(),
+            );
+            if let Some(first) = first {
+                // Runs once, for the first recipient; kept so that a retry
+                // decides this recipient's aliases again too.
+                d.state = DeliveryState::Superseded;
+                d.last_error = format!("delivered once, for {}", first.original_recipient);
+            } else if draft.delivered_to.contains(&t.recipient.to_lowercase()) {
+                d.state = DeliveryState::Failed;
+                d.last_error = format!("mail forwarding loop for {}", t.recipient);
+                d.record(now, EnhancedCode::LOOP, &d.last_error.clone());
+            }
+            deliveries.push(d);
+        }
         Envelope {
             id: draft.id,
             sender,
@@ -129,24 +139,24 @@ mod tests {
         let runs: Vec<_> = env
             .deliveries
             .iter()
-            .map(|d| (d.original_recipient.as_str(), d.target.clone()))
+            .map(|d| (d.original_recipient.as_str(), d.target.clone(), d.state))
             .collect();
+        let pipe = |command: &str| Target::Pipe {
+            command: command.into(),
+        };
+        // help's way to rt is kept, set aside, so that a retry decides
+        // help's aliases again too.
         assert_eq!(
             runs,
             vec![
-                (
-                    "support@x.test",
-                    Target::Pipe {
-                        command: "rt".into()
-                    }
-                ),
-                (
-                    "help@x.test",
-                    Target::Pipe {
-                        command: "archive".into()
-                    }
-                ),
+                ("support@x.test", pipe("rt"), DeliveryState::Pending),
+                ("help@x.test", pipe("rt"), DeliveryState::Superseded),
+                ("help@x.test", pipe("archive"), DeliveryState::Pending),
             ]
+        );
+        assert_eq!(
+            env.deliveries[1].last_error,
+            "delivered once, for support@x.test"
         );
         assert!(env.pending().count() == 2);
         assert_eq!(env.sender, "a b@example.org");

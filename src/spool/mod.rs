@@ -223,6 +223,8 @@ impl Spool {
             spare::Spares::load(spare.clone(), reuse_files)
                 .map_err(|e| SpoolError::io(format!("read {}", spare.display()), e))?,
         );
+        // First: if it cannot start, no writer is left waiting for jobs.
+        let commits = commit_pool::CommitPool::start(queue.clone())?;
         let backlog = Arc::new(Backlog::new());
         let writer_backlog = Arc::clone(&backlog);
         let writer_queue = queue.clone();
@@ -231,7 +233,6 @@ impl Spool {
             .name("spool-writer".into())
             .spawn(move || writer::run(writer_backlog, writer_queue, writer_spares))
             .map_err(|e| SpoolError::io("start spool writer thread", e))?;
-        let commits = commit_pool::CommitPool::start(queue.clone())?;
         let spool = Spool {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),

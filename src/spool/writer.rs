@@ -159,6 +159,10 @@ impl Backlog {
     pub(super) fn close(&self) {
         self.lock().closed = true;
         self.work.notify_one();
+        // A test that failed while holding the writer must not hang in
+        // the join that follows.
+        #[cfg(test)]
+        self.hold(false);
     }
 
     /// Jobs waiting for the writer (not counting the batch being written).
@@ -207,7 +211,7 @@ impl Backlog {
 
     #[cfg(test)]
     pub(super) fn hold(&self, held: bool) {
-        *self.held.lock().unwrap() = held;
+        *self.held.lock().unwrap_or_else(|e| e.into_inner()) = held;
         self.released.notify_all();
     }
 
@@ -266,8 +270,26 @@ struct Batch {
     updates: Vec<Update>,
 }
 
+/// Whatever ends the writer, a panic included, what waits for it hears so
+/// (its reply dropped: `WriterGone`) instead of waiting for ever, and so
+/// does whatever is asked of it later.
+struct Stopped<'a>(&'a Backlog);
+
+impl Drop for Stopped<'_> {
+    fn drop(&mut self) {
+        let mut waiting = self.0.lock();
+        waiting.closed = true;
+        waiting.removals.clear();
+        waiting.updates.clear();
+        waiting.update_order.clear();
+        drop(waiting);
+        self.0.room.notify_waiters();
+    }
+}
+
 /// Runs until the backlog is closed and empty.
 pub(super) fn run(backlog: Arc<Backlog>, queue: PathBuf, spares: Arc<Spares>) {
+    let _stopped = Stopped(&backlog);
     let mut unsynced = Unsynced::default();
     while let Some(batch) = next_batch(&backlog, &mut unsynced, &queue, &spares) {
         process_batch(batch, &queue, &spares, &mut unsynced);

@@ -73,9 +73,14 @@ pub(crate) enum Command {
     },
     /// Write delivery results; answer with [`Scheduler::recorded`].
     Record { id: String, envelope: Envelope },
-    /// Write the envelope as it is now; the message's fate does not wait.
-    /// Answer with [`Scheduler::persisted`].
-    Persist { id: String, envelope: Envelope },
+    /// Write the envelope as it is now; the message's fate does not wait,
+    /// unless `expansion`: then its deliveries, which a retry's alias
+    /// expansion changed, wait for it. Answer with [`Scheduler::persisted`].
+    Persist {
+        id: String,
+        envelope: Envelope,
+        expansion: bool,
+    },
     /// Try [`Command::Record`] again after a while: answer with
     /// [`Scheduler::record_again`].
     RecordLater { id: String },
@@ -230,6 +235,9 @@ struct Tracked {
     bouncing: bool,
     /// Bounces tried and failed temporarily, for their backoff.
     bounce_attempts: u32,
+    /// Its deliveries wait for the envelope a retry's alias expansion
+    /// changed to be written (see [`Command::Persist`]).
+    recording_expansion: bool,
 }
 
 impl Tracked {
@@ -252,7 +260,7 @@ impl Tracked {
     }
 
     fn is_busy(&self) -> bool {
-        self.running > 0 || self.waiting > 0 || self.bouncing
+        self.running > 0 || self.waiting > 0 || self.bouncing || self.recording_expansion
     }
 }
 
@@ -432,11 +440,33 @@ impl Scheduler {
     }
 
     /// The answer to [`Command::Persist`].
-    pub(crate) fn persisted(&mut self, id: &str, result: Result<(), SpoolError>) {
+    pub(crate) fn persisted(
+        &mut self,
+        id: &str,
+        result: Result<(), SpoolError>,
+        expansion: bool,
+        now: SystemTime,
+    ) {
+        if expansion {
+            self.recording -= 1;
+            if let Some(t) = self.messages.get_mut(id) {
+                t.recording_expansion = false;
+            }
+        }
         match result {
+            Ok(()) if expansion => {
+                self.make_ready(id, Round::First, now);
+                self.settle(id, now);
+            }
             Ok(()) => {}
             Err(SpoolError::NotFound(_)) => self.forget(id),
-            Err(e) => tracing::error!(queue_id = %id, "cannot update queue file: {e}"),
+            Err(e) => {
+                tracing::error!(queue_id = %id, "cannot update queue file: {e}");
+                if expansion {
+                    // Expanded again, and written, at the next try.
+                    self.defer(id, now + IN_FLIGHT_RECHECK);
+                }
+            }
         }
         self.after_event();
     }
@@ -601,6 +631,7 @@ impl Scheduler {
                 deferred_until: None,
                 bouncing: false,
                 bounce_attempts: 0,
+                recording_expansion: false,
             },
         );
     }
@@ -633,6 +664,20 @@ impl Scheduler {
             // Nothing of the message runs or waits: its indexes may grow.
             let changes = reexpand(Arc::make_mut(&mut t.envelope), aliases, now);
             log_reexpansion(id, &changes);
+            if !changes.is_empty() {
+                // Written before any of it runs: after a crash the same
+                // DELIVERY_ID must name the same target, whatever the
+                // aliases then. Made ready once written.
+                t.recording_expansion = true;
+                self.recording += 1;
+                let envelope = (*t.envelope).clone();
+                self.commands.push(Command::Persist {
+                    id: id.to_string(),
+                    envelope,
+                    expansion: true,
+                });
+                return;
+            }
         }
         let before = self.ready.len();
         self.ready.extend(
@@ -767,6 +812,7 @@ impl Scheduler {
             self.commands.push(Command::Persist {
                 id: id.to_string(),
                 envelope: (*t.envelope).clone(),
+                expansion: false,
             });
         }
     }
@@ -1153,7 +1199,7 @@ mod tests {
         assert_eq!(kinds(&s.take_commands()), vec!["record"]);
         s.recorded("A".into(), Ok(()), now);
         assert_eq!(kinds(&s.take_commands()), vec!["persist", "pass-done"]);
-        s.persisted("A", Ok(()));
+        s.persisted("A", Ok(()), false, now);
         assert!(s.take_commands().is_empty(), "the pass ends once");
     }
 
@@ -1194,6 +1240,81 @@ mod tests {
         drop(guard);
         s.due(recheck);
         assert_eq!(dispatched(&s.take_commands()), vec![("A".to_string(), 0)]);
+    }
+
+    #[test]
+    fn a_retry_writes_what_alias_expansion_changed_before_running_it_and_never_overlaps_a_predecessor(
+    ) {
+        let now = start_of_time();
+        let table = crate::aliases::parse(b"r0: |fixed\n", std::path::Path::new("aliases"))
+            .unwrap()
+            .table;
+        let in_flight = InFlight::default();
+        let mut s = Scheduler::new(policy(), true, 16, Mode::Daemon, in_flight.clone())
+            .with_aliases(Aliases {
+                table: crate::actors::Shared::new(Arc::new(table)),
+                hostname: "mx.test".into(),
+                can_forward: false,
+            });
+        // r0 was accepted for `cat`, which failed once; r0 now names `fixed`.
+        let mut deferred = envelope("A", "a@x", 1, now);
+        deferred.deliveries[0].attempts = 1;
+        s.picked_up(vec![deferred], now);
+        s.start();
+        let commands = s.take_commands();
+        assert!(
+            dispatched(&commands).is_empty(),
+            "ran before it was written"
+        );
+        let written = commands.iter().find_map(|c| match c {
+            Command::Persist {
+                envelope,
+                expansion: true,
+                ..
+            } => Some(envelope),
+            _ => None,
+        });
+        let states: Vec<(DeliveryState, String)> = written
+            .expect("the expansion is written")
+            .deliveries
+            .iter()
+            .map(|d| (d.state, format!("{:?}", d.target)))
+            .collect();
+        assert_eq!(
+            states,
+            vec![
+                (
+                    DeliveryState::Superseded,
+                    r#"Pipe { command: "cat" }"#.into()
+                ),
+                (
+                    DeliveryState::Pending,
+                    r#"Pipe { command: "fixed" }"#.into()
+                ),
+            ]
+        );
+        // A dead runner's attempt of that same delivery still runs: wait.
+        let predecessor = in_flight.start("A", 1);
+        s.persisted("A", Ok(()), true, now);
+        let commands = s.take_commands();
+        assert!(
+            dispatched(&commands).is_empty(),
+            "overlapped a running program"
+        );
+        drop(predecessor);
+        s.due(now + IN_FLIGHT_RECHECK);
+        let commands = s.take_commands();
+        assert_eq!(dispatched(&commands), vec![("A".to_string(), 1)]);
+        assert!(
+            !commands.iter().any(|c| matches!(
+                c,
+                Command::Persist {
+                    expansion: true,
+                    ..
+                }
+            )),
+            "nothing changed again"
+        );
     }
 
     #[test]
@@ -1436,7 +1557,9 @@ mod tests {
                     }
                     Command::Record { id, .. } => self.s.recorded(id, write, now),
                     Command::RecordLater { id } => self.s.record_again(id, now),
-                    Command::Persist { id, .. } => self.s.persisted(&id, write),
+                    Command::Persist { id, expansion, .. } => {
+                        self.s.persisted(&id, write, expansion, now)
+                    }
                     Command::Remove { id, .. } => self.s.removed(&id),
                     Command::Bounce { id, failed, .. } => {
                         let status = match outcome % 4 {
