@@ -919,10 +919,38 @@ def read_proc(pid):
 
 
 def cpu_ticks():
-    """(steal, idle + iowait, total) jiffies of all CPUs, from /proc/stat."""
+    """(steal, idle + iowait, user + nice + system, total) jiffies of all
+    CPUs, from /proc/stat."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
-    return fields[7], fields[3] + fields[4], sum(fields[:8])
+    return fields[7], fields[3] + fields[4], sum(fields[:3]), sum(fields[:8])
+
+
+def tree_ticks(root):
+    """CPU ticks (user + system) used by root and every live descendant,
+    with what each has reaped (cutime, cstime): a process that ends moves
+    its time into its parent's, so the sum only grows. For the soak: this
+    script, its clients, serve and the programs."""
+    stats = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rindex(b")") + 2:].split()
+        stats[int(name)] = (int(fields[1]), sum(int(v) for v in fields[11:15]))
+    children = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        total += stats.get(pid, (0, 0))[1]
+        todo.extend(children.get(pid, ()))
+    return total
 
 
 def anatomy(pid):
@@ -1373,7 +1401,8 @@ level = "info"
                           ("process_open_fds", "m_open_fds")):
             if key in m:
                 s[name] = m[key]
-        s["steal"], s["idle_ticks"], s["total_ticks"] = cpu_ticks()
+        s["steal"], s["idle_ticks"], s["busy_ticks"], s["total_ticks"] = cpu_ticks()
+        s["soak_ticks"] = tree_ticks(os.getpid())
         self.samples.append(s)
         end_orphans(self.nobody.pw_uid, kill=False)  # reap zombies of programs reparented to us
         return s
@@ -1627,7 +1656,8 @@ class Report:
                 "p99_ms": None if not lat else percentile(lat, 99) / 1000,
                 "max_ms": None if not lat else lat[-1] / 1000,
                 "cpu_pct": self.cpu_pct(sm),
-                "machine_pct": self.machine_pct(lo, hi),
+                "machine_pct": self.machine_pct(lo, hi)[0],
+                "other_pct": self.machine_pct(lo, hi)[1],
                 "restart": rt is not None and lo <= rt < hi,
                 "warmup": hi <= s.warmup_s + 1e-9,
             }
@@ -1663,13 +1693,18 @@ class Report:
         return 100.0 * total / CLK_TCK / span if span else None
 
     def machine_pct(self, lo, hi):
-        """How busy the whole machine was over [lo, hi): 100 = every CPU."""
+        """Over [lo, hi), as % of all CPUs: (busy, used by processes outside
+        the soak: other work on the machine, which the latency pays for)."""
         sm = [x for x in self.s.samples if lo <= x["t"] <= hi + 1e-6 and "idle_ticks" in x]
         if len(sm) < 2:
-            return None
-        total = sm[-1]["total_ticks"] - sm[0]["total_ticks"]
-        idle = sm[-1]["idle_ticks"] - sm[0]["idle_ticks"]
-        return 100.0 * (total - idle) / total if total else None
+            return None, None
+        a, b = sm[0], sm[-1]
+        total = b["total_ticks"] - a["total_ticks"]
+        if not total:
+            return None, None
+        busy = 100.0 * (total - (b["idle_ticks"] - a["idle_ticks"])) / total
+        other = 100.0 * ((b["busy_ticks"] - a["busy_ticks"]) - (b["soak_ticks"] - a["soak_ticks"])) / total
+        return busy, max(0.0, other)
 
     def deliveries(self, m):
         """Counter deltas over the minute (a counter that went down was
@@ -1693,7 +1728,8 @@ class Report:
 
     def write_csv(self):
         wd = self.s.workdir
-        cols = ["t", "pid", "rss_kib", "pss_kib", "fds", "threads", "cpu_ticks", "idle_ticks", "total_ticks",
+        cols = ["t", "pid", "rss_kib", "pss_kib", "fds", "threads", "cpu_ticks", "idle_ticks", "busy_ticks",
+                "soak_ticks", "total_ticks",
                 "q_active", "q_deferred", "q_held",
                 "sessions", "actor_restarts", "m_accepted", "m_delivered", "m_deferred", "m_bounced", "m_open_fds"]
         lat = {b["t"]: b for b in self.bins}
@@ -1708,13 +1744,13 @@ class Report:
                         fmt(None if b.get("p99_ms") is None else b["p99_ms"] / 1000, ".3f", "")]
                 f.write(",".join(row) + "\n")
         with open(os.path.join(wd, "minutes.csv"), "w") as f:
-            f.write("minute,pids,rss_mib,pss_mib,fds,threads,queue,cpu_pct,machine_pct,ok_250,no_250,rate_250,p50_ms,p99_ms,max_ms,"
+            f.write("minute,pids,rss_mib,pss_mib,fds,threads,queue,cpu_pct,machine_pct,other_pct,ok_250,no_250,rate_250,p50_ms,p99_ms,max_ms,"
                     "delivered,deferred,bounced,restart\n")
             for r in self.minutes:
                 f.write(",".join([str(r["minute"]), "/".join(map(str, r["pids"])), fmt(r["rss_mib"], ".2f", ""),
                                   fmt(r["pss_mib"], ".2f", ""), fmt(r["fds"], ".0f", ""), fmt(r["threads"], ".0f", ""),
                                   fmt(r["queue"], ".0f", ""), fmt(r["cpu_pct"], ".1f", ""),
-                                  fmt(r["machine_pct"], ".1f", ""), str(r["ok"]), str(r["bad"]),
+                                  fmt(r["machine_pct"], ".1f", ""), fmt(r["other_pct"], ".1f", ""), str(r["ok"]), str(r["bad"]),
                                   f"{r['rate']:.1f}", fmt(r["p50_ms"], ".3f", ""), fmt(r["p99_ms"], ".3f", ""),
                                   fmt(r["max_ms"], ".3f", ""), str(r["m_delivered"]), str(r["m_deferred"]),
                                   str(r["m_bounced"]), "1" if r["restart"] else "0"]) + "\n")
@@ -1742,7 +1778,10 @@ set terminal pngcairo size 1100,1400 font ',10'
 set output 'soak.png'
 set datafile separator ','
 set datafile missing ''
-set key top left horizontal opaque
+# Each legend just above its panel, where it hides no data; the same
+# margins in every panel, so that the x axes line up.
+set key at graph 0, graph 1 left bottom horizontal samplen 2
+set tmargin 2.5
 set lmargin 10
 set rmargin 10
 set grid
@@ -1797,13 +1836,19 @@ unset multiplot
         w, warm = s.window_s, s.warmup_s
         out = []
         spans = []
+        # Samples are taken at 0, 10, 20, ... s (a few ms late): the windows
+        # are laid on that timeline, half a second early, so that [30, 50)
+        # holds the samples of 30 and 40 s whatever their delay. The sample
+        # at the kill is the restarted process's; the one at the end is in
+        # its last window.
+        e = 0.5
+        last = s.soak_s + SAMPLE_S - e
         if s.restart:
             a_pid, b_pid = s.restart["old_pid"], s.restart["new_pid"]
-            kill, start = s.restart["t_kill"], s.restart["t_start"]
-            spans.append(("before the kill", a_pid, warm, kill))
-            spans.append(("after the restart", b_pid, start + warm, s.soak_s + 1))
+            spans.append(("before the kill", a_pid, warm - e, s.kill_at - e))
+            spans.append(("after the restart", b_pid, s.kill_at + warm - e, last))
         else:
-            spans.append(("whole soak", s.first_pid, warm, s.soak_s + 1))
+            spans.append(("whole soak", s.first_pid, warm - e, last))
         for key, label, scale, unit in (("rss_kib", "RSS", 1 / 1024, " MiB"), ("fds", "open fds", 1, ""),
                                         ("threads", "threads", 1, ""), ("pss_kib", "PSS", 1 / 1024, " MiB")):
             for name, pid, lo, hi in spans:
@@ -1815,7 +1860,7 @@ unset multiplot
                                         f"too short for two {w:.0f}-s windows)"})
                     continue
                 a = window_median(s.samples, key, ref_lo, ref_hi, pid)
-                b = window_median(s.samples, key, end_lo, min(end_hi, s.soak_s + 1), pid)
+                b = window_median(s.samples, key, end_lo, end_hi, pid)
                 if a is None or b is None:
                     out.append({"metric": label, "span": name, "ok": None, "key": key,
                                 "text": f"{label}, {name}: n/a (no samples)"})
@@ -1823,16 +1868,17 @@ unset multiplot
                 g = 100.0 * (b - a) / a if a else 0.0
                 # The samples' range in each window: how much of the growth is noise.
                 ra = window_values(s.samples, key, ref_lo, ref_hi, pid)
-                rb = window_values(s.samples, key, end_lo, min(end_hi, s.soak_s + 1), pid)
+                rb = window_values(s.samples, key, end_lo, end_hi, pid)
                 spread = lambda v: f"{min(v) * scale:.1f}–{max(v) * scale:.1f}"
+                # Shown with the samples' own times, in minutes.
+                at = lambda v_lo, v_hi: f"{(v_lo + e) / 60:.2f}–{(v_hi + e - SAMPLE_S) / 60:.2f} min"
                 out.append({"metric": label, "span": name, "ok": g < 5.0, "key": key, "growth": g,
-                            "text": f"{label}, {name} (pid {pid}): {a * scale:.1f}{unit} in "
-                                    f"[{ref_lo / 60:.2f}, {ref_hi / 60:.2f}) min ({len(ra)} samples, {spread(ra)}) → "
-                                    f"{b * scale:.1f}{unit} in [{end_lo / 60:.2f}, {min(end_hi, s.soak_s) / 60:.2f}) min "
+                            "text": f"{label}, {name} (pid {pid}): {a * scale:.1f}{unit} at {at(ref_lo, ref_hi)} "
+                                    f"({len(ra)} samples, {spread(ra)}) → {b * scale:.1f}{unit} at {at(end_lo, end_hi)} "
                                     f"({len(rb)} samples, {spread(rb)}): **{g:+.1f} %**"})
             if s.restart:
-                a = window_median(s.samples, key, warm, warm + w, s.restart["old_pid"])
-                b = window_median(s.samples, key, s.soak_s - w, s.soak_s + 1, s.restart["new_pid"])
+                a = window_median(s.samples, key, warm - e, warm + w - e, s.restart["old_pid"])
+                b = window_median(s.samples, key, last - w, last, s.restart["new_pid"])
                 if a is not None and b is not None and a:
                     g = 100.0 * (b - a) / a
                     out.append({"metric": label, "span": "across", "ok": None, "key": key, "growth": g, "info": True,
@@ -1939,8 +1985,9 @@ unset multiplot
               f"dropped because the senders were more than 1 s behind). {fail_share:.1f} % of the messages go to failing programs "
               f"(below), the rest to the sink. Latency: from the final `.` to the reply, 4 KB messages only. "
               f"Resources: the serve process alone, median of the six 10-s samples of the minute; queue: `ctl status`, "
-              f"active + deferred + held; CPU: serve's, % of one core; machine: all CPUs busy, % (the soak's own "
-              f"clients included, and whatever else runs on the machine); deliveries: the node's counters.")
+              f"active + deferred + held; CPU: serve's, % of one core; machine: all CPUs busy, % (100 = every "
+              f"core), and in brackets the share of it used by processes outside the soak (anything else running on "
+              f"the machine, which the latency pays for too); deliveries: the node's counters.")
             w("")
         if s.restart:
             r = s.restart
@@ -1950,8 +1997,8 @@ unset multiplot
               f"{r['kill_to_listen_s']:.2f} s after the kill; "
               f"first 250 {fmt(r.get('first_250_after_s'), '.2f')} s after it.")
             w("")
-        w("| min | serve pid | RSS MiB | PSS MiB | fds | threads | CPU % | machine % | queue | 250/s | p50 ms | p99 ms "
-          "| max ms | no 250 | delivered / deferred / bounced | note |")
+        w("| min | serve pid | RSS MiB | PSS MiB | fds | threads | CPU % | machine % (others) | queue | 250/s | p50 ms "
+          "| p99 ms | max ms | no 250 | delivered / deferred / bounced | note |")
         w("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
         for r in self.minutes:
             note = []
@@ -1963,7 +2010,7 @@ unset multiplot
                 note.append("partial minute")
             w(f"| {r['minute']} | {' → '.join(map(str, r['pids']))} | {fmt(r['rss_mib'])} | {fmt(r['pss_mib'])} | "
               f"{fmt(r['fds'], '.0f')} | {fmt(r['threads'], '.0f')} | {fmt(r['cpu_pct'], '.0f')} | "
-              f"{fmt(r['machine_pct'], '.0f')} | "
+              f"{fmt(r['machine_pct'], '.0f')} ({fmt(r['other_pct'], '.0f')}) | "
               f"{fmt(r['queue'], '.0f')} | {r['rate']:.0f} | {fmt(r['p50_ms'], '.2f')} | {fmt(r['p99_ms'], '.2f')} | "
               f"{fmt(r['max_ms'], '.0f')} | {r['bad']} | {r['m_delivered']} / {r['m_deferred']} / {r['m_bounced']} | "
               f"{', '.join(note)} |")
