@@ -14,6 +14,7 @@ use governor::clock::{Clock, DefaultClock};
 use governor::middleware::NoOpMiddleware;
 use governor::state::keyed::DefaultKeyedStateStore;
 use governor::{Quota, RateLimiter};
+use ipnet::IpNet;
 
 use crate::config::Rate;
 use crate::protocol::reply::{self, Reply};
@@ -36,6 +37,11 @@ pub fn keyed(rate: &Rate) -> KeyedLimiter {
     RateLimiter::keyed(quota(rate))
 }
 
+/// Whether `ip` is in `[limits] exempt`.
+pub fn is_exempt(exempt: &[IpNet], ip: IpAddr) -> bool {
+    exempt.iter().any(|net| net.contains(&ip))
+}
+
 /// Forgets the addresses whose buckets are full again, and gives the memory
 /// back: bounded however many addresses came by.
 pub fn forget_recovered<C: Clock>(limiter: &KeyedLimiter<C>) {
@@ -55,31 +61,37 @@ pub struct ConnectionTracker {
     max_total: usize,
     max_per_ip: usize,
     rate: KeyedLimiter,
+    /// `[limits] exempt`: free of the per-address limit and the rate.
+    exempt: Vec<IpNet>,
 }
 
 impl ConnectionTracker {
-    pub fn new(max_total: usize, max_per_ip: usize, rate: &Rate) -> Arc<Self> {
+    pub fn new(max_total: usize, max_per_ip: usize, rate: &Rate, exempt: Vec<IpNet>) -> Arc<Self> {
         Arc::new(ConnectionTracker {
             open: Mutex::new(Open::default()),
             max_total,
             max_per_ip,
             rate: keyed(rate),
+            exempt,
         })
     }
 
     /// Admits a connection from `ip`, or names the 421 that refuses it.
-    /// The slot is given back when the returned guard drops.
+    /// The slot is given back when the returned guard drops. An exempt
+    /// address meets `max_connections` only.
     pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refusal> {
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         if open.total >= self.max_total {
             return Err(Refusal::OverCapacity);
         }
         let mine = open.per_ip.get(&ip).copied().unwrap_or(0);
-        if mine >= self.max_per_ip {
-            return Err(Refusal::PerAddress);
-        }
-        if self.rate.check_key(&ip).is_err() {
-            return Err(Refusal::Rate);
+        if !is_exempt(&self.exempt, ip) {
+            if mine >= self.max_per_ip {
+                return Err(Refusal::PerAddress);
+            }
+            if self.rate.check_key(&ip).is_err() {
+                return Err(Refusal::Rate);
+            }
         }
         open.total += 1;
         open.per_ip.insert(ip, mine + 1);
@@ -163,8 +175,23 @@ mod tests {
     }
 
     #[test]
+    fn an_exempt_address_meets_only_the_overall_limit() {
+        let exempt: IpNet = "0.0.0.0/30".parse().unwrap();
+        let t = ConnectionTracker::new(4, 1, &rate(1, Duration::from_secs(3600)), vec![exempt]);
+        // ip(1) is exempt: neither one at a time nor one an hour holds it.
+        let held: Vec<ConnectionSlot> = (0..4).map(|_| t.admit(ip(1)).unwrap()).collect();
+        assert_eq!(t.admit(ip(1)).err(), Some(Refusal::OverCapacity));
+        drop(held);
+        // ip(9) is not.
+        let _one = t.admit(ip(9)).unwrap();
+        assert_eq!(t.admit(ip(9)).err(), Some(Refusal::PerAddress));
+        assert!(is_exempt(&[exempt], ip(3)));
+        assert!(!is_exempt(&[exempt], ip(4)));
+    }
+
+    #[test]
     fn connection_counts_are_enforced_and_given_back() {
-        let t = ConnectionTracker::new(3, 2, &rate(1000, Duration::from_secs(1)));
+        let t = ConnectionTracker::new(3, 2, &rate(1000, Duration::from_secs(1)), Vec::new());
         let a1 = t.admit(ip(1)).unwrap();
         let _a2 = t.admit(ip(1)).unwrap();
         assert_eq!(t.admit(ip(1)).err(), Some(Refusal::PerAddress));

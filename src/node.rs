@@ -177,6 +177,7 @@ impl Node {
             config.smtp.max_connections,
             config.smtp.max_connections_per_ip,
             &config.limits.connection_rate_per_ip,
+            config.limits.exempt.clone(),
         );
         let paused = Arc::new(AtomicBool::new(false));
         let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(Stopping::No);
@@ -389,6 +390,7 @@ pub(crate) fn session_deps(
         queue,
         inline: (config.delivery.mode == config::DeliveryMode::Inline).then_some(workers),
         message_rate: Arc::new(limits::keyed(&config.limits.message_rate_per_ip)),
+        rate_exempt: config.limits.exempt.clone().into(),
         hooks,
         shutdown,
         paused,

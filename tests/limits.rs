@@ -93,7 +93,11 @@ fn connection_limits_overall_and_per_address() {
     });
     assert!(fourth.is_some(), "a freed slot was not given back");
 
-    let node = TestNode::start_with(ALIASES, |c| c.smtp.max_connections_per_ip = 1);
+    let node = TestNode::start_with(ALIASES, |c| {
+        c.smtp.max_connections_per_ip = 1;
+        // The test's client is on loopback, exempt by default.
+        c.limits.exempt = Vec::new();
+    });
     let mut one = node.client();
     assert_eq!(one.reply().code, 220);
     let mut two = node.client();
@@ -105,6 +109,7 @@ fn connection_limits_overall_and_per_address() {
 fn connection_rate_triggers_and_recovers() {
     let node = TestNode::start_with(ALIASES, |c| {
         c.limits.connection_rate_per_ip = rate(3, Duration::from_secs(1));
+        c.limits.exempt = Vec::new();
     });
     for _ in 0..3 {
         let mut c = node.client();
@@ -124,6 +129,7 @@ fn connection_rate_triggers_and_recovers() {
 fn message_rate_triggers_at_mail_and_recovers() {
     let node = TestNode::start_with(ALIASES, |c| {
         c.limits.message_rate_per_ip = rate(2, Duration::from_secs(1));
+        c.limits.exempt = Vec::new();
     });
     let mut c = node.client();
     c.reply();
@@ -275,4 +281,39 @@ fn shutdown_tells_a_client_stalled_in_data_421_before_time_is_up() {
     stopping.join().unwrap();
     assert_eq!(node.queue_files(), 0);
     assert_eq!(node.incoming_files(), 0);
+}
+
+/// 200 messages, each on a connection of its own, as fast as they go: what
+/// the first refusal was, if any.
+fn send_200(node: &TestNode) -> Option<(usize, u16)> {
+    for n in 0..200 {
+        let mut c = node.client();
+        let greeting = c.reply();
+        if greeting.code != 220 {
+            return Some((n, greeting.code));
+        }
+        c.cmd("HELO app.example");
+        let mail = c.cmd("MAIL FROM:<app@example.org>");
+        if mail.code != 250 {
+            return Some((n, mail.code));
+        }
+        assert_eq!(c.cmd("RCPT TO:<sink@example.org>").code, 250);
+        assert_eq!(c.cmd("DATA").code, 354);
+        c.send(b"Subject: from the app\r\n\r\nx\r\n.\r\n");
+        assert_eq!(c.reply().code, 250);
+        c.cmd("QUIT");
+    }
+    None
+}
+
+#[test]
+fn a_local_application_is_exempt_from_the_per_address_limits_and_rates() {
+    // The default limits: 120 connections and 600 messages a minute per
+    // address, 50 at once; loopback exempt.
+    let node = TestNode::start("sink: |cat > /dev/null\n");
+    assert_eq!(send_200(&node), None, "a local application met a limit");
+    // Not exempt, the same load meets the connection rate.
+    let node = TestNode::start_with("sink: |cat > /dev/null\n", |c| c.limits.exempt = Vec::new());
+    let refused = send_200(&node);
+    assert!(matches!(refused, Some((n, 421)) if n >= 100), "{refused:?}");
 }

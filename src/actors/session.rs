@@ -59,6 +59,8 @@ pub struct SessionDeps {
     pub inline: Option<Vec<Shared<Addr<DeliveryWorker>>>>,
     /// `message_rate_per_ip`, counted at MAIL.
     pub message_rate: Arc<KeyedLimiter>,
+    /// `[limits] exempt`: clients the message rate does not count.
+    pub rate_exempt: Arc<[ipnet::IpNet]>,
     /// The embedding program's checks.
     pub hooks: Hooks,
     /// How far the node is in going down.
@@ -171,11 +173,12 @@ impl Session {
                     let paused = self.deps.paused.load(std::sync::atomic::Ordering::Relaxed);
                     let verdict = if paused {
                         Err(reply::INTAKE_PAUSED)
-                    } else if self
-                        .deps
-                        .message_rate
-                        .check_key(&self.client.address)
-                        .is_err()
+                    } else if !crate::limits::is_exempt(&self.deps.rate_exempt, self.client.address)
+                        && self
+                            .deps
+                            .message_rate
+                            .check_key(&self.client.address)
+                            .is_err()
                     {
                         crate::telemetry::rate_limited("message");
                         Err(reply::MESSAGE_RATE)

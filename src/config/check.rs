@@ -316,6 +316,10 @@ impl Checker<'_> {
         LimitsConfig {
             connection_rate_per_ip: key!(self.rate, "limits", raw.connection_rate_per_ip, d),
             message_rate_per_ip: key!(self.rate, "limits", raw.message_rate_per_ip, d),
+            exempt: match raw.exempt {
+                None => d.exempt,
+                Some(list) => self.networks("limits.exempt", list.into_inner()),
+            },
         }
     }
 

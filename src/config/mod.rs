@@ -772,6 +772,28 @@ deny = [\"10.0.0.0/33\"]
     }
 
     #[test]
+    fn limits_exempt_defaults_to_loopback_and_takes_networks() {
+        assert_eq!(
+            ok("").limits.exempt,
+            vec![net("127.0.0.0/8"), net("::1/128")]
+        );
+        let c = ok("[limits]\nexempt = [\"10.1.0.0/16\", \"192.0.2.7\"]\n");
+        assert_eq!(
+            c.limits.exempt,
+            vec![net("10.1.0.0/16"), net("192.0.2.7/32")]
+        );
+        assert_eq!(
+            ok("[limits]\nexempt = []\n").limits.exempt,
+            Vec::<IpNet>::new()
+        );
+        let errors = errs("[limits]\nexempt = [\n\"localhost\",\n]\n");
+        assert_eq!(errors[0].line, Some(3));
+        assert!(errors[0]
+            .message
+            .starts_with("limits.exempt: invalid network \"localhost\""));
+    }
+
+    #[test]
     fn channels_default() {
         let c = ok("[access]\nfinicky = true\n");
         assert_eq!(c.access.channel, vec![Channel::local()]);

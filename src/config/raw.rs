@@ -84,6 +84,7 @@ pub(super) struct RawRelay {
 pub(super) struct RawLimits {
     pub(super) connection_rate_per_ip: Text,
     pub(super) message_rate_per_ip: Text,
+    pub(super) exempt: TextList,
 }
 
 #[derive(Deserialize, Default)]

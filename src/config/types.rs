@@ -312,6 +312,10 @@ pub struct LimitsConfig {
     pub connection_rate_per_ip: Rate,
     /// Messages accepted from one address.
     pub message_rate_per_ip: Rate,
+    /// Clients free of the per-address limits and rates (Postfix's
+    /// `mynetworks` for anvil): the local applications that hand mail
+    /// over. `[smtp] max_connections` still counts them.
+    pub exempt: Vec<IpNet>,
 }
 
 impl Default for LimitsConfig {
@@ -319,6 +323,10 @@ impl Default for LimitsConfig {
         LimitsConfig {
             connection_rate_per_ip: Rate::per_minute(120),
             message_rate_per_ip: Rate::per_minute(600),
+            exempt: ["127.0.0.0/8", "::1/128"]
+                .iter()
+                .filter_map(|net| net.parse().ok())
+                .collect(),
         }
     }
 }
