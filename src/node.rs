@@ -491,6 +491,7 @@ fn build_tree(
         },
     ));
     let access = config.access.clone();
+    let proxy_from = config.smtp.proxy_protocol_from.clone();
     let (tracker, paused) = (Arc::clone(&intake.tracker), Arc::clone(&intake.paused));
     let acceptor = Child::start(
         "acceptor",
@@ -509,6 +510,7 @@ fn build_tree(
                 access.clone(),
                 Arc::clone(&tracker),
                 Arc::clone(&paused),
+                proxy_from.clone(),
             )
             .start()
         }),

@@ -22,6 +22,7 @@ pub const BUILD_INFO: &str = "mailnode_build_info";
 pub const QUEUE_OLDEST_AGE_SECONDS: &str = "mailnode_queue_oldest_age_seconds";
 pub const QUEUE_MAX_AGE_SECONDS: &str = "mailnode_queue_max_age_seconds";
 pub const INTAKE_PAUSED: &str = "mailnode_intake_paused";
+pub const PROXY_HEADERS_TOTAL: &str = "mailnode_proxy_headers_total";
 
 /// Label values, as the contract lists them.
 pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
@@ -38,6 +39,7 @@ pub const RECIPIENT_OUTCOMES: [&str; 2] = ["accepted", "rejected"];
 pub const QUEUE_STATES: [&str; 3] = ["active", "deferred", "held"];
 pub const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "deferred", "bounced"];
 pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
+pub const PROXY_HEADER_RESULTS: [&str; 3] = ["ok", "invalid", "missing"];
 pub const ACTORS: [&str; 6] = [
     "acceptor",
     "alias_resolver",
@@ -120,6 +122,10 @@ fn register() {
         "[queue] max_age: messages older than this are returned to their sender."
     );
     describe_gauge!(INTAKE_PAUSED, "1 while intake is paused by the operator.");
+    describe_counter!(
+        PROXY_HEADERS_TOTAL,
+        "PROXY protocol headers from proxy_protocol_from peers, by result."
+    );
     gauge!(QUEUE_OLDEST_AGE_SECONDS).set(0.0);
     gauge!(INTAKE_PAUSED).set(0.0);
     for o in CONNECTION_OUTCOMES {
@@ -142,6 +148,9 @@ fn register() {
     }
     for l in RATE_LIMITS {
         counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => l).increment(0);
+    }
+    for r in PROXY_HEADER_RESULTS {
+        counter!(PROXY_HEADERS_TOTAL, "result" => r).increment(0);
     }
     for a in ACTORS {
         counter!(ACTOR_RESTARTS_TOTAL, "actor" => a).increment(0);
@@ -214,6 +223,10 @@ pub fn delivery(outcome: &'static str, took: Duration) {
 
 pub fn rate_limited(limit: &'static str) {
     counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
+}
+
+pub fn proxy_header(result: &'static str) {
+    counter!(PROXY_HEADERS_TOTAL, "result" => result).increment(1);
 }
 
 pub fn actor_restarted(actor: &'static str) {

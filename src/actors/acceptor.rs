@@ -4,21 +4,26 @@
 //! are closed right here; the rest get a Session actor and an I/O task on
 //! one of the session arbiters, round-robin, so sessions use every core.
 //! Refused hosts (deny, finicky, the validate_host hook) still get a
-//! session: the refusal dialogue is the session's.
+//! session: the refusal dialogue is the session's. A connection from a
+//! peer in `[smtp] proxy_protocol_from` (a load balancer) is handed to a
+//! session arbiter at once, reads the PROXY header there, and is then
+//! decided about as the client the header names.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use tokio::io::AsyncWriteExt;
+use ipnet::IpNet;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::access;
 use crate::actors::session::{serve_connection, Session, SessionDeps};
 use crate::config::AccessConfig;
-use crate::limits::{ConnectionTracker, Refusal};
+use crate::limits::{ConnectionSlot, ConnectionTracker, Refusal};
+use crate::protocol::proxy;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::ClientInfo;
 use crate::telemetry;
@@ -37,10 +42,26 @@ pub struct Acceptor {
     listeners: Vec<std::net::TcpListener>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
+    gate: Arc<Gate>,
+}
+
+/// What deciding about a connection needs: shared with the tasks that read
+/// a load balancer's PROXY header first.
+struct Gate {
     deps: Arc<SessionDeps>,
     access: AccessConfig,
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
+    /// `[smtp] proxy_protocol_from`.
+    proxy_from: Vec<IpNet>,
+}
+
+/// A connection let in: its slot (held for the session's life), who the
+/// client is, and whether it may send mail or only hears the refusal.
+struct Admitted {
+    slot: ConnectionSlot,
+    client: ClientInfo,
+    allowed: bool,
 }
 
 impl Acceptor {
@@ -51,15 +72,19 @@ impl Acceptor {
         access: AccessConfig,
         tracker: Arc<ConnectionTracker>,
         paused: Arc<AtomicBool>,
+        proxy_from: Vec<IpNet>,
     ) -> Self {
         Acceptor {
             listeners,
             arbiters,
             next_arbiter: 0,
-            deps,
-            access,
-            tracker,
-            paused,
+            gate: Arc::new(Gate {
+                deps,
+                access,
+                tracker,
+                paused,
+                proxy_from,
+            }),
         }
     }
 }
@@ -89,19 +114,133 @@ impl Actor for Acceptor {
             ctx.add_stream(accepts);
         }
         ctx.run_interval(LIMITER_UPKEEP, |act, _| {
-            act.tracker.cleanup();
-            crate::limits::forget_recovered(&act.deps.message_rate);
+            act.gate.tracker.cleanup();
+            crate::limits::forget_recovered(&act.gate.deps.message_rate);
         });
     }
 }
 
 /// Answers a connection turned away at once, without a session.
-fn turn_away(mut stream: TcpStream, reply: Reply) {
-    actix::spawn(async move {
-        let bytes = reply.to_bytes();
-        let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
-        let _ = stream.shutdown().await;
-    });
+async fn turn_away(mut stream: TcpStream, reply: Reply) {
+    let bytes = reply.to_bytes();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
+    let _ = stream.shutdown().await;
+}
+
+impl Gate {
+    /// Decides about a connection from `address`, the client (the peer,
+    /// or whom its PROXY header names): the reply that turns it away, or
+    /// its admission.
+    fn admit(&self, address: IpAddr) -> Result<Admitted, Reply> {
+        if self.paused.load(Ordering::Relaxed) {
+            telemetry::connection("over_capacity");
+            return Err(reply::INTAKE_PAUSED);
+        }
+        let slot = self.tracker.admit(address).map_err(|refusal| {
+            tracing::info!(client = %address, ?refusal, "connection refused");
+            if refusal == Refusal::Rate {
+                telemetry::connection("rate_limited");
+                telemetry::rate_limited("connection");
+            } else {
+                telemetry::connection("over_capacity");
+            }
+            refusal.reply()
+        })?;
+        let admission = access::admit(address, &self.access);
+        let allowed = admission.allowed && self.deps.hooks.host_allowed(address);
+        telemetry::connection(if allowed { "accepted" } else { "denied" });
+        tracing::debug!(client = %address, channel = %admission.channel, allowed, "connection");
+        Ok(Admitted {
+            slot,
+            client: ClientInfo {
+                address,
+                channel: admission.channel,
+            },
+            allowed,
+        })
+    }
+
+    /// Runs the session of an admitted connection to its end.
+    async fn serve(&self, stream: TcpStream, admitted: Admitted) {
+        // Held for the session's life: the count goes down when it ends.
+        let _slot = admitted.slot;
+        let deps = Arc::clone(&self.deps);
+        let (limits, shutdown) = (deps.limits, deps.shutdown.clone());
+        let session = Session::new(deps, admitted.client).start();
+        serve_connection(stream, session, limits, admitted.allowed, shutdown).await;
+    }
+
+    /// A connection from a load balancer: its PROXY header first, then the
+    /// same decision as for any other, about the client it names.
+    async fn serve_proxied(&self, mut stream: TcpStream, peer: IpAddr) {
+        let wait = self.deps.limits.command_timeout.min(PROXY_HEADER_WAIT);
+        let address = match read_proxy_header(&mut stream, wait).await {
+            Ok(source) => {
+                telemetry::proxy_header("ok");
+                source.map_or(peer, access::canonical)
+            }
+            Err(failure) => {
+                telemetry::proxy_header(failure.metric());
+                tracing::info!(peer = %peer, "{failure}; connection closed without a greeting");
+                return;
+            }
+        };
+        match self.admit(address) {
+            Ok(admitted) => self.serve(stream, admitted).await,
+            Err(reply) => turn_away(stream, reply).await,
+        }
+    }
+}
+
+/// At most this long for a PROXY header (or `command_timeout`, if shorter).
+const PROXY_HEADER_WAIT: Duration = Duration::from_secs(10);
+
+/// Why a load balancer's connection had no usable PROXY header.
+#[derive(Debug, thiserror::Error)]
+enum ProxyFailure {
+    #[error("no PROXY header: {0}")]
+    Missing(String),
+    #[error("bad PROXY header: {0}")]
+    Invalid(String),
+}
+
+impl ProxyFailure {
+    fn metric(&self) -> &'static str {
+        match self {
+            ProxyFailure::Missing(_) => "missing",
+            ProxyFailure::Invalid(_) => "invalid",
+        }
+    }
+}
+
+/// Reads a PROXY header, never a byte past it (what follows is the
+/// client's SMTP): the client's address, or `None` to keep the peer's.
+async fn read_proxy_header(
+    stream: &mut TcpStream,
+    wait: Duration,
+) -> Result<Option<IpAddr>, ProxyFailure> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut header = Vec::with_capacity(proxy::SHORTEST);
+    let mut need = proxy::SHORTEST;
+    loop {
+        let start = header.len();
+        header.resize(start + need, 0);
+        match tokio::time::timeout_at(deadline, stream.read_exact(&mut header[start..])).await {
+            Err(_) => {
+                return Err(ProxyFailure::Missing(format!(
+                    "none whole within {}",
+                    humantime::format_duration(wait)
+                )))
+            }
+            Ok(Err(e)) => return Err(ProxyFailure::Missing(format!("the connection ended: {e}"))),
+            Ok(Ok(_)) => {}
+        }
+        match proxy::parse(&header) {
+            proxy::Header::Done { source, .. } => return Ok(source),
+            proxy::Header::Need(more) => need = more,
+            proxy::Header::Invalid(why) => return Err(ProxyFailure::Invalid(why)),
+        }
+    }
 }
 
 impl StreamHandler<Accepted> for Acceptor {
@@ -109,27 +248,23 @@ impl StreamHandler<Accepted> for Acceptor {
         let Ok((stream, peer)) = accepted.0 else {
             return;
         };
-        let address = access::canonical(peer.ip());
-        if self.paused.load(Ordering::Relaxed) {
-            telemetry::connection("over_capacity");
-            return turn_away(stream, reply::INTAKE_PAUSED);
-        }
-        let slot = match self.tracker.admit(address) {
-            Ok(slot) => slot,
-            Err(refusal) => {
-                tracing::info!(client = %address, ?refusal, "connection refused");
-                if refusal == Refusal::Rate {
-                    telemetry::connection("rate_limited");
-                    telemetry::rate_limited("connection");
-                } else {
-                    telemetry::connection("over_capacity");
+        let peer_address = access::canonical(peer.ip());
+        let proxied = self
+            .gate
+            .proxy_from
+            .iter()
+            .any(|net| net.contains(&peer_address));
+        let admitted = if proxied {
+            None
+        } else {
+            match self.gate.admit(peer_address) {
+                Ok(admitted) => Some(admitted),
+                Err(reply) => {
+                    actix::spawn(turn_away(stream, reply));
+                    return;
                 }
-                return turn_away(stream, refusal.reply());
             }
         };
-        let admission = access::admit(address, &self.access);
-        let allowed = admission.allowed && self.deps.hooks.host_allowed(address);
-        telemetry::connection(if allowed { "accepted" } else { "denied" });
         // The socket is registered with this thread's reactor; hand it over
         // as a plain socket so the session's thread can register it there.
         let std_stream = match stream.into_std() {
@@ -146,17 +281,8 @@ impl StreamHandler<Accepted> for Acceptor {
             return;
         };
         self.next_arbiter = self.next_arbiter.wrapping_add(1);
-        let client = ClientInfo {
-            address,
-            channel: admission.channel,
-        };
-        let deps = Arc::clone(&self.deps);
-        let limits = deps.limits;
-        let shutdown = deps.shutdown.clone();
-        tracing::debug!(client = %peer, channel = %client.channel, allowed, "connection");
+        let gate = Arc::clone(&self.gate);
         arbiter.spawn(async move {
-            // Held for the session's life: the count goes down when it ends.
-            let _slot = slot;
             let stream = match TcpStream::from_std(std_stream) {
                 Ok(s) => s,
                 Err(e) => {
@@ -164,8 +290,10 @@ impl StreamHandler<Accepted> for Acceptor {
                     return;
                 }
             };
-            let session = Session::new(deps, client).start();
-            serve_connection(stream, session, limits, allowed, shutdown).await;
+            match admitted {
+                Some(admitted) => gate.serve(stream, admitted).await,
+                None => gate.serve_proxied(stream, peer_address).await,
+            }
         });
     }
 

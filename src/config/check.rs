@@ -111,6 +111,10 @@ impl Checker<'_> {
                 &[BareLf::Reject, BareLf::Normalize],
                 BareLf::as_str,
             ),
+            proxy_protocol_from: match raw.proxy_protocol_from {
+                None => d.proxy_protocol_from,
+                Some(list) => self.networks("smtp.proxy_protocol_from", list.into_inner()),
+            },
         }
     }
 

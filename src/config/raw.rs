@@ -39,6 +39,7 @@ pub(super) struct RawSmtp {
     pub(super) data_timeout: Text,
     pub(super) local_domains: TextList,
     pub(super) bare_lf: Text,
+    pub(super) proxy_protocol_from: TextList,
 }
 
 #[derive(Deserialize, Default)]

@@ -92,6 +92,9 @@ pub struct SmtpConfig {
     pub local_domains: Vec<String>,
     /// What to do with a line ending in a bare LF.
     pub bare_lf: BareLf,
+    /// Peers (load balancers) whose connections begin with a PROXY
+    /// protocol header naming the client they relay.
+    pub proxy_protocol_from: Vec<IpNet>,
 }
 
 impl Default for SmtpConfig {
@@ -107,6 +110,7 @@ impl Default for SmtpConfig {
             data_timeout: Duration::from_secs(3 * 60),
             local_domains: Vec::new(),
             bare_lf: BareLf::Reject,
+            proxy_protocol_from: Vec::new(),
         }
     }
 }

@@ -5,6 +5,7 @@ pub mod codec;
 pub mod command;
 pub mod data;
 pub mod headers;
+pub mod proxy;
 mod received;
 pub mod reply;
 pub mod session;

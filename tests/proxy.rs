@@ -1,0 +1,375 @@
+//! The PROXY protocol: a load balancer's header names the client for
+//! everything (programs, `Received:`, limits, access), a bad, missing or
+//! slow one closes the connection without a greeting, and from any other
+//! peer a `PROXY` line is just an unknown command. Then the same through a
+//! real HAProxy (Debian's), with `send-proxy` and `send-proxy-v2`.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use mailnode::config::Config;
+
+/// Records each delivery's environment and message.
+const RECORD: &str = "record: |cat > OUTBOX/$DELIVERY_ID.msg; env > OUTBOX/$DELIVERY_ID.env\n";
+
+/// A node that takes PROXY headers from loopback's 127.0.0.1.
+fn behind_a_balancer(adjust: impl FnOnce(&mut Config)) -> TestNode {
+    TestNode::start_with(RECORD, |c| {
+        c.smtp.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+        // Limits must meet the clients the headers name.
+        c.limits.exempt = Vec::new();
+        adjust(c);
+    })
+}
+
+fn v1(source: &str) -> Vec<u8> {
+    format!("PROXY TCP4 {source} 198.51.100.1 51000 25\r\n").into_bytes()
+}
+
+/// A version 2 header (PROXY, TCP over IPv6) naming `source`, by hand.
+fn v2_ipv6(source: std::net::Ipv6Addr) -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x21, 0x21, 0, 36]);
+    h.extend_from_slice(&source.octets());
+    h.extend_from_slice(
+        &"2001:db8::1"
+            .parse::<std::net::Ipv6Addr>()
+            .unwrap()
+            .octets(),
+    );
+    h.extend_from_slice(&51000u16.to_be_bytes());
+    h.extend_from_slice(&25u16.to_be_bytes());
+    h
+}
+
+/// A version 2 `LOCAL` header: a balancer's own health check.
+fn v2_local() -> Vec<u8> {
+    let mut h = b"\r\n\r\n\0\r\nQUIT\n".to_vec();
+    h.extend_from_slice(&[0x20, 0x00, 0, 0]);
+    h
+}
+
+/// Sends a message after `header`; the environment its program saw.
+fn deliver_after(node: &TestNode, header: &[u8], tag: &str) -> (String, String) {
+    let mut c = node.client();
+    c.send(header);
+    let id = c.send_message(
+        "client.example",
+        "sender@example.org",
+        "record@example.org",
+        &format!("Subject: {tag}\r\n\r\nbody\r\n"),
+    );
+    let env = wait_for_file(&node.outbox.join(format!("{id}.0.env")));
+    let msg = wait_for_file(&node.outbox.join(format!("{id}.0.msg")));
+    (
+        String::from_utf8_lossy(&env).into_owned(),
+        String::from_utf8_lossy(&msg).into_owned(),
+    )
+}
+
+#[test]
+fn the_client_a_proxy_header_names_is_the_client_for_everything() {
+    let node = behind_a_balancer(|c| {
+        c.access.deny = vec!["192.0.2.66/32".parse().unwrap()];
+        c.smtp.max_connections_per_ip = 1;
+    });
+    let (env, msg) = deliver_after(&node, &v1("192.0.2.7"), "v1");
+    assert!(env.contains("CLIENT_ADDRESS=192.0.2.7\n"), "{env}");
+    assert!(msg.contains("[192.0.2.7]"), "{msg}");
+
+    let (env, msg) = deliver_after(&node, &v2_ipv6("2001:db8::7".parse().unwrap()), "v2");
+    assert!(env.contains("CLIENT_ADDRESS=2001:db8::7\n"), "{env}");
+    assert!(msg.contains("2001:db8::7"), "{msg}");
+
+    // A health check keeps the balancer's own address.
+    let (env, _) = deliver_after(&node, &v2_local(), "local");
+    assert!(env.contains("CLIENT_ADDRESS=127.0.0.1\n"), "{env}");
+    let (env, _) = deliver_after(&node, b"PROXY UNKNOWN\r\n", "unknown");
+    assert!(env.contains("CLIENT_ADDRESS=127.0.0.1\n"), "{env}");
+
+    // Access rules and per-address limits meet the client, not the
+    // balancer all clients come through.
+    let mut denied = node.client();
+    denied.send(&v1("192.0.2.66"));
+    assert!(denied.reply().is(554, "5.7.1"));
+    let mut first = node.client();
+    first.send(&v1("192.0.2.9"));
+    assert_eq!(first.reply().code, 220);
+    let mut second = node.client();
+    second.send(&v1("192.0.2.9"));
+    assert!(second.reply().is(421, "4.7.0"));
+    let mut other = node.client();
+    other.send(&v1("192.0.2.10"));
+    assert_eq!(other.reply().code, 220, "another client is not limited");
+}
+
+/// Whether the server closes the connection without having sent a byte.
+fn closed_without_a_word(stream: &mut TcpStream) -> bool {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut got = Vec::new();
+    let ended = match stream.read_to_end(&mut got) {
+        Ok(_) => true,
+        // Closed with the client's bytes unread.
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    ended && got.is_empty()
+}
+
+#[test]
+fn a_bad_missing_or_slow_header_closes_the_connection_without_a_greeting() {
+    let node = behind_a_balancer(|c| c.smtp.command_timeout = Duration::from_secs(1));
+    let bad: [&[u8]; 4] = [
+        b"EHLO client.example\r\n",
+        b"PROXY TCP4 192.0.2.7 nonsense 1 25\r\n",
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 51000",
+        b"\r\n\r\n\0\r\nQUIT\n\x21\x11\xff\xff",
+    ];
+    for bytes in bad {
+        let mut s = TcpStream::connect(node.addr).unwrap();
+        s.write_all(bytes).unwrap();
+        assert!(closed_without_a_word(&mut s), "{bytes:?}");
+    }
+    // Nothing at all: closed once command_timeout (here 1 s) is up.
+    let mut silent = TcpStream::connect(node.addr).unwrap();
+    let started = Instant::now();
+    assert!(closed_without_a_word(&mut silent));
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    // And the node serves on.
+    let (env, _) = deliver_after(&node, &v1("192.0.2.7"), "after");
+    assert!(env.contains("CLIENT_ADDRESS=192.0.2.7\n"));
+}
+
+#[test]
+fn from_any_other_peer_a_proxy_line_is_an_unknown_command() {
+    let node = TestNode::start(RECORD);
+    let mut c = node.client();
+    assert_eq!(c.reply().code, 220);
+    assert!(c
+        .cmd("PROXY TCP4 192.0.2.7 198.51.100.1 51000 25")
+        .is(500, "5.5.2"));
+}
+
+// --- through a real HAProxy --------------------------------------------------
+
+const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
+
+/// A port free on 127.0.0.1 now, for a server that cannot be given port 0.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until something accepts connections on `addr`.
+fn wait_listening(addr: SocketAddr) {
+    let up = wait_for(Duration::from_secs(20), || {
+        TcpStream::connect(addr).ok().map(|_| ())
+    });
+    assert!(up.is_some(), "nothing listens on {addr}");
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `mailnode serve` behind the PROXY protocol; its address and its log.
+fn serve_node(
+    dir: &Path,
+    outbox: &Path,
+) -> (
+    Killed,
+    SocketAddr,
+    SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let aliases = dir.join("aliases");
+    std::fs::write(
+        &aliases,
+        RECORD.replace("OUTBOX", &outbox.display().to_string()),
+    )
+    .unwrap();
+    let config = dir.join("mailnode.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nproxy_protocol_from = [\"127.0.0.1/32\"]\nmax_connections_per_ip = 1\n[limits]\nexempt = []\n[access]\ndeny = [\"127.0.0.3/32\"]\n[aliases]\npath = \"{}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            aliases.display(),
+            dir.join("spool").display(),
+            dir.join("ctl.sock").display()
+        ),
+    )
+    .unwrap();
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let mut child = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(&config)
+        .arg("--metrics")
+        .arg(metrics.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = std::sync::Arc::clone(&log);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .filter(|_| line.contains("listening for SMTP"))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send(addr);
+            }
+            lines.lock().unwrap().push(line);
+        }
+    });
+    let smtp = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve said where it listens");
+    wait_listening(metrics);
+    (Killed(child), smtp, metrics, log)
+}
+
+/// HAProxy in front of `node`, relaying with `send` (`send-proxy` or
+/// `send-proxy-v2`) and checking it with SMTP health checks that carry a
+/// PROXY header too.
+fn haproxy(dir: &Path, node: SocketAddr, send: &str) -> (Killed, SocketAddr) {
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config = dir.join(format!("haproxy-{send}.cfg"));
+    std::fs::write(
+        &config,
+        format!(
+            "global\n  maxconn 200\ndefaults\n  mode tcp\n  timeout connect 5s\n  timeout client 30s\n  timeout server 30s\nfrontend smtp\n  bind {front}\n  default_backend nodes\nbackend nodes\n  option smtpchk HELO haproxy.test\n  server n1 {node} {send} check check-send-proxy inter 300ms\n"
+        ),
+    )
+    .unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy runs (Debian's haproxy package)");
+    wait_listening(front);
+    (Killed(child), front)
+}
+
+fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Python's smtplib from a given loopback address, through `front`.
+const CLIENT: &str = r#"
+import smtplib, socket, sys, time
+front_port, mode = int(sys.argv[1]), sys.argv[2]
+def client(source):
+    return smtplib.SMTP("127.0.0.1", front_port, source_address=(source, 0), timeout=20)
+if mode == "send":
+    s = client("127.0.0.2")
+    s.sendmail("sender@example.org", ["record@example.org"], "Subject: through haproxy\r\n\r\nbody\r\n")
+    s.quit()
+    print("sent")
+elif mode == "deny":
+    try:
+        client("127.0.0.3")
+        print("greeted")
+    except smtplib.SMTPConnectError as e:
+        print("refused", e.smtp_code)
+elif mode == "per-ip":
+    first = client("127.0.0.2")
+    try:
+        client("127.0.0.2")
+        print("second greeted")
+    except smtplib.SMTPConnectError as e:
+        print("second refused", e.smtp_code)
+    other = client("127.0.0.4")
+    print("other greeted")
+"#;
+
+#[test]
+fn through_haproxy_programs_limits_and_access_see_the_real_client() {
+    for send in ["send-proxy", "send-proxy-v2"] {
+        let (dir, outbox) = shared_tempdir();
+        let (_node, node_addr, metrics, log) = serve_node(dir.path(), &outbox);
+        let (_haproxy, front) = haproxy(dir.path(), node_addr, send);
+        let port = front.port().to_string();
+
+        assert_eq!(python(CLIENT, &[&port, "send"]).trim(), "sent", "{send}");
+        let env = wait_for(Duration::from_secs(20), || {
+            std::fs::read_dir(&outbox).ok()?.find_map(|e| {
+                let path = e.ok()?.path();
+                (path.extension()? == "env").then(|| std::fs::read_to_string(path).ok())?
+            })
+        })
+        .expect("delivered");
+        assert!(env.contains("CLIENT_ADDRESS=127.0.0.2\n"), "{send}: {env}");
+        assert!(
+            log.lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("queued") && l.contains("client=127.0.0.2")),
+            "{send}: the log names the real client"
+        );
+        assert_eq!(
+            python(CLIENT, &[&port, "deny"]).trim(),
+            "refused 554",
+            "{send}: access.deny meets the real client"
+        );
+        assert_eq!(
+            python(CLIENT, &[&port, "per-ip"]).trim(),
+            "second refused 421\nother greeted",
+            "{send}: max_connections_per_ip meets the real client"
+        );
+
+        // Health checks (every 300 ms) are sessions without mail, and their
+        // LOCAL headers are good ones.
+        let checked = wait_for(Duration::from_secs(10), || {
+            (metric(metrics, "mailnode_proxy_headers_total{result=\"ok\"}") >= 10.0).then_some(())
+        });
+        assert!(checked.is_some(), "{send}: no health checks came");
+        assert_eq!(
+            metric(
+                metrics,
+                "mailnode_smtp_messages_total{outcome=\"accepted\"}"
+            ),
+            1.0,
+            "{send}"
+        );
+        assert_eq!(
+            metric(metrics, "mailnode_proxy_headers_total{result=\"invalid\"}"),
+            0.0
+        );
+        assert_eq!(
+            metric(metrics, "mailnode_proxy_headers_total{result=\"missing\"}"),
+            0.0
+        );
+    }
+}
