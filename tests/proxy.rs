@@ -326,10 +326,11 @@ fn through_haproxy_programs_limits_and_access_see_the_real_client() {
         let env = wait_for(Duration::from_secs(20), || {
             std::fs::read_dir(&outbox).ok()?.find_map(|e| {
                 let path = e.ok()?.path();
-                (path.extension()? == "env").then(|| std::fs::read_to_string(path).ok())?
+                (path.extension()? == "env").then_some(path)
             })
         })
         .expect("delivered");
+        let env = String::from_utf8_lossy(&wait_for_file(&env)).into_owned();
         assert!(env.contains("CLIENT_ADDRESS=127.0.0.2\n"), "{send}: {env}");
         assert!(
             log.lock()
