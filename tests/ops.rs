@@ -91,3 +91,10 @@ fn the_systemd_unit_verifies_and_rates_ok() {
         .unwrap_or_else(|| panic!("no exposure level in: {said}"));
     assert!(level <= 2.0, "exposure {level} > 2.0:\n{said}");
 }
+
+#[test]
+fn the_haproxy_config_for_a_fleet_is_valid() {
+    let dir = Path::new(ROOT).join("ops/haproxy");
+    let (ok, said) = run("haproxy", &["-c", "-f", "haproxy.cfg"], &dir);
+    assert!(ok, "{said}");
+}

@@ -187,16 +187,9 @@ impl Drop for Killed {
     }
 }
 
-/// `mailnode serve` behind the PROXY protocol; its address and its log.
-fn serve_node(
-    dir: &Path,
-    outbox: &Path,
-) -> (
-    Killed,
-    SocketAddr,
-    SocketAddr,
-    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-) {
+/// A node's config in `dir`: SMTP on `listen`, PROXY headers from
+/// 127.0.0.1, its program writing to `outbox`, and `extra` TOML.
+fn node_config(dir: &Path, outbox: &Path, listen: SocketAddr, extra: &str) -> std::path::PathBuf {
     let aliases = dir.join("aliases");
     std::fs::write(
         &aliases,
@@ -207,17 +200,25 @@ fn serve_node(
     std::fs::write(
         &config,
         format!(
-            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nproxy_protocol_from = [\"127.0.0.1/32\"]\nmax_connections_per_ip = 1\n[limits]\nexempt = []\n[access]\ndeny = [\"127.0.0.3/32\"]\n[aliases]\npath = \"{}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            "hostname = \"mx.test\"\n[aliases]\npath = \"{}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n[smtp]\nlisten = [\"{listen}\"]\nproxy_protocol_from = [\"127.0.0.1/32\"]\n{extra}",
             aliases.display(),
             dir.join("spool").display(),
             dir.join("ctl.sock").display()
         ),
     )
     .unwrap();
+    config
+}
+
+type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// `mailnode serve -c config`: the process, its SMTP and metrics
+/// addresses, and its log lines.
+fn serve(config: &Path) -> (Killed, SocketAddr, SocketAddr, Log) {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut child = Command::new(BIN)
         .args(["serve", "-c"])
-        .arg(&config)
+        .arg(config)
         .arg("--metrics")
         .arg(metrics.to_string())
         .stdin(Stdio::null())
@@ -226,7 +227,7 @@ fn serve_node(
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log: Log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let lines = std::sync::Arc::clone(&log);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -318,7 +319,13 @@ elif mode == "per-ip":
 fn through_haproxy_programs_limits_and_access_see_the_real_client() {
     for send in ["send-proxy", "send-proxy-v2"] {
         let (dir, outbox) = shared_tempdir();
-        let (_node, node_addr, metrics, log) = serve_node(dir.path(), &outbox);
+        let config = node_config(
+            dir.path(),
+            &outbox,
+            SocketAddr::from(([127, 0, 0, 1], 0)),
+            "max_connections_per_ip = 1\n[limits]\nexempt = []\n[access]\ndeny = [\"127.0.0.3/32\"]\n",
+        );
+        let (_node, node_addr, metrics, log) = serve(&config);
         let (_haproxy, front) = haproxy(dir.path(), node_addr, send);
         let port = front.port().to_string();
 
@@ -373,4 +380,198 @@ fn through_haproxy_programs_limits_and_access_see_the_real_client() {
             0.0
         );
     }
+}
+
+// --- a fleet ------------------------------------------------------------------
+
+/// ops/haproxy/haproxy.cfg as shipped, on loopback: its frontend on
+/// `front`, its two servers `nodes`, checked often so a stopped node is
+/// seen at once.
+fn shipped_haproxy(dir: &Path, front: SocketAddr, nodes: [SocketAddr; 2]) -> Killed {
+    let shipped = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("ops/haproxy/haproxy.cfg"),
+    )
+    .unwrap();
+    let mut config = String::new();
+    for line in shipped.lines() {
+        let line = line
+            .replace("bind :25", &format!("bind {front}"))
+            .replace("10.0.0.11:2525", &nodes[0].to_string())
+            .replace("10.0.0.12:2525", &nodes[1].to_string())
+            .replace("inter 5s fall 2 rise 2", "inter 200ms fall 1 rise 1");
+        if !line.contains("/dev/log") && !line.trim_start().starts_with("log ") {
+            config.push_str(&line);
+            config.push('\n');
+        }
+    }
+    assert!(
+        config.contains(&format!("server node2 {}", nodes[1])),
+        "{config}"
+    );
+    let path = dir.join("haproxy-fleet.cfg");
+    std::fs::write(&path, config).unwrap();
+    let child = Command::new("haproxy")
+        .args(["-db", "-f"])
+        .arg(&path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("haproxy runs (Debian's haproxy package)");
+    wait_listening(front);
+    Killed(child)
+}
+
+/// One message with `token` as its subject through `front`; Err on
+/// anything but a 250 at its end (a reset, a refusal, a node that died).
+fn try_send(front: SocketAddr, token: &str) -> Result<(), String> {
+    let stream = TcpStream::connect(front).map_err(|e| e.to_string())?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .map_err(|e| e.to_string())?;
+    let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
+    let mut reader = BufReader::new(stream);
+    let mut expect = |sent: &str, code: &str| -> Result<(), String> {
+        if !sent.is_empty() {
+            writer
+                .write_all(sent.as_bytes())
+                .map_err(|e| e.to_string())?;
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+                return Err(format!("closed after {sent:?}"));
+            }
+            if line.as_bytes().get(3) != Some(&b'-') {
+                return if line.starts_with(code) {
+                    Ok(())
+                } else {
+                    Err(format!("{sent:?}: {line}"))
+                };
+            }
+        }
+    };
+    expect("", "220")?;
+    expect("EHLO client.example\r\n", "250")?;
+    expect("MAIL FROM:<sender@example.org>\r\n", "250")?;
+    expect("RCPT TO:<record@example.org>\r\n", "250")?;
+    expect("DATA\r\n", "354")?;
+    expect(&format!("Subject: {token}\r\n\r\nbody\r\n.\r\n"), "250")?;
+    let _ = expect("QUIT\r\n", "221");
+    Ok(())
+}
+
+/// The subjects of every message the nodes' programs wrote.
+fn delivered_subjects(outboxes: &[&Path]) -> Vec<(usize, String)> {
+    let mut found = Vec::new();
+    for (node, outbox) in outboxes.iter().enumerate() {
+        for entry in std::fs::read_dir(outbox).unwrap().flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "msg") {
+                let text = std::fs::read_to_string(&path).unwrap_or_default();
+                if let Some(subject) = text.lines().find_map(|l| l.strip_prefix("Subject: ")) {
+                    found.push((node, subject.to_string()));
+                }
+            }
+        }
+    }
+    found
+}
+
+#[test]
+fn a_fleet_behind_haproxy_loses_nothing_when_a_node_is_killed() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let (one, outbox1) = shared_tempdir();
+    let (two, outbox2) = shared_tempdir();
+    let addr1 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let addr2 = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let config1 = node_config(one.path(), &outbox1, addr1, "");
+    let config2 = node_config(two.path(), &outbox2, addr2, "");
+    let (_node1, _, _, _) = serve(&config1);
+    let (node2, _, _, _) = serve(&config2);
+    let mut node2 = Some(node2);
+    let front = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let _haproxy = shipped_haproxy(one.path(), front, [addr1, addr2]);
+
+    // 10 clients send 1,000 messages; a message refused or cut off is sent
+    // again (a new subject each try), as a client's queue would.
+    let (total, clients) = (1000, 10);
+    let next = Arc::new(AtomicUsize::new(0));
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let retried = Arc::new(AtomicUsize::new(0));
+    let senders: Vec<_> = (0..clients)
+        .map(|_| {
+            let (next, acknowledged, retried) = (
+                Arc::clone(&next),
+                Arc::clone(&acknowledged),
+                Arc::clone(&retried),
+            );
+            std::thread::spawn(move || loop {
+                let n = next.fetch_add(1, Ordering::SeqCst);
+                if n >= total {
+                    return;
+                }
+                let mut attempt = 0;
+                loop {
+                    let token = format!("m{n}-a{attempt}");
+                    match try_send(front, &token) {
+                        Ok(()) => {
+                            acknowledged.lock().unwrap().push(token);
+                            break;
+                        }
+                        Err(why) => {
+                            attempt += 1;
+                            retried.fetch_add(1, Ordering::SeqCst);
+                            assert!(attempt < 50, "{token}: {why}");
+                            std::thread::sleep(Duration::from_millis(50));
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // Halfway, node 2 dies and is started again on its spool.
+    let halfway = wait_for(Duration::from_secs(120), || {
+        (acknowledged.lock().unwrap().len() >= total / 2).then_some(())
+    });
+    assert!(halfway.is_some(), "half the messages never went through");
+    drop(node2.take());
+    let (restarted, _, _, _) = serve(&config2);
+    for sender in senders {
+        sender.join().expect("a client gave up");
+    }
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    assert_eq!(acknowledged.len(), total);
+
+    // Every acknowledged message delivered once, by one node (a program
+    // run again after the kill rewrites its own DELIVERY_ID's file).
+    let outboxes = [outbox1.as_path(), outbox2.as_path()];
+    let all = wait_for(Duration::from_secs(120), || {
+        let found = delivered_subjects(&outboxes);
+        acknowledged
+            .iter()
+            .all(|token| found.iter().any(|(_, s)| s == token))
+            .then_some(found)
+    })
+    .expect("an acknowledged message was never delivered");
+    let mut split = [0usize; 2];
+    for token in &acknowledged {
+        let copies: Vec<&(usize, String)> = all.iter().filter(|(_, s)| s == token).collect();
+        assert_eq!(copies.len(), 1, "{token} delivered {} times", copies.len());
+        split[copies[0].0] += 1;
+    }
+    println!(
+        "fleet: node 1 took {}, node 2 took {} of {total}; {} attempts were refused or cut off and sent again",
+        split[0],
+        split[1],
+        retried.load(Ordering::SeqCst)
+    );
+    assert!(
+        split[0] > 0 && split[1] > 0,
+        "one node took everything: {split:?}"
+    );
+    drop(restarted);
 }
