@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 
+use crate::actors::acceptor::{read_proxy_header, PROXY_HEADER_WAIT};
 use crate::actors::collector::{Collector, TakeCollected};
 use crate::actors::queue_runner::QueueRunner;
 use crate::actors::session::{serve_connection, Session};
@@ -106,13 +107,33 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let spawner = spawn::choose(config.delivery.spawner)?;
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
-    let address = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
-    let client = ClientInfo {
-        address,
-        channel: access::channel_for(address, &config.access.channel).to_string(),
-    };
+    let peer = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let system = System::new();
     let (accepted, lock) = system.block_on(async {
+        let mut stdin = tokio::io::stdin();
+        // A load balancer's connection opens with its PROXY header, as
+        // over TCP.
+        let address = if config
+            .smtp
+            .proxy_protocol_from
+            .iter()
+            .any(|net| net.contains(&peer))
+        {
+            let wait = config.smtp.command_timeout.min(PROXY_HEADER_WAIT);
+            match read_proxy_header(&mut stdin, wait).await {
+                Ok(source) => source.map_or(peer, access::canonical),
+                Err(failure) => {
+                    tracing::info!(peer = %peer, "{failure}; connection closed without a greeting");
+                    return (0, None);
+                }
+            }
+        } else {
+            peer
+        };
+        let client = ClientInfo {
+            address,
+            channel: access::channel_for(address, &config.access.channel).to_string(),
+        };
         let table = Shared::new(Arc::new(loaded.table));
         let resolver = crate::node::resolver_child(&config, table.clone()).addr;
         let collector = Collector::default().start();
@@ -136,7 +157,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             },
         ));
         let session = Session::new(Arc::clone(&deps), client).start();
-        let stdio = tokio::io::join(tokio::io::stdin(), tokio::io::stdout());
+        let stdio = tokio::io::join(stdin, tokio::io::stdout());
         // Refused hosts get the refusal dialogue here as over TCP.
         let allowed = crate::access::admit(address, &config.access).allowed;
         serve_connection(stdio, session, deps.limits, allowed, deps.shutdown.clone()).await;

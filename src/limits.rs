@@ -101,6 +101,11 @@ impl ConnectionTracker {
         })
     }
 
+    /// `max_connections`.
+    pub fn capacity(&self) -> usize {
+        self.max_total
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.open.lock().unwrap_or_else(|e| e.into_inner()).total

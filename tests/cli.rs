@@ -615,6 +615,40 @@ fn inetd_mode_over_pipes_delivers_before_it_exits() {
 }
 
 #[test]
+fn inetd_reads_a_proxy_header_from_a_balancer_as_serve_does() {
+    let (dir, outbox) = shared_tempdir();
+    let o = outbox.display().to_string();
+    let aliases = write(
+        &dir.path().join("aliases"),
+        &format!("rec: |echo \"$CLIENT_ADDRESS\" > {o}/$QUEUE_ID\n"),
+    );
+    // Over pipes the peer counts as 127.0.0.1.
+    let config = write(
+        &dir.path().join("mailnode.toml"),
+        &format!(
+            "hostname = \"mx.test\"\n[smtp]\nproxy_protocol_from = [\"127.0.0.1/32\"]\n[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n",
+            dir.path().join("spool").display()
+        ),
+    );
+    let mut dialogue = b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 25\r\n".to_vec();
+    dialogue.extend_from_slice(DIALOGUE);
+    let (code, replies) = inetd_session(&config, &dialogue);
+    assert_eq!(code, Some(0), "{replies}");
+    let id = replies
+        .lines()
+        .find_map(|l| l.strip_prefix("250 2.0.0 Ok: queued as "))
+        .expect("queued")
+        .to_string();
+    assert_eq!(
+        std::fs::read_to_string(outbox.join(id)).unwrap(),
+        "192.0.2.7\n"
+    );
+    // Without the header: no greeting at all.
+    let (_, replies) = inetd_session(&config, DIALOGUE);
+    assert_eq!(replies, "", "greeted without a PROXY header");
+}
+
+#[test]
 fn a_second_serve_opens_no_port_while_it_waits_for_the_spool() {
     let (dir, _outbox) = shared_tempdir();
     let config = binary_config(dir.path(), "ok: |cat > /dev/null\n", "");

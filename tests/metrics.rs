@@ -228,6 +228,8 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
             count: std::num::NonZeroU32::new(20).unwrap(),
             per: Duration::from_secs(60),
         };
+        // The test's client is on loopback, exempt by default.
+        c.limits.exempt = Vec::new();
     });
     let metrics = node.node.as_ref().unwrap().metrics_addr().unwrap();
     let prometheus = start_prometheus(metrics);

@@ -16,11 +16,12 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use ipnet::IpNet;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access;
-use crate::actors::session::{serve_connection, Session, SessionDeps};
+use crate::actors::session::{serve_connection, Session, SessionDeps, Stopping};
 use crate::config::AccessConfig;
 use crate::limits::{ConnectionSlot, ConnectionTracker, Refusal};
 use crate::protocol::proxy;
@@ -54,6 +55,10 @@ struct Gate {
     paused: Arc<AtomicBool>,
     /// `[smtp] proxy_protocol_from`.
     proxy_from: Vec<IpNet>,
+    /// Connections whose PROXY header is being read: they hold no slot
+    /// yet (the slot is the named client's), so they are bounded here, by
+    /// `max_connections` as well.
+    header_readers: Arc<Semaphore>,
 }
 
 /// A connection let in: its slot (held for the session's life), who the
@@ -81,6 +86,7 @@ impl Acceptor {
             gate: Arc::new(Gate {
                 deps,
                 access,
+                header_readers: Arc::new(Semaphore::new(tracker.capacity())),
                 tracker,
                 paused,
                 proxy_from,
@@ -172,9 +178,16 @@ impl Gate {
 
     /// A connection from a load balancer: its PROXY header first, then the
     /// same decision as for any other, about the client it names.
-    async fn serve_proxied(&self, mut stream: TcpStream, peer: IpAddr) {
+    async fn serve_proxied(
+        &self,
+        mut stream: TcpStream,
+        peer: IpAddr,
+        reading: OwnedSemaphorePermit,
+    ) {
         let wait = self.deps.limits.command_timeout.min(PROXY_HEADER_WAIT);
-        let address = match read_proxy_header(&mut stream, wait).await {
+        let header = read_proxy_header(&mut stream, wait).await;
+        drop(reading);
+        let address = match header {
             Ok(source) => {
                 telemetry::proxy_header("ok");
                 source.map_or(peer, access::canonical)
@@ -185,6 +198,10 @@ impl Gate {
                 return;
             }
         };
+        if *self.deps.shutdown.borrow() != Stopping::No {
+            return turn_away(stream, reply::SHUTTING_DOWN).await;
+        }
+        tracing::debug!(client = %address, via = %peer, "PROXY header");
         match self.admit(address) {
             Ok(admitted) => self.serve(stream, admitted).await,
             Err(reply) => turn_away(stream, reply).await,
@@ -192,12 +209,21 @@ impl Gate {
     }
 }
 
+/// What a session arbiter's task is handed with a connection.
+enum Handover {
+    /// Decided about already: serve it.
+    Admitted(Admitted),
+    /// From a load balancer: read its PROXY header first (the permit
+    /// counts it among the headers being read).
+    ReadProxyHeader(OwnedSemaphorePermit),
+}
+
 /// At most this long for a PROXY header (or `command_timeout`, if shorter).
-const PROXY_HEADER_WAIT: Duration = Duration::from_secs(10);
+pub(crate) const PROXY_HEADER_WAIT: Duration = Duration::from_secs(10);
 
 /// Why a load balancer's connection had no usable PROXY header.
 #[derive(Debug, thiserror::Error)]
-enum ProxyFailure {
+pub(crate) enum ProxyFailure {
     #[error("no PROXY header: {0}")]
     Missing(String),
     #[error("bad PROXY header: {0}")]
@@ -215,8 +241,8 @@ impl ProxyFailure {
 
 /// Reads a PROXY header, never a byte past it (what follows is the
 /// client's SMTP): the client's address, or `None` to keep the peer's.
-async fn read_proxy_header(
-    stream: &mut TcpStream,
+pub(crate) async fn read_proxy_header(
+    stream: &mut (impl AsyncRead + Unpin),
     wait: Duration,
 ) -> Result<Option<IpAddr>, ProxyFailure> {
     let deadline = tokio::time::Instant::now() + wait;
@@ -254,11 +280,16 @@ impl StreamHandler<Accepted> for Acceptor {
             .proxy_from
             .iter()
             .any(|net| net.contains(&peer_address));
-        let admitted = if proxied {
-            None
+        let handover = if proxied {
+            let Ok(reading) = Arc::clone(&self.gate.header_readers).try_acquire_owned() else {
+                telemetry::connection("over_capacity");
+                actix::spawn(turn_away(stream, reply::TOO_MANY_CONNECTIONS));
+                return;
+            };
+            Handover::ReadProxyHeader(reading)
         } else {
             match self.gate.admit(peer_address) {
-                Ok(admitted) => Some(admitted),
+                Ok(admitted) => Handover::Admitted(admitted),
                 Err(reply) => {
                     actix::spawn(turn_away(stream, reply));
                     return;
@@ -290,9 +321,11 @@ impl StreamHandler<Accepted> for Acceptor {
                     return;
                 }
             };
-            match admitted {
-                Some(admitted) => gate.serve(stream, admitted).await,
-                None => gate.serve_proxied(stream, peer_address).await,
+            match handover {
+                Handover::Admitted(admitted) => gate.serve(stream, admitted).await,
+                Handover::ReadProxyHeader(reading) => {
+                    gate.serve_proxied(stream, peer_address, reading).await
+                }
             }
         });
     }

@@ -7,8 +7,8 @@
 
 use std::net::IpAddr;
 
+use ppp::v1;
 use ppp::v2;
-use ppp::{v1, HeaderResult};
 
 /// The shortest header of either version (`PROXY UNKNOWN\r\n`): this many
 /// bytes can always be read without reading past one.
@@ -65,18 +65,35 @@ fn parse_v2(bytes: &[u8]) -> Header {
     if bytes.len() < total {
         return Header::Need(total - bytes.len());
     }
-    match HeaderResult::parse(&bytes[..total]) {
-        HeaderResult::V2(Ok(header)) => {
-            let source = match (header.command, header.addresses) {
-                (v2::Command::Local, _) => None,
-                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some(IpAddr::V4(a.source_address)),
-                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some(IpAddr::V6(a.source_address)),
-                (v2::Command::Proxy, _) => None,
+    // LOCAL (a balancer's own connection): whatever the address block
+    // says is to be ignored, as the specification asks of receivers.
+    if bytes[12] == 0x20 {
+        return Header::Done {
+            len: total,
+            source: None,
+        };
+    }
+    match v2::Header::try_from(&bytes[..total]) {
+        Ok(header) => {
+            let source = match (header.protocol, header.addresses) {
+                (v2::Protocol::Stream, v2::Addresses::IPv4(a)) => {
+                    Some(IpAddr::V4(a.source_address))
+                }
+                (v2::Protocol::Stream, v2::Addresses::IPv6(a)) => {
+                    Some(IpAddr::V6(a.source_address))
+                }
+                // Not a TCP client: the specification has the receiver use
+                // the connection's own addresses.
+                (_, v2::Addresses::Unspecified | v2::Addresses::Unix(_)) => None,
+                (protocol, _) => {
+                    return Header::Invalid(format!(
+                        "version 2: an IP client over {protocol:?}, not TCP"
+                    ))
+                }
             };
             Header::Done { len: total, source }
         }
-        HeaderResult::V2(Err(e)) => Header::Invalid(format!("version 2: {e}")),
-        HeaderResult::V1(_) => Header::Invalid("version 2: not a header".into()),
+        Err(e) => Header::Invalid(format!("version 2: {e}")),
     }
 }
 
@@ -178,6 +195,17 @@ mod tests {
                 source: None
             }
         );
+        // LOCAL with an IPv4 family but a short address block: its
+        // addresses are ignored, so it is still a health check.
+        let mut local_short = V2_SIGNATURE.to_vec();
+        local_short.extend_from_slice(&[0x20, 0x11, 0, 4, 1, 2, 3, 4]);
+        assert_eq!(
+            parse(&local_short),
+            Header::Done {
+                len: 20,
+                source: None
+            }
+        );
         let with_tlv = Builder::with_addresses(
             v2::Version::Two | Command::Proxy,
             Protocol::Stream,
@@ -227,6 +255,14 @@ mod tests {
         let mut huge = V2_SIGNATURE.to_vec();
         huge.extend_from_slice(&[0x21, 0x11, 0xff, 0xff]);
         assert!(matches!(parse(&huge), Header::Invalid(_)));
+        let datagram = Builder::with_addresses(
+            v2::Version::Two | Command::Proxy,
+            Protocol::Datagram,
+            (sock("192.0.2.7:51000"), sock("198.51.100.1:25")),
+        )
+        .build()
+        .unwrap();
+        assert!(matches!(parse(&datagram), Header::Invalid(_)));
         let mut bad_version = V2_SIGNATURE.to_vec();
         bad_version.extend_from_slice(&[0x31, 0x11, 0, 12]);
         bad_version.extend_from_slice(&[0; 12]);
