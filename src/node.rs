@@ -781,6 +781,18 @@ mod tests {
         reader
     }
 
+    /// The node's Prometheus exposition.
+    fn scrape(metrics: SocketAddr) -> String {
+        use std::io::Read;
+        let mut stream = TcpStream::connect(metrics).unwrap();
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        text
+    }
+
     fn queue_one(addr: SocketAddr, rcpt: &str) {
         let mut s = session(addr);
         assert!(exchange(&mut s, "MAIL FROM:<a@example.org>").starts_with("250"));
@@ -833,7 +845,9 @@ mod tests {
     fn intake_waits_for_a_spool_behind_its_disk_and_past_the_wait_refuses_with_451() {
         let dir = tempfile::tempdir().unwrap();
         // Each delivery fails for now: its result is an envelope update.
-        let node = Node::start(config_in(dir.path(), "later: |exit 75\n")).unwrap();
+        let mut config = config_in(dir.path(), "later: |exit 75\n");
+        config.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
+        let node = Node::start(config).unwrap();
         let addr = node.local_addrs()[0];
         let spool = node.spool.clone().unwrap();
         // A disk that stops answering the writer (commits still land).
@@ -879,6 +893,16 @@ mod tests {
         let (reply, after_release) = waiter.join().unwrap();
         assert!(reply.starts_with("250"), "{reply}");
         assert!(after_release, "accepted while the spool was behind");
+        let metrics = scrape(node.metrics_addr().unwrap());
+        for series in [
+            "mailnode_intake_backpressure_total{outcome=\"waited\"} ",
+            "mailnode_intake_backpressure_total{outcome=\"refused\"} ",
+        ] {
+            let counted = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(series)?.trim().parse::<f64>().ok());
+            assert!(counted.is_some_and(|n| n >= 1.0), "{series}: {metrics}");
+        }
         drop(spool);
         node.shutdown();
     }

@@ -23,6 +23,7 @@ pub const QUEUE_OLDEST_AGE_SECONDS: &str = "mailnode_queue_oldest_age_seconds";
 pub const QUEUE_MAX_AGE_SECONDS: &str = "mailnode_queue_max_age_seconds";
 pub const INTAKE_PAUSED: &str = "mailnode_intake_paused";
 pub const PROXY_HEADERS_TOTAL: &str = "mailnode_proxy_headers_total";
+pub const INTAKE_BACKPRESSURE_TOTAL: &str = "mailnode_intake_backpressure_total";
 
 /// Label values, as the contract lists them.
 pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
@@ -40,6 +41,7 @@ pub const QUEUE_STATES: [&str; 3] = ["active", "deferred", "held"];
 pub const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "deferred", "bounced"];
 pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
 pub const PROXY_HEADER_RESULTS: [&str; 3] = ["ok", "invalid", "missing"];
+pub const BACKPRESSURE_OUTCOMES: [&str; 2] = ["waited", "refused"];
 pub const ACTORS: [&str; 6] = [
     "acceptor",
     "alias_resolver",
@@ -123,6 +125,10 @@ fn register() {
     );
     describe_gauge!(INTAKE_PAUSED, "1 while intake is paused by the operator.");
     describe_counter!(
+        INTAKE_BACKPRESSURE_TOTAL,
+        "MAIL commands that waited for a spool behind its disk, by outcome."
+    );
+    describe_counter!(
         PROXY_HEADERS_TOTAL,
         "PROXY protocol headers from proxy_protocol_from peers, by result."
     );
@@ -148,6 +154,9 @@ fn register() {
     }
     for l in RATE_LIMITS {
         counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => l).increment(0);
+    }
+    for o in BACKPRESSURE_OUTCOMES {
+        counter!(INTAKE_BACKPRESSURE_TOTAL, "outcome" => o).increment(0);
     }
     for r in PROXY_HEADER_RESULTS {
         counter!(PROXY_HEADERS_TOTAL, "result" => r).increment(0);
@@ -223,6 +232,10 @@ pub fn delivery(outcome: &'static str, took: Duration) {
 
 pub fn rate_limited(limit: &'static str) {
     counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => limit).increment(1);
+}
+
+pub fn intake_backpressure(outcome: &'static str) {
+    counter!(INTAKE_BACKPRESSURE_TOTAL, "outcome" => outcome).increment(1);
 }
 
 pub fn proxy_header(result: &'static str) {

@@ -226,6 +226,7 @@ impl Session {
         let spool = self.deps.spool.clone();
         let room = async move { spool.wait_for_intake_room().await };
         Box::pin(room.into_actor(self).then(move |room, act, _| {
+            telemetry::intake_backpressure(if room { "waited" } else { "refused" });
             let verdict = if room {
                 Ok(())
             } else {
