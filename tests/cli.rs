@@ -210,25 +210,7 @@ fn serve_command(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Command {
 /// Starts `command` (a [`serve_command`]) and waits for its address.
 fn serve_from(mut command: Command) -> Served {
     let mut child = command.spawn().expect("serve starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let (tx, rx) = mpsc::channel();
-    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines = std::sync::Arc::clone(&log);
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            lines.lock().unwrap().push(line.clone());
-            if let Some(addr) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .filter(|_| line.contains("listening for SMTP"))
-            {
-                let _ = tx.send(addr.parse::<SocketAddr>().expect("addr"));
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve reported its listening address");
+    let (addr, log) = listening_address(&mut child);
     Served { child, addr, log }
 }
 

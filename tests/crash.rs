@@ -31,21 +31,7 @@ fn start(config: &str, dir: &std::path::Path) -> (Child, SocketAddr) {
         .stderr(Stdio::piped())
         .spawn()
         .expect("serve starts");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-            {
-                let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-            }
-        }
-    });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the server starts on the spool the last one left");
+    let (addr, _log) = listening_address(&mut child);
     (child, addr)
 }
 

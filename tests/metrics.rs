@@ -149,14 +149,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("prometheus.yml");

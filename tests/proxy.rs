@@ -184,15 +184,6 @@ fn from_any_other_peer_a_proxy_line_is_an_unknown_command() {
 
 const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 
-/// A port free on 127.0.0.1 now, for a server that cannot be given port 0.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Waits until something accepts connections on `addr`.
 fn wait_listening(addr: SocketAddr) {
     let up = wait_for(Duration::from_secs(20), || {
@@ -233,11 +224,9 @@ fn node_config(dir: &Path, outbox: &Path, listen: SocketAddr, extra: &str) -> st
     config
 }
 
-type Log = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
-
 /// `mailnode serve -c config`: the process, its SMTP and metrics
 /// addresses, and its log lines.
-fn serve(config: &Path) -> (Killed, SocketAddr, SocketAddr, Log) {
+fn serve(config: &Path) -> (Killed, SocketAddr, SocketAddr, ServeLog) {
     let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
     let mut child = Command::new(BIN)
         .args(["serve", "-c"])
@@ -249,26 +238,7 @@ fn serve(config: &Path) -> (Killed, SocketAddr, SocketAddr, Log) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let log: Log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let lines = std::sync::Arc::clone(&log);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line
-                .split_whitespace()
-                .find_map(|w| w.strip_prefix("addr="))
-                .filter(|_| line.contains("listening for SMTP"))
-                .and_then(|a| a.parse::<SocketAddr>().ok())
-            {
-                let _ = tx.send(addr);
-            }
-            lines.lock().unwrap().push(line);
-        }
-    });
-    let smtp = rx
-        .recv_timeout(Duration::from_secs(30))
-        .expect("serve said where it listens");
+    let (smtp, log) = listening_address(&mut child);
     wait_listening(metrics);
     (Killed(child), smtp, metrics, log)
 }
@@ -286,16 +256,21 @@ fn haproxy(dir: &Path, node: SocketAddr, send: &str) -> (Killed, SocketAddr) {
         ),
     )
     .unwrap();
+    (run_haproxy(&config, front), front)
+}
+
+/// HAProxy in the foreground with `config`, once it listens on `front`.
+fn run_haproxy(config: &Path, front: SocketAddr) -> Killed {
     let child = Command::new("haproxy")
         .args(["-db", "-f"])
-        .arg(&config)
+        .arg(config)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .expect("haproxy runs (Debian's haproxy package)");
     wait_listening(front);
-    (Killed(child), front)
+    Killed(child)
 }
 
 fn metric(addr: SocketAddr, series: &str) -> f64 {
@@ -435,16 +410,7 @@ fn shipped_haproxy(dir: &Path, front: SocketAddr, nodes: [SocketAddr; 2]) -> Kil
     );
     let path = dir.join("haproxy-fleet.cfg");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new("haproxy")
-        .args(["-db", "-f"])
-        .arg(&path)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("haproxy runs (Debian's haproxy package)");
-    wait_listening(front);
-    Killed(child)
+    run_haproxy(&path, front)
 }
 
 /// One message with `token` as its subject through `front`; Err on

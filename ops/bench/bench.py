@@ -173,47 +173,6 @@ class Sampler(threading.Thread):
             self.peak_rss = max(self.peak_rss, status_kib(self.main_pid, "VmRSS"))
         self.samples += 1
 
-    def part_window(self):
-        """The duplicate window: from a message's last delivery (the program
-        exited 0) to its removal being durable, which the log's "removed"
-        line marks. A power cut in between delivers the message again."""
-        conf = self.mailnode.write_config("window", log_level="info", log_format="json")
-        label = "mailnode 20 sess 4 KB, info logs"
-        log(f"window: {label}")
-        self.mailnode.start(conf, "window")
-        try:
-            n = self.size_n(self.mailnode, 20, 4 * KB, label)
-            r = measure(self.mailnode, self.dlog, 20, 4 * KB, n, label)
-        finally:
-            self.mailnode.stop()
-        delivered, removed = {}, {}
-        with open(self.mailnode.errfile, errors="replace") as f:
-            for line in f:
-                try:
-                    entry = json.loads(line)
-                except ValueError:
-                    continue
-                fields = entry.get("fields", {})
-                qid = fields.get("queue_id")
-                if qid is None:
-                    continue
-                at = datetime.datetime.fromisoformat(entry["timestamp"].replace("Z", "+00:00")).timestamp()
-                if fields.get("message") == "delivery attempt" and fields.get("status", "").startswith("2"):
-                    delivered[qid] = max(at, delivered.get(qid, at))
-                elif fields.get("message", "").endswith("removed"):
-                    removed[qid] = at
-        windows = sorted((removed[q] - delivered[q]) * 1000 for q in removed if q in delivered)
-        if not windows:
-            raise BenchError("window: no message was logged both delivered and removed")
-        def pct(p):
-            return windows[min(len(windows) - 1, int(round(p / 100 * (len(windows) - 1))))]
-        self.results["window"] = {
-            "label": label, "n": n, "measured": len(windows), "accepted_rate": r["accepted_rate"],
-            "delivered_rate": r["delivered_rate"], "exactly_once": r["exactly_once"],
-            "p50_ms": pct(50), "p99_ms": pct(99), "max_ms": windows[-1],
-        }
-        log(f"  window: p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms, max {windows[-1]:.1f} ms over {len(windows)} messages")
-
     def run(self):
         self.sample()
         while not self._halt.wait(self.interval):

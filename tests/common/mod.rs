@@ -422,3 +422,42 @@ fn sink_session(stream: TcpStream, store: &std::sync::Mutex<Vec<SinkMessage>>, r
         }
     }
 }
+
+/// A port free on 127.0.0.1 now, for a server that cannot be given port 0.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind port 0")
+        .local_addr()
+        .expect("local addr")
+        .port()
+}
+
+/// The log lines a `mailnode serve` child has written so far.
+pub type ServeLog = std::sync::Arc<std::sync::Mutex<Vec<String>>>;
+
+/// Reads a `mailnode serve` child's stderr (taken from it) on a thread of
+/// its own, keeping every line; the address it said it listens on for SMTP.
+pub fn listening_address(child: &mut std::process::Child) -> (SocketAddr, ServeLog) {
+    let stderr = child.stderr.take().expect("serve's stderr is piped");
+    let log: ServeLog = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let lines = std::sync::Arc::clone(&log);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // Kept first: whoever hears the address finds its line logged.
+            lines.lock().expect("log lock").push(line.clone());
+            if let Some(addr) = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("addr="))
+                .filter(|_| line.contains("listening for SMTP"))
+                .and_then(|a| a.parse::<SocketAddr>().ok())
+            {
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("serve reported its listening address");
+    (addr, log)
+}
