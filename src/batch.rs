@@ -12,7 +12,7 @@ use actix::prelude::*;
 use crate::actors::acceptor::{read_proxy_header, PROXY_HEADER_WAIT};
 use crate::actors::collector::{Collector, TakeCollected};
 use crate::actors::queue_runner::QueueRunner;
-use crate::actors::session::{serve_connection, Session};
+use crate::actors::session::{serve_connection, Session, TlsUse};
 use crate::actors::Shared;
 use crate::config::Config;
 use crate::delivery::program::RunAs;
@@ -106,6 +106,10 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
     }
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let spawner = spawn::choose(config.delivery.spawner)?;
+    let tls = match config.tls.clone() {
+        Some(settings) => Some(Arc::new(crate::tls::ServerTls::new(settings)?)),
+        None => None,
+    };
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let peer = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let system = System::new();
@@ -154,13 +158,27 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
                 hooks: crate::hooks::Hooks::default(),
                 shutdown,
                 paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+                tls: tls.clone(),
             },
         ));
         let session = Session::new(Arc::clone(&deps), client).start();
         let stdio = tokio::io::join(stdin, tokio::io::stdout());
         // Refused hosts get the refusal dialogue here as over TCP.
         let allowed = crate::access::admit(address, &config.access).allowed;
-        serve_connection(stdio, session, deps.limits, allowed, deps.shutdown.clone()).await;
+        // STARTTLS works here as over TCP: TLS runs over any byte stream.
+        let tls = match tls {
+            Some(tls) => TlsUse::OnRequest(tls),
+            None => TlsUse::None,
+        };
+        serve_connection(
+            stdio,
+            session,
+            deps.limits,
+            allowed,
+            deps.shutdown.clone(),
+            tls,
+        )
+        .await;
         let accepted = collector.send(TakeCollected).await.unwrap_or_default();
         let count = accepted.len();
         if accepted.is_empty() {

@@ -17,7 +17,7 @@ use crate::DEFAULT_CONFIG;
 pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words: &[String]) -> u8 {
     let Some(request) = request(words) else {
         eprintln!(
-            "mailnode ctl: unknown command {:?}; try: status, queue [--limit N] [--after ID], queue show|flush|delete|hold|release|bounce ID, aliases reload, aliases lookup ADDRESS, pause, resume",
+            "mailnode ctl: unknown command {:?}; try: status, queue [--limit N] [--after ID], queue show|flush|delete|hold|release|bounce ID, aliases reload, aliases lookup ADDRESS, tls reload, pause, resume",
             words.join(" ")
         );
         return EX_USAGE;
@@ -110,6 +110,7 @@ fn request(words: &[String]) -> Option<Request> {
             Request::QueueList { limit, after }
         }
         ["aliases", "reload"] => Request::AliasesReload,
+        ["tls", "reload"] => Request::TlsReload,
         ["aliases", "lookup", a] => Request::AliasesLookup {
             address: a.to_string(),
         },

@@ -35,6 +35,7 @@ pub mod send;
 pub mod spool;
 pub mod sysexits;
 pub(crate) mod telemetry;
+pub mod tls;
 
 pub use batch::{run_queue_once, serve_stdio, PassSummary};
 pub use delivery::program::RunAsError;

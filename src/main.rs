@@ -84,7 +84,7 @@ enum Cmd {
         json: bool,
         /// status | queue [--limit N] [--after ID] |
         /// queue show|flush|delete|hold|release|bounce ID |
-        /// aliases reload | aliases lookup ADDRESS | pause | resume
+        /// aliases reload | aliases lookup ADDRESS | tls reload | pause | resume
         // Everything from the command on is the command's, `--limit`
         // included: ctl's own options go before it.
         #[arg(
@@ -177,7 +177,7 @@ fn main() -> ExitCode {
             sender,
             recipients,
         } => ExitCode::from(send(helo, &target, &sender, &recipients)),
-        Cmd::Check { files } => match load(&files) {
+        Cmd::Check { files } => match load(&files).and_then(with_tls_checked) {
             Ok((_, warnings)) => {
                 for w in warnings {
                     eprintln!("{w}");
@@ -193,7 +193,7 @@ fn main() -> ExitCode {
             control,
             metrics,
         } => {
-            let (mut config, warnings) = match load(&files) {
+            let (mut config, warnings) = match load(&files).and_then(with_tls_checked) {
                 Ok(loaded) => loaded,
                 Err(problems) => return report(problems),
             };
@@ -283,7 +283,8 @@ fn exit_code_for(e: &mailnode::StartError) -> u8 {
     match e {
         mailnode::StartError::Aliases(_)
         | mailnode::StartError::DeliveryUser(_)
-        | mailnode::StartError::Spawner(_) => EX_CONFIG,
+        | mailnode::StartError::Spawner(_)
+        | mailnode::StartError::Tls(_) => EX_CONFIG,
         mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => EX_TEMPFAIL,
         _ => 1,
     }
@@ -334,6 +335,19 @@ fn load(files: &Files) -> Result<(Config, Vec<String>), Vec<String>> {
     }
 }
 
+/// `[tls]` as `serve` would load it: a key that does not match its
+/// certificate is refused, one about to expire is worth a warning.
+fn with_tls_checked(
+    (config, mut warnings): (Config, Vec<String>),
+) -> Result<(Config, Vec<String>), Vec<String>> {
+    if let Some(settings) = &config.tls {
+        let now = std::time::SystemTime::now();
+        let warning = mailnode::tls::check(settings, now).map_err(|e| vec![e.to_string()])?;
+        warnings.extend(warning);
+    }
+    Ok((config, warnings))
+}
+
 fn init_logging(config: &Config) {
     let filter = tracing_subscriber::EnvFilter::new(format!(
         "{},actix=warn,actix_rt=warn",
@@ -369,7 +383,8 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases.
+/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases and
+/// the TLS certificate.
 fn serve(config: Config) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -390,6 +405,9 @@ fn serve(config: Config) -> anyhow::Result<()> {
     for addr in node.local_addrs() {
         tracing::info!(%addr, "listening for SMTP");
     }
+    for addr in node.tls_addrs() {
+        tracing::info!(%addr, "listening for SMTP over TLS (implicit TLS)");
+    }
     // systemd (Type=notify): ready once listening; fed while healthy.
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     let watchdog = sd_notify::watchdog_enabled();
@@ -401,11 +419,23 @@ fn serve(config: Config) -> anyhow::Result<()> {
             tokio::select! {
                 _ = term.recv() => return None,
                 _ = int.recv() => return None,
-                _ = hup.recv() => match node.reload_aliases().await {
-                    Ok(n) => tracing::info!(aliases = n, "SIGHUP: aliases reloaded"),
-                    // The resolver logged the FILE:LINE details already.
-                    Err(e) => tracing::error!("SIGHUP: aliases not reloaded: {e}"),
-                },
+                _ = hup.recv() => {
+                    match node.reload_aliases().await {
+                        Ok(n) => tracing::info!(aliases = n, "SIGHUP: aliases reloaded"),
+                        // The resolver logged the FILE:LINE details already.
+                        Err(e) => tracing::error!("SIGHUP: aliases not reloaded: {e}"),
+                    }
+                    match node.reload_tls() {
+                        Ok(not_after) => tracing::info!(
+                            not_after = %humantime::format_rfc3339_seconds(not_after),
+                            "SIGHUP: TLS certificate reloaded"
+                        ),
+                        Err(mailnode::tls::TlsError::NotConfigured) => {}
+                        Err(e) => tracing::error!(
+                            "SIGHUP: TLS certificate not reloaded, the old one stays in force: {e}"
+                        ),
+                    }
+                }
                 _ = feed.tick(), if watchdog.is_some() => {
                     if node.healthy().await {
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);

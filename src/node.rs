@@ -35,6 +35,7 @@ use crate::protocol::session::SessionConfig;
 use crate::queue::QueueCounts;
 use crate::queue::QueuePolicy;
 use crate::spool::{QueueLock, Spool, SpoolError, SpoolWriter};
+use crate::tls::{ServerTls, TlsError};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// How long the relay may take to answer, per step (RFC 5321 4.5.3.2
@@ -63,6 +64,8 @@ pub enum StartError {
     Spawner(#[from] SpawnerError),
     #[error("cannot start the actor system: {0}")]
     Runtime(String),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("cannot create control socket {}: {source}", path.display())]
     Control {
         path: std::path::PathBuf,
@@ -114,6 +117,12 @@ impl Node {
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
         let spawner = delivery::spawn::choose(config.delivery.spawner)?;
         telemetry::install();
+        // Before any port opens: a node whose certificate cannot be used
+        // must say so and not start, rather than serve mail in clear.
+        let tls = match config.tls.clone() {
+            Some(settings) => Some(Arc::new(ServerTls::new(settings)?)),
+            None => None,
+        };
         // One queue runner per spool; a second `serve` waits a little (a
         // restart racing its predecessor's exit), then says so. Taken before
         // any port is opened: a node that may not start must not accept
@@ -125,8 +134,9 @@ impl Node {
         };
         let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let control_path = config.control.socket.clone();
-        let mut listeners = Vec::new();
-        let mut addrs = Vec::new();
+        // Each listener with whether it speaks TLS from the first byte.
+        let mut listeners: Vec<(std::net::TcpListener, bool)> = Vec::new();
+        let (mut addrs, mut tls_addrs) = (Vec::new(), Vec::new());
         for listener in inherited {
             let addr = listener
                 .set_nonblocking(true)
@@ -135,21 +145,35 @@ impl Node {
                     addr: SocketAddr::from(([0, 0, 0, 0], 0)),
                     source,
                 })?;
-            addrs.push(addr);
-            listeners.push(listener);
+            // systemd's sockets are told apart by the addresses configured.
+            let implicit_tls = tls.is_some() && config.smtp.listen_tls.contains(&addr);
+            if implicit_tls {
+                &mut tls_addrs
+            } else {
+                &mut addrs
+            }
+            .push(addr);
+            listeners.push((listener, implicit_tls));
         }
-        let configured: &[SocketAddr] = if listeners.is_empty() {
-            &config.smtp.listen
+        let configured: Vec<(SocketAddr, bool)> = if listeners.is_empty() {
+            let plain = config.smtp.listen.iter().map(|a| (*a, false));
+            let implicit = config.smtp.listen_tls.iter().map(|a| (*a, true));
+            plain.chain(implicit.filter(|_| tls.is_some())).collect()
         } else {
-            &[]
+            Vec::new()
         };
-        for addr in configured {
-            let listener = listen_on(addr)?;
-            addrs.push(listener.local_addr().map_err(|source| StartError::Bind {
-                addr: *addr,
-                source,
-            })?);
-            listeners.push(listener);
+        for (addr, implicit_tls) in configured {
+            let listener = listen_on(&addr)?;
+            let bound = listener
+                .local_addr()
+                .map_err(|source| StartError::Bind { addr, source })?;
+            if implicit_tls {
+                &mut tls_addrs
+            } else {
+                &mut addrs
+            }
+            .push(bound);
+            listeners.push((listener, implicit_tls));
         }
         let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
         // After the queue lock: a second `serve` must not take over the
@@ -192,6 +216,7 @@ impl Node {
             paused: Arc::clone(&paused),
             shutdown: shutdown_rx,
             failure: failure_tx,
+            tls: tls.clone(),
         };
         let thread = std::thread::Builder::new()
             .name("mailnode-actors".into())
@@ -228,6 +253,8 @@ impl Node {
             .map_err(|_| StartError::Runtime("actor system failed to start".into()))?;
         Ok(NodeHandle {
             addrs,
+            tls_addrs,
+            tls,
             metrics_addr,
             control_path,
             supervisor,
@@ -351,6 +378,8 @@ pub(crate) struct SessionControls {
     pub hooks: Hooks,
     pub shutdown: tokio::sync::watch::Receiver<Stopping>,
     pub paused: Arc<AtomicBool>,
+    /// The certificate in force (reloaded through the node's handle).
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// What sessions share, from the configuration.
@@ -366,6 +395,7 @@ pub(crate) fn session_deps(
         hooks,
         shutdown,
         paused,
+        tls,
     } = controls;
     let smtp = &config.smtp;
     SessionDeps {
@@ -374,6 +404,8 @@ pub(crate) fn session_deps(
             max_message_size: smtp.max_message_size,
             max_recipients: smtp.max_recipients,
             local_domains: smtp.local_domains.clone(),
+            starttls: tls.is_some(),
+            tls_required: tls.is_some() && config.tls.as_ref().is_some_and(|t| t.require),
         }),
         limits: SessionLimits {
             connect_limit: smtp.connect_limit,
@@ -394,11 +426,13 @@ pub(crate) fn session_deps(
         hooks,
         shutdown,
         paused,
+        tls,
     }
 }
 
 /// What the Acceptor and the sessions share with the [`NodeHandle`].
 struct Intake {
+    tls: Option<Arc<ServerTls>>,
     hooks: Hooks,
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
@@ -430,7 +464,7 @@ fn build_tree(
     run_as: Option<RunAs>,
     spawner: ProgramSpawner,
     recovered: Vec<spool::Envelope>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(std::net::TcpListener, bool)>,
     arbiters: Vec<ArbiterHandle>,
     intake: Intake,
     metrics_listener: Option<std::net::TcpListener>,
@@ -488,6 +522,7 @@ fn build_tree(
             hooks: intake.hooks,
             shutdown: intake.shutdown,
             paused: Arc::clone(&intake.paused),
+            tls: intake.tls.clone(),
         },
     ));
     let access = config.access.clone();
@@ -501,7 +536,7 @@ fn build_tree(
             // (they wait in the backlog).
             let listeners = listeners
                 .iter()
-                .filter_map(|l| l.try_clone().ok())
+                .filter_map(|(l, implicit_tls)| Some((l.try_clone().ok()?, *implicit_tls)))
                 .collect();
             Acceptor::new(
                 listeners,
@@ -536,6 +571,7 @@ fn build_tree(
         tracker: Arc::clone(&intake.tracker),
         paused: Arc::clone(&intake.paused),
         restarts: Arc::clone(&restarts),
+        tls: intake.tls,
         started: std::time::Instant::now(),
         clients: Arc::new(tokio::sync::Semaphore::new(
             actors::control_server::MAX_CLIENTS,
@@ -561,6 +597,8 @@ fn build_tree(
 
 /// A running node.
 pub struct NodeHandle {
+    tls_addrs: Vec<SocketAddr>,
+    tls: Option<Arc<ServerTls>>,
     addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     control_path: std::path::PathBuf,
@@ -585,6 +623,21 @@ impl NodeHandle {
     /// The addresses SMTP listens on (with the real port when 0 was asked).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.addrs
+    }
+
+    /// The `listen_tls` addresses: TLS from the first byte.
+    pub fn tls_addrs(&self) -> &[SocketAddr] {
+        &self.tls_addrs
+    }
+
+    /// Re-reads `[tls]` cert and key (SIGHUP, `ctl tls reload`): the next
+    /// handshake uses them, open sessions go on. On failure the old ones
+    /// stay in force. Returns the new certificate's notAfter.
+    pub fn reload_tls(&self) -> Result<std::time::SystemTime, TlsError> {
+        match &self.tls {
+            Some(tls) => tls.reload(),
+            None => Err(TlsError::NotConfigured),
+        }
     }
 
     /// The control socket.
@@ -949,6 +1002,8 @@ mod tests {
                     d
                 }],
                 body_check: None,
+                tls_version: String::new(),
+                tls_cipher: String::new(),
             };
             spool.commit(body, &mut envelope).wait_blocking().unwrap();
             drop(spool);

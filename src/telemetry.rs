@@ -24,6 +24,9 @@ pub const QUEUE_MAX_AGE_SECONDS: &str = "mailnode_queue_max_age_seconds";
 pub const INTAKE_PAUSED: &str = "mailnode_intake_paused";
 pub const PROXY_HEADERS_TOTAL: &str = "mailnode_proxy_headers_total";
 pub const INTAKE_BACKPRESSURE_TOTAL: &str = "mailnode_intake_backpressure_total";
+pub const TLS_HANDSHAKES_TOTAL: &str = "mailnode_tls_handshakes_total";
+pub const TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
+    "mailnode_tls_certificate_expiry_timestamp_seconds";
 
 /// Label values, as the contract lists them.
 pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
@@ -42,6 +45,7 @@ pub const DELIVERY_OUTCOMES: [&str; 3] = ["delivered", "deferred", "bounced"];
 pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
 pub const PROXY_HEADER_RESULTS: [&str; 3] = ["ok", "invalid", "missing"];
 pub const BACKPRESSURE_OUTCOMES: [&str; 2] = ["waited", "refused"];
+pub const TLS_HANDSHAKE_RESULTS: [&str; 2] = ["ok", "failed"];
 pub const ACTORS: [&str; 6] = [
     "acceptor",
     "alias_resolver",
@@ -132,6 +136,15 @@ fn register() {
         PROXY_HEADERS_TOTAL,
         "PROXY protocol headers from proxy_protocol_from peers, by result."
     );
+    describe_counter!(
+        TLS_HANDSHAKES_TOTAL,
+        "TLS handshakes (STARTTLS and implicit TLS), by result."
+    );
+    describe_gauge!(
+        TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS,
+        metrics::Unit::Seconds,
+        "When the certificate in force stops being valid (notAfter), as a Unix time."
+    );
     gauge!(QUEUE_OLDEST_AGE_SECONDS).set(0.0);
     gauge!(INTAKE_PAUSED).set(0.0);
     for o in CONNECTION_OUTCOMES {
@@ -157,6 +170,9 @@ fn register() {
     }
     for o in BACKPRESSURE_OUTCOMES {
         counter!(INTAKE_BACKPRESSURE_TOTAL, "outcome" => o).increment(0);
+    }
+    for r in TLS_HANDSHAKE_RESULTS {
+        counter!(TLS_HANDSHAKES_TOTAL, "result" => r).increment(0);
     }
     for r in PROXY_HEADER_RESULTS {
         counter!(PROXY_HEADERS_TOTAL, "result" => r).increment(0);
@@ -244,4 +260,16 @@ pub fn proxy_header(result: &'static str) {
 
 pub fn actor_restarted(actor: &'static str) {
     counter!(ACTOR_RESTARTS_TOTAL, "actor" => actor).increment(1);
+}
+
+pub fn tls_handshake(result: &'static str) {
+    counter!(TLS_HANDSHAKES_TOTAL, "result" => result).increment(1);
+}
+
+/// The certificate in force; absent until TLS is configured.
+pub fn tls_certificate_expiry(not_after: std::time::SystemTime) {
+    let seconds = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    gauge!(TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS).set(seconds);
 }

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::access;
-use crate::actors::session::{serve_connection, Session, SessionDeps, Stopping};
+use crate::actors::session::{serve_connection, Session, SessionDeps, Stopping, TlsUse};
 use crate::config::AccessConfig;
 use crate::limits::{ConnectionSlot, ConnectionTracker, Refusal};
 use crate::protocol::proxy;
@@ -34,13 +34,15 @@ use crate::telemetry;
 #[rtype(result = "()")]
 pub struct StopAccepting;
 
-struct Accepted(std::io::Result<(TcpStream, SocketAddr)>);
+/// A connection accepted, and whether its listener is a `listen_tls` one.
+struct Accepted(std::io::Result<(TcpStream, SocketAddr)>, bool);
 
 /// How often the rate limiters forget addresses that have recovered.
 const LIMITER_UPKEEP: Duration = Duration::from_secs(60);
 
 pub struct Acceptor {
-    listeners: Vec<std::net::TcpListener>,
+    /// Each with whether it speaks TLS from the first byte.
+    listeners: Vec<(std::net::TcpListener, bool)>,
     arbiters: Vec<ArbiterHandle>,
     next_arbiter: usize,
     gate: Arc<Gate>,
@@ -71,7 +73,7 @@ struct Admitted {
 
 impl Acceptor {
     pub fn new(
-        listeners: Vec<std::net::TcpListener>,
+        listeners: Vec<(std::net::TcpListener, bool)>,
         arbiters: Vec<ArbiterHandle>,
         deps: Arc<SessionDeps>,
         access: AccessConfig,
@@ -99,7 +101,7 @@ impl Actor for Acceptor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
-        for std_listener in self.listeners.drain(..) {
+        for (std_listener, implicit_tls) in self.listeners.drain(..) {
             let listener = match TcpListener::from_std(std_listener) {
                 Ok(l) => l,
                 Err(e) => {
@@ -107,7 +109,7 @@ impl Actor for Acceptor {
                     continue;
                 }
             };
-            let accepts = futures_util::stream::unfold(listener, |listener| async move {
+            let accepts = futures_util::stream::unfold(listener, move |listener| async move {
                 let result = listener.accept().await;
                 if let Err(e) = &result {
                     // Out of file descriptors and the like: say so and
@@ -115,7 +117,7 @@ impl Actor for Acceptor {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Some((Accepted(result), listener))
+                Some((Accepted(result, implicit_tls), listener))
             });
             ctx.add_stream(accepts);
         }
@@ -126,8 +128,14 @@ impl Actor for Acceptor {
     }
 }
 
-/// Answers a connection turned away at once, without a session.
-async fn turn_away(mut stream: TcpStream, reply: Reply) {
+/// Answers a connection turned away at once, without a session. A client
+/// of a `listen_tls` listener waits for a TLS handshake and could not read
+/// a reply in clear; a handshake only to refuse would cost more than the
+/// limit saves, so it is just closed (it retries, as after a 421).
+async fn turn_away(mut stream: TcpStream, reply: Reply, implicit_tls: bool) {
+    if implicit_tls {
+        return;
+    }
     let bytes = reply.to_bytes();
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.write_all(&bytes)).await;
     let _ = stream.shutdown().await;
@@ -167,13 +175,18 @@ impl Gate {
     }
 
     /// Runs the session of an admitted connection to its end.
-    async fn serve(&self, stream: TcpStream, admitted: Admitted) {
+    async fn serve(&self, stream: TcpStream, admitted: Admitted, implicit_tls: bool) {
         // Held for the session's life: the count goes down when it ends.
         let _slot = admitted.slot;
         let deps = Arc::clone(&self.deps);
         let (limits, shutdown) = (deps.limits, deps.shutdown.clone());
+        let tls = match deps.tls.clone() {
+            None => TlsUse::None,
+            Some(tls) if implicit_tls => TlsUse::AtOnce(tls),
+            Some(tls) => TlsUse::OnRequest(tls),
+        };
         let session = Session::new(deps, admitted.client).start();
-        serve_connection(stream, session, limits, admitted.allowed, shutdown).await;
+        serve_connection(stream, session, limits, admitted.allowed, shutdown, tls).await;
     }
 
     /// A connection from a load balancer: its PROXY header first, then the
@@ -183,6 +196,7 @@ impl Gate {
         mut stream: TcpStream,
         peer: IpAddr,
         reading: OwnedSemaphorePermit,
+        implicit_tls: bool,
     ) {
         let wait = self.deps.limits.command_timeout.min(PROXY_HEADER_WAIT);
         let header = read_proxy_header(&mut stream, wait).await;
@@ -199,12 +213,12 @@ impl Gate {
             }
         };
         if *self.deps.shutdown.borrow() != Stopping::No {
-            return turn_away(stream, reply::SHUTTING_DOWN).await;
+            return turn_away(stream, reply::SHUTTING_DOWN, implicit_tls).await;
         }
         tracing::debug!(client = %address, via = %peer, "PROXY header");
         match self.admit(address) {
-            Ok(admitted) => self.serve(stream, admitted).await,
-            Err(reply) => turn_away(stream, reply).await,
+            Ok(admitted) => self.serve(stream, admitted, implicit_tls).await,
+            Err(reply) => turn_away(stream, reply, implicit_tls).await,
         }
     }
 }
@@ -271,7 +285,7 @@ pub(crate) async fn read_proxy_header(
 
 impl StreamHandler<Accepted> for Acceptor {
     fn handle(&mut self, accepted: Accepted, _: &mut Self::Context) {
-        let Ok((stream, peer)) = accepted.0 else {
+        let Accepted(Ok((stream, peer)), implicit_tls) = accepted else {
             return;
         };
         let peer_address = access::canonical(peer.ip());
@@ -283,7 +297,7 @@ impl StreamHandler<Accepted> for Acceptor {
         let handover = if proxied {
             let Ok(reading) = Arc::clone(&self.gate.header_readers).try_acquire_owned() else {
                 telemetry::connection("over_capacity");
-                actix::spawn(turn_away(stream, reply::TOO_MANY_CONNECTIONS));
+                actix::spawn(turn_away(stream, reply::TOO_MANY_CONNECTIONS, implicit_tls));
                 return;
             };
             Handover::ReadProxyHeader(reading)
@@ -291,7 +305,7 @@ impl StreamHandler<Accepted> for Acceptor {
             match self.gate.admit(peer_address) {
                 Ok(admitted) => Handover::Admitted(admitted),
                 Err(reply) => {
-                    actix::spawn(turn_away(stream, reply));
+                    actix::spawn(turn_away(stream, reply, implicit_tls));
                     return;
                 }
             }
@@ -322,9 +336,10 @@ impl StreamHandler<Accepted> for Acceptor {
                 }
             };
             match handover {
-                Handover::Admitted(admitted) => gate.serve(stream, admitted).await,
+                Handover::Admitted(admitted) => gate.serve(stream, admitted, implicit_tls).await,
                 Handover::ReadProxyHeader(reading) => {
-                    gate.serve_proxied(stream, peer_address, reading).await
+                    gate.serve_proxied(stream, peer_address, reading, implicit_tls)
+                        .await
                 }
             }
         });

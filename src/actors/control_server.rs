@@ -45,6 +45,8 @@ pub struct ControlDeps {
     pub tracker: Arc<ConnectionTracker>,
     pub paused: Arc<AtomicBool>,
     pub restarts: Arc<Mutex<BTreeMap<&'static str, u64>>>,
+    /// The certificate in force, for `tls reload`.
+    pub tls: Option<Arc<crate::tls::ServerTls>>,
     pub started: Instant,
     /// [`MAX_CLIENTS`] permits, shared by restarted servers.
     pub clients: Arc<tokio::sync::Semaphore>,
@@ -318,6 +320,7 @@ async fn execute(
             }
         },
         Request::AliasesLookup { address } => lookup(deps, &address).await,
+        Request::TlsReload => reload_tls(deps),
         Request::IntakePause => {
             deps.paused.store(true, Ordering::Relaxed);
             crate::telemetry::intake_paused(true);
@@ -359,5 +362,25 @@ async fn lookup(deps: &ControlDeps, address: &str) -> Response {
             "reply": reply.to_string(),
         })),
         Err(e) => Response::error(format!("alias resolver unavailable: {e}")),
+    }
+}
+
+/// `tls reload`: the next handshake uses the files' certificate; on
+/// failure the one in force stays, and the operator reads why.
+fn reload_tls(deps: &ControlDeps) -> Response {
+    let result = match &deps.tls {
+        Some(tls) => tls.reload(),
+        None => Err(crate::tls::TlsError::NotConfigured),
+    };
+    match result {
+        Ok(not_after) => {
+            let not_after = humantime::format_rfc3339_seconds(not_after).to_string();
+            tracing::info!(%not_after, "TLS certificate reloaded");
+            Response::ok(serde_json::json!({ "tls": "reloaded", "not_after": not_after }))
+        }
+        Err(e) => {
+            tracing::error!("TLS certificate not reloaded, the old one stays in force: {e}");
+            Response::error(format!("{e}; the certificate in force is unchanged"))
+        }
     }
 }

@@ -29,10 +29,11 @@ use crate::protocol::data::BareLineEnding;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
     Action, ClientInfo, CloseReason, Event, MessageDraft, RcptDecision, SessionConfig,
-    SessionMachine, Tally,
+    SessionMachine, Tally, TlsInfo,
 };
 use crate::spool::{DeliveryState, Envelope, IncomingBody, Spool};
 use crate::telemetry;
+use crate::tls::{Connection, HandshakeFailure, ServerTls};
 
 /// How far the node is in going down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -67,6 +68,8 @@ pub struct SessionDeps {
     pub shutdown: tokio::sync::watch::Receiver<Stopping>,
     /// Intake paused by the operator: sessions already open are told at MAIL.
     pub paused: Arc<std::sync::atomic::AtomicBool>,
+    /// `[tls]`: the certificate in force, for STARTTLS and `listen_tls`.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 /// Timing and framing limits of the I/O task.
@@ -93,6 +96,8 @@ pub enum Input {
     Frame(Frame),
     IdleTimeout,
     ConnectLimit,
+    /// The TLS handshake finished.
+    TlsStarted(TlsInfo),
 }
 
 /// The connection is gone; drop whatever was being received.
@@ -106,6 +111,8 @@ pub struct Response {
     pub replies: Vec<Reply>,
     pub enter_data: bool,
     pub close: bool,
+    /// After these replies, the TLS handshake (STARTTLS).
+    pub start_tls: bool,
     /// What the metrics count of this exchange.
     pub tallies: Vec<Tally>,
 }
@@ -148,6 +155,7 @@ impl Session {
                 Action::Reply(r) => out.replies.push(r),
                 Action::EnterData => out.enter_data = true,
                 Action::Close => out.close = true,
+                Action::StartTls => out.start_tls = true,
                 Action::AppendBody(bytes) => self.append(&bytes),
                 Action::DiscardBody => {
                     self.body = None;
@@ -391,6 +399,7 @@ impl Handler<Input> for Session {
             Input::Abort => Event::Abort,
             Input::IdleTimeout => Event::IdleTimeout,
             Input::ConnectLimit => Event::ConnectLimit,
+            Input::TlsStarted(info) => Event::TlsStarted(info),
             Input::Frame(Frame::Line(line)) => Event::Line(line),
             Input::Frame(Frame::LineTooLong) => {
                 Event::Command(Err(command::CommandError::LineTooLong))
@@ -413,29 +422,58 @@ impl Handler<Disconnected> for Session {
     }
 }
 
+/// How a connection uses TLS.
+pub enum TlsUse {
+    /// No `[tls]`: STARTTLS gets 502.
+    None,
+    /// STARTTLS on request.
+    OnRequest(Arc<ServerTls>),
+    /// A `listen_tls` listener: the handshake comes first, then the greeting.
+    AtOnce(Arc<ServerTls>),
+}
+
 /// The connection's I/O task: reads frames, asks the session, writes the
 /// answers. Applies `connect_limit` (a hard deadline however busy the client
-/// is) and the idle timeouts.
+/// is) and the idle timeouts, and performs the TLS handshakes.
 pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     stream: S,
     session: Addr<Session>,
     limits: SessionLimits,
     allowed: bool,
     mut shutdown: tokio::sync::watch::Receiver<Stopping>,
+    tls: TlsUse,
 ) {
     // A limit too large to add is as good as none.
     let deadline = Instant::now()
         .checked_add(limits.connect_limit)
         .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 86400));
     let mut framed = Framed::new(
-        stream,
+        Connection::Plain(stream),
         SmtpCodec::new(limits.bare_lf, limits.max_message_size),
     );
-    let mut pending = Some(if allowed {
+    let greeting = if allowed {
         Input::Connected
     } else {
         Input::Refused
-    });
+    };
+    let (tls, mut pending) = match tls {
+        TlsUse::None => (None, Some(greeting)),
+        TlsUse::OnRequest(tls) => (Some(tls), Some(greeting)),
+        TlsUse::AtOnce(tls) => match start_tls(framed, &tls, limits).await {
+            Ok((encrypted, info)) => {
+                framed = encrypted;
+                if session.send(Input::TlsStarted(info)).await.is_err() {
+                    return;
+                }
+                (Some(tls), Some(greeting))
+            }
+            Err(failure) => {
+                tracing::info!("{failure}; connection closed");
+                session.do_send(Disconnected);
+                return;
+            }
+        },
+    };
     // The stop level the session has been told about.
     let mut told = Stopping::No;
     // Why the session ended, for the metrics; a peer that just goes away
@@ -462,13 +500,33 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             }
             let more_commands_buffered =
                 !framed.codec().in_data() && framed.read_buffer().contains(&b'\n');
-            let flush = response.close || !more_commands_buffered;
+            let flush = response.close || response.start_tls || !more_commands_buffered;
             if write_replies(&mut framed, response.replies, flush, limits)
                 .await
                 .is_err()
                 || response.close
             {
                 break;
+            }
+            if response.start_tls {
+                let Some(tls) = tls.as_deref() else {
+                    // The machine offers STARTTLS only with [tls]: a bug.
+                    tracing::error!("STARTTLS accepted without [tls]");
+                    ended.reason = CloseReason::Error.as_str();
+                    break;
+                };
+                match start_tls(framed, tls, limits).await {
+                    Ok((encrypted, info)) => {
+                        framed = encrypted;
+                        pending = Some(Input::TlsStarted(info));
+                        continue;
+                    }
+                    Err(failure) => {
+                        tracing::info!("{failure}; connection closed");
+                        ended.reason = CloseReason::Error.as_str();
+                        break;
+                    }
+                }
             }
         }
         let in_data = framed.codec().in_data();
@@ -509,6 +567,35 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     }
     drop(ended);
     session.do_send(Disconnected);
+}
+
+/// Takes the connection into TLS. Whatever the client sent after its
+/// STARTTLS line and before the handshake is dropped with the codec's read
+/// buffer, never executed (plaintext injection, CVE-2011-0411); the codec
+/// starts afresh inside TLS.
+async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
+    framed: Framed<Connection<S>, SmtpCodec>,
+    tls: &ServerTls,
+    limits: SessionLimits,
+) -> Result<(Framed<Connection<S>, SmtpCodec>, TlsInfo), HandshakeFailure> {
+    let parts = framed.into_parts();
+    if !parts.read_buf.is_empty() {
+        tracing::info!(
+            bytes = parts.read_buf.len(),
+            "discarded what the client sent after STARTTLS, before the handshake"
+        );
+    }
+    let stream = match parts.io {
+        Connection::Plain(stream) => stream,
+        Connection::Tls(_) => return Err(HandshakeFailure::AlreadyActive),
+    };
+    let (encrypted, info) = tls.handshake(stream).await?;
+    tracing::debug!(version = %info.version, cipher = %info.cipher, "TLS started");
+    let codec = SmtpCodec::new(limits.bare_lf, limits.max_message_size);
+    Ok((
+        Framed::new(Connection::Tls(Box::new(encrypted)), codec),
+        info,
+    ))
 }
 
 /// Counts a session open while it lives; closed, with its reason, on drop.

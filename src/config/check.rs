@@ -64,9 +64,26 @@ impl Checker<'_> {
             }
             None => system_hostname(),
         };
+        let listen_tls_span = raw.smtp.listen_tls.as_ref().map(Spanned::span);
+        let smtp = self.smtp(raw.smtp);
+        let tls = self.tls(raw.tls);
+        if let Some(span) = listen_tls_span {
+            if tls.is_none() && !smtp.listen_tls.is_empty() {
+                self.error(
+                    span.clone(),
+                    "smtp.listen_tls: needs [tls] cert and key: these listeners speak TLS from the first byte".to_string(),
+                );
+            }
+            if let Some(both) = smtp.listen_tls.iter().find(|a| smtp.listen.contains(a)) {
+                self.error(
+                    span,
+                    format!("smtp.listen_tls: address \"{both}\" is in smtp.listen too: a port speaks TLS from the start or offers STARTTLS, not both"),
+                );
+            }
+        }
         Config {
             hostname,
-            smtp: self.smtp(raw.smtp),
+            smtp,
             aliases: AliasesConfig {
                 path: self.path(
                     "aliases.path",
@@ -89,6 +106,7 @@ impl Checker<'_> {
             control: self.control(raw.control),
             metrics: self.metrics(raw.metrics),
             log: self.log(raw.log),
+            tls,
         }
     }
 
@@ -115,7 +133,56 @@ impl Checker<'_> {
                 None => d.proxy_protocol_from,
                 Some(list) => self.networks("smtp.proxy_protocol_from", list.into_inner()),
             },
+            listen_tls: match raw.listen_tls {
+                None => d.listen_tls,
+                Some(list) => self.addresses("smtp.listen_tls", list.into_inner()),
+            },
         }
+    }
+
+    /// `[tls]`: `None` unless a certificate is named (`cert = ""` is the
+    /// documented way to leave TLS off). A certificate without its key, or
+    /// the reverse, is a mistake worth a line, not a silent plain node.
+    fn tls(&mut self, raw: RawTls) -> Option<TlsConfig> {
+        let named = |t: &Text| t.as_ref().is_some_and(|v| !v.get_ref().is_empty());
+        let (has_cert, has_key) = (named(&raw.cert), named(&raw.key));
+        if !has_cert && !has_key {
+            return None;
+        }
+        if has_cert != has_key {
+            let (missing, given) = if has_cert {
+                ("key", &raw.cert)
+            } else {
+                ("cert", &raw.key)
+            };
+            if let Some(given) = given {
+                self.error(
+                    given.span(),
+                    format!("tls.{missing}: must be set too: TLS needs both a certificate chain and its private key"),
+                );
+            }
+            return None;
+        }
+        let d = TlsConfig {
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            min_version: TlsVersion::default(),
+            handshake_timeout: Duration::from_secs(30),
+            require: false,
+        };
+        Some(TlsConfig {
+            cert: self.path("tls.cert", raw.cert, d.cert.clone()),
+            key: self.path("tls.key", raw.key, d.key.clone()),
+            min_version: self.choice(
+                key!("tls", min_version),
+                raw.min_version,
+                d.min_version,
+                &[TlsVersion::Tls12, TlsVersion::Tls13],
+                TlsVersion::as_str,
+            ),
+            handshake_timeout: key!(self.duration, "tls", raw.handshake_timeout, d),
+            require: raw.require.unwrap_or(d.require),
+        })
     }
 
     fn listen(&mut self, raw: TextList, default: Vec<SocketAddr>) -> Vec<SocketAddr> {
@@ -131,6 +198,11 @@ impl Checker<'_> {
             );
             return default;
         }
+        self.addresses("smtp.listen", items)
+    }
+
+    /// Listening addresses, each `IP:PORT` and listed once.
+    fn addresses(&mut self, key: &str, items: Vec<Spanned<String>>) -> Vec<SocketAddr> {
         let mut addrs: Vec<SocketAddr> = Vec::with_capacity(items.len());
         for item in items {
             match item.get_ref().parse::<SocketAddr>() {
@@ -138,13 +210,13 @@ impl Checker<'_> {
                 // saying so here names the line.
                 Ok(addr) if addrs.contains(&addr) => self.error(
                     item.span(),
-                    format!("smtp.listen: address {:?} is listed twice", item.get_ref()),
+                    format!("{key}: address {:?} is listed twice", item.get_ref()),
                 ),
                 Ok(addr) => addrs.push(addr),
                 Err(_) => self.error(
                     item.span(),
                     format!(
-                        "smtp.listen: invalid address {:?}: expected IP:PORT such as \"127.0.0.1:2525\" or \"[::1]:2525\"",
+                        "{key}: invalid address {:?}: expected IP:PORT such as \"127.0.0.1:2525\" or \"[::1]:2525\"",
                         item.get_ref()
                     ),
                 ),

@@ -772,6 +772,49 @@ deny = [\"10.0.0.0/33\"]
     }
 
     #[test]
+    fn tls_is_off_unless_a_certificate_is_named_and_needs_both_files() {
+        assert_eq!(ok("").tls, None);
+        assert_eq!(ok("[tls]\ncert = \"\"\n").tls, None);
+        let c = ok("[smtp]\nlisten_tls = [\"127.0.0.1:465\"]\n[tls]\ncert = \"/etc/c.pem\"\nkey = \"/etc/k.pem\"\nmin_version = \"1.3\"\nhandshake_timeout = \"5s\"\nrequire = true\n");
+        assert_eq!(
+            c.tls,
+            Some(TlsConfig {
+                cert: "/etc/c.pem".into(),
+                key: "/etc/k.pem".into(),
+                min_version: TlsVersion::Tls13,
+                handshake_timeout: Duration::from_secs(5),
+                require: true,
+            })
+        );
+        assert_eq!(c.smtp.listen_tls, vec!["127.0.0.1:465".parse().unwrap()]);
+        let d = ok("[tls]\ncert = \"c\"\nkey = \"k\"\n").tls.unwrap();
+        assert_eq!(d.min_version, TlsVersion::Tls12);
+        assert_eq!(d.handshake_timeout, Duration::from_secs(30));
+        assert!(!d.require);
+
+        let msg = one_err("[tls]\ncert = \"c.pem\"\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: tls.key: must be set too"),
+            "{msg}"
+        );
+        let msg = one_err("[tls]\ncert = \"c\"\nkey = \"k\"\nmin_version = \"1.1\"\n");
+        assert!(
+            msg.starts_with("mailnode.toml:4: tls.min_version: invalid value \"1.1\": expected \"1.2\" or \"1.3\""),
+            "{msg}"
+        );
+        let msg = one_err("[smtp]\nlisten_tls = [\"127.0.0.1:465\"]\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: smtp.listen_tls: needs [tls] cert and key"),
+            "{msg}"
+        );
+        let msg = one_err("[smtp]\nlisten = [\"127.0.0.1:25\"]\nlisten_tls = [\"127.0.0.1:25\"]\n[tls]\ncert = \"c\"\nkey = \"k\"\n");
+        assert!(
+            msg.contains("smtp.listen_tls: address \"127.0.0.1:25\" is in smtp.listen too"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn limits_exempt_defaults_to_loopback_and_takes_networks() {
         assert_eq!(
             ok("").limits.exempt,

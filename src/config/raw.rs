@@ -24,6 +24,7 @@ pub(super) struct RawConfig {
     pub(super) control: RawControl,
     pub(super) metrics: RawMetrics,
     pub(super) log: RawLog,
+    pub(super) tls: RawTls,
 }
 
 #[derive(Deserialize, Default)]
@@ -40,6 +41,7 @@ pub(super) struct RawSmtp {
     pub(super) local_domains: TextList,
     pub(super) bare_lf: Text,
     pub(super) proxy_protocol_from: TextList,
+    pub(super) listen_tls: TextList,
 }
 
 #[derive(Deserialize, Default)]
@@ -121,4 +123,14 @@ pub(super) struct RawMetrics {
 pub(super) struct RawLog {
     pub(super) format: Text,
     pub(super) level: Text,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawTls {
+    pub(super) cert: Text,
+    pub(super) key: Text,
+    pub(super) min_version: Text,
+    pub(super) handshake_timeout: Text,
+    pub(super) require: Option<bool>,
 }

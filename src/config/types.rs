@@ -37,6 +37,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Logging.
     pub log: LogConfig,
+    /// STARTTLS and implicit TLS; `None` when `[tls]` names no certificate.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             control: ControlConfig::default(),
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
+            tls: None,
         }
     }
 }
@@ -95,6 +98,9 @@ pub struct SmtpConfig {
     /// Peers (load balancers) whose connections begin with a PROXY
     /// protocol header naming the client they relay.
     pub proxy_protocol_from: Vec<IpNet>,
+    /// Addresses whose connections speak TLS from the first byte (port
+    /// 465, RFC 8314); they need `[tls]`.
+    pub listen_tls: Vec<SocketAddr>,
 }
 
 impl Default for SmtpConfig {
@@ -111,6 +117,7 @@ impl Default for SmtpConfig {
             local_domains: Vec::new(),
             bare_lf: BareLf::Reject,
             proxy_protocol_from: Vec::new(),
+            listen_tls: Vec::new(),
         }
     }
 }
@@ -442,6 +449,39 @@ impl Channel {
                 IpNet::from(ipnet::Ipv4Net::new_assert([127, 0, 0, 0].into(), 8)),
                 IpNet::from(IpAddr::from(Ipv6Addr::LOCALHOST)),
             ],
+        }
+    }
+}
+
+/// TLS (`[tls]`), present only when a certificate is named.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// Oldest protocol version offered.
+    pub min_version: TlsVersion,
+    /// Longest a handshake may take.
+    pub handshake_timeout: Duration,
+    /// MAIL before STARTTLS is refused with 530 5.7.0.
+    pub require: bool,
+}
+
+/// `[tls] min_version`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum TlsVersion {
+    #[default]
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    /// The value as spelled in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
         }
     }
 }

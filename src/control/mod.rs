@@ -41,6 +41,9 @@ pub enum Request {
     AliasesReload,
     #[serde(rename = "aliases.lookup")]
     AliasesLookup { address: String },
+    /// Re-read `[tls]` cert and key; the old ones stay on failure.
+    #[serde(rename = "tls.reload")]
+    TlsReload,
     #[serde(rename = "intake.pause")]
     IntakePause,
     #[serde(rename = "intake.resume")]

@@ -37,6 +37,8 @@ pub(crate) fn answer(
             v["client_address"] = env.client_address.clone().into();
             v["client_helo"] = env.client_helo.clone().into();
             v["channel"] = env.channel.clone().into();
+            v["tls_version"] = env.tls_version.clone().into();
+            v["tls_cipher"] = env.tls_cipher.clone().into();
             v["arrival"] = rfc3339(env.arrival).into();
             Ok(v)
         }

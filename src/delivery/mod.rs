@@ -90,6 +90,8 @@ pub fn program_env(envelope: &Envelope, index: usize) -> Vec<(String, String)> {
         ("CLIENT_HELO", envelope.client_helo.clone()),
         ("QUEUE_ID", envelope.id.clone()),
         ("CHANNEL", envelope.channel.clone()),
+        ("TLS_VERSION", envelope.tls_version.clone()),
+        ("TLS_CIPHER", envelope.tls_cipher.clone()),
         ("ATTEMPT", (d.attempts + 1).to_string()),
         ("DELIVERY_ID", envelope.delivery_id(index)),
     ]

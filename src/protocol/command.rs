@@ -29,6 +29,8 @@ pub enum Command {
     Quit,
     Vrfy,
     Help,
+    /// RFC 3207: the client asks to start TLS.
+    StartTls,
 }
 
 /// The MAIL FROM path: `<>` (bounces) or an address.
@@ -144,7 +146,7 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
     let verb_end = line.iter().position(|&b| b == b' ').unwrap_or(line.len());
     let verb = &line[..verb_end];
     let known = [
-        "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP",
+        "HELO", "EHLO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "HELP", "STARTTLS",
     ]
     .into_iter()
     .find(|v| verb.eq_ignore_ascii_case(v.as_bytes()));
@@ -177,13 +179,15 @@ pub fn parse(line: &[u8]) -> Result<Command, CommandError> {
         }
         "MAIL" => parse_mail(arg),
         "RCPT" => parse_rcpt(arg),
-        "DATA" | "RSET" | "QUIT" => {
+        // RFC 3207 4: STARTTLS takes no parameters (501).
+        "DATA" | "RSET" | "QUIT" | "STARTTLS" => {
             if !arg.is_empty() {
                 return Err(CommandError::Syntax);
             }
             Ok(match verb {
                 "DATA" => Command::Data,
                 "RSET" => Command::Rset,
+                "STARTTLS" => Command::StartTls,
                 _ => Command::Quit,
             })
         }

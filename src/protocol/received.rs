@@ -5,14 +5,18 @@
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use super::session::ClientInfo;
+use super::session::{ClientInfo, TlsInfo};
 
-/// The protocol keyword of the Received header (RFC 3848, RFC 6531).
-pub(super) fn protocol_name(esmtp: bool, smtputf8: bool) -> &'static str {
-    match (esmtp, smtputf8) {
-        (true, true) => "UTF8SMTP",
-        (true, false) => "ESMTP",
-        (false, _) => "SMTP",
+/// The protocol keyword of the Received header (RFC 3848, RFC 6531): an
+/// `S` for TLS.
+pub(super) fn protocol_name(esmtp: bool, smtputf8: bool, tls: bool) -> &'static str {
+    match (esmtp, smtputf8, tls) {
+        (true, true, false) => "UTF8SMTP",
+        (true, true, true) => "UTF8SMTPS",
+        (true, false, false) => "ESMTP",
+        (true, false, true) => "ESMTPS",
+        (false, _, false) => "SMTP",
+        (false, _, true) => "SMTPS",
     }
 }
 
@@ -21,6 +25,7 @@ pub(super) struct ReceivedInfo<'a> {
     pub(super) client: &'a ClientInfo,
     pub(super) hostname: &'a str,
     pub(super) protocol: &'a str,
+    pub(super) tls: Option<&'a TlsInfo>,
     pub(super) id: &'a str,
     pub(super) single_recipient: Option<&'a str>,
     pub(super) now: SystemTime,
@@ -41,7 +46,8 @@ fn header_safe(text: &str) -> String {
         .collect()
 }
 
-/// `Received: from HELO ([IP]) by HOST (mailnode) with ESMTP id ID for <RCPT>; DATE`
+/// `Received: from HELO ([IP]) (using TLSv1.3 with cipher C) by HOST
+/// (mailnode) with ESMTPS id ID for <RCPT>; DATE`
 pub(super) fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
     let helo = header_safe(info.helo.unwrap_or("unknown"));
     let date = time::OffsetDateTime::from(info.now)
@@ -51,8 +57,16 @@ pub(super) fn received_header(info: &ReceivedInfo<'_>) -> Vec<u8> {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("IPv6:{v6}"),
     };
+    // Postfix's place and words for the TLS comment, which log tools read.
+    let tls = info.tls.map_or(String::new(), |tls| {
+        format!(
+            "\n\t(using {} with cipher {})",
+            header_safe(&tls.version),
+            header_safe(&tls.cipher)
+        )
+    });
     let mut h = format!(
-        "Received: from {helo} ([{address}])\n\tby {} (mailnode, channel {}) with {} id {}",
+        "Received: from {helo} ([{address}]){tls}\n\tby {} (mailnode, channel {}) with {} id {}",
         header_safe(info.hostname),
         header_safe(&info.client.channel),
         info.protocol,

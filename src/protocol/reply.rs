@@ -91,12 +91,14 @@ pub fn greeting(hostname: &str) -> Reply {
     Reply::new(220, format!("{hostname} ESMTP mailnode"))
 }
 
-/// The EHLO reply with the extensions we support.
-pub fn ehlo(hostname: &str, max_message_size: u64) -> Reply {
+/// The EHLO reply with the extensions we support; STARTTLS only where it
+/// can be used (TLS configured, the session still in clear).
+pub fn ehlo(hostname: &str, max_message_size: u64, starttls: bool) -> Reply {
+    let starttls = if starttls { "\nSTARTTLS" } else { "" };
     Reply::new(
         250,
         format!(
-            "{hostname}\nPIPELINING\nSIZE {max_message_size}\n8BITMIME\nENHANCEDSTATUSCODES\nSMTPUTF8\nHELP"
+            "{hostname}\nPIPELINING\nSIZE {max_message_size}\n8BITMIME\nENHANCEDSTATUSCODES\nSMTPUTF8{starttls}\nHELP"
         ),
     )
 }
@@ -203,6 +205,19 @@ pub const SPOOL_BEHIND: Reply = Reply::fixed(
     451,
     "4.3.2 The mail system is busy writing to disk, try again later",
 );
+/// STARTTLS accepted: the handshake follows this reply.
+pub const READY_TO_START_TLS: Reply = Reply::fixed(220, "2.0.0 Ready to start TLS");
+/// STARTTLS inside TLS (RFC 3207 4.2).
+pub const TLS_ALREADY_ACTIVE: Reply = Reply::fixed(503, "5.5.1 Error: TLS already active");
+/// STARTTLS on a node without `[tls]`.
+pub const TLS_NOT_AVAILABLE: Reply = Reply::fixed(502, "5.5.1 Error: TLS not available");
+/// STARTTLS inside a mail transaction (its state would not survive the reset).
+pub const TLS_IN_TRANSACTION: Reply =
+    Reply::fixed(503, "5.5.1 Error: MAIL transaction in progress");
+/// After the handshake the session starts over (RFC 3207 4.2).
+pub const NEED_EHLO: Reply = Reply::fixed(503, "5.5.1 Error: send EHLO first");
+/// `[tls] require`: MAIL before STARTTLS (RFC 3207 4).
+pub const TLS_REQUIRED: Reply = Reply::fixed(530, "5.7.0 Must issue a STARTTLS command first");
 /// Intake paused by the operator.
 pub const INTAKE_PAUSED: Reply = Reply::fixed(421, "4.3.2 Not accepting mail now, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::fixed(
@@ -218,8 +233,12 @@ mod tests {
     fn single_and_multi_line_wire_forms() {
         assert_eq!(OK.to_bytes(), b"250 2.0.0 Ok\r\n");
         assert_eq!(
-            ehlo("mx", 10).to_bytes(),
+            ehlo("mx", 10, false).to_bytes(),
             b"250-mx\r\n250-PIPELINING\r\n250-SIZE 10\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250 HELP\r\n"
+        );
+        assert_eq!(
+            ehlo("mx", 10, true).to_bytes(),
+            b"250-mx\r\n250-PIPELINING\r\n250-SIZE 10\r\n250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n250-STARTTLS\r\n250 HELP\r\n"
         );
     }
 

@@ -24,6 +24,19 @@ pub struct SessionConfig {
     pub max_recipients: usize,
     /// Lowercased; empty means every domain is local.
     pub local_domains: Vec<String>,
+    /// `[tls]` is configured: EHLO in clear offers STARTTLS.
+    pub starttls: bool,
+    /// `[tls] require`: no MAIL in clear.
+    pub tls_required: bool,
+}
+
+/// What a finished TLS handshake agreed on: all the machine learns of TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsInfo {
+    /// As OpenSSL and Postfix name it: `TLSv1.3`.
+    pub version: String,
+    /// The IANA name: `TLS_AES_256_GCM_SHA384`.
+    pub cipher: String,
 }
 
 /// Who is on the other end.
@@ -103,6 +116,8 @@ pub struct MessageDraft {
     pub recipients: Vec<AcceptedRecipient>,
     /// Content size as the client counted it (CRLF line ends).
     pub size: u64,
+    /// The session's TLS, if it had any.
+    pub tls: Option<TlsInfo>,
     /// `Delivered-To:` addresses already in the message (lowercased): a
     /// delivery to one of them would be a mail loop.
     pub delivered_to: Vec<String>,
@@ -149,6 +164,9 @@ pub enum Event {
     IdleTimeout,
     /// The session reached `connect_limit`.
     ConnectLimit,
+    /// The TLS handshake finished (after STARTTLS, or before the greeting
+    /// on a `listen_tls` listener). The session starts over.
+    TlsStarted(TlsInfo),
 }
 
 /// Work the machine asks for.
@@ -172,6 +190,10 @@ pub enum Action {
     /// May this sender start a transaction now (message rate, the
     /// validate_sender hook)? Answer with [`Event::SenderChecked`].
     CheckSender(ReversePath),
+    /// After the replies so far, drop whatever the client sent beyond the
+    /// STARTTLS line and perform the TLS handshake; answer with
+    /// [`Event::TlsStarted`], or close if it fails.
+    StartTls,
 }
 
 /// What a session is doing, with the data that belongs to that step and
@@ -269,6 +291,9 @@ pub struct SessionMachine {
     client: ClientInfo,
     helo: Option<String>,
     esmtp: bool,
+    tls: Option<TlsInfo>,
+    /// STARTTLS made the client forget its greeting: MAIL waits for a new one.
+    needs_helo: bool,
     phase: Phase,
     /// The first reply still to come for an input that counts.
     counting: Option<Counting>,
@@ -282,6 +307,8 @@ impl SessionMachine {
             client,
             helo: None,
             esmtp: false,
+            tls: None,
+            needs_helo: false,
             phase: Phase::Idle,
             counting: None,
             tallies: Vec::new(),
@@ -387,6 +414,18 @@ impl SessionMachine {
             }
             (phase, Event::Abort) => {
                 self.close_with(Self::discard_in(&phase), reply::SHUTTING_DOWN)
+            }
+            (Phase::Idle, Event::TlsStarted(tls)) => {
+                // RFC 3207 4.2: forget everything learnt in clear.
+                self.helo = None;
+                self.esmtp = false;
+                self.needs_helo = true;
+                self.tls = Some(tls);
+                Vec::new()
+            }
+            (phase, Event::TlsStarted(_)) => {
+                self.phase = phase;
+                vec![Action::Reply(reply::LOCAL_ERROR)]
             }
             (phase, Event::Line(line)) => self.on_command(phase, command::parse(&line)),
             (phase, Event::Command(cmd)) => self.on_command(phase, cmd),
@@ -505,6 +544,7 @@ impl SessionMachine {
                 reply::OK
             }
             Command::Quit => return self.close_with(Vec::new(), reply::BYE),
+            Command::StartTls => return self.on_starttls(tx),
             other => {
                 self.phase = Phase::between(tx);
                 match other {
@@ -517,12 +557,35 @@ impl SessionMachine {
         vec![Action::Reply(reply)]
     }
 
+    fn on_starttls(&mut self, tx: Option<Transaction>) -> Vec<Action> {
+        let refusal = if self.tls.is_some() {
+            Some(reply::TLS_ALREADY_ACTIVE)
+        } else if !self.config.starttls {
+            Some(reply::TLS_NOT_AVAILABLE)
+        } else if tx.is_some() {
+            Some(reply::TLS_IN_TRANSACTION)
+        } else {
+            None
+        };
+        self.phase = Phase::between(tx);
+        match refusal {
+            Some(refusal) => vec![Action::Reply(refusal)],
+            None => vec![Action::Reply(reply::READY_TO_START_TLS), Action::StartTls],
+        }
+    }
+
     fn on_helo(&mut self, name: String, esmtp: bool) -> Reply {
         self.phase = Phase::Idle;
         self.esmtp = esmtp;
         self.helo = Some(name);
+        self.needs_helo = false;
         if esmtp {
-            reply::ehlo(&self.config.hostname, self.config.max_message_size)
+            let starttls = self.config.starttls && self.tls.is_none();
+            reply::ehlo(
+                &self.config.hostname,
+                self.config.max_message_size,
+                starttls,
+            )
         } else {
             reply::helo(&self.config.hostname)
         }
@@ -537,6 +600,12 @@ impl SessionMachine {
         if let Some(tx) = tx {
             self.phase = Phase::Mail(tx);
             return vec![Action::Reply(reply::NESTED_MAIL)];
+        }
+        if self.needs_helo {
+            return vec![Action::Reply(reply::NEED_EHLO)];
+        }
+        if self.config.tls_required && self.tls.is_none() {
+            return vec![Action::Reply(reply::TLS_REQUIRED)];
         }
         if let ReversePath::Address(a) = &from {
             if !a.is_ascii() && !params.smtputf8 {
@@ -634,7 +703,8 @@ impl SessionMachine {
             helo: self.helo.as_deref(),
             client: &self.client,
             hostname: &self.config.hostname,
-            protocol: protocol_name(self.esmtp, tx.params.smtputf8),
+            protocol: protocol_name(self.esmtp, tx.params.smtputf8, self.tls.is_some()),
+            tls: self.tls.as_ref(),
             id: &id,
             single_recipient: match tx.recipients.as_slice() {
                 [only] => Some(only.original.as_str()),
@@ -676,6 +746,7 @@ impl SessionMachine {
             helo: self.helo.clone().unwrap_or_default(),
             recipients: tx.recipients,
             size,
+            tls: self.tls.clone(),
             delivered_to: headers.delivered_to,
         }))]
     }
@@ -697,6 +768,8 @@ mod tests {
             max_message_size: 1000,
             max_recipients: 3,
             local_domains: Vec::new(),
+            starttls: false,
+            tls_required: false,
         }
     }
 
@@ -1452,5 +1525,113 @@ mod tests {
         let _ = line(&mut m, "MAIL FROM:<s@client.example>");
         let _ = m.handle(Event::SenderChecked(Err(reply::INTAKE_PAUSED)));
         assert_eq!(m.take_tallies(), vec![Tally::Closed(CloseReason::Error)]);
+    }
+
+    fn with_tls(require: bool) -> SessionConfig {
+        SessionConfig {
+            starttls: true,
+            tls_required: require,
+            ..config()
+        }
+    }
+
+    fn tls13() -> TlsInfo {
+        TlsInfo {
+            version: "TLSv1.3".into(),
+            cipher: "TLS_AES_256_GCM_SHA384".into(),
+        }
+    }
+
+    fn ehlo_offers_starttls(m: &mut SessionMachine) -> bool {
+        let a = cmd(m, "EHLO client.example");
+        only_reply(&a).text().lines().any(|l| l == "STARTTLS")
+    }
+
+    #[test]
+    fn starttls_is_offered_in_clear_only_with_tls_and_answers_as_the_contract_says() {
+        let mut plain = greeted(config());
+        assert!(!ehlo_offers_starttls(&mut plain));
+        assert_reply(&cmd(&mut plain, "STARTTLS"), 502, "5.5.1");
+
+        let mut m = greeted(with_tls(false));
+        assert!(ehlo_offers_starttls(&mut m));
+        assert_reply(&cmd(&mut m, "STARTTLS now"), 501, "5.5.4");
+        match cmd(&mut m, "starttls").as_slice() {
+            [Action::Reply(r), Action::StartTls] => {
+                assert_eq!((r.code(), r.enhanced_code()), (220, Some("2.0.0")))
+            }
+            other => panic!("expected 220 then StartTls, got {other:?}"),
+        }
+        assert_eq!(m.handle(Event::TlsStarted(tls13())), Vec::new());
+        assert_reply(&cmd(&mut m, "STARTTLS"), 503, "5.5.1");
+        assert!(!ehlo_offers_starttls(&mut m), "no STARTTLS inside TLS");
+        assert_reply(&cmd(&mut m, "STARTTLS"), 503, "5.5.1");
+    }
+
+    #[test]
+    fn after_the_handshake_the_session_starts_over_and_mail_waits_for_ehlo() {
+        let mut m = greeted(with_tls(false));
+        let _ = cmd(&mut m, "STARTTLS");
+        let _ = m.handle(Event::TlsStarted(tls13()));
+        assert_reply(&cmd(&mut m, "MAIL FROM:<s@client.example>"), 503, "5.5.1");
+        assert_reply(&cmd(&mut m, "RCPT TO:<r@example.org>"), 503, "5.5.1");
+        assert!(!ehlo_offers_starttls(&mut m));
+        assert_reply(&cmd(&mut m, "MAIL FROM:<s@client.example>"), 250, "2.1.0");
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q7");
+        assert!(
+            header.contains("\n\t(using TLSv1.3 with cipher TLS_AES_256_GCM_SHA384)\n"),
+            "{header}"
+        );
+        assert!(header.contains(" with ESMTPS id Q7"), "{header}");
+        let _ = m.handle(Event::DataChunk(Bytes::from_static(
+            b"Subject: s\n\nbody\n",
+        )));
+        match m
+            .handle(Event::DataEnd {
+                size: 20,
+                too_big: false,
+            })
+            .as_slice()
+        {
+            [Action::Commit(draft)] => assert_eq!(draft.tls, Some(tls13())),
+            other => panic!("expected a commit, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn starttls_inside_a_transaction_is_refused_and_the_transaction_kept() {
+        let mut m = with_sender(with_tls(false));
+        assert_reply(&cmd(&mut m, "STARTTLS"), 503, "5.5.1");
+        accept_rcpt(&mut m, "support@example.org");
+    }
+
+    #[test]
+    fn with_tls_required_mail_in_clear_gets_530_and_inside_tls_is_taken() {
+        let mut m = greeted(with_tls(true));
+        assert_reply(&cmd(&mut m, "MAIL FROM:<s@client.example>"), 530, "5.7.0");
+        let _ = cmd(&mut m, "STARTTLS");
+        let _ = m.handle(Event::TlsStarted(tls13()));
+        let _ = cmd(&mut m, "EHLO client.example");
+        assert_reply(&cmd(&mut m, "MAIL FROM:<s@client.example>"), 250, "2.1.0");
+    }
+
+    #[test]
+    fn a_plain_session_says_esmtp_and_its_draft_has_no_tls() {
+        let mut m = with_sender(with_tls(false));
+        accept_rcpt(&mut m, "support@example.org");
+        let header = open_data(&mut m, "Q8");
+        assert!(header.contains(" with ESMTP id Q8"), "{header}");
+        assert!(!header.contains("using"), "{header}");
+        match m
+            .handle(Event::DataEnd {
+                size: 0,
+                too_big: false,
+            })
+            .as_slice()
+        {
+            [Action::Commit(draft)] => assert_eq!(draft.tls, None),
+            other => panic!("expected a commit, got {other:?}"),
+        }
     }
 }

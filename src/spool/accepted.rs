@@ -71,6 +71,12 @@ impl Envelope {
             deliveries,
             // The spool records it at commit.
             body_check: None,
+            tls_version: draft
+                .tls
+                .as_ref()
+                .map(|t| t.version.clone())
+                .unwrap_or_default(),
+            tls_cipher: draft.tls.map(|t| t.cipher).unwrap_or_default(),
         }
     }
 }
@@ -106,6 +112,7 @@ mod tests {
             helo: "client.example".into(),
             recipients,
             size: 42,
+            tls: None,
             delivered_to: delivered_to.iter().map(|s| s.to_string()).collect(),
         }
     }

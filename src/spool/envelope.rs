@@ -16,7 +16,7 @@ use crate::delivery::status::EnhancedCode;
 const MAGIC: &[u8; 4] = b"MNQE";
 /// 2 added each delivery's status and history, and the Bounced state; 3 the
 /// body check. Versions 1 and 2 are still read.
-const VERSION: u16 = 3;
+const VERSION: u16 = 4;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;
 
@@ -130,6 +130,11 @@ pub struct Envelope {
     /// What the body file held when the message was committed; `None` for
     /// messages queued by versions that fsynced before renaming.
     pub body_check: Option<BodyCheck>,
+    /// The TLS protocol version the message came over (`TLSv1.3`); empty
+    /// when it came in clear. Programs get it as `TLS_VERSION`.
+    pub tls_version: String,
+    /// The cipher suite, by its IANA name; empty in clear (`TLS_CIPHER`).
+    pub tls_cipher: String,
 }
 
 /// The length and CRC-32 of a message's body as committed. A commit renames
@@ -187,6 +192,8 @@ impl Envelope {
             next_attempt: arrival,
             deliveries,
             body_check: None,
+            tls_version: String::new(),
+            tls_cipher: String::new(),
         }
     }
 
@@ -297,9 +304,26 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
         w.u64(check.len);
         w.u32(check.crc32);
     }
+    w.str(&env.tls_version);
+    w.str(&env.tls_cipher);
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
     w.0
+}
+
+/// `env` as version 3 wrote it: nothing after the body check.
+#[cfg(test)]
+pub(crate) fn encode_v3(env: &Envelope) -> Vec<u8> {
+    let mut without_tls = env.clone();
+    without_tls.tls_version.clear();
+    without_tls.tls_cipher.clear();
+    let v4 = encode(&without_tls);
+    // Drop the two empty TLS fields (a 4-byte length each) before the CRC.
+    let mut v3 = v4[..v4.len() - 12].to_vec();
+    v3[4] = 3;
+    let crc = crc32fast::hash(&v3).to_le_bytes();
+    v3.extend_from_slice(&crc);
+    v3
 }
 
 /// `env` as version 2 wrote it: no body check after the deliveries.
@@ -307,7 +331,7 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
 pub(crate) fn encode_v2(env: &Envelope) -> Vec<u8> {
     let mut without_check = env.clone();
     without_check.body_check = None;
-    let v3 = encode(&without_check);
+    let v3 = encode_v3(&without_check);
     // Drop the "no body check" flag before the CRC.
     let mut v2 = v3[..v3.len() - 5].to_vec();
     v2[4] = 2;
@@ -409,6 +433,11 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     } else {
         None
     };
+    let (tls_version, tls_cipher) = if version >= 4 {
+        (r.str()?, r.str()?)
+    } else {
+        (String::new(), String::new())
+    };
     if r.pos != r.bytes.len() {
         return Err(EnvelopeError::Trailing);
     }
@@ -427,6 +456,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         next_attempt,
         deliveries,
         body_check,
+        tls_version,
+        tls_cipher,
     })
 }
 
@@ -577,6 +608,8 @@ mod tests {
                 len: 4321,
                 crc32: 0xdead_beef,
             }),
+            tls_version: "TLSv1.2".into(),
+            tls_cipher: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
         }
     }
 
@@ -600,10 +633,24 @@ mod tests {
     }
 
     #[test]
+    fn version_3_envelopes_are_still_read_as_having_come_in_clear() {
+        let mut env = sample();
+        env.tls_version = "TLSv1.3".into();
+        env.tls_cipher = "TLS_AES_256_GCM_SHA384".into();
+        assert_eq!(decode(&encode(&env)), Ok(env.clone()));
+        let v3 = encode_v3(&env);
+        env.tls_version.clear();
+        env.tls_cipher.clear();
+        assert_eq!(decode(&v3), Ok(env));
+    }
+
+    #[test]
     fn version_2_envelopes_are_still_read_without_a_body_check() {
         let mut env = sample();
         let v2 = encode_v2(&env);
         env.body_check = None;
+        env.tls_version.clear();
+        env.tls_cipher.clear();
         assert_eq!(decode(&v2), Ok(env));
     }
 
@@ -611,6 +658,8 @@ mod tests {
     fn version_1_envelopes_are_still_read() {
         let mut env = sample();
         env.body_check = None;
+        env.tls_version.clear();
+        env.tls_cipher.clear();
         for d in &mut env.deliveries {
             d.status.clear();
             d.history.clear();
@@ -722,8 +771,9 @@ mod tests {
                 (any::<bool>(), any::<bool>(), any::<bool>(), time()),
                 proptest::collection::vec(delivery(), 0..4),
                 proptest::option::of((any::<u64>(), any::<u32>())),
+                (any::<String>(), any::<String>()),
             )
-                .prop_map(|(who, client, flags, deliveries, check)| {
+                .prop_map(|(who, client, flags, deliveries, check, tls)| {
                     let (id, sender, return_path, arrival) = who;
                     let (client_address, client_helo, channel, size) = client;
                     let (smtputf8, body_8bit, held, next_attempt) = flags;
@@ -742,6 +792,8 @@ mod tests {
                         next_attempt,
                         deliveries,
                         body_check: check.map(|(len, crc32)| BodyCheck { len, crc32 }),
+                        tls_version: tls.0,
+                        tls_cipher: tls.1,
                     }
                 })
         }
