@@ -214,7 +214,18 @@ fn query(prometheus: std::net::SocketAddr, expr: &str) -> Result<usize, String> 
 
 #[test]
 fn every_dashboard_query_returns_data_from_a_real_prometheus() {
+    // TLS too, for its panels: a certificate from a test authority.
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = Pki::new(pki_dir.path());
+    let (cert, key) = pki.server("mx.test", 30);
     let node = TestNode::start_with("ok: |cat > /dev/null\n", |c| {
+        c.tls = Some(mailnode::config::TlsConfig {
+            cert,
+            key,
+            min_version: mailnode::config::TlsVersion::Tls12,
+            handshake_timeout: Duration::from_secs(30),
+            require: false,
+        });
         c.metrics.listen = Some("127.0.0.1:0".parse().unwrap());
         c.limits.connection_rate_per_ip = mailnode::config::Rate {
             count: std::num::NonZeroU32::new(20).unwrap(),
@@ -268,6 +279,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         queued_id(&c.reply());
         c.cmd("QUIT");
     }
+    python(
+        "import smtplib, ssl, sys\ns = smtplib.SMTP('localhost', int(sys.argv[1]), timeout=20)\ns.starttls(context=ssl.create_default_context(cafile=sys.argv[2]))\ns.quit()",
+        &[&node.addr.port().to_string(), pki.ca.to_str().unwrap()],
+    );
     for _ in 0..20 {
         let mut c = node.client();
         c.reply();

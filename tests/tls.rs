@@ -23,111 +23,6 @@ const BIN: &str = env!("CARGO_BIN_EXE_mailnode");
 /// it has its name.
 const RECORD: &str = "record: |cat > OUTBOX/$DELIVERY_ID.m; env > OUTBOX/$DELIVERY_ID.e; mv OUTBOX/$DELIVERY_ID.m OUTBOX/$DELIVERY_ID.msg; mv OUTBOX/$DELIVERY_ID.e OUTBOX/$DELIVERY_ID.env\n";
 
-fn openssl(dir: &Path, args: &[&str]) {
-    let out = Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A test certificate authority in `dir`, and server certificates it signs.
-struct Pki {
-    dir: PathBuf,
-    ca: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path) -> Pki {
-        let dir = dir.join("pki");
-        std::fs::create_dir_all(&dir).unwrap();
-        openssl(
-            &dir,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                "ca.key",
-                "-out",
-                "ca.pem",
-                "-days",
-                "30",
-                "-subj",
-                "/CN=mailnode test CA",
-            ],
-        );
-        std::fs::write(
-            dir.join("server.ext"),
-            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        let ca = dir.join("ca.pem");
-        Pki { dir, ca }
-    }
-
-    /// A server certificate for localhost and 127.0.0.1 named `cn`, valid
-    /// for `days`: (certificate, key).
-    fn server(&self, cn: &str, days: u32) -> (PathBuf, PathBuf) {
-        let (key, csr, cert) = (
-            format!("{cn}.key"),
-            format!("{cn}.csr"),
-            format!("{cn}.pem"),
-        );
-        openssl(
-            &self.dir,
-            &[
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-keyout",
-                &key,
-                "-out",
-                &csr,
-                "-subj",
-                &format!("/CN={cn}"),
-            ],
-        );
-        openssl(
-            &self.dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                "ca.pem",
-                "-CAkey",
-                "ca.key",
-                "-set_serial",
-                &format!(
-                    "{}",
-                    std::process::id() as u64 * 1000 + days as u64 + cn.len() as u64
-                ),
-                "-days",
-                &days.to_string(),
-                "-extfile",
-                "server.ext",
-                "-out",
-                &cert,
-            ],
-        );
-        (self.dir.join(cert), self.dir.join(key))
-    }
-}
-
 fn tls_settings(cert: &Path, key: &Path) -> TlsConfig {
     TlsConfig {
         cert: cert.to_path_buf(),
@@ -605,26 +500,25 @@ fn ctl(config: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
-#[test]
-fn a_reloaded_certificate_serves_the_next_session_while_open_ones_go_on() {
-    let (dir, outbox) = shared_tempdir();
-    let pki = Pki::new(dir.path());
-    let first = pki.server("first.mx.test", 30);
-    let second = pki.server("second.mx.test", 30);
-    let third = pki.server("third.mx.test", 30);
-    let live = (dir.path().join("live.pem"), dir.path().join("live.key"));
-    install(&first, &live);
+/// `mailnode serve` in `dir` with `[tls]` on the files `live` and `extra`
+/// TOML: the process, its config file, its SMTP address and its log.
+fn serve_with_tls(
+    dir: &Path,
+    outbox: &Path,
+    live: &(PathBuf, PathBuf),
+    extra: &str,
+) -> (std::process::Child, PathBuf, SocketAddr, ServeLog) {
     std::fs::write(
-        dir.path().join("aliases"),
+        dir.join("aliases"),
         RECORD.replace("OUTBOX", outbox.to_str().unwrap()),
     )
     .unwrap();
-    let config = dir.path().join("mailnode.toml");
+    let config = dir.join("mailnode.toml");
     std::fs::write(
         &config,
         format!(
-            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{0}/aliases\"\n[spool]\npath = \"{0}/spool\"\n[control]\nsocket = \"{0}/ctl.sock\"\n[metrics]\nlisten = \"off\"\n[tls]\ncert = \"{1}\"\nkey = \"{2}\"\n",
-            dir.path().display(),
+            "hostname = \"mx.test\"\n{extra}\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{0}/aliases\"\n[spool]\npath = \"{0}/spool\"\n[control]\nsocket = \"{0}/ctl.sock\"\n[tls]\ncert = \"{1}\"\nkey = \"{2}\"\n",
+            dir.display(),
             live.0.display(),
             live.1.display()
         ),
@@ -639,6 +533,20 @@ fn a_reloaded_certificate_serves_the_next_session_while_open_ones_go_on() {
         .spawn()
         .unwrap();
     let (addr, log) = listening_address(&mut child);
+    (child, config, addr, log)
+}
+
+#[test]
+fn a_reloaded_certificate_serves_the_next_session_while_open_ones_go_on() {
+    let (dir, outbox) = shared_tempdir();
+    let pki = Pki::new(dir.path());
+    let first = pki.server("first.mx.test", 30);
+    let second = pki.server("second.mx.test", 30);
+    let third = pki.server("third.mx.test", 30);
+    let live = (dir.path().join("live.pem"), dir.path().join("live.key"));
+    install(&first, &live);
+    let (mut child, config, addr, log) =
+        serve_with_tls(dir.path(), &outbox, &live, "[metrics]\nlisten = \"off\"");
     let port = addr.port();
     assert_eq!(served_cn(port, &pki.ca), "first.mx.test");
 
@@ -803,4 +711,75 @@ fn check_refuses_a_key_that_does_not_match_and_warns_of_a_certificate_about_to_e
         said.contains("tls.cert: cannot read certificates from"),
         "{said}"
     );
+}
+
+/// One series' value from the node's `/metrics`.
+fn metric(addr: SocketAddr, series: &str) -> f64 {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[test]
+fn handshakes_are_counted_and_the_certificates_expiry_is_exported() {
+    // A process of its own: the gauge is process-wide, and other tests'
+    // nodes here load other certificates.
+    let (dir, outbox) = shared_tempdir();
+    let pki = Pki::new(dir.path());
+    let live = pki.server("first.mx.test", 30);
+    let metrics = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (mut child, _config, addr, _log) = serve_with_tls(
+        dir.path(),
+        &outbox,
+        &live,
+        &format!("[metrics]\nlisten = \"{metrics}\""),
+    );
+    let up = wait_for(Duration::from_secs(20), || TcpStream::connect(metrics).ok());
+    assert!(up.is_some(), "metrics never listened on {metrics}");
+    assert_eq!(
+        metric(metrics, "mailnode_tls_handshakes_total{result=\"ok\"}"),
+        0.0
+    );
+    assert_eq!(
+        metric(metrics, "mailnode_tls_handshakes_total{result=\"failed\"}"),
+        0.0
+    );
+    smtplib("starttls", addr.port(), &pki.ca, "counted", "");
+    let mut garbage = after_starttls(addr);
+    garbage.write_all(b"\x16\x03\x01\x00\x05hello").unwrap();
+    assert!(closed_within(&mut garbage, Duration::from_secs(10)).is_some());
+    assert_eq!(
+        metric(metrics, "mailnode_tls_handshakes_total{result=\"ok\"}"),
+        1.0
+    );
+    assert_eq!(
+        metric(metrics, "mailnode_tls_handshakes_total{result=\"failed\"}"),
+        1.0
+    );
+
+    // The gauge holds the certificate's notAfter, as openssl reads it.
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-enddate", "-dateopt", "iso_8601", "-in"])
+        .arg(&live.0)
+        .output()
+        .unwrap();
+    let end = String::from_utf8_lossy(&out.stdout);
+    let end = end.trim().trim_start_matches("notAfter=").replace(' ', "T");
+    let expected = humantime::parse_rfc3339(&end)
+        .unwrap_or_else(|e| panic!("{end}: {e}"))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as f64;
+    assert_eq!(
+        metric(metrics, "mailnode_tls_certificate_expiry_timestamp_seconds"),
+        expected
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }

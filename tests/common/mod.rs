@@ -461,3 +461,109 @@ pub fn listening_address(child: &mut std::process::Child) -> (SocketAddr, ServeL
         .expect("serve reported its listening address");
     (addr, log)
 }
+
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test certificate authority in `dir`, and server certificates it signs.
+pub struct Pki {
+    pub dir: PathBuf,
+    /// The authority's certificate, for clients to trust.
+    pub ca: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Pki {
+        let dir = dir.join("pki");
+        std::fs::create_dir_all(&dir).unwrap();
+        openssl(
+            &dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "30",
+                "-subj",
+                "/CN=mailnode test CA",
+            ],
+        );
+        std::fs::write(
+            dir.join("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        let ca = dir.join("ca.pem");
+        Pki { dir, ca }
+    }
+
+    /// A server certificate for localhost and 127.0.0.1 named `cn`, valid
+    /// for `days`: (certificate, key).
+    pub fn server(&self, cn: &str, days: u32) -> (PathBuf, PathBuf) {
+        let (key, csr, cert) = (
+            format!("{cn}.key"),
+            format!("{cn}.csr"),
+            format!("{cn}.pem"),
+        );
+        openssl(
+            &self.dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &key,
+                "-out",
+                &csr,
+                "-subj",
+                &format!("/CN={cn}"),
+            ],
+        );
+        openssl(
+            &self.dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &format!(
+                    "{}",
+                    std::process::id() as u64 * 1000 + days as u64 + cn.len() as u64
+                ),
+                "-days",
+                &days.to_string(),
+                "-extfile",
+                "server.ext",
+                "-out",
+                &cert,
+            ],
+        );
+        (self.dir.join(cert), self.dir.join(key))
+    }
+}
