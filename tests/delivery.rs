@@ -26,6 +26,8 @@ const ALLOWED_ENV: &[&str] = &[
     "CHANNEL",
     "ATTEMPT",
     "DELIVERY_ID",
+    "TLS_VERSION",
+    "TLS_CIPHER",
     "HOME",
     "USER",
     "LOGNAME",
@@ -161,6 +163,9 @@ s.quit()
         ("CHANNEL", "local"),
         ("ATTEMPT", "1"),
         ("DELIVERY_ID", delivery.as_str()),
+        // In clear: present and empty.
+        ("TLS_VERSION", ""),
+        ("TLS_CIPHER", ""),
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ];
     for (key, value) in expect {

@@ -95,6 +95,9 @@ if maxver == "1.2":
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
 if mode == "implicit":
     s = smtplib.SMTP_SSL("localhost", port, context=ctx, timeout=20)
+    # Inside TLS a client greets before MAIL.
+    code, text = s.docmd("MAIL FROM:<early@example.org>")
+    assert (code, text) == (503, b"5.5.1 Error: send EHLO first"), (code, text)
 else:
     s = smtplib.SMTP("localhost", port, timeout=20)
     if mode == "starttls":

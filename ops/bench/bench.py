@@ -11,8 +11,11 @@ Parts (BENCH_ONLY, comma-separated; default all):
   backlog  100,000 queued messages: start-up to first 250, memory, drain rate
   idle     10,000 idle connections: memory, latency of a message beside them
   window   the duplicate window: last delivery to durable removal, p50/p99/max (20 sessions)
+  tls      Postfix (smtpd_tls_security_level = may) then mailnode, the same certificate,
+           20 sessions, a full STARTTLS handshake per message; CPU per handshake
 
-Load is Postfix's smtp-source, one connection per message. Each server
+Load is Postfix's smtp-source, one connection per message; for TLS, which
+smtp-source cannot speak, ops/bench/tls_load.rs (the same for both servers). Each server
 delivers to the same sink program (ops/bench/sink.c), which appends the
 message's Message-Id to a log: "delivered" is the log reaching N lines, and
 exactly-once is N lines holding N different ids, still N a second later.
@@ -277,6 +280,41 @@ def one_message(port, rcpt, msgid, timeout=60):
         s.sendmail(SENDER, [rcpt], msg)
 
 
+def tree_cpu_seconds(root):
+    """CPU time (user + system) of root's process tree, including children
+    it has reaped (Postfix's master reaps its smtpd processes)."""
+    ticks = 0
+    for pid in process_tree(root):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the ")": state is fields[0]; utime, stime, cutime, cstime
+        # are fields 14-17 of stat(5), here 11-14.
+        ticks += sum(int(v) for v in fields[11:15])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def make_pki(workdir):
+    """A test CA and a certificate for localhost it signs (P-256, as a
+    modern MX would have): the same files for both servers."""
+    d = os.path.join(workdir, "pki")
+    os.makedirs(d, exist_ok=True)
+    def ossl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+    ossl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "ca.key", "-out", "ca.pem", "-days", "30", "-subj", "/CN=bench CA")
+    with open(os.path.join(d, "server.ext"), "w") as f:
+        f.write("subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n")
+    ossl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+         "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost")
+    ossl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-set_serial", "2",
+         "-days", "30", "-extfile", "server.ext", "-out", "server.pem")
+    os.chmod(os.path.join(d, "server.key"), 0o644)
+    return {k: os.path.join(d, f) for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
 def smtp_source_cmd(port, sessions, size, n):
     return [
         "smtp-source", "-s", str(sessions), "-l", str(size), "-m", str(n),
@@ -337,6 +375,16 @@ class Postfix(Server):
             raise BenchError(f"postfix start failed: {r.stdout}{r.stderr}\n{tail(self.maillog)}")
         self.running = True
         wait_banner(self.port, 30, what="postfix")
+
+    def set_tls(self, cert, key):
+        """STARTTLS offered (smtpd_tls_security_level = may) with this
+        certificate, or, with None, not at all."""
+        if cert:
+            settings = ["smtpd_tls_security_level = may", f"smtpd_tls_cert_file = {cert}",
+                        f"smtpd_tls_key_file = {key}", "smtpd_tls_loglevel = 0"]
+        else:
+            settings = ["smtpd_tls_security_level = none"]
+        subprocess.run(["postconf", "-c", self.confdir, "-e", *settings], check=True, capture_output=True)
 
     def root_pid(self):
         with open(self.pidfile) as f:
@@ -432,7 +480,7 @@ class Mailnode(Server):
             raise BenchError(f"BENCH_REUSE_FILES: expected true or false, got {value!r}")
         return "reuse_files = false\n"
 
-    def write_config(self, label, mode="queue", alias_lines=None, log_level="warn", log_format="text"):
+    def write_config(self, label, mode="queue", alias_lines=None, log_level="warn", log_format="text", extra=""):
         aliases = os.path.join(self.dir, f"aliases-{label}")
         if alias_lines is None:
             alias_lines = [f"sink: |{self.sink} {self.dlog_path}"]
@@ -471,7 +519,7 @@ listen = "off"
 [log]
 level = "{log_level}"
 format = "{log_format}"
-""")
+{extra}""")
         r = subprocess.run([self.binary, "check", "-c", conf], capture_output=True, text=True)
         if r.returncode != 0:
             raise BenchError(f"mailnode check -c {conf} failed ({r.returncode}):\n{r.stderr}")
@@ -603,7 +651,7 @@ def settle_disk(timeout=30):
         time.sleep(0.1)
 
 
-def measure(server, dlog, sessions, size, n, label):
+def measure(server, dlog, sessions, size, n, label, client=None):
     server.wait_queue_empty()
     dlog.reset()
     settle_disk()
@@ -611,7 +659,7 @@ def measure(server, dlog, sessions, size, n, label):
     main = root if isinstance(server, Mailnode) else None
     sampler = Sampler(root, main)
     sampler.start()
-    cmd = smtp_source_cmd(server.port, sessions, size, n)
+    cmd = (client or smtp_source_cmd)(server.port, sessions, size, n)
     timeout = load_timeout(n, size)
     errpath = os.path.join(os.path.dirname(os.path.dirname(dlog.path)), "smtp-source.stderr")
     with open(errpath, "wb") as err:
@@ -687,9 +735,9 @@ class Bench:
         self.idle_n = env_int("BENCH_IDLE", 500 if self.quick else 10_000)
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.parts = [p.strip() for p in only.split(",") if p.strip()] if only else \
-            ["compare", "sizes", "inline", "backlog", "idle", "window"]
+            ["compare", "sizes", "inline", "backlog", "idle", "window", "tls"]
         for p in self.parts:
-            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window"):
+            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls"):
                 raise BenchError(f"BENCH_ONLY: unknown part {p!r}")
         self.workdir = args.workdir
         self.dlog = DeliveryLog(os.path.join(self.workdir, "out", "delivered.log"))
@@ -701,16 +749,16 @@ class Bench:
         self.started = time.time()
 
     # -- N: fixed, or sized so that a run takes about 10 s
-    def size_n(self, server, sessions, size, label, floor=500):
+    def size_n(self, server, sessions, size, label, floor=500, client=None):
         if self.fixed_n:
             return self.fixed_n
-        r = measure(server, self.dlog, sessions, size, 300, f"{label} calibration")
+        r = measure(server, self.dlog, sessions, size, 300, f"{label} calibration", client)
         return max(floor, int(round(r["delivered_rate"] * 10)))
 
-    def load(self, server, sessions, size, label, n=None):
+    def load(self, server, sessions, size, label, n=None, client=None):
         if n is None:
-            n = self.size_n(server, sessions, size, label)
-        runs = [measure(server, self.dlog, sessions, size, n, f"{label} run {i + 1}/{self.runs}")
+            n = self.size_n(server, sessions, size, label, client=client)
+        runs = [measure(server, self.dlog, sessions, size, n, f"{label} run {i + 1}/{self.runs}", client)
                 for i in range(self.runs)]
         return summarize(runs)
 
@@ -939,8 +987,53 @@ class Bench:
         }
         log(f"  window: p50 {pct(50):.1f} ms, p99 {pct(99):.1f} ms, max {windows[-1]:.1f} ms over {len(windows)} messages")
 
+    def part_tls(self):
+        pki = make_pki(self.workdir)
+        tls_load = self.args.tls_load
+
+        def client(port, sessions, size, n):
+            return [tls_load, str(port), str(sessions), str(n), str(size), pki["ca"]]
+
+        conf = self.mailnode.write_config(
+            "tls", extra=f'[tls]\ncert = "{pki["cert"]}"\nkey = "{pki["key"]}"\n')
+        out, handshakes = [], []
+        n_handshakes = 500 if self.quick else 5000
+        for server in (self.postfix, self.mailnode):
+            label = f"{server.name} 20 sess 4 KB STARTTLS"
+            log(f"tls: {label}")
+            if server is self.postfix:
+                self.postfix.set_tls(pki["cert"], pki["key"])
+                server.start()
+            else:
+                server.start(conf, "tls")
+            try:
+                handshakes.append(self.handshakes(server, client, n_handshakes))
+                out.append(self.load(server, 20, 4 * KB, label, client=client))
+            finally:
+                server.stop()
+                if server is self.postfix:
+                    self.postfix.set_tls(None, None)
+        self.results["tls"] = {"load": out, "handshakes": handshakes}
+
+    def handshakes(self, server, client, n):
+        """n STARTTLS handshakes, 20 at a time, no mail: the server's CPU
+        time for them (its whole process tree), per handshake."""
+        settle_disk()
+        root = server.root_pid()
+        cpu0 = tree_cpu_seconds(root)
+        t0 = time.monotonic()
+        cmd = client(server.port, 20, 0, n) + ["--handshake-only"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        took = time.monotonic() - t0
+        cpu = tree_cpu_seconds(root) - cpu0
+        if r.returncode != 0:
+            raise BenchError(f"{server.name}: tls-load --handshake-only failed: {r.stdout}{r.stderr[-500:]}")
+        h = {"server": server.name, "n": n, "rate": n / took, "cpu_ms": 1000 * cpu / n}
+        log(f"  {server.name}: {n} handshakes at {h['rate']:.0f}/s, {h['cpu_ms']:.2f} ms of server CPU each")
+        return h
+
     def run(self):
-        for part in ("compare", "sizes", "inline", "backlog", "idle", "window"):
+        for part in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls"):
             if part in self.parts:
                 getattr(self, f"part_{part}")()
 
@@ -1173,6 +1266,36 @@ def report(b, machine, error=None):
           f"{win['p50_ms']:.1f} ms | {win['p99_ms']:.1f} ms | {win['max_ms']:.1f} ms | {eo(win)} |")
         w("")
 
+    tls = b.results.get("tls")
+    if tls:
+        w("### TLS: a full STARTTLS handshake per message (20 sessions, 4 KB)")
+        w("")
+        w("The same certificate (P-256, signed by a CA made for the run) for both; Postfix with "
+          "`smtpd_tls_security_level = may`, mailnode with `[tls]`. Load: `ops/bench/tls_load.rs` "
+          "(`tls-load`), one connection per message: EHLO, STARTTLS, a full handshake (resumption off), "
+          "EHLO, MAIL, RCPT, DATA, QUIT. *CPU per handshake*: the server's whole process tree's CPU time "
+          "over a run of handshakes alone (STARTTLS, handshake, QUIT), divided by their number.")
+        w("")
+        w("| server | N | accepted/s | delivered/s | peak PSS MiB | exactly-once | handshakes/s alone | CPU per handshake |")
+        w("|---|---:|---:|---:|---:|---|---:|---:|")
+        for r in tls["load"]:
+            h = next((h for h in tls["handshakes"] if h["server"] == r["server"]), None)
+            hs = f"{h['rate']:.0f} | {h['cpu_ms']:.2f} ms" if h else "— | —"
+            w(f"| {r['server']} | {r['n']} | {r['accepted_rate']:.0f} | {r['delivered_rate']:.0f} | "
+              f"{mib(r['peak_pss_kib']):.1f} | {eo(r)} | {hs} |")
+        w("")
+        p = next((r for r in tls["load"] if r["server"] == "postfix"), None)
+        m = next((r for r in tls["load"] if r["server"] == "mailnode"), None)
+        ph = next((h for h in tls["handshakes"] if h["server"] == "postfix"), None)
+        mh = next((h for h in tls["handshakes"] if h["server"] == "mailnode"), None)
+        if p and m:
+            w("| mailnode / postfix | accepted/s | delivered/s | peak PSS | CPU per handshake |")
+            w("|---|---:|---:|---:|---:|")
+            cpu = ratio(mh["cpu_ms"], ph["cpu_ms"]) if ph and mh else "n/a"
+            w(f"| 20 sessions, STARTTLS | {ratio(m['accepted_rate'], p['accepted_rate'])} | "
+              f"{ratio(m['delivered_rate'], p['delivered_rate'])} | {ratio(m['peak_pss_kib'], p['peak_pss_kib'])} | {cpu} |")
+            w("")
+
     w("### How it was run")
     w("")
     w("```sh")
@@ -1284,6 +1407,7 @@ def main():
     ap.add_argument("--sink-build", default="freestanding", choices=["freestanding", "libc"],
                     help="how ops/bench/run built the sink (for the report)")
     ap.add_argument("--postfix-config", required=True)
+    ap.add_argument("--tls-load", required=True, help="the TLS load client (ops/bench/tls_load.rs)")
     args = ap.parse_args()
     args.workdir = os.path.abspath(args.workdir)
     args.mailnode = os.path.abspath(args.mailnode)

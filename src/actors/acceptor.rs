@@ -335,6 +335,11 @@ impl StreamHandler<Accepted> for Acceptor {
                     return;
                 }
             };
+            // Replies are batched and flushed by the session itself. Left
+            // to Nagle, a TLS write that follows another unacknowledged one
+            // (the session tickets after a handshake, then the next reply)
+            // waits for the client's delayed ACK: 40 ms per message.
+            let _ = stream.set_nodelay(true);
             match handover {
                 Handover::Admitted(admitted) => gate.serve(stream, admitted, implicit_tls).await,
                 Handover::ReadProxyHeader(reading) => {
