@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
+use tracing::Instrument;
 
 use crate::actors::acceptor::{read_proxy_header, PROXY_HEADER_WAIT};
 use crate::actors::collector::{Collector, TakeCollected};
@@ -170,6 +171,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             Some(tls) => TlsUse::OnRequest(tls),
             None => TlsUse::None,
         };
+        let span = tracing::info_span!("smtp", client = %address);
         serve_connection(
             stdio,
             session,
@@ -178,6 +180,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             deps.shutdown.clone(),
             tls,
         )
+        .instrument(span)
         .await;
         let accepted = collector.send(TakeCollected).await.unwrap_or_default();
         let count = accepted.len();

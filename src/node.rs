@@ -121,6 +121,10 @@ impl Node {
         // must say so and not start, rather than serve mail in clear.
         let tls = match config.tls.clone() {
             Some(settings) => Some(Arc::new(ServerTls::new(settings)?)),
+            // `check` refuses this in a file; an embedder's Config too.
+            None if !config.smtp.listen_tls.is_empty() => {
+                return Err(StartError::Tls(TlsError::NotConfigured))
+            }
             None => None,
         };
         // One queue runner per spool; a second `serve` waits a little (a
@@ -154,6 +158,12 @@ impl Node {
             }
             .push(addr);
             listeners.push((listener, implicit_tls));
+        }
+        if !listeners.is_empty() && !config.smtp.listen_tls.is_empty() && tls_addrs.is_empty() {
+            tracing::warn!(
+                listen_tls = ?config.smtp.listen_tls,
+                "no socket systemd passed has a listen_tls address: every one offers STARTTLS, none speaks TLS at once; list the sockets' own addresses (ListenStream=465 is [::]:465)"
+            );
         }
         let configured: Vec<(SocketAddr, bool)> = if listeners.is_empty() {
             let plain = config.smtp.listen.iter().map(|a| (*a, false));

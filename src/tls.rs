@@ -245,6 +245,8 @@ pub(crate) enum HandshakeFailure {
     Failed(#[source] io::Error),
     #[error("TLS asked for inside TLS")]
     AlreadyActive,
+    #[error("TLS handshake cut short by connect_limit")]
+    ConnectLimit,
 }
 
 /// Names as OpenSSL, Postfix and log readers know them: `TLSv1.3`, and the

@@ -320,6 +320,9 @@ tls.sendall(b"STARTTLS\r\n"); reply(g)
 tls.sendall(b"EHLO client.example\r\n"); reply(g)
 tls.sendall(b"MAIL FROM:<sender@example.org>\r\n"); reply(g)
 tls.sendall(b"QUIT\r\n"); reply(g)
+# The server ends TLS with close_notify: unwrap() fails on a bare close.
+tls.unwrap()
+print("CLOSE_NOTIFY", flush=True)
 "#;
 
 #[test]
@@ -350,6 +353,7 @@ fn commands_sent_after_starttls_before_the_handshake_are_never_executed() {
         ],
         "{out}"
     );
+    assert!(out.contains("\nCLOSE_NOTIFY"), "{out}");
     // The EHLO inside TLS no longer offers STARTTLS.
     let after_tls = out.split("Ready to start TLS").nth(1).unwrap();
     assert!(!after_tls.contains("STARTTLS"), "{out}");
@@ -430,6 +434,12 @@ fn a_handshake_that_never_comes_or_is_garbage_closes_the_connection_and_the_node
     let mut silent = after_starttls(node.addr);
     let took = closed_within(&mut silent, Duration::from_secs(15)).expect("closed");
     assert!(took >= Duration::from_millis(800), "closed after {took:?}");
+
+    // connect_limit holds during a handshake as well.
+    let (capped, _pki) = tls_node(|c| c.smtp.connect_limit = Duration::from_secs(1));
+    let mut silent = after_starttls(capped.addr);
+    let took = closed_within(&mut silent, Duration::from_secs(15)).expect("closed");
+    assert!(took < Duration::from_secs(10), "closed after {took:?}");
 
     // Garbage instead of a ClientHello.
     let mut garbage = after_starttls(node.addr);
@@ -785,4 +795,47 @@ fn handshakes_are_counted_and_the_certificates_expiry_is_exported() {
     );
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// A PROXY v1 header in clear, then TLS from the first byte after it, as
+/// HAProxy sends to a `listen_tls` port; then a message.
+const PROXIED_IMPLICIT: &str = r#"
+import socket, ssl, sys
+port, ca = int(sys.argv[1]), sys.argv[2]
+raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+raw.sendall(b"PROXY TCP4 198.51.100.9 192.0.2.1 40000 465\r\n")
+tls = ssl.create_default_context(cafile=ca).wrap_socket(raw, server_hostname="localhost")
+f = tls.makefile("rb")
+def reply():
+    while True:
+        line = f.readline().decode()
+        if line[3:4] != "-":
+            return line.strip()
+reply()
+for command in ["EHLO client.example", "MAIL FROM:<sender@example.org>", "RCPT TO:<record@example.org>", "DATA"]:
+    tls.sendall(command.encode() + b"\r\n"); reply()
+tls.sendall(b"Subject: proxied\r\n\r\nbody\r\n.\r\n")
+print(reply().rsplit(" ", 1)[1])
+tls.sendall(b"QUIT\r\n"); reply()
+"#;
+
+#[test]
+fn behind_a_balancer_a_listen_tls_port_reads_the_proxy_header_then_speaks_tls() {
+    let (node, pki) = tls_node(|c| {
+        c.smtp.proxy_protocol_from = vec!["127.0.0.1/32".parse().unwrap()];
+    });
+    let id = python(
+        PROXIED_IMPLICIT,
+        &[
+            &tls_addr(&node).port().to_string(),
+            pki.ca.to_str().unwrap(),
+        ],
+    );
+    let (msg, env) = delivered(&node, id.trim());
+    assert_tls_seen(&msg, &env, "TLSv1.3");
+    assert_eq!(env["CLIENT_ADDRESS"], "198.51.100.9");
+    assert!(
+        msg.contains("Received: from client.example ([198.51.100.9])"),
+        "{msg}"
+    );
 }

@@ -2,13 +2,15 @@
 //! `tls`), the same for Postfix and mailnode, since smtp-source cannot
 //! speak TLS.
 //!
-//!     cargo run --release --example tls-load -- PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only]
+//!     cargo run --release --example tls-load -- PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only | --plain-only]
 //!
 //! SESSIONS connections at once, each message on a connection of its own:
 //! EHLO, STARTTLS, a full handshake (session resumption off, so every
 //! message pays for one), EHLO again, then MAIL, RCPT, DATA with a SIZE-byte
 //! message carrying a unique Message-Id, QUIT. `--handshake-only` stops
-//! after the handshake (QUIT): what a server spends on TLS itself. The
+//! after the handshake (QUIT): what a server spends on a STARTTLS session;
+//! `--plain-only` is the same session without TLS (EHLO, QUIT), whose cost
+//! taken from the former leaves what TLS itself costs. The
 //! server's certificate must be for `localhost` and signed by CA_PEM.
 //! Prints one line: `sent N failed F seconds S`; exits 1 if any failed.
 
@@ -25,11 +27,22 @@ use tokio::net::TcpStream;
 const SENDER: &str = "bench@bench.test";
 const RCPT: &str = "sink@bench.test";
 
+/// How far each connection goes.
+#[derive(Clone, Copy, PartialEq)]
+enum Mode {
+    /// STARTTLS, then a message.
+    Message,
+    /// STARTTLS, then QUIT.
+    HandshakeOnly,
+    /// EHLO and QUIT in clear.
+    PlainOnly,
+}
+
 struct Load {
     addr: SocketAddr,
     connector: tokio_rustls::TlsConnector,
     size: usize,
-    handshake_only: bool,
+    mode: Mode,
     next: AtomicUsize,
     total: usize,
 }
@@ -94,6 +107,9 @@ async fn one(load: &Load, n: usize) -> Result<(), String> {
     let mut plain = BufReader::new(tcp);
     expect(&mut plain, "220").await?;
     say(&mut plain, b"EHLO tls-load.bench.test\r\n", "250").await?;
+    if load.mode == Mode::PlainOnly {
+        return say(&mut plain, b"QUIT\r\n", "221").await;
+    }
     say(&mut plain, b"STARTTLS\r\n", "220").await?;
     if !plain.buffer().is_empty() {
         return Err("bytes after the STARTTLS reply".into());
@@ -105,7 +121,7 @@ async fn one(load: &Load, n: usize) -> Result<(), String> {
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let mut tls = BufReader::new(tls);
-    if load.handshake_only {
+    if load.mode == Mode::HandshakeOnly {
         return say(&mut tls, b"QUIT\r\n", "221").await;
     }
     say(&mut tls, b"EHLO tls-load.bench.test\r\n", "250").await?;
@@ -137,7 +153,7 @@ async fn session(load: Arc<Load>) -> usize {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tls-load PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only] (connects to 127.0.0.1)"
+        "usage: tls-load PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only | --plain-only] (connects to 127.0.0.1)"
     );
     std::process::exit(64)
 }
@@ -179,7 +195,12 @@ async fn main() {
         addr: SocketAddr::from(([127, 0, 0, 1], port as u16)),
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         size,
-        handshake_only: args.iter().any(|a| a == "--handshake-only"),
+        mode: match args.get(5).map(String::as_str) {
+            None => Mode::Message,
+            Some("--handshake-only") => Mode::HandshakeOnly,
+            Some("--plain-only") => Mode::PlainOnly,
+            Some(_) => usage(),
+        },
         next: AtomicUsize::new(0),
         total,
     });

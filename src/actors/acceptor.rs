@@ -19,6 +19,7 @@ use ipnet::IpNet;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tracing::Instrument;
 
 use crate::access;
 use crate::actors::session::{serve_connection, Session, SessionDeps, Stopping, TlsUse};
@@ -185,8 +186,12 @@ impl Gate {
             Some(tls) if implicit_tls => TlsUse::AtOnce(tls),
             Some(tls) => TlsUse::OnRequest(tls),
         };
+        // The I/O task's own lines (TLS) name the client.
+        let span = tracing::info_span!("smtp", client = %admitted.client.address);
         let session = Session::new(deps, admitted.client).start();
-        serve_connection(stream, session, limits, admitted.allowed, shutdown, tls).await;
+        serve_connection(stream, session, limits, admitted.allowed, shutdown, tls)
+            .instrument(span)
+            .await;
     }
 
     /// A connection from a load balancer: its PROXY header first, then the

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime};
 
 use actix::prelude::*;
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 use tokio_util::codec::Framed;
 
@@ -459,7 +459,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
     let (tls, mut pending) = match tls {
         TlsUse::None => (None, Some(greeting)),
         TlsUse::OnRequest(tls) => (Some(tls), Some(greeting)),
-        TlsUse::AtOnce(tls) => match start_tls(framed, &tls, limits).await {
+        TlsUse::AtOnce(tls) => match start_tls(framed, &tls, limits, deadline).await {
             Ok((encrypted, info)) => {
                 framed = encrypted;
                 if session.send(Input::TlsStarted(info)).await.is_err() {
@@ -504,8 +504,16 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
             if write_replies(&mut framed, response.replies, flush, limits)
                 .await
                 .is_err()
-                || response.close
             {
+                break;
+            }
+            if response.close {
+                // A TLS session ends with close_notify, so the client can
+                // tell the end from a cut.
+                if let Connection::Tls(_) = framed.get_ref() {
+                    let _ =
+                        tokio::time::timeout(CLOSE_NOTIFY_WAIT, framed.get_mut().shutdown()).await;
+                }
                 break;
             }
             if response.start_tls {
@@ -515,7 +523,7 @@ pub async fn serve_connection<S: AsyncRead + AsyncWrite + Unpin>(
                     ended.reason = CloseReason::Error.as_str();
                     break;
                 };
-                match start_tls(framed, tls, limits).await {
+                match start_tls(framed, tls, limits, deadline).await {
                     Ok((encrypted, info)) => {
                         framed = encrypted;
                         pending = Some(Input::TlsStarted(info));
@@ -577,6 +585,7 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
     framed: Framed<Connection<S>, SmtpCodec>,
     tls: &ServerTls,
     limits: SessionLimits,
+    deadline: Instant,
 ) -> Result<(Framed<Connection<S>, SmtpCodec>, TlsInfo), HandshakeFailure> {
     let parts = framed.into_parts();
     if !parts.read_buf.is_empty() {
@@ -589,7 +598,10 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
         Connection::Plain(stream) => stream,
         Connection::Tls(_) => return Err(HandshakeFailure::AlreadyActive),
     };
-    let (encrypted, info) = tls.handshake(stream).await?;
+    // connect_limit holds during a handshake too.
+    let (encrypted, info) = tokio::time::timeout_at(deadline, tls.handshake(stream))
+        .await
+        .map_err(|_| HandshakeFailure::ConnectLimit)??;
     tracing::debug!(version = %info.version, cipher = %info.cipher, "TLS started");
     let codec = SmtpCodec::new(limits.bare_lf, limits.max_message_size);
     Ok((
@@ -597,6 +609,9 @@ async fn start_tls<S: AsyncRead + AsyncWrite + Unpin>(
         info,
     ))
 }
+
+/// How long a TLS session's close_notify may take to send.
+const CLOSE_NOTIFY_WAIT: Duration = Duration::from_secs(1);
 
 /// Counts a session open while it lives; closed, with its reason, on drop.
 struct SessionGauge {

@@ -147,6 +147,19 @@ impl Checker<'_> {
         let named = |t: &Text| t.as_ref().is_some_and(|v| !v.get_ref().is_empty());
         let (has_cert, has_key) = (named(&raw.cert), named(&raw.key));
         if !has_cert && !has_key {
+            // Refusing mail in clear is a promise a node without a
+            // certificate cannot keep: say so rather than take mail in clear.
+            if let Some(span) = raw
+                .require
+                .as_ref()
+                .filter(|r| *r.get_ref())
+                .map(Spanned::span)
+            {
+                self.error(
+                    span,
+                    "tls.require: true needs tls.cert and tls.key: without a certificate no client could ever send mail".to_string(),
+                );
+            }
             return None;
         }
         if has_cert != has_key {
@@ -181,7 +194,7 @@ impl Checker<'_> {
                 TlsVersion::as_str,
             ),
             handshake_timeout: key!(self.duration, "tls", raw.handshake_timeout, d),
-            require: raw.require.unwrap_or(d.require),
+            require: raw.require.map_or(d.require, Spanned::into_inner),
         })
     }
 

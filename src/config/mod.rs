@@ -802,6 +802,12 @@ deny = [\"10.0.0.0/33\"]
             msg.starts_with("mailnode.toml:4: tls.min_version: invalid value \"1.1\": expected \"1.2\" or \"1.3\""),
             "{msg}"
         );
+        let msg = one_err("[tls]\ncert = \"\"\nrequire = true\n");
+        assert!(
+            msg.starts_with("mailnode.toml:3: tls.require: true needs tls.cert and tls.key"),
+            "{msg}"
+        );
+        assert_eq!(ok("[tls]\nrequire = false\n").tls, None);
         let msg = one_err("[smtp]\nlisten_tls = [\"127.0.0.1:465\"]\n");
         assert!(
             msg.starts_with("mailnode.toml:2: smtp.listen_tls: needs [tls] cert and key"),

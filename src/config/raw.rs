@@ -132,5 +132,5 @@ pub(super) struct RawTls {
     pub(super) key: Text,
     pub(super) min_version: Text,
     pub(super) handshake_timeout: Text,
-    pub(super) require: Option<bool>,
+    pub(super) require: Option<Spanned<bool>>,
 }

@@ -249,9 +249,13 @@ pub enum EnvelopeError {
 
 /// Serialises an envelope.
 pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
+    // Mail that came in clear is written as version 3 wrote it, so that
+    // going back to a version before TLS still reads it.
+    let in_clear = env.tls_version.is_empty() && env.tls_cipher.is_empty();
+    let version: u16 = if in_clear { 3 } else { VERSION };
     let mut w = Writer(Vec::with_capacity(256));
     w.0.extend_from_slice(MAGIC);
-    w.0.extend_from_slice(&VERSION.to_le_bytes());
+    w.0.extend_from_slice(&version.to_le_bytes());
     w.str(&env.id);
     w.str(&env.sender);
     w.str(&env.return_path);
@@ -304,26 +308,23 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
         w.u64(check.len);
         w.u32(check.crc32);
     }
-    w.str(&env.tls_version);
-    w.str(&env.tls_cipher);
+    if !in_clear {
+        w.str(&env.tls_version);
+        w.str(&env.tls_cipher);
+    }
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
     w.0
 }
 
-/// `env` as version 3 wrote it: nothing after the body check.
+/// `env` as version 3 wrote it: nothing after the body check (what
+/// [`encode`] writes for mail that came in clear).
 #[cfg(test)]
 pub(crate) fn encode_v3(env: &Envelope) -> Vec<u8> {
-    let mut without_tls = env.clone();
-    without_tls.tls_version.clear();
-    without_tls.tls_cipher.clear();
-    let v4 = encode(&without_tls);
-    // Drop the two empty TLS fields (a 4-byte length each) before the CRC.
-    let mut v3 = v4[..v4.len() - 12].to_vec();
-    v3[4] = 3;
-    let crc = crc32fast::hash(&v3).to_le_bytes();
-    v3.extend_from_slice(&crc);
-    v3
+    let mut in_clear = env.clone();
+    in_clear.tls_version.clear();
+    in_clear.tls_cipher.clear();
+    encode(&in_clear)
 }
 
 /// `env` as version 2 wrote it: no body check after the deliveries.
@@ -637,8 +638,15 @@ mod tests {
         let mut env = sample();
         env.tls_version = "TLSv1.3".into();
         env.tls_cipher = "TLS_AES_256_GCM_SHA384".into();
-        assert_eq!(decode(&encode(&env)), Ok(env.clone()));
+        let v4 = encode(&env);
+        assert_eq!(u16::from_le_bytes([v4[4], v4[5]]), 4);
+        assert_eq!(decode(&v4), Ok(env.clone()));
         let v3 = encode_v3(&env);
+        assert_eq!(
+            u16::from_le_bytes([v3[4], v3[5]]),
+            3,
+            "mail in clear is written as version 3"
+        );
         env.tls_version.clear();
         env.tls_cipher.clear();
         assert_eq!(decode(&v3), Ok(env));
