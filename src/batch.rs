@@ -111,6 +111,12 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         Some(settings) => Some(Arc::new(crate::tls::ServerTls::new(settings)?)),
         None => None,
     };
+    let auth = if config.auth.enabled {
+        let checker = crate::auth::Authenticator::new(&config.auth, &config.hostname)?;
+        Some(Arc::new(checker))
+    } else {
+        None
+    };
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let peer = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let system = System::new();
@@ -160,6 +166,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
                 shutdown,
                 paused: Arc::new(std::sync::atomic::AtomicBool::new(false)),
                 tls: tls.clone(),
+                auth: auth.clone(),
             },
         ));
         let session = Session::new(Arc::clone(&deps), client).start();

@@ -17,6 +17,7 @@ struct ReadmeDoctests;
 pub(crate) mod access;
 pub(crate) mod actors;
 pub mod aliases;
+pub(crate) mod auth;
 pub(crate) mod batch;
 pub mod config;
 pub mod control;

@@ -284,7 +284,8 @@ fn exit_code_for(e: &mailnode::StartError) -> u8 {
         mailnode::StartError::Aliases(_)
         | mailnode::StartError::DeliveryUser(_)
         | mailnode::StartError::Spawner(_)
-        | mailnode::StartError::Tls(_) => EX_CONFIG,
+        | mailnode::StartError::Tls(_)
+        | mailnode::StartError::Auth(_) => EX_CONFIG,
         mailnode::StartError::Spool(mailnode::spool::SpoolError::Locked { .. }) => EX_TEMPFAIL,
         _ => 1,
     }

@@ -66,6 +66,8 @@ pub enum StartError {
     Runtime(String),
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthSetupError),
     #[error("cannot create control socket {}: {source}", path.display())]
     Control {
         path: std::path::PathBuf,
@@ -126,6 +128,12 @@ impl Node {
                 return Err(StartError::Tls(TlsError::NotConfigured))
             }
             None => None,
+        };
+        let auth = if config.auth.enabled {
+            let checker = crate::auth::Authenticator::new(&config.auth, &config.hostname)?;
+            Some(Arc::new(checker))
+        } else {
+            None
         };
         // One queue runner per spool; a second `serve` waits a little (a
         // restart racing its predecessor's exit), then says so. Taken before
@@ -227,6 +235,7 @@ impl Node {
             shutdown: shutdown_rx,
             failure: failure_tx,
             tls: tls.clone(),
+            auth,
         };
         let thread = std::thread::Builder::new()
             .name("mailnode-actors".into())
@@ -390,6 +399,8 @@ pub(crate) struct SessionControls {
     pub paused: Arc<AtomicBool>,
     /// The certificate in force (reloaded through the node's handle).
     pub tls: Option<Arc<ServerTls>>,
+    /// `[auth] enabled`: the checker every session shares.
+    pub auth: Option<Arc<crate::auth::Authenticator>>,
 }
 
 /// What sessions share, from the configuration.
@@ -406,6 +417,7 @@ pub(crate) fn session_deps(
         shutdown,
         paused,
         tls,
+        auth,
     } = controls;
     let smtp = &config.smtp;
     SessionDeps {
@@ -416,6 +428,7 @@ pub(crate) fn session_deps(
             local_domains: smtp.local_domains.clone(),
             starttls: tls.is_some(),
             tls_required: tls.is_some() && config.tls.as_ref().is_some_and(|t| t.require),
+            authserv_id: auth.as_ref().map(|a| a.authserv_id().to_string()),
         }),
         limits: SessionLimits {
             connect_limit: smtp.connect_limit,
@@ -437,12 +450,14 @@ pub(crate) fn session_deps(
         shutdown,
         paused,
         tls,
+        auth,
     }
 }
 
 /// What the Acceptor and the sessions share with the [`NodeHandle`].
 struct Intake {
     tls: Option<Arc<ServerTls>>,
+    auth: Option<Arc<crate::auth::Authenticator>>,
     hooks: Hooks,
     tracker: Arc<ConnectionTracker>,
     paused: Arc<AtomicBool>,
@@ -533,6 +548,7 @@ fn build_tree(
             shutdown: intake.shutdown,
             paused: Arc::clone(&intake.paused),
             tls: intake.tls.clone(),
+            auth: intake.auth.clone(),
         },
     ));
     let access = config.access.clone();
@@ -1014,6 +1030,7 @@ mod tests {
                 body_check: None,
                 tls_version: String::new(),
                 tls_cipher: String::new(),
+                auth: Default::default(),
             };
             spool.commit(body, &mut envelope).wait_blocking().unwrap();
             drop(spool);

@@ -25,6 +25,7 @@ pub const INTAKE_PAUSED: &str = "mailnode_intake_paused";
 pub const PROXY_HEADERS_TOTAL: &str = "mailnode_proxy_headers_total";
 pub const INTAKE_BACKPRESSURE_TOTAL: &str = "mailnode_intake_backpressure_total";
 pub const TLS_HANDSHAKES_TOTAL: &str = "mailnode_tls_handshakes_total";
+pub const AUTH_RESULTS_TOTAL: &str = "mailnode_auth_results_total";
 pub const TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "mailnode_tls_certificate_expiry_timestamp_seconds";
 
@@ -46,6 +47,16 @@ pub const RATE_LIMITS: [&str; 2] = ["connection", "message"];
 pub const PROXY_HEADER_RESULTS: [&str; 3] = ["ok", "invalid", "missing"];
 pub const BACKPRESSURE_OUTCOMES: [&str; 2] = ["waited", "refused"];
 pub const TLS_HANDSHAKE_RESULTS: [&str; 2] = ["ok", "failed"];
+pub const AUTH_METHODS: [&str; 3] = ["spf", "dkim", "dmarc"];
+pub const AUTH_RESULTS: [&str; 7] = [
+    "pass",
+    "fail",
+    "softfail",
+    "neutral",
+    "none",
+    "temperror",
+    "permerror",
+];
 pub const ACTORS: [&str; 6] = [
     "acceptor",
     "alias_resolver",
@@ -171,6 +182,15 @@ fn register() {
     for o in BACKPRESSURE_OUTCOMES {
         counter!(INTAKE_BACKPRESSURE_TOTAL, "outcome" => o).increment(0);
     }
+    describe_counter!(
+        AUTH_RESULTS_TOTAL,
+        "Sender authentication verdicts on messages, by method and result."
+    );
+    for m in AUTH_METHODS {
+        for r in AUTH_RESULTS {
+            counter!(AUTH_RESULTS_TOTAL, "method" => m, "result" => r).increment(0);
+        }
+    }
     for r in TLS_HANDSHAKE_RESULTS {
         counter!(TLS_HANDSHAKES_TOTAL, "result" => r).increment(0);
     }
@@ -272,4 +292,8 @@ pub fn tls_certificate_expiry(not_after: std::time::SystemTime) {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0.0, |d| d.as_secs_f64());
     gauge!(TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS).set(seconds);
+}
+
+pub fn auth_result(method: &'static str, result: &'static str) {
+    counter!(AUTH_RESULTS_TOTAL, "method" => method, "result" => result).increment(1);
 }

@@ -28,6 +28,10 @@ const ALLOWED_ENV: &[&str] = &[
     "DELIVERY_ID",
     "TLS_VERSION",
     "TLS_CIPHER",
+    "AUTH_SPF",
+    "AUTH_DKIM",
+    "AUTH_DMARC",
+    "AUTH_FROM_DOMAIN",
     "HOME",
     "USER",
     "LOGNAME",
@@ -166,6 +170,11 @@ s.quit()
         // In clear: present and empty.
         ("TLS_VERSION", ""),
         ("TLS_CIPHER", ""),
+        // Without [auth]: present and empty.
+        ("AUTH_SPF", ""),
+        ("AUTH_DKIM", ""),
+        ("AUTH_DMARC", ""),
+        ("AUTH_FROM_DOMAIN", ""),
         ("PATH", "/usr/local/bin:/usr/bin:/bin"),
     ];
     for (key, value) in expect {

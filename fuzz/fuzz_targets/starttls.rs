@@ -119,6 +119,7 @@ fuzz_target!(|bytes: &[u8]| {
         local_domains: Vec::new(),
         starttls,
         tls_required: required,
+        authserv_id: None,
     };
     let client = ClientInfo {
         address: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),

@@ -20,17 +20,19 @@ use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
 use crate::actors::Shared;
+use crate::auth::{Authenticator, SpfVerdict, Verdict};
 use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;
 use crate::protocol::codec::{Frame, SmtpCodec};
-use crate::protocol::command;
+use crate::protocol::command::{self, ReversePath};
 use crate::protocol::data::BareLineEnding;
 use crate::protocol::reply::{self, Reply};
 use crate::protocol::session::{
     Action, ClientInfo, CloseReason, Event, MessageDraft, RcptDecision, SessionConfig,
     SessionMachine, Tally, TlsInfo,
 };
+use crate::spool::AuthRecord;
 use crate::spool::{DeliveryState, Envelope, IncomingBody, Spool};
 use crate::telemetry;
 use crate::tls::{Connection, HandshakeFailure, ServerTls};
@@ -70,6 +72,8 @@ pub struct SessionDeps {
     pub paused: Arc<std::sync::atomic::AtomicBool>,
     /// `[tls]`: the certificate in force, for STARTTLS and `listen_tls`.
     pub tls: Option<Arc<ServerTls>>,
+    /// `[auth] enabled`: SPF, DKIM and DMARC for every message.
+    pub auth: Option<Arc<Authenticator>>,
 }
 
 /// Timing and framing limits of the I/O task.
@@ -127,6 +131,8 @@ pub struct Session {
     /// For the session's log line.
     started: std::time::Instant,
     messages: u32,
+    /// `[auth]`: SPF of the transaction in progress, asked at MAIL.
+    spf: Option<tokio::task::JoinHandle<SpfVerdict>>,
 }
 
 impl Session {
@@ -139,6 +145,20 @@ impl Session {
             body_failed: None,
             started: std::time::Instant::now(),
             messages: 0,
+            spf: None,
+        }
+    }
+
+    /// `[auth]`: SPF is asked as soon as MAIL is taken, so that its DNS
+    /// questions run while the client sends the message.
+    fn start_spf(&mut self, sender: &ReversePath) {
+        if let Some(previous) = self.spf.take() {
+            previous.abort();
+        }
+        if let Some(auth) = &self.deps.auth {
+            let helo = self.machine.helo().unwrap_or_default().to_string();
+            let asked = Arc::clone(auth).spf(self.client.address, helo, sender.to_plain());
+            self.spf = Some(tokio::spawn(asked));
         }
     }
 
@@ -193,8 +213,9 @@ impl Session {
                     } else if !self.deps.hooks.sender_allowed(&sender.to_plain()) {
                         Err(reply::SENDER_REFUSED)
                     } else if !self.deps.spool.has_intake_room() {
-                        return self.wait_for_spool(work, out);
+                        return self.wait_for_spool(sender, work, out);
                     } else {
+                        self.start_spf(&sender);
                         Ok(())
                     };
                     work.extend(self.machine.handle(Event::SenderChecked(verdict)));
@@ -228,6 +249,7 @@ impl Session {
     /// intake wait is refused with a temporary error.
     fn wait_for_spool(
         &mut self,
+        sender: ReversePath,
         mut work: VecDeque<Action>,
         out: Response,
     ) -> ResponseActFuture<Self, Response> {
@@ -236,6 +258,7 @@ impl Session {
         Box::pin(room.into_actor(self).then(move |room, act, _| {
             telemetry::intake_backpressure(if room { "waited" } else { "refused" });
             let verdict = if room {
+                act.start_spf(&sender);
                 Ok(())
             } else {
                 tracing::warn!(
@@ -276,7 +299,100 @@ impl Session {
             work.extend(self.machine.handle(Event::Committed(Err(failure))));
             return self.run(work, out);
         };
-        let mut envelope = Envelope::accepted(draft, &self.client, SystemTime::now());
+        let envelope = Envelope::accepted(draft, &self.client, SystemTime::now());
+        match self.deps.auth.clone() {
+            Some(auth) => self.authenticate(auth, body, envelope, work, out),
+            None => self.commit_checked(body, envelope, work, out),
+        }
+    }
+
+    /// `[auth]`: DKIM and DMARC on the body as received, with the SPF
+    /// asked at MAIL; the verdict goes into the envelope, or, for a DMARC
+    /// fail the operator enforces, the message is refused and dropped.
+    fn authenticate(
+        &mut self,
+        auth: Arc<Authenticator>,
+        mut body: IncomingBody,
+        mut envelope: Envelope,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        if let Err(e) = body.flush() {
+            tracing::error!(queue_id = %envelope.id, "cannot write message: {e}");
+            work.extend(
+                self.machine
+                    .handle(Event::Committed(Err(e.storage_failure()))),
+            );
+            return self.run(work, out);
+        }
+        let path = body.path().to_path_buf();
+        let asked = self.spf.take();
+        let (client, helo, sender) = (
+            self.client.address,
+            envelope.client_helo.clone(),
+            envelope.sender.clone(),
+        );
+        let checked = async move {
+            let spf = match asked {
+                Some(asked) => asked.await.ok(),
+                None => None,
+            };
+            let spf = match spf {
+                Some(spf) => spf,
+                // A session that started its transaction before this node
+                // had [auth] cannot exist; asked now all the same.
+                None => Arc::clone(&auth).spf(client, helo, sender).await,
+            };
+            let message = crate::auth::MessageFile::open(&path);
+            auth.verify(message.bytes(), &spf).await
+        };
+        Box::pin(
+            checked
+                .into_actor(self)
+                .then(move |verdict: Verdict, act, _| {
+                    tracing::info!(
+                        queue_id = %envelope.id,
+                        spf = %verdict.spf,
+                        dkim = %verdict.dkim,
+                        dmarc = %verdict.dmarc,
+                        from_domain = %verdict.from_domain,
+                        "authenticated"
+                    );
+                    if verdict.reject {
+                        tracing::info!(
+                            queue_id = %envelope.id,
+                            client = %envelope.client_address,
+                            from_domain = %verdict.from_domain,
+                            "refused: DMARC fail under p=reject"
+                        );
+                        drop(body);
+                        work.extend(
+                            act.machine
+                                .handle(Event::MessageRefused(reply::DMARC_REJECT)),
+                        );
+                        return act.run(work, out);
+                    }
+                    envelope.auth = AuthRecord {
+                        spf: verdict.spf,
+                        dkim: verdict.dkim,
+                        dmarc: verdict.dmarc,
+                        from_domain: verdict.from_domain,
+                        header: verdict.header,
+                    };
+                    act.commit_checked(body, envelope, work, out)
+                }),
+        )
+    }
+
+    /// The message as it stands is to be kept: queued, or in inline mode
+    /// delivered now.
+    fn commit_checked(
+        &mut self,
+        body: IncomingBody,
+        mut envelope: Envelope,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
         if let Some(workers) = &self.deps.inline {
             let workers = workers.clone();
             return self.deliver_inline(body, envelope, workers, work, out);

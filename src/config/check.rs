@@ -107,6 +107,7 @@ impl Checker<'_> {
             metrics: self.metrics(raw.metrics),
             log: self.log(raw.log),
             tls,
+            auth: self.auth(raw.auth),
         }
     }
 
@@ -196,6 +197,41 @@ impl Checker<'_> {
             handshake_timeout: key!(self.duration, "tls", raw.handshake_timeout, d),
             require: raw.require.map_or(d.require, Spanned::into_inner),
         })
+    }
+
+    fn auth(&mut self, raw: RawAuth) -> AuthConfig {
+        let d = AuthConfig::default();
+        let authserv_id = match raw.authserv_id {
+            None => d.authserv_id.clone(),
+            Some(value) => {
+                let (span, id) = (value.span(), value.into_inner());
+                if id.is_empty() || is_domain(&id) {
+                    id
+                } else {
+                    self.error(
+                        span,
+                        format!("auth.authserv_id: invalid name {id:?}: expected a domain name such as \"mx.example.org\", or \"\" for the hostname"),
+                    );
+                    d.authserv_id.clone()
+                }
+            }
+        };
+        AuthConfig {
+            enabled: raw.enabled.unwrap_or(d.enabled),
+            authserv_id,
+            dmarc_policy: self.choice(
+                key!("auth", dmarc_policy),
+                raw.dmarc_policy,
+                d.dmarc_policy,
+                &[DmarcPolicy::Report, DmarcPolicy::Enforce],
+                DmarcPolicy::as_str,
+            ),
+            nameservers: match raw.nameservers {
+                None => d.nameservers.clone(),
+                Some(list) => self.addresses("auth.nameservers", list.into_inner()),
+            },
+            dns_timeout: key!(self.duration, "auth", raw.dns_timeout, d),
+        }
     }
 
     fn listen(&mut self, raw: TextList, default: Vec<SocketAddr>) -> Vec<SocketAddr> {

@@ -772,6 +772,40 @@ deny = [\"10.0.0.0/33\"]
     }
 
     #[test]
+    fn auth_is_off_by_default_and_its_keys_are_checked() {
+        assert_eq!(ok("").auth, AuthConfig::default());
+        assert!(!AuthConfig::default().enabled);
+        let c = ok("[auth]\nenabled = true\nauthserv_id = \"mx.example.org\"\ndmarc_policy = \"enforce\"\nnameservers = [\"127.0.0.1:5353\"]\ndns_timeout = \"2s\"\n");
+        assert_eq!(
+            c.auth,
+            AuthConfig {
+                enabled: true,
+                authserv_id: "mx.example.org".into(),
+                dmarc_policy: DmarcPolicy::Enforce,
+                nameservers: vec!["127.0.0.1:5353".parse().unwrap()],
+                dns_timeout: Duration::from_secs(2),
+            }
+        );
+        let msg = one_err("[auth]\ndmarc_policy = \"reject\"\n");
+        assert!(msg.starts_with("mailnode.toml:2: auth.dmarc_policy: invalid value \"reject\": expected \"report\" or \"enforce\""), "{msg}");
+        let msg = one_err("[auth]\nnameservers = [\"8.8.8.8\"]\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: auth.nameservers: invalid address \"8.8.8.8\""),
+            "{msg}"
+        );
+        let msg = one_err("[auth]\nauthserv_id = \"not a name\"\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: auth.authserv_id: invalid name"),
+            "{msg}"
+        );
+        let msg = one_err("[auth]\ndns_timeout = \"0s\"\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: auth.dns_timeout: duration \"0s\" is zero"),
+            "{msg}"
+        );
+    }
+
+    #[test]
     fn tls_is_off_unless_a_certificate_is_named_and_needs_both_files() {
         assert_eq!(ok("").tls, None);
         assert_eq!(ok("[tls]\ncert = \"\"\n").tls, None);

@@ -25,6 +25,7 @@ pub(super) struct RawConfig {
     pub(super) metrics: RawMetrics,
     pub(super) log: RawLog,
     pub(super) tls: RawTls,
+    pub(super) auth: RawAuth,
 }
 
 #[derive(Deserialize, Default)]
@@ -133,4 +134,14 @@ pub(super) struct RawTls {
     pub(super) min_version: Text,
     pub(super) handshake_timeout: Text,
     pub(super) require: Option<Spanned<bool>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawAuth {
+    pub(super) enabled: Option<bool>,
+    pub(super) authserv_id: Text,
+    pub(super) dmarc_policy: Text,
+    pub(super) nameservers: TextList,
+    pub(super) dns_timeout: Text,
 }

@@ -39,6 +39,8 @@ pub struct Config {
     pub log: LogConfig,
     /// STARTTLS and implicit TLS; `None` when `[tls]` names no certificate.
     pub tls: Option<TlsConfig>,
+    /// Sender authentication (SPF, DKIM, DMARC).
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -57,6 +59,7 @@ impl Default for Config {
             metrics: MetricsConfig::default(),
             log: LogConfig::default(),
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -482,6 +485,53 @@ impl TlsVersion {
         match self {
             TlsVersion::Tls12 => "1.2",
             TlsVersion::Tls13 => "1.3",
+        }
+    }
+}
+
+/// Sender authentication (`[auth]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuthConfig {
+    /// Check SPF, DKIM and DMARC for every message.
+    pub enabled: bool,
+    /// The name in `Authentication-Results:`; empty: the node's hostname.
+    pub authserv_id: String,
+    /// What a DMARC fail under `p=reject` does.
+    pub dmarc_policy: DmarcPolicy,
+    /// DNS servers to ask; empty: the system's (`/etc/resolv.conf`).
+    pub nameservers: Vec<SocketAddr>,
+    /// How long one DNS question may take.
+    pub dns_timeout: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            enabled: false,
+            authserv_id: String::new(),
+            dmarc_policy: DmarcPolicy::Report,
+            nameservers: Vec::new(),
+            dns_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `[auth] dmarc_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DmarcPolicy {
+    /// Results only: the header and the variables.
+    #[default]
+    Report,
+    /// A DMARC fail under `p=reject` is refused with 550 5.7.1.
+    Enforce,
+}
+
+impl DmarcPolicy {
+    /// The value as spelled in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            DmarcPolicy::Report => "report",
+            DmarcPolicy::Enforce => "enforce",
         }
     }
 }

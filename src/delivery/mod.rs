@@ -92,6 +92,10 @@ pub fn program_env(envelope: &Envelope, index: usize) -> Vec<(String, String)> {
         ("CHANNEL", envelope.channel.clone()),
         ("TLS_VERSION", envelope.tls_version.clone()),
         ("TLS_CIPHER", envelope.tls_cipher.clone()),
+        ("AUTH_SPF", envelope.auth.spf.clone()),
+        ("AUTH_DKIM", envelope.auth.dkim.clone()),
+        ("AUTH_DMARC", envelope.auth.dmarc.clone()),
+        ("AUTH_FROM_DOMAIN", envelope.auth.from_domain.clone()),
         ("ATTEMPT", (d.attempts + 1).to_string()),
         ("DELIVERY_ID", envelope.delivery_id(index)),
     ]
@@ -100,8 +104,9 @@ pub fn program_env(envelope: &Envelope, index: usize) -> Vec<(String, String)> {
     .collect()
 }
 
-/// `Return-Path:` and `Delivered-To:`, the lines programs read before the
-/// message (whose first header is our `Received:`).
+/// `Return-Path:`, `Delivered-To:` and, with `[auth]`, our
+/// `Authentication-Results:`: the lines programs read before the message
+/// (whose first header is our `Received:`).
 pub fn stdin_prefix(envelope: &Envelope, index: usize) -> Vec<u8> {
     let recipient = envelope
         .deliveries
@@ -109,8 +114,8 @@ pub fn stdin_prefix(envelope: &Envelope, index: usize) -> Vec<u8> {
         .map(|d| d.recipient.as_str())
         .unwrap_or_default();
     format!(
-        "Return-Path: <{}>\nDelivered-To: {}\n",
-        envelope.return_path, recipient
+        "Return-Path: <{}>\nDelivered-To: {}\n{}",
+        envelope.return_path, recipient, envelope.auth.header
     )
     .into_bytes()
 }

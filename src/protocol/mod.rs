@@ -4,6 +4,7 @@
 pub mod codec;
 pub mod command;
 pub mod data;
+pub mod forged_results;
 pub mod headers;
 pub mod proxy;
 mod received;

@@ -218,6 +218,12 @@ pub const TLS_IN_TRANSACTION: Reply =
 pub const NEED_EHLO: Reply = Reply::fixed(503, "5.5.1 Error: send EHLO first");
 /// `[tls] require`: MAIL before STARTTLS (RFC 3207 4).
 pub const TLS_REQUIRED: Reply = Reply::fixed(530, "5.7.0 Must issue a STARTTLS command first");
+/// `[auth] dmarc_policy = "enforce"`: DMARC failed and the From: domain
+/// asks for `p=reject` (RFC 7489 6.3).
+pub const DMARC_REJECT: Reply = Reply::fixed(
+    550,
+    "5.7.1 Message rejected: DMARC policy of the From: domain (p=reject)",
+);
 /// Intake paused by the operator.
 pub const INTAKE_PAUSED: Reply = Reply::fixed(421, "4.3.2 Not accepting mail now, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::fixed(

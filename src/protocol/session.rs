@@ -11,6 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 
 use super::command::{self, Address, Command, CommandError, MailParams, ReversePath};
+use super::forged_results::ForgedResultsFilter;
 use super::headers::{HeaderScan, MAX_HOPS};
 use super::received::{protocol_name, received_header, ReceivedInfo};
 use super::reply::{self, Reply};
@@ -28,6 +29,9 @@ pub struct SessionConfig {
     pub starttls: bool,
     /// `[tls] require`: no MAIL in clear.
     pub tls_required: bool,
+    /// `[auth] enabled`: incoming `Authentication-Results:` headers that
+    /// claim this authserv-id are removed.
+    pub authserv_id: Option<String>,
 }
 
 /// What a finished TLS handshake agreed on: all the machine learns of TLS.
@@ -148,6 +152,9 @@ pub enum Event {
     /// The DATA reader met a bare LF or CR and the policy is to refuse.
     DataRejected,
     Committed(Result<String, StorageFailure>),
+    /// A check at the end of data refused the message (`[auth]` enforcing
+    /// DMARC): nothing was queued.
+    MessageRefused(Reply),
     /// Inline mode: what running the programs during DATA gave.
     DeliveredInline(InlineOutcome),
     /// The client may not use this server (access deny, finicky, the
@@ -222,6 +229,7 @@ enum Phase {
         tx: Transaction,
         id: String,
         headers: HeaderScan,
+        forged: Option<ForgedResultsFilter>,
     },
     /// Waiting for [`Event::Committed`] or [`Event::DeliveredInline`].
     Committing,
@@ -320,6 +328,11 @@ impl SessionMachine {
     #[cfg(test)]
     pub fn in_data(&self) -> bool {
         matches!(self.phase, Phase::Data { .. })
+    }
+
+    /// The HELO/EHLO name the client gave, if it gave one.
+    pub fn helo(&self) -> Option<&str> {
+        self.helo.as_deref()
     }
 
     /// Whether the session has ended.
@@ -440,19 +453,40 @@ impl SessionMachine {
                     tx,
                     id,
                     mut headers,
+                    mut forged,
                 },
                 Event::DataChunk(chunk),
             ) => {
                 headers.feed(&chunk);
-                self.phase = Phase::Data { tx, id, headers };
-                vec![Action::AppendBody(chunk)]
+                let kept = match forged.as_mut() {
+                    Some(filter) => Bytes::from(filter.feed(&chunk)),
+                    None => chunk,
+                };
+                self.phase = Phase::Data {
+                    tx,
+                    id,
+                    headers,
+                    forged,
+                };
+                if kept.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![Action::AppendBody(kept)]
+                }
             }
-            (Phase::Data { tx, id, headers }, Event::DataEnd { size, too_big }) => {
-                self.on_data_end(tx, id, headers, size, too_big)
-            }
+            (
+                Phase::Data {
+                    tx,
+                    id,
+                    headers,
+                    forged,
+                },
+                Event::DataEnd { size, too_big },
+            ) => self.on_data_end(tx, id, headers, forged, size, too_big),
             (Phase::Data { .. }, Event::DataRejected) => {
                 self.close_with(vec![Action::DiscardBody], reply::BARE_LF)
             }
+            (Phase::Committing, Event::MessageRefused(refusal)) => vec![Action::Reply(refusal)],
             (Phase::Committing, Event::Committed(result)) => vec![Action::Reply(match result {
                 Ok(id) => reply::queued(&id),
                 Err(failure) => failure.reply(),
@@ -486,6 +520,7 @@ impl SessionMachine {
                 | Event::DataEnd { .. }
                 | Event::DataRejected
                 | Event::Committed(_)
+                | Event::MessageRefused(_)
                 | Event::DeliveredInline(_),
             ) => vec![Action::Reply(reply::LOCAL_ERROR)],
         }
@@ -716,6 +751,11 @@ impl SessionMachine {
             tx,
             id,
             headers: HeaderScan::default(),
+            forged: self
+                .config
+                .authserv_id
+                .as_deref()
+                .map(ForgedResultsFilter::new),
         };
         vec![
             Action::Reply(reply::START_DATA),
@@ -729,6 +769,7 @@ impl SessionMachine {
         tx: Transaction,
         id: String,
         headers: HeaderScan,
+        forged: Option<ForgedResultsFilter>,
         size: u64,
         too_big: bool,
     ) -> Vec<Action> {
@@ -739,7 +780,13 @@ impl SessionMachine {
             return vec![Action::DiscardBody, Action::Reply(reply::TOO_MANY_HOPS)];
         }
         self.phase = Phase::Committing;
-        vec![Action::Commit(Box::new(MessageDraft {
+        // A message of headers alone ends inside its last field.
+        let held = forged.map(|mut filter| filter.finish()).unwrap_or_default();
+        let mut actions = Vec::with_capacity(2);
+        if !held.is_empty() {
+            actions.push(Action::AppendBody(Bytes::from(held)));
+        }
+        actions.push(Action::Commit(Box::new(MessageDraft {
             id,
             sender: tx.sender,
             params: tx.params,
@@ -748,7 +795,8 @@ impl SessionMachine {
             size,
             tls: self.tls.clone(),
             delivered_to: headers.delivered_to,
-        }))]
+        })));
+        actions
     }
 }
 
@@ -770,6 +818,7 @@ mod tests {
             local_domains: Vec::new(),
             starttls: false,
             tls_required: false,
+            authserv_id: None,
         }
     }
 

@@ -77,6 +77,8 @@ impl Envelope {
                 .map(|t| t.version.clone())
                 .unwrap_or_default(),
             tls_cipher: draft.tls.map(|t| t.cipher).unwrap_or_default(),
+            // The session adds the verdict once it has it.
+            auth: super::AuthRecord::default(),
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::delivery::status::EnhancedCode;
 const MAGIC: &[u8; 4] = b"MNQE";
 /// 2 added each delivery's status and history, and the Bounced state; 3 the
 /// body check. Versions 1 and 2 are still read.
-const VERSION: u16 = 4;
+const VERSION: u16 = 5;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;
 
@@ -135,6 +135,26 @@ pub struct Envelope {
     pub tls_version: String,
     /// The cipher suite, by its IANA name; empty in clear (`TLS_CIPHER`).
     pub tls_cipher: String,
+    /// The sender authentication verdict; all empty without `[auth]`.
+    pub auth: AuthRecord,
+}
+
+/// What `[auth]` found, as programs get it (`AUTH_*`) and the
+/// `Authentication-Results:` header they read before the message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AuthRecord {
+    pub spf: String,
+    pub dkim: String,
+    pub dmarc: String,
+    pub from_domain: String,
+    /// The whole header, LF line ends, ending in LF.
+    pub header: String,
+}
+
+impl AuthRecord {
+    fn is_empty(&self) -> bool {
+        *self == AuthRecord::default()
+    }
 }
 
 /// The length and CRC-32 of a message's body as committed. A commit renames
@@ -194,6 +214,7 @@ impl Envelope {
             body_check: None,
             tls_version: String::new(),
             tls_cipher: String::new(),
+            auth: AuthRecord::default(),
         }
     }
 
@@ -249,10 +270,15 @@ pub enum EnvelopeError {
 
 /// Serialises an envelope.
 pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
-    // Mail that came in clear is written as version 3 wrote it, so that
-    // going back to a version before TLS still reads it.
+    // Each message is written in the oldest version that holds it, so that
+    // going back to a version before TLS or before [auth] still reads
+    // what that version could have received.
     let in_clear = env.tls_version.is_empty() && env.tls_cipher.is_empty();
-    let version: u16 = if in_clear { 3 } else { VERSION };
+    let version: u16 = match (in_clear, env.auth.is_empty()) {
+        (true, true) => 3,
+        (false, true) => 4,
+        (_, false) => VERSION,
+    };
     let mut w = Writer(Vec::with_capacity(256));
     w.0.extend_from_slice(MAGIC);
     w.0.extend_from_slice(&version.to_le_bytes());
@@ -308,9 +334,15 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
         w.u64(check.len);
         w.u32(check.crc32);
     }
-    if !in_clear {
+    if version >= 4 {
         w.str(&env.tls_version);
         w.str(&env.tls_cipher);
+    }
+    if version >= 5 {
+        let a = &env.auth;
+        for field in [&a.spf, &a.dkim, &a.dmarc, &a.from_domain, &a.header] {
+            w.str(field);
+        }
     }
     let crc = crc32fast::hash(&w.0);
     w.u32(crc);
@@ -324,6 +356,7 @@ pub(crate) fn encode_v3(env: &Envelope) -> Vec<u8> {
     let mut in_clear = env.clone();
     in_clear.tls_version.clear();
     in_clear.tls_cipher.clear();
+    in_clear.auth = AuthRecord::default();
     encode(&in_clear)
 }
 
@@ -439,6 +472,17 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
     } else {
         (String::new(), String::new())
     };
+    let auth = if version >= 5 {
+        AuthRecord {
+            spf: r.str()?,
+            dkim: r.str()?,
+            dmarc: r.str()?,
+            from_domain: r.str()?,
+            header: r.str()?,
+        }
+    } else {
+        AuthRecord::default()
+    };
     if r.pos != r.bytes.len() {
         return Err(EnvelopeError::Trailing);
     }
@@ -459,6 +503,7 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         body_check,
         tls_version,
         tls_cipher,
+        auth,
     })
 }
 
@@ -611,6 +656,13 @@ mod tests {
             }),
             tls_version: "TLSv1.2".into(),
             tls_cipher: "TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256".into(),
+            auth: AuthRecord {
+                spf: "pass".into(),
+                dkim: "fail".into(),
+                dmarc: "none".into(),
+                from_domain: "example.org".into(),
+                header: "Authentication-Results: mx.example.org;\n\tspf=pass\n".into(),
+            },
         }
     }
 
@@ -638,9 +690,18 @@ mod tests {
         let mut env = sample();
         env.tls_version = "TLSv1.3".into();
         env.tls_cipher = "TLS_AES_256_GCM_SHA384".into();
-        let v4 = encode(&env);
-        assert_eq!(u16::from_le_bytes([v4[4], v4[5]]), 4);
-        assert_eq!(decode(&v4), Ok(env.clone()));
+        let v5 = encode(&env);
+        assert_eq!(u16::from_le_bytes([v5[4], v5[5]]), 5);
+        assert_eq!(decode(&v5), Ok(env.clone()));
+        let mut without_auth = env.clone();
+        without_auth.auth = AuthRecord::default();
+        let v4 = encode(&without_auth);
+        assert_eq!(
+            u16::from_le_bytes([v4[4], v4[5]]),
+            4,
+            "TLS without [auth] is version 4"
+        );
+        assert_eq!(decode(&v4), Ok(without_auth));
         let v3 = encode_v3(&env);
         assert_eq!(
             u16::from_le_bytes([v3[4], v3[5]]),
@@ -649,6 +710,7 @@ mod tests {
         );
         env.tls_version.clear();
         env.tls_cipher.clear();
+        env.auth = AuthRecord::default();
         assert_eq!(decode(&v3), Ok(env));
     }
 
@@ -659,6 +721,7 @@ mod tests {
         env.body_check = None;
         env.tls_version.clear();
         env.tls_cipher.clear();
+        env.auth = AuthRecord::default();
         assert_eq!(decode(&v2), Ok(env));
     }
 
@@ -668,6 +731,7 @@ mod tests {
         env.body_check = None;
         env.tls_version.clear();
         env.tls_cipher.clear();
+        env.auth = AuthRecord::default();
         for d in &mut env.deliveries {
             d.status.clear();
             d.history.clear();
@@ -780,8 +844,9 @@ mod tests {
                 proptest::collection::vec(delivery(), 0..4),
                 proptest::option::of((any::<u64>(), any::<u32>())),
                 (any::<String>(), any::<String>()),
+                proptest::collection::vec(any::<String>(), 5),
             )
-                .prop_map(|(who, client, flags, deliveries, check, tls)| {
+                .prop_map(|(who, client, flags, deliveries, check, tls, auth)| {
                     let (id, sender, return_path, arrival) = who;
                     let (client_address, client_helo, channel, size) = client;
                     let (smtputf8, body_8bit, held, next_attempt) = flags;
@@ -802,6 +867,13 @@ mod tests {
                         body_check: check.map(|(len, crc32)| BodyCheck { len, crc32 }),
                         tls_version: tls.0,
                         tls_cipher: tls.1,
+                        auth: AuthRecord {
+                            spf: auth[0].clone(),
+                            dkim: auth[1].clone(),
+                            dmarc: auth[2].clone(),
+                            from_domain: auth[3].clone(),
+                            header: auth[4].clone(),
+                        },
                     }
                 })
         }

@@ -49,7 +49,9 @@ use std::time::SystemTime;
 
 use tokio::sync::oneshot;
 
-pub use envelope::{Attempt, BodyCheck, Delivery, DeliveryState, Envelope, EnvelopeError};
+pub use envelope::{
+    Attempt, AuthRecord, BodyCheck, Delivery, DeliveryState, Envelope, EnvelopeError,
+};
 
 use crate::protocol::session::StorageFailure;
 #[cfg(test)]

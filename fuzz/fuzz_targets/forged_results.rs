@@ -1,0 +1,118 @@
+//! The filter that removes incoming `Authentication-Results:` headers
+//! claiming our authserv-id, as the session feeds it: in chunks. Beyond
+//! "no panic": what passes does not depend on where the chunks were cut;
+//! it is the input with whole header fields removed, the body untouched;
+//! every field removed is an A-R field naming our id, and none that names
+//! it early enough (within DECIDE_WITHIN bytes) is left.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use mailnode::protocol::forged_results::{ForgedResultsFilter, DECIDE_WITHIN};
+
+const OURS: &str = "mx.example.org";
+
+fn run(input: &[u8], cuts: &[u8]) -> Vec<u8> {
+    let mut filter = ForgedResultsFilter::new(OURS);
+    let mut out = Vec::new();
+    let mut rest = input;
+    for &cut in cuts.iter().cycle().take(input.len() + 1) {
+        if rest.is_empty() {
+            break;
+        }
+        let n = (usize::from(cut) % 64 + 1).min(rest.len());
+        out.extend(filter.feed(&rest[..n]));
+        rest = &rest[n..];
+    }
+    out.extend(filter.feed(rest));
+    out.extend(filter.finish());
+    out
+}
+
+/// The header fields (each with its line ends) and the rest.
+fn split(input: &[u8]) -> (Vec<&[u8]>, &[u8]) {
+    let mut fields = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    loop {
+        // At a line start.
+        if i >= input.len() {
+            if start < i {
+                fields.push(&input[start..i]);
+            }
+            return (fields, &input[input.len()..]);
+        }
+        if input[i] != b' ' && input[i] != b'\t' && start < i {
+            fields.push(&input[start..i]);
+            start = i;
+        }
+        if input[i] == b'\n' && start == i {
+            return (fields, &input[i..]);
+        }
+        match input[i..].iter().position(|&b| b == b'\n') {
+            Some(end) => i += end + 1,
+            None => i = input.len(),
+        }
+    }
+}
+
+/// The authserv-id an A-R field names, if it is one.
+fn names_ours(field: &[u8]) -> bool {
+    let Some(colon) = field.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    if !field[..colon].trim_ascii_end().eq_ignore_ascii_case(b"Authentication-Results") {
+        return false;
+    }
+    let value = &field[colon + 1..];
+    let mut i = 0;
+    let mut depth = 0usize;
+    while i < value.len() {
+        match value[i] {
+            b'(' => depth += 1,
+            b')' if depth > 0 => depth -= 1,
+            b' ' | b'\t' | b'\r' | b'\n' => {}
+            _ if depth > 0 => {}
+            _ => break,
+        }
+        i += 1;
+    }
+    let start = i;
+    while i < value.len() && !matches!(value[i], b';' | b' ' | b'\t' | b'\r' | b'\n' | b'(') {
+        i += 1;
+    }
+    // Decided within the bound: the id and its delimiter were held.
+    colon + 1 + i < DECIDE_WITHIN && value[start..i].eq_ignore_ascii_case(OURS.as_bytes())
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = usize::from(n).min(rest.len());
+    let (cuts, input) = rest.split_at(n);
+    let whole = run(input, &[255]);
+    let cut = run(input, if cuts.is_empty() { &[0] } else { cuts });
+    assert_eq!(whole, cut, "the cuts changed what passed");
+
+    let (fields, body) = split(input);
+    let kept: Vec<&[u8]> = fields.iter().copied().filter(|f| !names_ours(f)).collect();
+    let removed_ours = fields.len() - kept.len();
+    // Whatever passed is whole fields of the input in order, then the body.
+    let out_fields_len = whole.len() - body.len();
+    assert!(whole.ends_with(body), "the body changed");
+    let mut rebuilt = Vec::new();
+    let mut dropped_other = false;
+    let mut j = 0;
+    for f in &fields {
+        if whole[j..out_fields_len].starts_with(f) && (!names_ours(f) || removed_ours == 0) {
+            rebuilt.extend_from_slice(f);
+            j += f.len();
+        } else if names_ours(f) {
+            // Removed, as it should be.
+        } else {
+            dropped_other = true;
+        }
+    }
+    assert!(!dropped_other, "a field not naming our id was removed: {input:?}");
+    assert_eq!(rebuilt.len(), out_fields_len, "partial fields passed: {input:?}");
+});

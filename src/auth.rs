@@ -1,0 +1,542 @@
+//! Sender authentication (`[auth]`): SPF, DKIM and DMARC, checked with
+//! mail-auth over its hickory resolver, so that programs can trust who a
+//! message is from. SPF is asked when MAIL arrives; DKIM and DMARC at the
+//! end of DATA, on the message as it was received. The verdict becomes one
+//! `Authentication-Results:` header (RFC 8601) and the `AUTH_*` variables,
+//! and travels in the envelope.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mail_auth::dkim::DkimError;
+use mail_auth::dmarc::Policy;
+use mail_auth::hickory_resolver::config::{
+    ConnectionConfig, NameServerConfig, ResolverConfig, ResolverOpts,
+};
+use mail_auth::spf::verify::SpfParameters;
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DkimResult, DmarcResult,
+    MessageAuthenticator, SpfOutput, SpfResult,
+};
+
+use crate::config::{AuthConfig, DmarcPolicy};
+use crate::telemetry;
+
+/// Why the resolver could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[error("auth: cannot set up the DNS resolver: {0}")]
+pub struct AuthSetupError(String);
+
+/// A result as RFC 8601 spells it, and as programs get it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Outcome {
+    Pass,
+    Neutral,
+    TempError,
+    SoftFail,
+    Fail,
+    PermError,
+    None,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Pass => "pass",
+            Outcome::Fail => "fail",
+            Outcome::SoftFail => "softfail",
+            Outcome::Neutral => "neutral",
+            Outcome::None => "none",
+            Outcome::TempError => "temperror",
+            Outcome::PermError => "permerror",
+        }
+    }
+
+    fn of_spf(result: SpfResult) -> Self {
+        match result {
+            SpfResult::Pass => Outcome::Pass,
+            SpfResult::Fail => Outcome::Fail,
+            SpfResult::SoftFail => Outcome::SoftFail,
+            SpfResult::Neutral => Outcome::Neutral,
+            SpfResult::TempError => Outcome::TempError,
+            SpfResult::PermError => Outcome::PermError,
+            SpfResult::None => Outcome::None,
+        }
+    }
+
+    fn of_dkim(result: &DkimResult) -> Self {
+        match result {
+            DkimResult::Pass => Outcome::Pass,
+            // A signature whose body hash does not match failed its test
+            // (RFC 6376 6.3), whatever mail-auth calls it.
+            DkimResult::Neutral(mail_auth::Error::Dkim(DkimError::FailedBodyHashMatch)) => {
+                Outcome::Fail
+            }
+            DkimResult::Neutral(_) => Outcome::Neutral,
+            DkimResult::Fail(_) => Outcome::Fail,
+            DkimResult::PermError(_) => Outcome::PermError,
+            DkimResult::TempError(_) => Outcome::TempError,
+            DkimResult::None => Outcome::None,
+        }
+    }
+
+    fn of_dmarc(result: &DmarcResult) -> Self {
+        match result {
+            DmarcResult::Pass => Outcome::Pass,
+            DmarcResult::Fail(_) => Outcome::Fail,
+            DmarcResult::TempError(_) => Outcome::TempError,
+            DmarcResult::PermError(_) => Outcome::PermError,
+            DmarcResult::None => Outcome::None,
+        }
+    }
+}
+
+/// What SPF said about a transaction, asked when MAIL arrived.
+#[derive(Debug, Clone)]
+pub struct SpfVerdict {
+    output: SpfOutput,
+    /// MAIL FROM as given (plain form), empty for `<>`.
+    sender: String,
+    helo: String,
+    client: IpAddr,
+}
+
+/// The whole verdict on a message.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Verdict {
+    pub spf: String,
+    /// The best of the signatures.
+    pub dkim: String,
+    pub dmarc: String,
+    /// The `From:` header's domain, lowercased.
+    pub from_domain: String,
+    /// `Authentication-Results: ...`, LF line ends, ending in LF.
+    pub header: String,
+    /// DMARC failed under `p=reject` and `dmarc_policy = "enforce"`.
+    pub reject: bool,
+}
+
+/// The node's checker: one resolver (with its cache) for every session.
+pub struct Authenticator {
+    inner: MessageAuthenticator,
+    authserv_id: String,
+    enforce: bool,
+    /// A bound on one whole check, over the resolver's own per-query
+    /// timeout: a DNS server that never answers gives temperror.
+    budget: Duration,
+}
+
+/// A whole check may ask this many questions one after another (SPF's
+/// includes, a DKIM key, DMARC's record and organizational domain).
+const QUESTIONS_IN_A_ROW: u32 = 4;
+
+impl Authenticator {
+    /// `authserv_id` is the node's hostname when the config leaves it empty.
+    pub fn new(config: &AuthConfig, hostname: &str) -> Result<Self, AuthSetupError> {
+        let mut options = ResolverOpts::default();
+        options.timeout = config.dns_timeout;
+        options.attempts = 1;
+        let inner = if config.nameservers.is_empty() {
+            let (resolvers, mut system) =
+                mail_auth::hickory_resolver::system_conf::read_system_conf()
+                    .map_err(|e| AuthSetupError(format!("/etc/resolv.conf: {e}")))?;
+            system.timeout = config.dns_timeout;
+            system.attempts = 1;
+            MessageAuthenticator::new(resolvers, system)
+        } else {
+            let servers = config
+                .nameservers
+                .iter()
+                .map(|addr| {
+                    let mut udp = ConnectionConfig::udp();
+                    udp.port = addr.port();
+                    let mut tcp = ConnectionConfig::tcp();
+                    tcp.port = addr.port();
+                    NameServerConfig::new(addr.ip(), true, vec![udp, tcp])
+                })
+                .collect();
+            MessageAuthenticator::new(ResolverConfig::from_name_servers(servers), options)
+        }
+        .map_err(|e| AuthSetupError(e.to_string()))?;
+        let authserv_id = if config.authserv_id.is_empty() {
+            hostname.to_string()
+        } else {
+            config.authserv_id.clone()
+        };
+        Ok(Authenticator {
+            inner,
+            authserv_id,
+            enforce: config.dmarc_policy == DmarcPolicy::Enforce,
+            budget: config.dns_timeout * QUESTIONS_IN_A_ROW + Duration::from_secs(1),
+        })
+    }
+
+    pub fn authserv_id(&self) -> &str {
+        &self.authserv_id
+    }
+
+    /// SPF for the MAIL FROM identity, or the HELO identity for `<>`.
+    pub async fn spf(self: Arc<Self>, client: IpAddr, helo: String, sender: String) -> SpfVerdict {
+        let params = if sender.is_empty() {
+            SpfParameters::verify_ehlo(client, &helo, &self.authserv_id)
+        } else {
+            SpfParameters::verify_mail_from(client, &helo, &self.authserv_id, &sender)
+        };
+        let output = match tokio::time::timeout(self.budget, self.inner.verify_spf(params)).await {
+            Ok(output) => output,
+            Err(_) => {
+                let domain = match sender.rsplit_once('@') {
+                    Some((_, domain)) => domain,
+                    None => helo.as_str(),
+                };
+                SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError)
+            }
+        };
+        SpfVerdict {
+            output,
+            sender,
+            helo,
+            client,
+        }
+    }
+
+    /// DKIM and DMARC on `message` (as received, our `Received:` first),
+    /// with the SPF verdict of its transaction.
+    pub async fn verify(&self, message: &[u8], spf: &SpfVerdict) -> Verdict {
+        let spf_outcome = Outcome::of_spf(spf.output.result());
+        // The spool keeps LF line ends. mail-auth canonicalizes those as
+        // CRLF, except that it cuts an `l=` body on the bytes as stored:
+        // for such a signature it gets the message with CRLF (a copy, so
+        // only then).
+        let with_crlf;
+        let message = if has_length_limit(message) {
+            with_crlf = crlf_line_ends(message);
+            &with_crlf[..]
+        } else {
+            message
+        };
+        // Not strict: signatures with `l=` are verified (mail-auth's strict
+        // mode refuses them outright); content after the signed length is
+        // dealt with below.
+        let Some(parsed) = AuthenticatedMessage::parse_with_opts(message, None, false) else {
+            // Not even headers: nothing to verify, and no From: to align.
+            return self.finish(spf, spf_outcome, Outcome::None, Outcome::None, "", None);
+        };
+        let from_domain = parsed
+            .from()
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_lowercase())
+            .unwrap_or_default();
+        let body_len = signed_body_len(&message[parsed.body_offset as usize..]);
+        let checks = async {
+            let dkim = self.inner.verify_dkim(&parsed).await;
+            // A signature that covers only part of the body (`l=`) says
+            // nothing of what follows: the classic way to append a forged
+            // text to a genuine message. It counts as neutral, for the
+            // programs and for DMARC alike.
+            let partial = |o: &DkimOutput<'_>| {
+                o.signature()
+                    .is_some_and(|s| s.l > 0 && body_len > s.l && *o.result() == DkimResult::Pass)
+            };
+            let verdicts: Vec<(Outcome, Option<String>)> = dkim
+                .iter()
+                .map(|o| {
+                    if partial(o) {
+                        let l = o.signature().map_or(0, |s| s.l);
+                        (
+                            Outcome::Neutral,
+                            Some(format!("content after l={l} is unsigned")),
+                        )
+                    } else {
+                        (Outcome::of_dkim(o.result()), None)
+                    }
+                })
+                .collect();
+            let whole: Vec<DkimOutput<'_>> = dkim.iter().filter(|o| !partial(o)).cloned().collect();
+            let mail_from_domain = match spf.sender.rsplit_once('@') {
+                Some((_, domain)) => domain.to_string(),
+                None => spf.helo.clone(),
+            };
+            let dmarc = self
+                .inner
+                .verify_dmarc(mail_auth::dmarc::verify::DmarcParameters::new(
+                    &parsed,
+                    &whole,
+                    &mail_from_domain,
+                    &spf.output,
+                ))
+                .await;
+            let best_dkim = verdicts
+                .iter()
+                .map(|(outcome, _)| *outcome)
+                .min()
+                .unwrap_or(Outcome::None);
+            let others = AuthenticationResults::new(&self.authserv_id)
+                .with_spf_mailfrom_result(&spf.output, spf.client, &spf.sender, &spf.helo)
+                .with_dmarc_result(&dmarc)
+                .to_string();
+            let header = format!(
+                "{}{}{}",
+                self.authserv_id,
+                dkim_results(&dkim, &verdicts),
+                others
+                    .strip_prefix(self.authserv_id.as_str())
+                    .unwrap_or(&others)
+            );
+            (
+                best_dkim,
+                Outcome::of_dmarc(&dmarc.result()),
+                dmarc.policy(),
+                header,
+            )
+        };
+        match tokio::time::timeout(self.budget, checks).await {
+            Ok((dkim, dmarc, policy, header)) => {
+                let reject = self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject;
+                let mut verdict =
+                    self.finish(spf, spf_outcome, dkim, dmarc, &from_domain, Some(header));
+                verdict.reject = reject;
+                verdict
+            }
+            Err(_) => {
+                let (dkim, dmarc) = if parsed.dkim_headers.is_empty() {
+                    (Outcome::None, Outcome::TempError)
+                } else {
+                    (Outcome::TempError, Outcome::TempError)
+                };
+                self.finish(spf, spf_outcome, dkim, dmarc, &from_domain, None)
+            }
+        }
+    }
+
+    fn finish(
+        &self,
+        spf: &SpfVerdict,
+        spf_outcome: Outcome,
+        dkim: Outcome,
+        dmarc: Outcome,
+        from_domain: &str,
+        header: Option<String>,
+    ) -> Verdict {
+        for (method, outcome) in [("spf", spf_outcome), ("dkim", dkim), ("dmarc", dmarc)] {
+            telemetry::auth_result(method, outcome.as_str());
+        }
+        let header = header.unwrap_or_else(|| {
+            // What mail-auth would have written, with our own verdicts.
+            let mail_from = if spf.sender.is_empty() {
+                format!("postmaster@{}", spf.helo)
+            } else {
+                spf.sender.clone()
+            };
+            format!(
+                "{};\r\n\tdkim={};\r\n\tspf={} smtp.mailfrom={};\r\n\tdmarc={} header.from={}",
+                self.authserv_id,
+                dkim.as_str(),
+                spf_outcome.as_str(),
+                header_value(&mail_from),
+                dmarc.as_str(),
+                header_value(from_domain),
+            )
+        });
+        Verdict {
+            spf: spf_outcome.as_str().into(),
+            dkim: dkim.as_str().into(),
+            dmarc: dmarc.as_str().into(),
+            from_domain: from_domain.to_string(),
+            header: format!("Authentication-Results: {}\n", header.replace("\r\n", "\n")),
+            reject: false,
+        }
+    }
+}
+
+/// The `dkim=` entries of the header, one per signature, each with the
+/// result as programs get it, why when it is not a pass, and the
+/// signature's `header.d`, `header.s`, `header.i` and `header.b` (RFC 6008).
+fn dkim_results(outputs: &[DkimOutput<'_>], verdicts: &[(Outcome, Option<String>)]) -> String {
+    if outputs.is_empty() {
+        return ";\r\n\tdkim=none".into();
+    }
+    let mut out = String::new();
+    for (output, (outcome, ours)) in outputs.iter().zip(verdicts) {
+        out.push_str(";\r\n\tdkim=");
+        out.push_str(outcome.as_str());
+        let why = match output.result() {
+            _ if ours.is_some() => ours.clone(),
+            DkimResult::Pass | DkimResult::None => None,
+            DkimResult::Neutral(e)
+            | DkimResult::Fail(e)
+            | DkimResult::PermError(e)
+            | DkimResult::TempError(e) => Some(e.to_string()),
+        };
+        if let Some(why) = why {
+            out.push_str(&format!(" ({})", header_value(&why).replace('?', " ")));
+        }
+        if let Some(signature) = output.signature() {
+            out.push_str(&format!(
+                " header.d={} header.s={}",
+                header_value(&signature.d),
+                header_value(&signature.s)
+            ));
+            if !signature.i.is_empty() {
+                out.push_str(&format!(" header.i={}", header_value(&signature.i)));
+            }
+            if let Some(prefix) = signature.b.get(..6) {
+                out.push_str(&format!(" header.b={}", base64_of_six(prefix)));
+            }
+        }
+    }
+    out
+}
+
+/// The first 8 base64 characters of a signature (6 bytes), which tell
+/// signatures of one domain and selector apart.
+fn base64_of_six(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(8);
+    for group in bytes.chunks_exact(3) {
+        let n = u32::from(group[0]) << 16 | u32::from(group[1]) << 8 | u32::from(group[2]);
+        for shift in [18, 12, 6, 0] {
+            out.push(char::from(ALPHABET[(n >> shift) as usize & 63]));
+        }
+    }
+    out
+}
+
+/// The body's length as `l=` counts it (RFC 6376 3.5): with CRLF line
+/// ends, trailing empty lines not counted.
+fn signed_body_len(body: &[u8]) -> u64 {
+    let mut end = body.len();
+    while body[..end].ends_with(b"\r\n\r\n") {
+        end -= 2;
+    }
+    end as u64
+}
+
+/// Whether a DKIM signature in the header section has an `l=` tag: a
+/// look at the tag names of `DKIM-Signature:` fields, no hashing.
+fn has_length_limit(message: &[u8]) -> bool {
+    let headers_end = message
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .unwrap_or(message.len());
+    let headers = &message[..headers_end];
+    let mut fields: Vec<Vec<u8>> = Vec::new();
+    for line in headers.split(|&b| b == b'\n') {
+        match (line.first(), fields.last_mut()) {
+            (Some(b' ' | b'\t'), Some(field)) => field.extend_from_slice(line),
+            _ => fields.push(line.to_vec()),
+        }
+    }
+    fields.iter().any(|field| {
+        let Some(colon) = field.iter().position(|&b| b == b':') else {
+            return false;
+        };
+        field[..colon]
+            .trim_ascii()
+            .eq_ignore_ascii_case(b"DKIM-Signature")
+            && field[colon + 1..].split(|&b| b == b';').any(|tag| {
+                tag.split(|&b| b == b'=')
+                    .next()
+                    .is_some_and(|name| name.trim_ascii() == b"l")
+            })
+    })
+}
+
+fn crlf_line_ends(message: &[u8]) -> Vec<u8> {
+    let lines = message.iter().filter(|&&b| b == b'\n').count();
+    let mut out = Vec::with_capacity(message.len() + lines);
+    for &b in message {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// Client text made safe for a header value we compose ourselves.
+fn header_value(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_ascii_graphic() && !"();\\\"".contains(c) {
+                c
+            } else {
+                '?'
+            }
+        })
+        .collect()
+}
+
+/// A received message, mapped rather than read: DKIM of a 25 MB message
+/// costs no 25 MB of heap.
+pub(crate) enum MessageFile {
+    Mapped(memmap2::Mmap),
+    /// The file could not be mapped (or is empty): what could be read.
+    Read(Vec<u8>),
+}
+
+impl MessageFile {
+    pub(crate) fn open(path: &std::path::Path) -> Self {
+        let mapped = std::fs::File::open(path).and_then(|file| {
+            // SAFETY: the file is this session's own body in incoming/,
+            // written and flushed; nothing truncates or rewrites it while
+            // the map lives (the session holds it until the commit).
+            unsafe { memmap2::Mmap::map(&file) }
+        });
+        match mapped {
+            Ok(map) => MessageFile::Mapped(map),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), "cannot map the message for DKIM: {e}");
+                MessageFile::Read(std::fs::read(path).unwrap_or_default())
+            }
+        }
+    }
+
+    pub(crate) fn bytes(&self) -> &[u8] {
+        match self {
+            MessageFile::Mapped(map) => map,
+            MessageFile::Read(bytes) => bytes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signature_prefixes_are_base64_as_rfc_6008_shows_them() {
+        assert_eq!(base64_of_six(b"\x00\x00\x00\xff\xff\xff"), "AAAA////");
+        assert_eq!(base64_of_six(b"Man Ma"), "TWFuIE1h");
+    }
+
+    #[test]
+    fn an_l_tag_is_found_in_a_folded_signature_and_not_elsewhere() {
+        let signed = b"Received: x\nDKIM-Signature: v=1; a=rsa-sha256;\n l=13; d=a.test; s=s;\n b=x\nSubject: l=1\n\nl=2\n";
+        assert!(has_length_limit(signed));
+        let unsigned =
+            b"DKIM-Signature: v=1; d=l.test; bh=l=; b=x\nX-L: l=3\n\nDKIM-Signature: l=4\n";
+        assert!(!has_length_limit(unsigned));
+    }
+
+    #[test]
+    fn the_body_length_ignores_trailing_empty_lines_and_line_ends_become_crlf() {
+        assert_eq!(signed_body_len(b"abc\r\n\r\n\r\n"), 5);
+        assert_eq!(signed_body_len(b""), 0);
+        assert_eq!(crlf_line_ends(b"a\nb\n"), b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn the_best_dkim_result_is_the_most_favourable() {
+        let mut all = [
+            Outcome::None,
+            Outcome::Fail,
+            Outcome::Neutral,
+            Outcome::Pass,
+        ];
+        all.sort();
+        assert_eq!(all[0], Outcome::Pass);
+        assert!(Outcome::TempError < Outcome::Fail);
+    }
+}
