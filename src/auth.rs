@@ -122,14 +122,22 @@ pub struct Authenticator {
     inner: MessageAuthenticator,
     authserv_id: String,
     enforce: bool,
-    /// A bound on one whole check, over the resolver's own per-query
+    /// One DKIM signature: its key, asked over UDP then TCP.
+    signature_budget: Duration,
+    /// Bounds on SPF and on DMARC, over the resolver's own per-question
     /// timeout: a DNS server that never answers gives temperror.
-    budget: Duration,
+    spf_budget: Duration,
+    dmarc_budget: Duration,
 }
 
-/// A whole check may ask this many questions one after another (SPF's
-/// includes, a DKIM key, DMARC's record and organizational domain).
-const QUESTIONS_IN_A_ROW: u32 = 4;
+/// SPF may ask this many questions one after another (its includes and
+/// redirects); RFC 7208 4.6.4 allows 10 look-ups, most answered from cache.
+const SPF_QUESTIONS_IN_A_ROW: u32 = 4;
+/// DMARC: the From: domain's record, then the organizational domain's.
+const DMARC_QUESTIONS_IN_A_ROW: u32 = 3;
+/// Signatures checked per message, those of the From: domain first: each
+/// may cost a DNS question, and a sender gains nothing from more.
+pub const MAX_SIGNATURES: usize = 8;
 
 impl Authenticator {
     /// `authserv_id` is the node's hostname when the config leaves it empty.
@@ -168,7 +176,9 @@ impl Authenticator {
             inner,
             authserv_id,
             enforce: config.dmarc_policy == DmarcPolicy::Enforce,
-            budget: config.dns_timeout * QUESTIONS_IN_A_ROW + Duration::from_secs(1),
+            signature_budget: config.dns_timeout * 2 + Duration::from_secs(1),
+            spf_budget: config.dns_timeout * SPF_QUESTIONS_IN_A_ROW + Duration::from_secs(1),
+            dmarc_budget: config.dns_timeout * DMARC_QUESTIONS_IN_A_ROW + Duration::from_secs(1),
         })
     }
 
@@ -183,16 +193,17 @@ impl Authenticator {
         } else {
             SpfParameters::verify_mail_from(client, &helo, &self.authserv_id, &sender)
         };
-        let output = match tokio::time::timeout(self.budget, self.inner.verify_spf(params)).await {
-            Ok(output) => output,
-            Err(_) => {
-                let domain = match sender.rsplit_once('@') {
-                    Some((_, domain)) => domain,
-                    None => helo.as_str(),
-                };
-                SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError)
-            }
-        };
+        let output =
+            match tokio::time::timeout(self.spf_budget, self.inner.verify_spf(params)).await {
+                Ok(output) => output,
+                Err(_) => {
+                    let domain = match sender.rsplit_once('@') {
+                        Some((_, domain)) => domain,
+                        None => helo.as_str(),
+                    };
+                    SpfOutput::new(domain.to_string()).with_result(SpfResult::TempError)
+                }
+            };
         SpfVerdict {
             output,
             sender,
@@ -219,95 +230,112 @@ impl Authenticator {
         // Not strict: signatures with `l=` are verified (mail-auth's strict
         // mode refuses them outright); content after the signed length is
         // dealt with below.
-        let Some(parsed) = AuthenticatedMessage::parse_with_opts(message, None, false) else {
+        let Some(mut parsed) = AuthenticatedMessage::parse_with_opts(message, None, false) else {
             // Not even headers: nothing to verify, and no From: to align.
             return self.finish(spf, spf_outcome, Outcome::None, Outcome::None, "", None);
         };
-        let from_domain = parsed
-            .from()
-            .rsplit_once('@')
-            .map(|(_, d)| d.to_lowercase())
-            .unwrap_or_default();
+        let from_domain = plausible_domain(parsed.from().rsplit_once('@').map_or("", |(_, d)| d));
+        keep_signatures_worth_checking(&mut parsed, &from_domain);
         let body_len = signed_body_len(&message[parsed.body_offset as usize..]);
-        let checks = async {
-            let dkim = self.inner.verify_dkim(&parsed).await;
-            // A signature that covers only part of the body (`l=`) says
-            // nothing of what follows: the classic way to append a forged
-            // text to a genuine message. It counts as neutral, for the
-            // programs and for DMARC alike.
-            let partial = |o: &DkimOutput<'_>| {
-                o.signature()
-                    .is_some_and(|s| s.l > 0 && body_len > s.l && *o.result() == DkimResult::Pass)
-            };
-            let verdicts: Vec<(Outcome, Option<String>)> = dkim
-                .iter()
-                .map(|o| {
-                    if partial(o) {
-                        let l = o.signature().map_or(0, |s| s.l);
-                        (
-                            Outcome::Neutral,
-                            Some(format!("content after l={l} is unsigned")),
-                        )
-                    } else {
-                        (Outcome::of_dkim(o.result()), None)
-                    }
-                })
-                .collect();
-            let whole: Vec<DkimOutput<'_>> = dkim.iter().filter(|o| !partial(o)).cloned().collect();
-            let mail_from_domain = match spf.sender.rsplit_once('@') {
-                Some((_, domain)) => domain.to_string(),
-                None => spf.helo.clone(),
-            };
-            let dmarc = self
-                .inner
+
+        // Each signature is checked on its own, all at once, each within
+        // its own budget: one whose DNS never answers is a temperror of its
+        // own and cannot use up the time of the others or of DMARC (which
+        // would turn an enforced p=reject into a temperror that lets the
+        // mail in). A temperror of a signature of another domain than the
+        // From: domain's does not keep DMARC from failing.
+        let singles: Vec<AuthenticatedMessage<'_>> = parsed
+            .dkim_headers
+            .iter()
+            .map(|signature| {
+                let mut single = parsed.clone();
+                single.dkim_headers = vec![signature.clone()];
+                single
+            })
+            .collect();
+        let checked = futures_util::future::join_all(singles.iter().map(|single| async move {
+            match tokio::time::timeout(self.signature_budget, self.inner.verify_dkim(single)).await
+            {
+                Ok(outputs) => outputs,
+                Err(_) => single
+                    .dkim_headers
+                    .iter()
+                    .map(|h| {
+                        DkimOutput::temp_err(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(
+                            "no answer in time".into(),
+                        )))
+                        .with_signature(&h.header)
+                    })
+                    .collect(),
+            }
+        }))
+        .await;
+        let outputs: Vec<DkimOutput<'_>> = checked.into_iter().flatten().collect();
+        // A signature that covers only part of the body (`l=`) says
+        // nothing of what follows: the classic way to append a forged text
+        // to a genuine message. It counts as neutral, for the programs and
+        // for DMARC alike.
+        let partial = |o: &DkimOutput<'_>| {
+            o.signature()
+                .is_some_and(|s| s.l > 0 && body_len > s.l && *o.result() == DkimResult::Pass)
+        };
+        let verdicts: Vec<(Outcome, Option<String>)> = outputs
+            .iter()
+            .map(|o| match o.signature() {
+                Some(signature) if partial(o) => (
+                    Outcome::Neutral,
+                    Some(format!("content after l={} is unsigned", signature.l)),
+                ),
+                _ => (Outcome::of_dkim(o.result()), None),
+            })
+            .collect();
+        let whole: Vec<DkimOutput<'_>> = outputs.iter().filter(|o| !partial(o)).cloned().collect();
+        let best_dkim = verdicts
+            .iter()
+            .map(|(outcome, _)| *outcome)
+            .min()
+            .unwrap_or(Outcome::None);
+
+        let mail_from_domain = match spf.sender.rsplit_once('@') {
+            Some((_, domain)) => domain.to_string(),
+            None => spf.helo.clone(),
+        };
+        let dmarc = tokio::time::timeout(
+            self.dmarc_budget,
+            self.inner
                 .verify_dmarc(mail_auth::dmarc::verify::DmarcParameters::new(
                     &parsed,
                     &whole,
                     &mail_from_domain,
                     &spf.output,
-                ))
-                .await;
-            let best_dkim = verdicts
-                .iter()
-                .map(|(outcome, _)| *outcome)
-                .min()
-                .unwrap_or(Outcome::None);
-            let others = AuthenticationResults::new(&self.authserv_id)
-                .with_spf_mailfrom_result(&spf.output, spf.client, &spf.sender, &spf.helo)
-                .with_dmarc_result(&dmarc)
-                .to_string();
-            let header = format!(
-                "{}{}{}",
-                self.authserv_id,
-                dkim_results(&dkim, &verdicts),
-                others
-                    .strip_prefix(self.authserv_id.as_str())
-                    .unwrap_or(&others)
-            );
-            (
-                best_dkim,
-                Outcome::of_dmarc(&dmarc.result()),
-                dmarc.policy(),
-                header,
-            )
+                )),
+        )
+        .await;
+        let (dmarc, policy, header) = match dmarc {
+            Ok(dmarc) => {
+                let others = AuthenticationResults::new(&self.authserv_id)
+                    .with_spf_mailfrom_result(&spf.output, spf.client, &spf.sender, &spf.helo)
+                    .with_dmarc_result(&dmarc)
+                    .to_string();
+                let header = format!(
+                    "{}{}{}",
+                    self.authserv_id,
+                    dkim_results(&outputs, &verdicts),
+                    others
+                        .strip_prefix(self.authserv_id.as_str())
+                        .unwrap_or(&others)
+                );
+                (
+                    Outcome::of_dmarc(&dmarc.result()),
+                    dmarc.policy(),
+                    Some(header),
+                )
+            }
+            Err(_) => (Outcome::TempError, Policy::Unspecified, None),
         };
-        match tokio::time::timeout(self.budget, checks).await {
-            Ok((dkim, dmarc, policy, header)) => {
-                let reject = self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject;
-                let mut verdict =
-                    self.finish(spf, spf_outcome, dkim, dmarc, &from_domain, Some(header));
-                verdict.reject = reject;
-                verdict
-            }
-            Err(_) => {
-                let (dkim, dmarc) = if parsed.dkim_headers.is_empty() {
-                    (Outcome::None, Outcome::TempError)
-                } else {
-                    (Outcome::TempError, Outcome::TempError)
-                };
-                self.finish(spf, spf_outcome, dkim, dmarc, &from_domain, None)
-            }
-        }
+        let mut verdict = self.finish(spf, spf_outcome, best_dkim, dmarc, &from_domain, header);
+        verdict.reject = self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject;
+        verdict
     }
 
     fn finish(
@@ -325,7 +353,7 @@ impl Authenticator {
         let header = header.unwrap_or_else(|| {
             // What mail-auth would have written, with our own verdicts.
             let mail_from = if spf.sender.is_empty() {
-                format!("postmaster@{}", spf.helo)
+                "<>".to_string()
             } else {
                 spf.sender.clone()
             };
@@ -387,6 +415,39 @@ fn dkim_results(outputs: &[DkimOutput<'_>], verdicts: &[(Outcome, Option<String>
         }
     }
     out
+}
+
+/// The From: domain as programs get it in `AUTH_FROM_DOMAIN`: a domain
+/// name's characters only (letters of any script, digits, dot, hyphen),
+/// lowercased; anything else is not a domain and gives "".
+fn plausible_domain(domain: &str) -> String {
+    let plausible = !domain.is_empty()
+        && domain
+            .chars()
+            .all(|c| c.is_alphanumeric() || c == '.' || c == '-' || c == '_');
+    if plausible {
+        domain.to_lowercase()
+    } else {
+        String::new()
+    }
+}
+
+/// At most [`MAX_SIGNATURES`] signatures are checked: first those whose
+/// domain is the From: domain's or related to it (only those can make
+/// DMARC pass), then the others in order.
+fn keep_signatures_worth_checking(parsed: &mut AuthenticatedMessage<'_>, from_domain: &str) {
+    let related = |d: &str| {
+        let d = d.to_lowercase();
+        !from_domain.is_empty()
+            && (d == from_domain
+                || from_domain.ends_with(&format!(".{d}"))
+                || d.ends_with(&format!(".{from_domain}")))
+    };
+    if parsed.dkim_headers.len() > MAX_SIGNATURES {
+        // Stable: the order among the related and among the others stays.
+        parsed.dkim_headers.sort_by_key(|h| !related(&h.header.d));
+        parsed.dkim_headers.truncate(MAX_SIGNATURES);
+    }
 }
 
 /// The first 8 base64 characters of a signature (6 bytes), which tell

@@ -46,6 +46,8 @@ struct Dns {
     _server: Killed,
     addr: SocketAddr,
     key: PathBuf,
+    /// Where questions about `silent.test` go: bound, never read.
+    _silent: UdpSocket,
 }
 
 /// A TXT value in strings of at most 255 bytes, as dnsmasq takes them.
@@ -80,6 +82,8 @@ impl Dns {
             .expect("dknewkey runs (Debian's python3-dkim)");
         assert!(made.status.success(), "{made:?}");
         let public = std::fs::read_to_string(key_dir.join("sel1.dns")).unwrap();
+        let silent = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let silent_port = silent.local_addr().unwrap().port();
         let port = free_udp_port();
         let addr = SocketAddr::from(([127, 0, 0, 1], port));
         let records = [
@@ -105,6 +109,7 @@ impl Dns {
                 // Authoritative for the test TLD: unknown names are NXDOMAIN.
                 "--local=/test/",
             ])
+            .arg(format!("--server=/silent.test/127.0.0.1#{silent_port}"))
             .arg(format!("--port={port}"))
             .args(records)
             .stdin(Stdio::null())
@@ -127,16 +132,22 @@ impl Dns {
             _server: server,
             addr,
             key: key_dir.join("sel1.key"),
+            _silent: silent,
         }
     }
 
     /// `message` signed for good.test, `times` times.
     fn sign(&self, message: &str, length: bool, times: usize) -> Vec<u8> {
+        self.sign_as("good.test", message, length, times)
+    }
+
+    /// `message` signed with good.test's key in the name of `domain`.
+    fn sign_as(&self, domain: &str, message: &str, length: bool, times: usize) -> Vec<u8> {
         let mut child = Command::new(DEBIAN_PYTHON)
             .arg("-c")
             .arg(SIGN)
             .arg(&self.key)
-            .args(["sel1", "good.test", if length { "length" } else { "all" }])
+            .args(["sel1", domain, if length { "length" } else { "all" }])
             .arg(times.to_string())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -459,4 +470,25 @@ fn long_bodies_l_tags_and_a_hundred_signatures_verify_in_bounded_time() {
     assert_eq!(code, 250, "{reply}");
     assert_eq!(seen(&node, &reply).1["AUTH_DKIM"], "pass");
     assert!(took < Duration::from_secs(30), "took {took:?}");
+}
+
+#[test]
+fn signatures_whose_dns_never_answers_cannot_turn_an_enforced_reject_into_temperror() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = Dns::start(dir.path());
+    let node = auth_node(dns.addr, |c| {
+        c.auth.dmarc_policy = DmarcPolicy::Enforce;
+        c.auth.dns_timeout = Duration::from_secs(1);
+    });
+    // A spoof of a p=reject domain, with twenty signatures whose keys
+    // live behind a DNS server that never answers.
+    let spoof = message("CEO <ceo@fail.test>", "wire the money", "now");
+    let padded = dns.sign_as("silent.test", &spoof, false, 20);
+    let started = Instant::now();
+    let (code, reply) = send(&node, "client.example", "ceo@fail.test", &padded);
+    let took = started.elapsed();
+    assert_eq!(code, 550, "{reply}");
+    assert_eq!(node.queue_files(), 0);
+    // At most 8 signatures are checked, a second each at most.
+    assert!(took < Duration::from_secs(20), "took {took:?}");
 }

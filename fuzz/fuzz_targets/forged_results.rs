@@ -2,8 +2,8 @@
 //! claiming our authserv-id, as the session feeds it: in chunks. Beyond
 //! "no panic": what passes does not depend on where the chunks were cut;
 //! it is the input with whole header fields removed, the body untouched;
-//! every field removed is an A-R field naming our id, and none that names
-//! it early enough (within DECIDE_WITHIN bytes) is left.
+//! exactly the A-R fields naming our id, or naming none within the first
+//! DECIDE_WITHIN bytes, are removed.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -55,7 +55,8 @@ fn split(input: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     }
 }
 
-/// The authserv-id an A-R field names, if it is one.
+/// Whether the filter must remove this field: an A-R field naming our id,
+/// or hiding its id past the first DECIDE_WITHIN bytes.
 fn names_ours(field: &[u8]) -> bool {
     let Some(colon) = field.iter().position(|&b| b == b':') else {
         return false;
@@ -80,8 +81,11 @@ fn names_ours(field: &[u8]) -> bool {
     while i < value.len() && !matches!(value[i], b';' | b' ' | b'\t' | b'\r' | b'\n' | b'(') {
         i += 1;
     }
-    // Decided within the bound: the id and its delimiter were held.
-    colon + 1 + i < DECIDE_WITHIN && value[start..i].eq_ignore_ascii_case(OURS.as_bytes())
+    let whole_within_bound = colon + 1 + i < DECIDE_WITHIN;
+    if field.len() >= DECIDE_WITHIN && !whole_within_bound {
+        return true;
+    }
+    start < i && value[start..i].eq_ignore_ascii_case(OURS.as_bytes())
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -13,9 +13,11 @@ Parts (BENCH_ONLY, comma-separated; default all):
   window   the duplicate window: last delivery to durable removal, p50/p99/max (20 sessions)
   tls      Postfix (smtpd_tls_security_level = may) then mailnode, the same certificate,
            20 sessions, a full STARTTLS handshake per message; CPU per handshake
+  auth     mailnode with [auth] off, then on against a local dnsmasq, 20 sessions of
+           DKIM-signed 4 KB messages whose SPF, DKIM and DMARC all pass
 
 Load is Postfix's smtp-source, one connection per message; for TLS, which
-smtp-source cannot speak, ops/bench/tls_load.rs (the same for both servers). Each server
+smtp-source cannot speak, ops/bench/smtp_load.rs (the same for both servers). Each server
 delivers to the same sink program (ops/bench/sink.c), which appends the
 message's Message-Id to a log: "delivered" is the log reaching N lines, and
 exactly-once is N lines holding N different ids, still N a second later.
@@ -261,8 +263,8 @@ def wait_banner(port, timeout, proc=None, what="server"):
     raise BenchError(f"{what}: no 220 greeting on {HOST}:{port} within {timeout} s ({last})")
 
 
-def port_free(port):
-    with socket.socket() as s:
+def port_free(port, udp=False):
+    with socket.socket(type=socket.SOCK_DGRAM if udp else socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
@@ -313,6 +315,52 @@ def make_pki(workdir):
          "-days", "30", "-extfile", "server.ext", "-out", "server.pem")
     os.chmod(os.path.join(d, "server.key"), 0o644)
     return {k: os.path.join(d, f) for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
+class AuthDns:
+    """dnsmasq on a loopback port serving bench.test's SPF (127.0.0.1),
+    DKIM key and DMARC record (p=reject), and a 4 KB message signed for
+    bench.test by dkimpy (Debian's python3-dkim) with From, To and Subject
+    signed, so that its Message-Id, outside the signature, can be made
+    unique per message (@@N@@) by the load client."""
+
+    PORT = 10053
+
+    def __init__(self, workdir):
+        d = os.path.join(workdir, "auth")
+        os.makedirs(d, exist_ok=True)
+        subprocess.run(["dknewkey", "--ktype", "rsa", "bench"], cwd=d, check=True, capture_output=True)
+        with open(os.path.join(d, "bench.dns")) as f:
+            public = f.read().strip()
+        parts = ",".join(public[i:i + 250] for i in range(0, len(public), 250))
+        self.port = self.PORT
+        if not port_free(self.port, udp=True):
+            raise BenchError(f"UDP port {self.port} is in use: stop what listens there")
+        self.proc = subprocess.Popen(
+            ["dnsmasq", "--keep-in-foreground", "--no-resolv", "--no-hosts", "--conf-file=/dev/null",
+             "--bind-interfaces", f"--listen-address={HOST}", f"--port={self.port}", "--pid-file=",
+             "--local=/test/", "--txt-record=bench.test,v=spf1 ip4:127.0.0.1 -all",
+             f"--txt-record=bench._domainkey.bench.test,{parts}",
+             "--txt-record=_dmarc.bench.test,v=DMARC1; p=reject"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        body = ("0123456789abcdefghijklmnopqrstuvwxyz0123456789abcdefghijklmnopqrstuv\r\n" * 60)
+        message = (f"From: <{SENDER}>\r\nTo: <{RCPT}>\r\nSubject: auth bench\r\n\r\n{body}").encode()
+        signed = subprocess.run(
+            ["/usr/bin/python3", "-c",
+             "import sys, dkim; key = open(sys.argv[1], 'rb').read(); m = sys.stdin.buffer.read(); "
+             "sys.stdout.buffer.write(dkim.sign(m, b'bench', b'bench.test', key, "
+             "include_headers=[b'from', b'to', b'subject']) + m)",
+             os.path.join(d, "bench.key")],
+            input=message, capture_output=True, check=True).stdout
+        head, sep, rest = signed.partition(b"\r\n\r\n")
+        self.template = os.path.join(d, "template.eml")
+        with open(self.template, "wb") as f:
+            f.write(head + f"\r\nMessage-Id: <auth-@@N@@.{os.getpid()}@bench.test>".encode() + sep + rest)
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait()
 
 
 def smtp_source_cmd(port, sessions, size, n):
@@ -735,9 +783,9 @@ class Bench:
         self.idle_n = env_int("BENCH_IDLE", 500 if self.quick else 10_000)
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.parts = [p.strip() for p in only.split(",") if p.strip()] if only else \
-            ["compare", "sizes", "inline", "backlog", "idle", "window", "tls"]
+            ["compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"]
         for p in self.parts:
-            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls"):
+            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"):
                 raise BenchError(f"BENCH_ONLY: unknown part {p!r}")
         self.workdir = args.workdir
         self.dlog = DeliveryLog(os.path.join(self.workdir, "out", "delivered.log"))
@@ -989,10 +1037,10 @@ class Bench:
 
     def part_tls(self):
         pki = make_pki(self.workdir)
-        tls_load = self.args.tls_load
+        load_client = self.args.load_client
 
         def client(port, sessions, size, n):
-            return [tls_load, str(port), str(sessions), str(n), str(size), pki["ca"]]
+            return [load_client, str(port), str(sessions), str(n), str(size), pki["ca"]]
 
         conf = self.mailnode.write_config(
             "tls", extra=f'[tls]\ncert = "{pki["cert"]}"\nkey = "{pki["key"]}"\n')
@@ -1015,6 +1063,28 @@ class Bench:
                     self.postfix.set_tls(None, None)
         self.results["tls"] = {"load": out, "handshakes": handshakes}
 
+    def part_auth(self):
+        dns = AuthDns(self.workdir)
+        try:
+            client = lambda port, sessions, size, n: [  # noqa: E731
+                self.args.load_client, str(port), str(sessions), str(n), str(size), "-",
+                "--clear", "--template", dns.template]
+            off = self.mailnode.write_config("auth-off")
+            on = self.mailnode.write_config(
+                "auth-on", extra=f'[auth]\nenabled = true\nnameservers = ["{HOST}:{dns.port}"]\n'
+                                 'dns_timeout = "2s"\n')
+            out = []
+            for conf, label in ((off, "mailnode auth off"), (on, "mailnode auth on")):
+                log(f"auth: {label}")
+                self.mailnode.start(conf, label.replace(" ", "-"))
+                try:
+                    out.append(self.load(self.mailnode, 20, 4 * KB, f"{label} 20 sess 4 KB", client=client))
+                finally:
+                    self.mailnode.stop()
+            self.results["auth"] = out
+        finally:
+            dns.stop()
+
     def handshakes(self, server, client, n):
         """The server's CPU time (its whole process tree) per session of n
         STARTTLS sessions without mail (EHLO, STARTTLS, handshake, QUIT),
@@ -1031,7 +1101,7 @@ class Bench:
                                timeout=300)
             took = time.monotonic() - t0
             if r.returncode != 0:
-                raise BenchError(f"{server.name}: tls-load {mode} failed: {r.stdout}{r.stderr[-500:]}")
+                raise BenchError(f"{server.name}: smtp-load {mode} failed: {r.stdout}{r.stderr[-500:]}")
             return count / took, 1000 * (tree_cpu_seconds(root) - cpu0) / count
 
         run("--handshake-only", 200)
@@ -1044,7 +1114,7 @@ class Bench:
         return h
 
     def run(self):
-        for part in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls"):
+        for part in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"):
             if part in self.parts:
                 getattr(self, f"part_{part}")()
 
@@ -1282,8 +1352,8 @@ def report(b, machine, error=None):
         w("### TLS: a full STARTTLS handshake per message (20 sessions, 4 KB)")
         w("")
         w("The same certificate (P-256, signed by a CA made for the run) for both; Postfix with "
-          "`smtpd_tls_security_level = may`, mailnode with `[tls]`. Load: `ops/bench/tls_load.rs` "
-          "(`tls-load`), one connection per message: EHLO, STARTTLS, a full handshake (resumption off), "
+          "`smtpd_tls_security_level = may`, mailnode with `[tls]`. Load: `ops/bench/smtp_load.rs` "
+          "(`smtp-load`), one connection per message: EHLO, STARTTLS, a full handshake (resumption off), "
           "EHLO, MAIL, RCPT, DATA, QUIT. *CPU per STARTTLS session*: the server's whole process tree's CPU "
           "time over sessions without mail (EHLO, STARTTLS, handshake, QUIT), after a warm-up, divided by "
           "their number; *in clear*: the same for EHLO and QUIT alone; *TLS itself*: the difference. Postfix "
@@ -1313,6 +1383,26 @@ def report(b, machine, error=None):
             w(f"| 20 sessions, STARTTLS | {ratio(m['accepted_rate'], p['accepted_rate'])} | "
               f"{ratio(m['delivered_rate'], p['delivered_rate'])} | {ratio(m['peak_pss_kib'], p['peak_pss_kib'])} | {cpu} |")
             w("")
+
+    auth = b.results.get("auth")
+    if auth:
+        w("### Sender authentication: [auth] off and on (mailnode, 20 sessions, 4 KB, DKIM-signed)")
+        w("")
+        w("The same DKIM-signed message (dkimpy, RSA 2048, From/To/Subject signed; a unique Message-Id "
+          "outside the signature) sent by `smtp-load --clear --template`, one connection per message, "
+          "against mailnode with `[auth]` off and then on, asking a local dnsmasq (SPF, DKIM key and "
+          "DMARC record of bench.test: every check passes; hickory caches the answers).")
+        w("")
+        w("| [auth] | N | accepted/s | delivered/s | peak PSS MiB | exactly-once |")
+        w("|---|---:|---:|---:|---:|---|")
+        for r in auth:
+            w(f"| {r['label'].split(' 20 sess')[0].replace('mailnode auth ', '')} | {r['n']} | "
+              f"{r['accepted_rate']:.0f} | {r['delivered_rate']:.0f} | {mib(r['peak_pss_kib']):.1f} | {eo(r)} |")
+        if len(auth) == 2:
+            w("")
+            w(f"On / off: accepted {ratio(auth[1]['accepted_rate'], auth[0]['accepted_rate'])}, "
+              f"delivered {ratio(auth[1]['delivered_rate'], auth[0]['delivered_rate'])}.")
+        w("")
 
     w("### How it was run")
     w("")
@@ -1425,7 +1515,7 @@ def main():
     ap.add_argument("--sink-build", default="freestanding", choices=["freestanding", "libc"],
                     help="how ops/bench/run built the sink (for the report)")
     ap.add_argument("--postfix-config", required=True)
-    ap.add_argument("--tls-load", required=True, help="the TLS load client (ops/bench/tls_load.rs)")
+    ap.add_argument("--load-client", required=True, help="the SMTP load client for TLS and [auth] (ops/bench/smtp_load.rs)")
     args = ap.parse_args()
     args.workdir = os.path.abspath(args.workdir)
     args.mailnode = os.path.abspath(args.mailnode)

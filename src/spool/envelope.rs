@@ -15,7 +15,9 @@ use crate::delivery::status::EnhancedCode;
 
 const MAGIC: &[u8; 4] = b"MNQE";
 /// 2 added each delivery's status and history, and the Bounced state; 3 the
-/// body check. Versions 1 and 2 are still read.
+/// body check; 4 the TLS version and cipher; 5 the `[auth]` verdict. Every
+/// older version is still read, and each message is written in the oldest
+/// version that holds it (see [`encode`]).
 const VERSION: u16 = 5;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;

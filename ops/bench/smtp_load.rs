@@ -1,8 +1,9 @@
-//! tls-load: the TLS load client of the benchmark (ops/bench/run, part
-//! `tls`), the same for Postfix and mailnode, since smtp-source cannot
-//! speak TLS.
+//! smtp-load: the benchmark's load client where smtp-source cannot do the
+//! job (ops/bench/run, parts `tls` and `auth`): it speaks TLS, and it sends
+//! a given (DKIM-signed) message. The same client for every server.
 //!
-//!     cargo run --release --example tls-load -- PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only | --plain-only]
+//!     cargo run --release --example smtp-load -- PORT SESSIONS MESSAGES SIZE CA_PEM
+//!         [--handshake-only | --plain-only | --clear] [--template FILE]
 //!
 //! SESSIONS connections at once, each message on a connection of its own:
 //! EHLO, STARTTLS, a full handshake (session resumption off, so every
@@ -12,7 +13,11 @@
 //! `--plain-only` is the same session without TLS (EHLO, QUIT), whose cost
 //! taken from the former leaves what TLS itself costs. The
 //! server's certificate must be for `localhost` and signed by CA_PEM.
-//! Prints one line: `sent N failed F seconds S`; exits 1 if any failed.
+//! `--clear` sends the messages without STARTTLS (CA_PEM is then unused,
+//! `-` will do). `--template FILE` sends FILE (CRLF line ends, no final
+//! dot) in place of a generated message, each `@@N@@` in it replaced by the
+//! message's number: a Message-Id outside what a DKIM signature covers
+//! keeps the signature valid and every message distinct. Prints one line: `sent N failed F seconds S`; exits 1 if any failed.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -36,6 +41,8 @@ enum Mode {
     HandshakeOnly,
     /// EHLO and QUIT in clear.
     PlainOnly,
+    /// A message in clear, no STARTTLS.
+    Clear,
 }
 
 struct Load {
@@ -43,6 +50,8 @@ struct Load {
     connector: tokio_rustls::TlsConnector,
     size: usize,
     mode: Mode,
+    /// `--template`: the message to send, `@@N@@` standing for its number.
+    template: Option<String>,
     next: AtomicUsize,
     total: usize,
 }
@@ -106,9 +115,12 @@ async fn one(load: &Load, n: usize) -> Result<(), String> {
     let _ = tcp.set_nodelay(true);
     let mut plain = BufReader::new(tcp);
     expect(&mut plain, "220").await?;
-    say(&mut plain, b"EHLO tls-load.bench.test\r\n", "250").await?;
+    say(&mut plain, b"EHLO smtp-load.bench.test\r\n", "250").await?;
     if load.mode == Mode::PlainOnly {
         return say(&mut plain, b"QUIT\r\n", "221").await;
+    }
+    if load.mode == Mode::Clear {
+        return transaction(&mut plain, load, n).await;
     }
     say(&mut plain, b"STARTTLS\r\n", "220").await?;
     if !plain.buffer().is_empty() {
@@ -124,17 +136,34 @@ async fn one(load: &Load, n: usize) -> Result<(), String> {
     if load.mode == Mode::HandshakeOnly {
         return say(&mut tls, b"QUIT\r\n", "221").await;
     }
-    say(&mut tls, b"EHLO tls-load.bench.test\r\n", "250").await?;
+    say(&mut tls, b"EHLO smtp-load.bench.test\r\n", "250").await?;
+    transaction(&mut tls, load, n).await
+}
+
+/// MAIL, RCPT, DATA with message `n`, QUIT.
+async fn transaction<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut BufReader<S>,
+    load: &Load,
+    n: usize,
+) -> Result<(), String> {
     say(
-        &mut tls,
+        stream,
         format!("MAIL FROM:<{SENDER}>\r\n").as_bytes(),
         "250",
     )
     .await?;
-    say(&mut tls, format!("RCPT TO:<{RCPT}>\r\n").as_bytes(), "250").await?;
-    say(&mut tls, b"DATA\r\n", "354").await?;
-    say(&mut tls, &message(n, load.size), "250").await?;
-    say(&mut tls, b"QUIT\r\n", "221").await
+    say(stream, format!("RCPT TO:<{RCPT}>\r\n").as_bytes(), "250").await?;
+    say(stream, b"DATA\r\n", "354").await?;
+    let content = match &load.template {
+        Some(template) => {
+            let mut m = template.replace("@@N@@", &n.to_string()).into_bytes();
+            m.extend_from_slice(b".\r\n");
+            m
+        }
+        None => message(n, load.size),
+    };
+    say(stream, &content, "250").await?;
+    say(stream, b"QUIT\r\n", "221").await
 }
 
 async fn session(load: Arc<Load>) -> usize {
@@ -145,7 +174,7 @@ async fn session(load: Arc<Load>) -> usize {
             return failed;
         }
         if let Err(e) = one(&load, n).await {
-            eprintln!("tls-load: message {n}: {e}");
+            eprintln!("smtp-load: message {n}: {e}");
             failed += 1;
         }
     }
@@ -153,7 +182,7 @@ async fn session(load: Arc<Load>) -> usize {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: tls-load PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only | --plain-only] (connects to 127.0.0.1)"
+        "usage: smtp-load PORT SESSIONS MESSAGES SIZE CA_PEM [--handshake-only | --plain-only | --clear] [--template FILE] (connects to 127.0.0.1)"
     );
     std::process::exit(64)
 }
@@ -166,16 +195,40 @@ async fn main() {
     }
     let number = |i: usize| args[i].parse::<usize>().unwrap_or_else(|_| usage());
     let (port, sessions, total, size) = (number(0), number(1), number(2), number(3));
+    let flags = &args[5..];
+    let mode = if flags.iter().any(|f| f == "--handshake-only") {
+        Mode::HandshakeOnly
+    } else if flags.iter().any(|f| f == "--plain-only") {
+        Mode::PlainOnly
+    } else if flags.iter().any(|f| f == "--clear") {
+        Mode::Clear
+    } else {
+        Mode::Message
+    };
+    let template = match flags.iter().position(|f| f == "--template") {
+        Some(at) => {
+            let path = flags.get(at + 1).unwrap_or_else(|| usage());
+            Some(std::fs::read_to_string(path).unwrap_or_else(|e| {
+                eprintln!("smtp-load: {path}: {e}");
+                std::process::exit(66)
+            }))
+        }
+        None => None,
+    };
     let mut roots = rustls::RootCertStore::empty();
-    let ca = CertificateDer::pem_file_iter(&args[4])
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-        .unwrap_or_else(|e| {
-            eprintln!("tls-load: {}: {e}", args[4]);
-            std::process::exit(66)
-        });
+    let ca = if mode == Mode::Clear {
+        Ok(Vec::new())
+    } else {
+        CertificateDer::pem_file_iter(&args[4])
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    }
+    .unwrap_or_else(|e| {
+        eprintln!("smtp-load: {}: {e}", args[4]);
+        std::process::exit(66)
+    });
     for cert in ca {
         if let Err(e) = roots.add(cert) {
-            eprintln!("tls-load: {}: {e}", args[4]);
+            eprintln!("smtp-load: {}: {e}", args[4]);
             std::process::exit(66)
         }
     }
@@ -184,7 +237,7 @@ async fn main() {
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .unwrap_or_else(|e| {
-            eprintln!("tls-load: {e}");
+            eprintln!("smtp-load: {e}");
             std::process::exit(70)
         })
         .with_root_certificates(roots)
@@ -195,12 +248,8 @@ async fn main() {
         addr: SocketAddr::from(([127, 0, 0, 1], port as u16)),
         connector: tokio_rustls::TlsConnector::from(Arc::new(config)),
         size,
-        mode: match args.get(5).map(String::as_str) {
-            None => Mode::Message,
-            Some("--handshake-only") => Mode::HandshakeOnly,
-            Some("--plain-only") => Mode::PlainOnly,
-            Some(_) => usage(),
-        },
+        mode,
+        template,
         next: AtomicUsize::new(0),
         total,
     });
