@@ -244,32 +244,25 @@ impl Authenticator {
         // would turn an enforced p=reject into a temperror that lets the
         // mail in). A temperror of a signature of another domain than the
         // From: domain's does not keep DMARC from failing.
-        let singles: Vec<AuthenticatedMessage<'_>> = parsed
-            .dkim_headers
-            .iter()
-            .map(|signature| {
-                let mut single = parsed.clone();
-                single.dkim_headers = vec![signature.clone()];
-                single
-            })
-            .collect();
-        let checked = futures_util::future::join_all(singles.iter().map(|single| async move {
-            match tokio::time::timeout(self.signature_budget, self.inner.verify_dkim(single)).await
-            {
-                Ok(outputs) => outputs,
-                Err(_) => single
-                    .dkim_headers
-                    .iter()
-                    .map(|h| {
-                        DkimOutput::temp_err(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(
-                            "no answer in time".into(),
-                        )))
-                        .with_signature(&h.header)
-                    })
-                    .collect(),
-            }
-        }))
-        .await;
+        let singles: Vec<AuthenticatedMessage<'_>> = if parsed.dkim_headers.len() > 1 {
+            parsed
+                .dkim_headers
+                .iter()
+                .map(|signature| {
+                    let mut single = parsed.clone();
+                    single.dkim_headers = vec![signature.clone()];
+                    single
+                })
+                .collect()
+        } else {
+            // The usual case, one signature or none: checked in place.
+            Vec::new()
+        };
+        let checked = if singles.is_empty() {
+            vec![self.check_signatures(&parsed).await]
+        } else {
+            futures_util::future::join_all(singles.iter().map(|s| self.check_signatures(s))).await
+        };
         let outputs: Vec<DkimOutput<'_>> = checked.into_iter().flatten().collect();
         // A signature that covers only part of the body (`l=`) says
         // nothing of what follows: the classic way to append a forged text
@@ -336,6 +329,27 @@ impl Authenticator {
         let mut verdict = self.finish(spf, spf_outcome, best_dkim, dmarc, &from_domain, header);
         verdict.reject = self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject;
         verdict
+    }
+
+    /// The signatures of `message`, within one signature's budget; past
+    /// it, each is a temperror.
+    async fn check_signatures<'x>(
+        &self,
+        message: &'x AuthenticatedMessage<'x>,
+    ) -> Vec<DkimOutput<'x>> {
+        match tokio::time::timeout(self.signature_budget, self.inner.verify_dkim(message)).await {
+            Ok(outputs) => outputs,
+            Err(_) => message
+                .dkim_headers
+                .iter()
+                .map(|h| {
+                    DkimOutput::temp_err(mail_auth::Error::Dns(mail_auth::DnsError::Resolver(
+                        "no answer in time".into(),
+                    )))
+                    .with_signature(&h.header)
+                })
+                .collect(),
+        }
     }
 
     fn finish(
@@ -475,33 +489,43 @@ fn signed_body_len(body: &[u8]) -> u64 {
 }
 
 /// Whether a DKIM signature in the header section has an `l=` tag: a
-/// look at the tag names of `DKIM-Signature:` fields, no hashing.
+/// look at the tag names of `DKIM-Signature:` fields, no hashing and no
+/// copy.
 fn has_length_limit(message: &[u8]) -> bool {
     let headers_end = message
         .windows(2)
         .position(|w| w == b"\n\n")
         .unwrap_or(message.len());
-    let headers = &message[..headers_end];
-    let mut fields: Vec<Vec<u8>> = Vec::new();
-    for line in headers.split(|&b| b == b'\n') {
-        match (line.first(), fields.last_mut()) {
-            (Some(b' ' | b'\t'), Some(field)) => field.extend_from_slice(line),
-            _ => fields.push(line.to_vec()),
+    let mut in_signature = false;
+    for line in message[..headers_end].split(|&b| b == b'\n') {
+        let value = match line.first() {
+            Some(b' ' | b'\t') if in_signature => line,
+            _ => {
+                let Some(colon) = line.iter().position(|&b| b == b':') else {
+                    in_signature = false;
+                    continue;
+                };
+                in_signature = line[..colon]
+                    .trim_ascii()
+                    .eq_ignore_ascii_case(b"DKIM-Signature");
+                if !in_signature {
+                    continue;
+                }
+                &line[colon + 1..]
+            }
+        };
+        // A tag begins the value or follows a `;`: its name ends at `=`.
+        let has_l = value.split(|&b| b == b';').any(|tag| {
+            tag.split(|&b| b == b'=')
+                .next()
+                .is_some_and(|name| name.trim_ascii() == b"l")
+                && tag.contains(&b'=')
+        });
+        if has_l {
+            return true;
         }
     }
-    fields.iter().any(|field| {
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            return false;
-        };
-        field[..colon]
-            .trim_ascii()
-            .eq_ignore_ascii_case(b"DKIM-Signature")
-            && field[colon + 1..].split(|&b| b == b';').any(|tag| {
-                tag.split(|&b| b == b'=')
-                    .next()
-                    .is_some_and(|name| name.trim_ascii() == b"l")
-            })
-    })
+    false
 }
 
 fn crlf_line_ends(message: &[u8]) -> Vec<u8> {
@@ -529,29 +553,36 @@ fn header_value(text: &str) -> String {
         .collect()
 }
 
-/// A received message, mapped rather than read: DKIM of a 25 MB message
-/// costs no 25 MB of heap.
+/// Messages larger than this are mapped rather than read: DKIM of a 25 MB
+/// message costs no 25 MB of heap. Smaller ones are read: unmapping costs
+/// every core a TLB flush, dearer than copying a few kilobytes.
+const MAP_FROM: u64 = 1 << 20;
+
+/// A received message, for DKIM.
 pub(crate) enum MessageFile {
     Mapped(memmap2::Mmap),
-    /// The file could not be mapped (or is empty): what could be read.
     Read(Vec<u8>),
 }
 
 impl MessageFile {
     pub(crate) fn open(path: &std::path::Path) -> Self {
-        let mapped = std::fs::File::open(path).and_then(|file| {
+        let opened = std::fs::File::open(path).and_then(|file| {
+            let len = file.metadata()?.len();
+            if len < MAP_FROM {
+                let mut bytes = Vec::with_capacity(len as usize);
+                std::io::Read::read_to_end(&mut &file, &mut bytes)?;
+                return Ok(MessageFile::Read(bytes));
+            }
             // SAFETY: the file is this session's own body in incoming/,
             // written and flushed; nothing truncates or rewrites it while
             // the map lives (the session holds it until the commit).
-            unsafe { memmap2::Mmap::map(&file) }
+            unsafe { memmap2::Mmap::map(&file) }.map(MessageFile::Mapped)
         });
-        match mapped {
-            Ok(map) => MessageFile::Mapped(map),
-            Err(e) => {
-                tracing::warn!(path = %path.display(), "cannot map the message for DKIM: {e}");
-                MessageFile::Read(std::fs::read(path).unwrap_or_default())
-            }
-        }
+        opened.unwrap_or_else(|e| {
+            // Nothing to verify: the checks then say none.
+            tracing::warn!(path = %path.display(), "cannot read the message for DKIM: {e}");
+            MessageFile::Read(Vec::new())
+        })
     }
 
     pub(crate) fn bytes(&self) -> &[u8] {

@@ -492,3 +492,41 @@ fn signatures_whose_dns_never_answers_cannot_turn_an_enforced_reject_into_temper
     // At most 8 signatures are checked, a second each at most.
     assert!(took < Duration::from_secs(20), "took {took:?}");
 }
+
+#[test]
+fn the_verdict_is_kept_with_the_queued_message_and_shown_by_ctl() {
+    let dir = tempfile::tempdir().unwrap();
+    let dns = Dns::start(dir.path());
+    let node = TestNode::start_with("record: |exit 75\n", |c| {
+        c.hostname = "mx.test".into();
+        c.auth.enabled = true;
+        c.auth.nameservers = vec![dns.addr];
+        c.queue.retry_min = Duration::from_secs(3600);
+        c.queue.retry_max = Duration::from_secs(3600);
+    });
+    let signed = dns.sign(&message("alice@good.test", "kept", "x"), false, 1);
+    let (code, reply) = send(&node, "client.good.test", "alice@good.test", &signed);
+    assert_eq!(code, 250, "{reply}");
+    let id = reply.rsplit(' ').next().unwrap().to_string();
+    let shown = wait_for(Duration::from_secs(20), || {
+        let out = Command::new(env!("CARGO_BIN_EXE_mailnode"))
+            .args(["ctl", "--json", "--control"])
+            .arg(node.dir.path().join("ctl.sock"))
+            .args(["queue", "show", &id])
+            .output()
+            .ok()?;
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (v["recipients"][0]["attempts"].as_u64()? >= 1).then_some(v)
+    })
+    .expect("queue show");
+    assert_eq!(
+        (
+            shown["auth_spf"].as_str(),
+            shown["auth_dkim"].as_str(),
+            shown["auth_dmarc"].as_str(),
+            shown["auth_from_domain"].as_str()
+        ),
+        (Some("pass"), Some("pass"), Some("pass"), Some("good.test")),
+        "{shown}"
+    );
+}

@@ -39,6 +39,11 @@ pub(crate) fn answer(
             v["channel"] = env.channel.clone().into();
             v["tls_version"] = env.tls_version.clone().into();
             v["tls_cipher"] = env.tls_cipher.clone().into();
+            // The [auth] verdict, as its program gets it (empty without).
+            v["auth_spf"] = env.auth.spf.clone().into();
+            v["auth_dkim"] = env.auth.dkim.clone().into();
+            v["auth_dmarc"] = env.auth.dmarc.clone().into();
+            v["auth_from_domain"] = env.auth.from_domain.clone().into();
             v["arrival"] = rfc3339(env.arrival).into();
             Ok(v)
         }
