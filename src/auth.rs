@@ -113,8 +113,17 @@ pub struct Verdict {
     pub from_domain: String,
     /// `Authentication-Results: ...`, LF line ends, ending in LF.
     pub header: String,
-    /// DMARC failed under `p=reject` and `dmarc_policy = "enforce"`.
-    pub reject: bool,
+    /// `dmarc_policy = "enforce"` refuses the message, and why.
+    pub refusal: Option<Refusal>,
+}
+
+/// Why `enforce` refuses a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// DMARC failed and the From: domain asks for `p=reject`.
+    DmarcReject,
+    /// The From: header names more than one domain.
+    SeveralFromDomains,
 }
 
 /// The node's checker: one resolver (with its cache) for every session.
@@ -135,9 +144,17 @@ pub struct Authenticator {
 const SPF_QUESTIONS_IN_A_ROW: u32 = 4;
 /// DMARC: the From: domain's record, then the organizational domain's.
 const DMARC_QUESTIONS_IN_A_ROW: u32 = 3;
-/// Signatures checked per message, those of the From: domain first: each
-/// may cost a DNS question, and a sender gains nothing from more.
+/// DKIM-Signature fields checked per message, the first ones: each may cost
+/// a DNS question and a pass over the body, and a sender gains nothing
+/// from more.
 pub const MAX_SIGNATURES: usize = 8;
+/// A DKIM-Signature field longer than this is not checked: real ones are
+/// under 1 KiB, and mail-auth's work grows with the square of `h=`.
+const SIGNATURE_FIELD: usize = 4096;
+/// Of one value we write into the header (a domain, a selector, a reason).
+const VALUE_LIMIT: usize = 255;
+/// The whole `Authentication-Results:` header.
+const HEADER_LIMIT: usize = 8192;
 
 impl Authenticator {
     /// `authserv_id` is the node's hostname when the config leaves it empty.
@@ -216,6 +233,18 @@ impl Authenticator {
     /// with the SPF verdict of its transaction.
     pub async fn verify(&self, message: &[u8], spf: &SpfVerdict) -> Verdict {
         let spf_outcome = Outcome::of_spf(spf.output.result());
+        // mail-auth parses and hashes every DKIM-Signature field before
+        // anything can be bounded, in time that grows with their number and
+        // size: at most MAX_SIGNATURES fields of at most SIGNATURE_FIELD
+        // bytes reach it (a copy without the others, only then).
+        let trimmed;
+        let message = match without_excess_signatures(message) {
+            Some(copy) => {
+                trimmed = copy;
+                &trimmed[..]
+            }
+            None => message,
+        };
         // The spool keeps LF line ends. mail-auth canonicalizes those as
         // CRLF, except that it cuts an `l=` body on the bytes as stored:
         // for such a signature it gets the message with CRLF (a copy, so
@@ -230,12 +259,25 @@ impl Authenticator {
         // Not strict: signatures with `l=` are verified (mail-auth's strict
         // mode refuses them outright); content after the signed length is
         // dealt with below.
-        let Some(mut parsed) = AuthenticatedMessage::parse_with_opts(message, None, false) else {
+        let Some(parsed) = AuthenticatedMessage::parse_with_opts(message, None, false) else {
             // Not even headers: nothing to verify, and no From: to align.
             return self.finish(spf, spf_outcome, Outcome::None, Outcome::None, "", None);
         };
-        let from_domain = plausible_domain(parsed.from().rsplit_once('@').map_or("", |(_, d)| d));
-        keep_signatures_worth_checking(&mut parsed, &from_domain);
+        // Several From: domains (RFC 7489 6.6.1): DMARC cannot vouch for
+        // the message, and under enforce it is refused.
+        let mut from_domains: Vec<String> = parsed
+            .froms()
+            .iter()
+            .map(|f| f.rsplit_once('@').map_or("", |(_, d)| d).to_lowercase())
+            .collect();
+        from_domains.sort();
+        from_domains.dedup();
+        let several_from = from_domains.len() > 1;
+        let from_domain = if several_from {
+            String::new()
+        } else {
+            plausible_domain(parsed.from().rsplit_once('@').map_or("", |(_, d)| d))
+        };
         let body_len = signed_body_len(&message[parsed.body_offset as usize..]);
 
         // Each signature is checked on its own, all at once, each within
@@ -248,9 +290,14 @@ impl Authenticator {
             parsed
                 .dkim_headers
                 .iter()
-                .map(|signature| {
+                .enumerate()
+                .map(|(n, signature)| {
                     let mut single = parsed.clone();
                     single.dkim_headers = vec![signature.clone()];
+                    // Malformed signatures are reported once, not per copy.
+                    if n > 0 {
+                        single.errors.clear();
+                    }
                     single
                 })
                 .collect()
@@ -326,8 +373,15 @@ impl Authenticator {
             }
             Err(_) => (Outcome::TempError, Policy::Unspecified, None),
         };
+        if several_from {
+            let mut verdict =
+                self.finish(spf, spf_outcome, best_dkim, Outcome::PermError, "", None);
+            verdict.refusal = self.enforce.then_some(Refusal::SeveralFromDomains);
+            return verdict;
+        }
         let mut verdict = self.finish(spf, spf_outcome, best_dkim, dmarc, &from_domain, header);
-        verdict.reject = self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject;
+        verdict.refusal = (self.enforce && dmarc == Outcome::Fail && policy == Policy::Reject)
+            .then_some(Refusal::DmarcReject);
         verdict
     }
 
@@ -386,8 +440,8 @@ impl Authenticator {
             dkim: dkim.as_str().into(),
             dmarc: dmarc.as_str().into(),
             from_domain: from_domain.to_string(),
-            header: format!("Authentication-Results: {}\n", header.replace("\r\n", "\n")),
-            reject: false,
+            header: bounded_header(&header),
+            refusal: None,
         }
     }
 }
@@ -446,24 +500,6 @@ fn plausible_domain(domain: &str) -> String {
     }
 }
 
-/// At most [`MAX_SIGNATURES`] signatures are checked: first those whose
-/// domain is the From: domain's or related to it (only those can make
-/// DMARC pass), then the others in order.
-fn keep_signatures_worth_checking(parsed: &mut AuthenticatedMessage<'_>, from_domain: &str) {
-    let related = |d: &str| {
-        let d = d.to_lowercase();
-        !from_domain.is_empty()
-            && (d == from_domain
-                || from_domain.ends_with(&format!(".{d}"))
-                || d.ends_with(&format!(".{from_domain}")))
-    };
-    if parsed.dkim_headers.len() > MAX_SIGNATURES {
-        // Stable: the order among the related and among the others stays.
-        parsed.dkim_headers.sort_by_key(|h| !related(&h.header.d));
-        parsed.dkim_headers.truncate(MAX_SIGNATURES);
-    }
-}
-
 /// The first 8 base64 characters of a signature (6 bytes), which tell
 /// signatures of one domain and selector apart.
 fn base64_of_six(bytes: &[u8]) -> String {
@@ -518,7 +554,7 @@ fn has_length_limit(message: &[u8]) -> bool {
         let has_l = value.split(|&b| b == b';').any(|tag| {
             tag.split(|&b| b == b'=')
                 .next()
-                .is_some_and(|name| name.trim_ascii() == b"l")
+                .is_some_and(|name| name.trim_ascii().eq_ignore_ascii_case(b"l"))
                 && tag.contains(&b'=')
         });
         if has_l {
@@ -540,9 +576,79 @@ fn crlf_line_ends(message: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Client text made safe for a header value we compose ourselves.
+/// The header as programs read it: LF line ends, at most HEADER_LIMIT
+/// bytes (cut at a line end), ending in LF.
+fn bounded_header(results: &str) -> String {
+    let mut header = format!("Authentication-Results: {}", results.replace("\r\n", "\n"));
+    if header.len() > HEADER_LIMIT {
+        let mut cut = HEADER_LIMIT;
+        while !header.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        header.truncate(header[..cut].rfind('\n').unwrap_or(cut));
+    }
+    header.push('\n');
+    header
+}
+
+/// Copies `message` without the DKIM-Signature fields past the first
+/// MAX_SIGNATURES, and without any longer than SIGNATURE_FIELD bytes;
+/// `None` when there are none such (the usual case: no copy).
+fn without_excess_signatures(message: &[u8]) -> Option<Vec<u8>> {
+    let headers_end = message
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map_or(message.len(), |p| p + 1);
+    // (start, end, keep) of each DKIM-Signature field.
+    let mut fields: Vec<(usize, usize)> = Vec::new();
+    let mut at = 0;
+    let mut current: Option<usize> = None;
+    for line in message[..headers_end].split_inclusive(|&b| b == b'\n') {
+        let continues = matches!(line.first(), Some(b' ' | b'\t'));
+        if !continues {
+            if let Some(start) = current.take() {
+                fields.push((start, at));
+            }
+            let name_end = line.iter().position(|&b| b == b':').unwrap_or(0);
+            if line[..name_end]
+                .trim_ascii()
+                .eq_ignore_ascii_case(b"DKIM-Signature")
+            {
+                current = Some(at);
+            }
+        }
+        at += line.len();
+    }
+    if let Some(start) = current {
+        fields.push((start, at));
+    }
+    let mut kept = 0;
+    let dropped: Vec<(usize, usize)> = fields
+        .into_iter()
+        .filter(|(start, end)| {
+            let keep = end - start <= SIGNATURE_FIELD && kept < MAX_SIGNATURES;
+            kept += usize::from(keep);
+            !keep
+        })
+        .collect();
+    if dropped.is_empty() {
+        return None;
+    }
+    let mut copy = Vec::with_capacity(message.len());
+    let mut from = 0;
+    for (start, end) in dropped {
+        copy.extend_from_slice(&message[from..start]);
+        from = end;
+    }
+    copy.extend_from_slice(&message[from..]);
+    Some(copy)
+}
+
+/// Client text made safe for a header value we compose ourselves, and
+/// bounded.
 fn header_value(text: &str) -> String {
     text.chars()
+        .take(VALUE_LIMIT)
         .map(|c| {
             if c.is_ascii_graphic() && !"();\\\"".contains(c) {
                 c
@@ -617,6 +723,52 @@ mod tests {
         assert_eq!(signed_body_len(b"abc\r\n\r\n\r\n"), 5);
         assert_eq!(signed_body_len(b""), 0);
         assert_eq!(crlf_line_ends(b"a\nb\n"), b"a\r\nb\r\n");
+    }
+
+    #[test]
+    fn at_most_eight_signature_fields_of_bounded_size_reach_mail_auth() {
+        let mut usual = Vec::new();
+        for n in 0..3 {
+            usual
+                .extend_from_slice(format!("DKIM-Signature: v=1; d=d{n}.test;\n b=x\n").as_bytes());
+        }
+        usual.extend_from_slice(b"From: a@b.test\n\nbody\n");
+        assert_eq!(
+            without_excess_signatures(&usual),
+            None,
+            "no copy when all fit"
+        );
+
+        let mut many = b"Received: x\n".to_vec();
+        for n in 0..20 {
+            many.extend_from_slice(format!("DKIM-Signature: v=1; d=d{n}.test;\n b=x\n").as_bytes());
+        }
+        many.extend_from_slice(b"DKIM-Signature: h=");
+        many.extend(std::iter::repeat_n(b'a', SIGNATURE_FIELD));
+        many.extend_from_slice(b"\nFrom: a@b.test\n\nDKIM-Signature: in the body\n");
+        let kept = String::from_utf8(without_excess_signatures(&many).unwrap()).unwrap();
+        assert_eq!(kept.matches("DKIM-Signature: v=1").count(), MAX_SIGNATURES);
+        assert!(
+            kept.contains("d=d7.test") && !kept.contains("d=d8.test"),
+            "{kept}"
+        );
+        assert!(!kept.contains("h=aaa"));
+        assert!(
+            kept.starts_with("Received: x\n")
+                && kept.ends_with("From: a@b.test\n\nDKIM-Signature: in the body\n")
+        );
+    }
+
+    #[test]
+    fn the_header_is_bounded_and_ends_a_line() {
+        let long = format!(
+            "mx.test;\r\n\tdkim=pass header.d={}",
+            "a".repeat(3 * HEADER_LIMIT)
+        );
+        let header = bounded_header(&long);
+        assert!(header.len() <= HEADER_LIMIT + 1, "{}", header.len());
+        assert!(header.ends_with('\n') && header.starts_with("Authentication-Results: mx.test;"));
+        assert_eq!(header_value(&"x".repeat(1000)).len(), VALUE_LIMIT);
     }
 
     #[test]

@@ -410,6 +410,22 @@ fn enforce_refuses_a_spoofed_p_reject_domain_and_report_delivers_it() {
     assert_eq!(enforcing.queue_files(), 0);
     assert_eq!(enforcing.incoming_files(), 0);
     assert_eq!(std::fs::read_dir(&enforcing.outbox).unwrap().count(), 0);
+    // Several From: domains: DMARC cannot vouch, enforce refuses.
+    let two =
+        "From: ceo@fail.test, friend@none.test\r\nTo: record@x.test\r\nSubject: two\r\n\r\nx\r\n";
+    let (code, reply) = send(
+        &enforcing,
+        "client.example",
+        "ceo@fail.test",
+        two.as_bytes(),
+    );
+    assert_eq!(
+        (code, reply.as_str()),
+        (
+            550,
+            "5.7.1 Message rejected: the From: header names several domains"
+        )
+    );
     // p=quarantine changes nothing but the header.
     let quarantined = message("x@quarantine.test", "q", "x");
     let (code, reply) = send(
@@ -432,6 +448,18 @@ fn enforce_refuses_a_spoofed_p_reject_domain_and_report_delivers_it() {
     let (msg, env) = seen(&reporting, &reply);
     assert_eq!(env["AUTH_DMARC"], "fail");
     assert!(results(&msg).contains("dmarc=fail"), "{}", results(&msg));
+    let (code, reply) = send(
+        &reporting,
+        "client.example",
+        "ceo@fail.test",
+        two.as_bytes(),
+    );
+    assert_eq!(code, 250, "{reply}");
+    let (_, env) = seen(&reporting, &reply);
+    assert_eq!(
+        (env["AUTH_DMARC"].as_str(), env["AUTH_FROM_DOMAIN"].as_str()),
+        ("permerror", "")
+    );
 }
 
 #[test]

@@ -55,37 +55,82 @@ fn split(input: &[u8]) -> (Vec<&[u8]>, &[u8]) {
     }
 }
 
-/// Whether the filter must remove this field: an A-R field naming our id,
-/// or hiding its id past the first DECIDE_WITHIN bytes.
+/// Whether the filter must remove this field, by the contract read on the
+/// whole field: an A-R field (name, optional white space, colon) whose
+/// authserv-id (after white space and comments, which may hold escaped
+/// characters; a token or a quoted string) is ours, or whose id has not
+/// ended within the first DECIDE_WITHIN bytes.
 fn names_ours(field: &[u8]) -> bool {
-    let Some(colon) = field.iter().position(|&b| b == b':') else {
-        return false;
+    let is_name = |n: &[u8]| n.trim_ascii_end().eq_ignore_ascii_case(b"Authentication-Results");
+    let bound = DECIDE_WITHIN - 1; // the last index looked at before deciding
+    let colon = field.iter().position(|&b| b == b':');
+    let newline = field.iter().position(|&b| b == b'\n');
+    let name_end = match (colon, newline) {
+        (Some(c), Some(n)) if n < c => return false,
+        (Some(c), _) if c <= bound => c,
+        _ => {
+            // No colon in time: a name that is all A-R and spaces goes.
+            return field.len() > bound && is_name(&field[..DECIDE_WITHIN]);
+        }
     };
-    if !field[..colon].trim_ascii_end().eq_ignore_ascii_case(b"Authentication-Results") {
+    if !is_name(&field[..name_end]) {
         return false;
     }
-    let value = &field[colon + 1..];
-    let mut i = 0;
+    let ours = |id: Vec<u8>| id.eq_ignore_ascii_case(OURS.as_bytes());
+    let clean = |bytes: &[u8]| -> Vec<u8> {
+        bytes.iter().copied().filter(|&b| b != b'\\' && b != b'\n' && b != b'\r').collect()
+    };
+    // White space and comments.
+    let mut i = name_end + 1;
     let mut depth = 0usize;
-    while i < value.len() {
-        match value[i] {
-            b'(' => depth += 1,
-            b')' if depth > 0 => depth -= 1,
-            b' ' | b'\t' | b'\r' | b'\n' => {}
-            _ if depth > 0 => {}
-            _ => break,
+    while i < field.len() {
+        let b = field[i];
+        if depth > 0 {
+            if b == b'\\' {
+                i += 1;
+            } else if b == b'(' {
+                depth += 1;
+            } else if b == b')' {
+                depth -= 1;
+            }
+        } else if b == b'(' {
+            depth = 1;
+        } else if !matches!(b, b' ' | b'\t' | b'\r' | b'\n') {
+            break;
         }
         i += 1;
     }
+    if i >= field.len() {
+        // No id before the field ended, or before the bound.
+        return field.len() > bound;
+    }
+    if field[i] == b'"' {
+        let start = i + 1;
+        let mut j = start;
+        while j < field.len() && field[j] != b'"' {
+            if field[j] == b'\\' {
+                j += 1;
+            }
+            j += 1;
+        }
+        if j < field.len() && j <= bound {
+            return ours(clean(&field[start..j]));
+        }
+        if field.len() > bound {
+            return true;
+        }
+        return ours(clean(&field[start..field.len().min(j)]));
+    }
     let start = i;
-    while i < value.len() && !matches!(value[i], b';' | b' ' | b'\t' | b'\r' | b'\n' | b'(') {
-        i += 1;
+    let end = field[start..]
+        .iter()
+        .position(|b| matches!(b, b';' | b' ' | b'\t' | b'\r' | b'\n' | b'('))
+        .map(|p| start + p);
+    match end {
+        Some(e) if e <= bound => ours(clean(&field[start..e])),
+        _ if field.len() > bound => true,
+        _ => ours(clean(&field[start..])),
     }
-    let whole_within_bound = colon + 1 + i < DECIDE_WITHIN;
-    if field.len() >= DECIDE_WITHIN && !whole_within_bound {
-        return true;
-    }
-    start < i && value[start..i].eq_ignore_ascii_case(OURS.as_bytes())
 }
 
 fuzz_target!(|data: &[u8]| {

@@ -20,7 +20,7 @@ use crate::actors::alias_resolver::{AliasResolver, Resolve};
 use crate::actors::delivery_worker::{Deliver, DeliveryWorker};
 use crate::actors::queue_runner::Enqueued;
 use crate::actors::Shared;
-use crate::auth::{Authenticator, SpfVerdict, Verdict};
+use crate::auth::{Authenticator, Refusal, SpfVerdict, Verdict};
 use crate::delivery::status::{DeliveryStatus, EnhancedCode};
 use crate::hooks::Hooks;
 use crate::limits::KeyedLimiter;
@@ -358,18 +358,23 @@ impl Session {
                         from_domain = %verdict.from_domain,
                         "authenticated"
                     );
-                    if verdict.reject {
+                    if let Some(refusal) = verdict.refusal {
+                        let (why, answer) = match refusal {
+                            Refusal::DmarcReject => {
+                                ("DMARC fail under p=reject", reply::DMARC_REJECT)
+                            }
+                            Refusal::SeveralFromDomains => {
+                                ("several From: domains", reply::SEVERAL_FROM_DOMAINS)
+                            }
+                        };
                         tracing::info!(
                             queue_id = %envelope.id,
                             client = %envelope.client_address,
                             from_domain = %verdict.from_domain,
-                            "refused: DMARC fail under p=reject"
+                            "refused: {why}"
                         );
                         drop(body);
-                        work.extend(
-                            act.machine
-                                .handle(Event::MessageRefused(reply::DMARC_REJECT)),
-                        );
+                        work.extend(act.machine.handle(Event::MessageRefused(answer)));
                         return act.run(work, out);
                     }
                     envelope.auth = AuthRecord {
@@ -494,6 +499,10 @@ impl Actor for Session {
 
     /// One line per session: who, how long, how many messages.
     fn stopped(&mut self, _: &mut Self::Context) {
+        // A transaction that never reached its end needs no SPF.
+        if let Some(asked) = self.spf.take() {
+            asked.abort();
+        }
         tracing::info!(
             client = %self.client.address,
             channel = %self.client.channel,

@@ -30,6 +30,26 @@ pub struct ForgedResultsFilter {
     fate: Option<Fate>,
     /// A field is open (its first line has begun).
     in_field: bool,
+    /// How far the undecided field has been read: each byte is looked at
+    /// once.
+    scan: Scan,
+}
+
+/// Where the reading of an undecided field stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scan {
+    /// In the field name, before the colon.
+    Name,
+    /// After the colon, in white space and comments before the
+    /// authserv-id (`depth` comments open, the last byte a `\` in one).
+    BeforeId { depth: usize, escaped: bool },
+    /// In the authserv-id, from `start` in `held`: a token, or a quoted
+    /// string (RFC 8601 2.2: a `value`).
+    Id {
+        start: usize,
+        quoted: bool,
+        escaped: bool,
+    },
 }
 
 impl ForgedResultsFilter {
@@ -41,6 +61,7 @@ impl ForgedResultsFilter {
             held: Vec::new(),
             fate: None,
             in_field: false,
+            scan: Scan::Name,
         }
     }
 
@@ -70,7 +91,7 @@ impl ForgedResultsFilter {
                 Some(Fate::Drop) => {}
                 None => {
                     self.held.push(b);
-                    self.fate = self.decide(false);
+                    self.fate = self.step(b);
                     self.release(&mut out);
                 }
             }
@@ -89,12 +110,13 @@ impl ForgedResultsFilter {
 
     fn close_field(&mut self, out: &mut Vec<u8>) {
         if self.in_field && self.fate.is_none() {
-            self.fate = self.decide(true);
+            self.fate = Some(self.at_field_end());
             self.release(out);
         }
         self.in_field = false;
         self.fate = None;
         self.held.clear();
+        self.scan = Scan::Name;
     }
 
     /// Passes on (or drops) what was held once the fate is known.
@@ -106,66 +128,135 @@ impl ForgedResultsFilter {
         }
     }
 
-    /// The fate of the held field, if it can be told yet (`complete`: the
-    /// field has ended, so whatever is held is all there is).
-    fn decide(&self, complete: bool) -> Option<Fate> {
-        let field = &self.held;
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            // No name yet; a line without a colon is not a field we judge.
-            return (complete || field.len() >= DECIDE_WITHIN || field.contains(&b'\n'))
-                .then_some(Fate::Keep);
-        };
-        // The name as written (RFC 5322 3.6.8), space before the colon
-        // allowed (obsolete syntax, 4.5.8), nothing before it.
-        if !field[..colon]
-            .trim_ascii_end()
-            .eq_ignore_ascii_case(b"Authentication-Results")
-        {
-            return Some(Fate::Keep);
-        }
-        let ours = |id: &[u8]| {
-            if id.eq_ignore_ascii_case(self.authserv_id.as_bytes()) {
-                Fate::Drop
-            } else {
-                Fate::Keep
+    /// Reads the byte just held (`b`, the last of `held`); the field's
+    /// fate once it can be told.
+    fn step(&mut self, b: u8) -> Option<Fate> {
+        let len = self.held.len();
+        let fate = match self.scan {
+            Scan::Name if b == b':' => {
+                if is_results_name(&self.held[..len - 1]) {
+                    self.scan = Scan::BeforeId {
+                        depth: 0,
+                        escaped: false,
+                    };
+                    None
+                } else {
+                    Some(Fate::Keep)
+                }
+            }
+            // A name ends on its own line: this is no field we judge.
+            Scan::Name if b == b'\n' => Some(Fate::Keep),
+            Scan::Name => None,
+            Scan::BeforeId { depth, escaped } => {
+                self.scan = match (depth, escaped, b) {
+                    (d, true, _) => Scan::BeforeId {
+                        depth: d,
+                        escaped: false,
+                    },
+                    (d, false, b'\\') if d > 0 => Scan::BeforeId {
+                        depth: d,
+                        escaped: true,
+                    },
+                    (d, false, b'(') => Scan::BeforeId {
+                        depth: d + 1,
+                        escaped: false,
+                    },
+                    (d, false, b')') if d > 0 => Scan::BeforeId {
+                        depth: d - 1,
+                        escaped: false,
+                    },
+                    (d, false, _) if d > 0 => Scan::BeforeId {
+                        depth: d,
+                        escaped: false,
+                    },
+                    (0, false, b' ' | b'\t' | b'\r' | b'\n') => Scan::BeforeId {
+                        depth: 0,
+                        escaped: false,
+                    },
+                    (_, false, b'"') => Scan::Id {
+                        start: len,
+                        quoted: true,
+                        escaped: false,
+                    },
+                    _ => Scan::Id {
+                        start: len - 1,
+                        quoted: false,
+                        escaped: false,
+                    },
+                };
+                None
+            }
+            Scan::Id {
+                start,
+                quoted: true,
+                escaped,
+            } => {
+                if escaped || b == b'\\' {
+                    self.scan = Scan::Id {
+                        start,
+                        quoted: true,
+                        escaped: !escaped,
+                    };
+                    None
+                } else if b == b'"' {
+                    Some(self.judge(start, len - 1))
+                } else {
+                    None
+                }
+            }
+            Scan::Id {
+                start,
+                quoted: false,
+                ..
+            } => {
+                if matches!(b, b';' | b' ' | b'\t' | b'\r' | b'\n' | b'(') {
+                    Some(self.judge(start, len - 1))
+                } else {
+                    None
+                }
             }
         };
-        match authserv_id(&field[colon + 1..]) {
-            Some((id, true)) => Some(ours(id)),
-            Some((id, false)) if complete => Some(ours(id)),
-            None if complete => Some(Fate::Keep),
-            // Results whose authserv-id hides behind kilobytes of comment
-            // are no service's honest results: they go.
-            _ if field.len() >= DECIDE_WITHIN => Some(Fate::Drop),
-            _ => None,
+        match fate {
+            Some(fate) => Some(fate),
+            // Held as long as it may be: an authserv-id that has not shown
+            // by then hides behind kilobytes of comment or space, which no
+            // honest service writes; a name that long is no A-R name.
+            None if len >= DECIDE_WITHIN => Some(match self.scan {
+                Scan::Name if !is_results_name(&self.held) => Fate::Keep,
+                _ => Fate::Drop,
+            }),
+            None => None,
+        }
+    }
+
+    /// The fate of a field that ended undecided.
+    fn at_field_end(&self) -> Fate {
+        match self.scan {
+            Scan::Id { start, .. } => self.judge(start, self.held.len()),
+            _ => Fate::Keep,
+        }
+    }
+
+    /// An authserv-id read whole from `held[start..end]`.
+    fn judge(&self, start: usize, end: usize) -> Fate {
+        let id: Vec<u8> = self.held[start..end]
+            .iter()
+            .copied()
+            .filter(|&b| b != b'\\' && b != b'\n' && b != b'\r')
+            .collect();
+        if id.eq_ignore_ascii_case(self.authserv_id.as_bytes()) {
+            Fate::Drop
+        } else {
+            Fate::Keep
         }
     }
 }
 
-/// The authserv-id at the start of an `Authentication-Results:` value,
-/// after any folding whitespace and comments; with whether it is known to
-/// be whole (a delimiter follows it).
-fn authserv_id(value: &[u8]) -> Option<(&[u8], bool)> {
-    let mut i = 0;
-    let mut depth = 0usize;
-    while i < value.len() {
-        match value[i] {
-            b'(' => depth += 1,
-            b')' if depth > 0 => depth -= 1,
-            b' ' | b'\t' | b'\r' | b'\n' => {}
-            _ if depth > 0 => {}
-            _ => break,
-        }
-        i += 1;
-    }
-    let start = i;
-    while i < value.len() && !matches!(value[i], b';' | b' ' | b'\t' | b'\r' | b'\n' | b'(') {
-        i += 1;
-    }
-    if start == i {
-        return None;
-    }
-    Some((&value[start..i], i < value.len()))
+/// `Authentication-Results`, with the white space the obsolete syntax
+/// allows before the colon (RFC 5322 4.5.8), nothing before it.
+fn is_results_name(name: &[u8]) -> bool {
+    name.trim_ascii_end()
+        .eq_ignore_ascii_case(b"Authentication-Results")
 }
 
 #[cfg(test)]
@@ -203,6 +294,30 @@ mod tests {
             filtered(message, 7),
             b"Authentication-Results: mx.example.org.evil; spf=pass\n".to_vec()
         );
+    }
+
+    #[test]
+    fn escaped_comments_quoted_ids_and_spaces_before_the_colon_do_not_hide_ours() {
+        for forged in [
+            &b"Authentication-Results: (\\)) mx.example.org; dkim=pass\n"[..],
+            b"Authentication-Results: \"mx.example.org\"; dkim=pass\n",
+            b"Authentication-Results   : mx.example.org; dkim=pass\n",
+        ] {
+            let mut message = forged.to_vec();
+            message.extend_from_slice(b"Subject: s\n\nbody\n");
+            assert_eq!(
+                filtered(&message, 3),
+                b"Subject: s\n\nbody\n".to_vec(),
+                "{forged:?}"
+            );
+        }
+        let mut padded = b"Authentication-Results".to_vec();
+        padded.extend(std::iter::repeat_n(b' ', DECIDE_WITHIN));
+        padded.extend_from_slice(b": mx.example.org; dkim=pass\nSubject: s\n\nbody\n");
+        assert_eq!(filtered(&padded, 64), b"Subject: s\n\nbody\n".to_vec());
+        // Another service's quoted id stays.
+        let other = b"Authentication-Results: \"other.example\"; spf=pass\n\nb\n";
+        assert_eq!(filtered(other, 5), other.to_vec());
     }
 
     #[test]

@@ -224,6 +224,12 @@ pub const DMARC_REJECT: Reply = Reply::fixed(
     550,
     "5.7.1 Message rejected: DMARC policy of the From: domain (p=reject)",
 );
+/// `[auth] dmarc_policy = "enforce"`: the From: header names several
+/// domains, which DMARC cannot vouch for (RFC 7489 6.6.1).
+pub const SEVERAL_FROM_DOMAINS: Reply = Reply::fixed(
+    550,
+    "5.7.1 Message rejected: the From: header names several domains",
+);
 /// Intake paused by the operator.
 pub const INTAKE_PAUSED: Reply = Reply::fixed(421, "4.3.2 Not accepting mail now, try again later");
 pub const SHUTTING_DOWN: Reply = Reply::fixed(
