@@ -199,6 +199,15 @@ impl Authenticator {
         })
     }
 
+    /// The node's checker when `[auth] enabled`: what `serve` and `inetd`
+    /// share.
+    pub fn for_config(config: &crate::config::Config) -> Result<Option<Arc<Self>>, AuthSetupError> {
+        if !config.auth.enabled {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Self::new(&config.auth, &config.hostname)?)))
+    }
+
     pub fn authserv_id(&self) -> &str {
         &self.authserv_id
     }

@@ -111,12 +111,7 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         Some(settings) => Some(Arc::new(crate::tls::ServerTls::new(settings)?)),
         None => None,
     };
-    let auth = if config.auth.enabled {
-        let checker = crate::auth::Authenticator::new(&config.auth, &config.hostname)?;
-        Some(Arc::new(checker))
-    } else {
-        None
-    };
+    let auth = crate::auth::Authenticator::for_config(&config)?;
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let peer = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let system = System::new();

@@ -129,12 +129,7 @@ impl Node {
             }
             None => None,
         };
-        let auth = if config.auth.enabled {
-            let checker = crate::auth::Authenticator::new(&config.auth, &config.hostname)?;
-            Some(Arc::new(checker))
-        } else {
-            None
-        };
+        let auth = crate::auth::Authenticator::for_config(&config)?;
         // One queue runner per spool; a second `serve` waits a little (a
         // restart racing its predecessor's exit), then says so. Taken before
         // any port is opened: a node that may not start must not accept

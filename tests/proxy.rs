@@ -274,15 +274,7 @@ fn run_haproxy(config: &Path, front: SocketAddr) -> Killed {
 }
 
 fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric_value(addr, series).unwrap_or(0.0)
 }
 
 /// Python's smtplib from a given loopback address, through `front`.

@@ -728,15 +728,7 @@ fn check_refuses_a_key_that_does_not_match_and_warns_of_a_certificate_about_to_e
 
 /// One series' value from the node's `/metrics`.
 fn metric(addr: SocketAddr, series: &str) -> f64 {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    metric_value(addr, series).unwrap_or_else(|| panic!("no {series} exported"))
 }
 
 #[test]

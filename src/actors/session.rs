@@ -318,12 +318,7 @@ impl Session {
         out: Response,
     ) -> ResponseActFuture<Self, Response> {
         if let Err(e) = body.flush() {
-            tracing::error!(queue_id = %envelope.id, "cannot write message: {e}");
-            work.extend(
-                self.machine
-                    .handle(Event::Committed(Err(e.storage_failure()))),
-            );
-            return self.run(work, out);
+            return self.flush_failed(&envelope.id, e, work, out);
         }
         let path = body.path().to_path_buf();
         let asked = self.spf.take();
@@ -389,6 +384,22 @@ impl Session {
         )
     }
 
+    /// The body could not be written out: the message is not taken.
+    fn flush_failed(
+        &mut self,
+        id: &str,
+        e: crate::spool::SpoolError,
+        mut work: VecDeque<Action>,
+        out: Response,
+    ) -> ResponseActFuture<Self, Response> {
+        tracing::error!(queue_id = %id, "cannot write message: {e}");
+        work.extend(
+            self.machine
+                .handle(Event::Committed(Err(e.storage_failure()))),
+        );
+        self.run(work, out)
+    }
+
     /// The message as it stands is to be kept: queued, or in inline mode
     /// delivered now.
     fn commit_checked(
@@ -443,12 +454,7 @@ impl Session {
         out: Response,
     ) -> ResponseActFuture<Self, Response> {
         if let Err(e) = body.flush() {
-            tracing::error!(queue_id = %envelope.id, "cannot write message: {e}");
-            work.extend(
-                self.machine
-                    .handle(Event::Committed(Err(e.storage_failure()))),
-            );
-            return self.run(work, out);
+            return self.flush_failed(&envelope.id, e, work, out);
         }
         let envelope = Arc::new(envelope);
         let path = body.path().to_path_buf();

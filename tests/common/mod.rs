@@ -567,3 +567,17 @@ impl Pki {
         (self.dir.join(cert), self.dir.join(key))
     }
 }
+
+/// One series' value from `/metrics` at `addr` (the series with its
+/// labels, as Prometheus prints it), if exported.
+pub fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let mut s = TcpStream::connect(addr).expect("metrics endpoint");
+    s.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("request");
+    let mut text = String::new();
+    s.read_to_string(&mut text).expect("response");
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
