@@ -12,12 +12,15 @@ use tracing::Instrument;
 
 use crate::actors::acceptor::{read_proxy_header, PROXY_HEADER_WAIT};
 use crate::actors::collector::{Collector, TakeCollected};
+use crate::actors::delivery_worker::DeliverySetup;
 use crate::actors::queue_runner::QueueRunner;
 use crate::actors::session::{serve_connection, Session, TlsUse};
 use crate::actors::Shared;
 use crate::config::Config;
+use crate::delivery::http::HttpShared;
 use crate::delivery::program::RunAs;
-use crate::delivery::spawn::{self, ProgramSpawner};
+use crate::delivery::spawn;
+use crate::hooks::Hooks;
 use crate::protocol::session::ClientInfo;
 use crate::queue::scheduler::Mode;
 use crate::queue::InFlight;
@@ -41,6 +44,7 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
     let lock = QueueLock::acquire(&config.spool.path, "runq", Duration::ZERO)?;
     let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
     let spawner = spawn::choose(config.delivery.spawner)?;
+    let http = Arc::new(HttpShared::new(&config.http)?);
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
     let report = spool.scan()?;
     report.log_damaged();
@@ -65,10 +69,15 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
         attempted: due.len(),
     };
     let system = System::new();
-    system.block_on(one_pass(&config, &spool, &run_as, spawner, due, table));
+    let setup =
+        crate::node::delivery_setup(&config, &spool, run_as, spawner, http, &Hooks::default());
+    system.block_on(one_pass(&config, &setup, due, table));
     // Dropping the system drops every actor and so every spool handle: the
     // writer then finishes its last batch.
     drop(system);
+    // Every spool handle, the workers' setup's too, before the writer
+    // is joined: it ends once the last one is gone.
+    drop(setup);
     drop(spool);
     writer.join();
     drop(lock);
@@ -77,22 +86,26 @@ pub fn run_queue_once(config: Config) -> Result<PassSummary, StartError> {
 
 async fn one_pass(
     config: &Config,
-    spool: &Spool,
-    run_as: &Option<RunAs>,
-    spawner: ProgramSpawner,
+    setup: &DeliverySetup,
     due: Vec<Envelope>,
     table: Option<Shared<Arc<aliases::AliasTable>>>,
 ) {
     if due.is_empty() {
         return;
     }
-    let workers = plain_workers(config, spool, run_as, spawner);
+    let workers = plain_workers(setup);
     let (done, finished) = tokio::sync::oneshot::channel();
     let in_flight = InFlight::default();
     let mut scheduler = crate::node::scheduler(config, Mode::OnePass, in_flight.clone(), table);
     scheduler.picked_up(due, std::time::SystemTime::now());
-    let _runner =
-        QueueRunner::new(scheduler, spool.clone(), workers, in_flight, Some(done)).start();
+    let _runner = QueueRunner::new(
+        scheduler,
+        setup.spool.clone(),
+        workers,
+        in_flight,
+        Some(done),
+    )
+    .start();
     let _ = finished.await;
 }
 
@@ -112,7 +125,10 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
         None => None,
     };
     let auth = crate::auth::Authenticator::for_config(&config)?;
+    let http = Arc::new(HttpShared::new(&config.http)?);
     let (spool, writer) = Spool::open_with(&config.spool.path, config.spool.reuse_files)?;
+    let setup =
+        crate::node::delivery_setup(&config, &spool, run_as, spawner, http, &Hooks::default());
     let peer = stdin_peer().unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
     let system = System::new();
     let (accepted, lock) = system.block_on(async {
@@ -141,9 +157,9 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             channel: access::channel_for(address, &config.access.channel).to_string(),
         };
         let table = Shared::new(Arc::new(loaded.table));
-        let resolver = crate::node::resolver_child(&config, table.clone()).addr;
+        let resolver = crate::node::resolver_child(&config, table.clone(), Vec::new()).addr;
         let collector = Collector::default().start();
-        let workers = plain_workers(&config, &spool, &run_as, spawner);
+        let workers = plain_workers(&setup);
         // Nobody shuts a one-session process down from outside.
         let (_keep_running, shutdown) =
             tokio::sync::watch::channel(crate::actors::session::Stopping::No);
@@ -214,10 +230,13 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
             .filter_map(|e| spool.read_envelope(&e.id).ok())
             .filter(|e| !e.held && e.next_attempt <= now)
             .collect();
-        one_pass(&config, &spool, &run_as, spawner, due, Some(table)).await;
+        one_pass(&config, &setup, due, Some(table)).await;
         (count, Some(lock))
     });
     drop(system);
+    // Every spool handle, the workers' setup's too, before the writer
+    // is joined: it ends once the last one is gone.
+    drop(setup);
     drop(spool);
     writer.join();
     // Only now is every result on disk for the next queue runner.
@@ -227,12 +246,9 @@ pub fn serve_stdio(config: Config) -> Result<usize, StartError> {
 
 /// Workers on this thread; nothing restarts them in a run that ends.
 fn plain_workers(
-    config: &Config,
-    spool: &Spool,
-    run_as: &Option<RunAs>,
-    spawner: ProgramSpawner,
+    setup: &DeliverySetup,
 ) -> Vec<Shared<Addr<crate::actors::delivery_worker::DeliveryWorker>>> {
-    crate::node::worker_children(config, spool, run_as, spawner, &[Arbiter::current()])
+    crate::node::worker_children(setup, &[Arbiter::current()])
         .into_iter()
         .map(|child| child.addr)
         .collect()

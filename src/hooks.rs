@@ -2,10 +2,14 @@
 //! validate_recipient): the program that starts a node in-process decides
 //! who may connect, send and receive. A refusal of the host gets the same
 //! dialogue as `access.deny` (554 5.7.1, then only QUIT); a refused sender
-//! or recipient gets 550 5.7.1 for that command.
+//! or recipient gets 550 5.7.1 for that command. And it may deliver
+//! messages itself: [`Hooks::handler`] registers a target that aliases name
+//! as `@NAME`.
 
 use std::net::IpAddr;
 use std::sync::Arc;
+
+use crate::delivery::handler::{Deliver, Handlers};
 
 type HostCheck = Arc<dyn Fn(IpAddr) -> bool + Send + Sync>;
 type AddressCheck = Arc<dyn Fn(&str) -> bool + Send + Sync>;
@@ -16,6 +20,7 @@ pub struct Hooks {
     validate_host: Option<HostCheck>,
     validate_sender: Option<AddressCheck>,
     validate_recipient: Option<AddressCheck>,
+    handlers: Handlers,
 }
 
 impl Hooks {
@@ -38,6 +43,20 @@ impl Hooks {
     ) -> Self {
         self.validate_recipient = Some(Arc::new(check));
         self
+    }
+
+    /// Registers `handler` as the target aliases name `@NAME`: `team:
+    /// @store` hands each message for team to it. A name the aliases file
+    /// uses but no handler has is an error when the node starts (and on
+    /// reload). NAME is letters, digits, `-`, `_` and `.`; registering a
+    /// name twice keeps the last.
+    pub fn handler(mut self, name: impl Into<String>, handler: impl Deliver) -> Self {
+        self.handlers.insert(name.into(), handler);
+        self
+    }
+
+    pub(crate) fn handlers(&self) -> &Handlers {
+        &self.handlers
     }
 
     pub(crate) fn host_allowed(&self, ip: IpAddr) -> bool {

@@ -39,7 +39,16 @@ pub(crate) mod telemetry;
 pub mod tls;
 
 pub use batch::{run_queue_once, serve_stdio, PassSummary};
+pub use delivery::handler::{Deliver, HandedMessage, MessageReader};
+pub use delivery::http::HttpSetupError;
 pub use delivery::program::RunAsError;
 pub use delivery::spawn::raise_open_file_limit;
+pub use delivery::status::{DeliveryStatus, EnhancedCode};
 pub use node::{Node, NodeHandle, StartError};
 pub use queue::QueueCounts;
+
+/// Reads `[http] secret_file` and `ca_file` as a starting node would, for
+/// `mailnode check`.
+pub fn check_http(config: &config::HttpConfig) -> Result<(), delivery::http::HttpSetupError> {
+    delivery::http::HttpShared::new(config).map(|_| ())
+}

@@ -336,17 +336,28 @@ fn load(files: &Files) -> Result<(Config, Vec<String>), Vec<String>> {
     }
 }
 
-/// `[tls]` as `serve` would load it: a key that does not match its
-/// certificate is refused, one about to expire is worth a warning.
+/// `[tls]` and `[http]` as `serve` would load them: a key that does not
+/// match its certificate is refused, one about to expire is worth a
+/// warning; an unreadable `secret_file` or `ca_file` is refused.
 fn with_tls_checked(
     (config, mut warnings): (Config, Vec<String>),
 ) -> Result<(Config, Vec<String>), Vec<String>> {
+    let mut problems = Vec::new();
     if let Some(settings) = &config.tls {
         let now = std::time::SystemTime::now();
-        let warning = mailnode::tls::check(settings, now).map_err(|e| vec![e.to_string()])?;
-        warnings.extend(warning);
+        match mailnode::tls::check(settings, now) {
+            Ok(warning) => warnings.extend(warning),
+            Err(e) => problems.push(e.to_string()),
+        }
     }
-    Ok((config, warnings))
+    if let Err(e) = mailnode::check_http(&config.http) {
+        problems.push(e.to_string());
+    }
+    if problems.is_empty() {
+        Ok((config, warnings))
+    } else {
+        Err(problems)
+    }
 }
 
 fn init_logging(config: &Config) {

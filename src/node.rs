@@ -15,7 +15,7 @@ use crate::{actors, aliases, config, delivery, limits, queue, spool, telemetry};
 use crate::actors::acceptor::Acceptor;
 use crate::actors::alias_resolver::AliasResolver;
 use crate::actors::control_server::{ControlDeps, ControlServer};
-use crate::actors::delivery_worker::DeliveryWorker;
+use crate::actors::delivery_worker::{DeliverySetup, DeliveryWorker};
 use crate::actors::metrics_server::MetricsServer;
 use crate::actors::queue_runner::QueueRunner;
 use crate::actors::session::{SessionDeps, SessionLimits, Stopping};
@@ -25,6 +25,7 @@ use crate::actors::supervisor::{
 };
 use crate::actors::Shared;
 use crate::config::{BareLf, Config};
+use crate::delivery::http::HttpShared;
 use crate::delivery::program::RunAs;
 use crate::delivery::relay::RelayTarget;
 use crate::delivery::spawn::{ProgramSpawner, SpawnerError};
@@ -68,6 +69,8 @@ pub enum StartError {
     Tls(#[from] crate::tls::TlsError),
     #[error("{0}")]
     Auth(#[from] crate::auth::AuthSetupError),
+    #[error("{0}")]
+    Http(#[from] crate::delivery::http::HttpSetupError),
     #[error("cannot create control socket {}: {source}", path.display())]
     Control {
         path: std::path::PathBuf,
@@ -112,12 +115,14 @@ impl Node {
         hooks: Hooks,
         inherited: Vec<std::net::TcpListener>,
     ) -> Result<NodeHandle, StartError> {
-        let loaded = aliases::load(&config.aliases.path)?;
+        let handler_names = hooks.handlers().names();
+        let loaded = aliases::load_with_handlers(&config.aliases.path, &handler_names)?;
         for warning in &loaded.warnings {
             tracing::warn!("{warning}");
         }
         let run_as = RunAs::for_delivery_user(&config.delivery.user)?;
         let spawner = delivery::spawn::choose(config.delivery.spawner)?;
+        let http = Arc::new(HttpShared::new(&config.http)?);
         telemetry::install();
         // Before any port opens: a node whose certificate cannot be used
         // must say so and not start, rather than serve mail in clear.
@@ -208,6 +213,7 @@ impl Node {
             );
         }
 
+        let delivery = delivery_setup(&config, &spool, run_as, spawner, http, &hooks);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let table = Arc::new(loaded.table);
         let tracker = ConnectionTracker::new(
@@ -244,8 +250,8 @@ impl Node {
                         config,
                         spool,
                         table,
-                        run_as,
-                        spawner,
+                        handler_names,
+                        delivery,
                         report.envelopes,
                         listeners,
                         handles,
@@ -323,7 +329,8 @@ pub(crate) fn scheduler(
         config.delivery.concurrency,
         mode,
         in_flight,
-    );
+    )
+    .with_max_per_host(config.http.max_per_host);
     match table {
         Some(table) => scheduler.with_aliases(queue::Aliases {
             table,
@@ -334,38 +341,46 @@ pub(crate) fn scheduler(
     }
 }
 
+/// What every delivery worker of a node is made with.
+pub(crate) fn delivery_setup(
+    config: &Config,
+    spool: &Spool,
+    run_as: Option<RunAs>,
+    spawner: ProgramSpawner,
+    http: Arc<HttpShared>,
+    hooks: &Hooks,
+) -> DeliverySetup {
+    DeliverySetup {
+        spool: spool.clone(),
+        run_as,
+        spawner,
+        timeout: config.delivery.timeout,
+        relay: relay_target(config),
+        hostname: config.hostname.clone(),
+        permits: Arc::new(tokio::sync::Semaphore::new(
+            config.delivery.concurrency.max(1),
+        )),
+        http,
+        handlers: hooks.handlers().clone(),
+    }
+}
+
 /// One DeliveryWorker on each arbiter, each with the factory that makes
 /// it again there.
 pub(crate) fn worker_children(
-    config: &Config,
-    spool: &Spool,
-    run_as: &Option<RunAs>,
-    spawner: ProgramSpawner,
+    setup: &DeliverySetup,
     arbiters: &[ArbiterHandle],
 ) -> Vec<Child<DeliveryWorker>> {
-    let permits = Arc::new(tokio::sync::Semaphore::new(
-        config.delivery.concurrency.max(1),
-    ));
     arbiters
         .iter()
         .map(|arbiter| {
             let arbiter = arbiter.clone();
-            let spool = spool.clone();
-            let run_as = run_as.clone();
-            let timeout = config.delivery.timeout;
-            let relay = relay_target(config);
-            let hostname = config.hostname.clone();
-            let permits = Arc::clone(&permits);
+            let setup = setup.clone();
             Child::start(
                 "delivery_worker",
                 Box::new(move || {
-                    let (spool, run_as, relay) = (spool.clone(), run_as.clone(), relay.clone());
-                    let (hostname, permits) = (hostname.clone(), Arc::clone(&permits));
-                    DeliveryWorker::start_in_arbiter(&arbiter, move |_| {
-                        DeliveryWorker::new(
-                            spool, run_as, spawner, timeout, relay, hostname, permits,
-                        )
-                    })
+                    let setup = setup.clone();
+                    DeliveryWorker::start_in_arbiter(&arbiter, move |_| DeliveryWorker::new(setup))
                 }),
             )
         })
@@ -375,6 +390,7 @@ pub(crate) fn worker_children(
 pub(crate) fn resolver_child(
     config: &Config,
     table: Shared<Arc<aliases::AliasTable>>,
+    handler_names: Vec<String>,
 ) -> Child<AliasResolver> {
     let path = config.aliases.path.clone();
     let hostname = config.hostname.clone();
@@ -382,7 +398,14 @@ pub(crate) fn resolver_child(
     Child::start(
         "alias_resolver",
         Box::new(move || {
-            AliasResolver::new(path.clone(), table.clone(), hostname.clone(), can_forward).start()
+            AliasResolver::new(
+                path.clone(),
+                table.clone(),
+                handler_names.clone(),
+                hostname.clone(),
+                can_forward,
+            )
+            .start()
         }),
     )
 }
@@ -481,8 +504,8 @@ fn build_tree(
     config: Config,
     spool: Spool,
     table: Arc<aliases::AliasTable>,
-    run_as: Option<RunAs>,
-    spawner: ProgramSpawner,
+    handler_names: Vec<String>,
+    delivery: DeliverySetup,
     recovered: Vec<spool::Envelope>,
     listeners: Vec<(std::net::TcpListener, bool)>,
     arbiters: Vec<ArbiterHandle>,
@@ -492,8 +515,8 @@ fn build_tree(
 ) -> Addr<Supervisor> {
     // One table for both: a reload reaches the retries of queued mail too.
     let table = Shared::new(table);
-    let resolver = resolver_child(&config, table.clone());
-    let workers = worker_children(&config, &spool, &run_as, spawner, &arbiters);
+    let resolver = resolver_child(&config, table.clone(), handler_names);
+    let workers = worker_children(&delivery, &arbiters);
     let worker_addrs: Vec<_> = workers.iter().map(|w| w.addr.clone()).collect();
     let queue_runner = {
         let spool = spool.clone();

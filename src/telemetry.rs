@@ -16,6 +16,9 @@ pub const SMTP_RECIPIENTS_TOTAL: &str = "mailnode_smtp_recipients_total";
 pub const QUEUE_MESSAGES: &str = "mailnode_queue_messages";
 pub const DELIVERIES_TOTAL: &str = "mailnode_deliveries_total";
 pub const DELIVERY_DURATION_SECONDS: &str = "mailnode_delivery_duration_seconds";
+pub const DELIVERIES_BY_TARGET_TOTAL: &str = "mailnode_deliveries_by_target_total";
+pub const HTTP_RESPONSES_TOTAL: &str = "mailnode_http_responses_total";
+pub const HTTP_REQUEST_DURATION_SECONDS: &str = "mailnode_http_request_duration_seconds";
 pub const RATELIMIT_REJECTIONS_TOTAL: &str = "mailnode_ratelimit_rejections_total";
 pub const ACTOR_RESTARTS_TOTAL: &str = "mailnode_actor_restarts_total";
 pub const BUILD_INFO: &str = "mailnode_build_info";
@@ -30,6 +33,8 @@ pub const TLS_CERTIFICATE_EXPIRY_TIMESTAMP_SECONDS: &str =
     "mailnode_tls_certificate_expiry_timestamp_seconds";
 
 /// Label values, as the contract lists them.
+pub const TARGET_KINDS: [&str; 4] = ["program", "http", "handler", "forward"];
+pub const HTTP_RESPONSE_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "failed"];
 pub const CONNECTION_OUTCOMES: [&str; 4] = ["accepted", "denied", "rate_limited", "over_capacity"];
 pub const CLOSE_REASONS: [&str; 6] = [
     "quit",
@@ -84,6 +89,11 @@ pub fn install() {
                 Matcher::Full(DELIVERY_DURATION_SECONDS.to_string()),
                 &DURATION_BUCKETS,
             )
+            .ok()?
+            .set_buckets_for_metric(
+                Matcher::Full(HTTP_REQUEST_DURATION_SECONDS.to_string()),
+                &DURATION_BUCKETS,
+            )
             .ok()?;
         let handle = match builder.install_recorder() {
             Ok(h) => h,
@@ -117,6 +127,18 @@ fn register() {
     describe_counter!(SMTP_RECIPIENTS_TOTAL, "RCPT commands, by outcome.");
     describe_gauge!(QUEUE_MESSAGES, "Messages in the queue, by state.");
     describe_counter!(DELIVERIES_TOTAL, "Delivery attempts, by outcome.");
+    describe_counter!(
+        DELIVERIES_BY_TARGET_TOTAL,
+        "Delivery attempts, by the target's kind and outcome."
+    );
+    describe_counter!(
+        HTTP_RESPONSES_TOTAL,
+        "POSTs to HTTP targets, by the response's status class (failed: no response)."
+    );
+    describe_histogram!(
+        HTTP_REQUEST_DURATION_SECONDS,
+        "Seconds a POST to an HTTP target took, to the start of the response."
+    );
     describe_histogram!(
         DELIVERY_DURATION_SECONDS,
         metrics::Unit::Seconds,
@@ -175,6 +197,14 @@ fn register() {
     }
     for o in DELIVERY_OUTCOMES {
         counter!(DELIVERIES_TOTAL, "outcome" => o).increment(0);
+    }
+    for k in TARGET_KINDS {
+        for o in DELIVERY_OUTCOMES {
+            counter!(DELIVERIES_BY_TARGET_TOTAL, "kind" => k, "outcome" => o).increment(0);
+        }
+    }
+    for c in HTTP_RESPONSE_CLASSES {
+        counter!(HTTP_RESPONSES_TOTAL, "class" => c).increment(0);
     }
     for l in RATE_LIMITS {
         counter!(RATELIMIT_REJECTIONS_TOTAL, "limit" => l).increment(0);
@@ -264,6 +294,18 @@ pub fn queue_sizes(active: usize, deferred: usize, held: usize) {
 pub fn delivery(outcome: &'static str, took: Duration) {
     counter!(DELIVERIES_TOTAL, "outcome" => outcome).increment(1);
     histogram!(DELIVERY_DURATION_SECONDS).record(took.as_secs_f64());
+}
+
+/// `kind`: program, http, handler or forward.
+pub fn delivery_by_target(kind: &'static str, outcome: &'static str) {
+    counter!(DELIVERIES_BY_TARGET_TOTAL, "kind" => kind, "outcome" => outcome).increment(1);
+}
+
+/// One POST to an HTTP target: `class` is 2xx to 5xx, or failed when no
+/// response came (no connection, TLS, timeout).
+pub fn http_response(class: &'static str, took: Duration) {
+    counter!(HTTP_RESPONSES_TOTAL, "class" => class).increment(1);
+    histogram!(HTTP_REQUEST_DURATION_SECONDS).record(took.as_secs_f64());
 }
 
 pub fn rate_limited(limit: &'static str) {

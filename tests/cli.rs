@@ -958,19 +958,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-/// One control request on a fresh connection; the reply line, parsed.
-fn control_request(socket: &Path, request: &str) -> serde_json::Value {
-    use std::io::Write;
-    let mut stream = std::os::unix::net::UnixStream::connect(socket).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    stream.write_all(format!("{request}\n").as_bytes()).unwrap();
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
-}
-
 #[test]
 fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     use std::io::{Read, Write};

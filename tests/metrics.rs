@@ -218,7 +218,10 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
     let pki_dir = tempfile::tempdir().unwrap();
     let pki = Pki::new(pki_dir.path());
     let (cert, key) = pki.server("mx.test", 30);
-    let node = TestNode::start_with("ok: |cat > /dev/null\n", |c| {
+    // An HTTP target too, for the HTTP deliveries' panels.
+    let hook = HttpTarget::start(answer_200());
+    let aliases = format!("ok: \"|cat > /dev/null\", {}\n", hook.url("http", "/mail"));
+    let node = TestNode::start_with(&aliases, |c| {
         c.tls = Some(mailnode::config::TlsConfig {
             cert,
             key,
@@ -297,7 +300,7 @@ fn every_dashboard_query_returns_data_from_a_real_prometheus() {
         }
         let delivered = query(
             prometheus.addr,
-            "sum(mailnode_deliveries_total{outcome=\"delivered\"}) >= 3",
+            "sum(mailnode_deliveries_by_target_total{kind=\"http\",outcome=\"delivered\"}) >= 3 and sum(mailnode_deliveries_by_target_total{kind=\"program\",outcome=\"delivered\"}) >= 3",
         );
         (delivered == Ok(1)).then_some(())
     });

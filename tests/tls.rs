@@ -287,7 +287,11 @@ fn openssl_curl_and_swaks_deliver_over_starttls() {
         .output()
         .expect("swaks runs (Debian's swaks package)");
     let said = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "swaks failed:\n{said}");
+    assert!(
+        out.status.success(),
+        "swaks failed:\n{said}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let (msg, env) = delivered(&node, &queued_in(&said));
     assert_tls_seen(&msg, &env, "TLSv1.3");
     assert!(msg.contains("Subject: swaks"), "{msg}");

@@ -29,6 +29,8 @@ pub struct AliasResolver {
     /// Shared with the factory, so a restarted resolver keeps the table in
     /// force (a reload may have replaced the one loaded at start).
     table: Shared<Arc<AliasTable>>,
+    /// The embedder's handlers, which `@NAME` targets may name.
+    handler_names: Vec<String>,
     /// The node's own name: the domain of `<postmaster>` without one.
     hostname: String,
     /// A relay is configured, so address aliases can be forwarded.
@@ -39,12 +41,14 @@ impl AliasResolver {
     pub fn new(
         path: PathBuf,
         table: Shared<Arc<AliasTable>>,
+        handler_names: Vec<String>,
         hostname: String,
         can_forward: bool,
     ) -> Self {
         AliasResolver {
             path,
             table,
+            handler_names,
             hostname,
             can_forward,
         }
@@ -72,7 +76,7 @@ impl Handler<Reload> for AliasResolver {
     type Result = Result<usize, ReloadError>;
 
     fn handle(&mut self, _: Reload, _: &mut Self::Context) -> Self::Result {
-        match aliases::load(&self.path) {
+        match aliases::load_with_handlers(&self.path, &self.handler_names) {
             Ok(loaded) => {
                 for warning in &loaded.warnings {
                     tracing::warn!("{warning}");

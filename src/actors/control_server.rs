@@ -350,10 +350,7 @@ async fn lookup(deps: &ControlDeps, address: &str) -> Response {
             "accepted": true,
             "targets": targets.iter().map(|t| serde_json::json!({
                 "recipient": t.recipient,
-                "target": match &t.target {
-                    crate::aliases::Target::Pipe { command } => format!("|{command}"),
-                    crate::aliases::Target::Forward { address } => address.clone(),
-                },
+                "target": t.target.to_string(),
             })).collect::<Vec<_>>(),
         })),
         Ok(RcptDecision::Refuse(reply)) => Response::ok(serde_json::json!({

@@ -1,5 +1,6 @@
 //! DeliveryWorker (≈ Postfix's pipe/local and smtp): runs one delivery when
-//! the QueueRunner asks (a program, or a forward through `[relay]`), or
+//! the QueueRunner asks (a program, a POST to an HTTP target, the
+//! embedder's handler, or a forward through `[relay]`), or
 //! returns a message to its sender, and answers with the typed outcome. It
 //! holds no queue state, so it can die and be recreated losing nothing.
 
@@ -10,6 +11,8 @@ use actix::prelude::*;
 use tokio::io::AsyncReadExt;
 
 use crate::aliases::Target;
+use crate::delivery::handler::{HandedMessage, Handlers, MessageReader};
+use crate::delivery::http::{HttpClient, HttpShared};
 use crate::delivery::program::{self, ProgramRequest, RunAs};
 use crate::delivery::relay::{self, Outgoing, RelayTarget};
 use crate::delivery::spawn::ProgramSpawner;
@@ -38,37 +41,47 @@ pub struct Bounce {
     pub failed: Vec<usize>,
 }
 
+/// What every delivery worker is made with; one per node, cloned into each
+/// worker (and into a restarted one).
+#[derive(Clone)]
+pub struct DeliverySetup {
+    pub spool: Spool,
+    pub run_as: Option<RunAs>,
+    pub spawner: ProgramSpawner,
+    /// `[delivery] timeout`: a program's, and a handler's.
+    pub timeout: Duration,
+    pub relay: Option<RelayTarget>,
+    pub hostname: String,
+    /// `[delivery] concurrency`, shared by every worker: programs and
+    /// handlers running at once, whether the queue or an inline session
+    /// asked. HTTP deliveries take a permit of their host instead.
+    pub permits: Arc<tokio::sync::Semaphore>,
+    pub http: Arc<HttpShared>,
+    pub handlers: Handlers,
+}
+
 pub struct DeliveryWorker {
-    spool: Spool,
-    run_as: Option<RunAs>,
-    spawner: ProgramSpawner,
-    timeout: Duration,
-    relay: Option<RelayTarget>,
-    hostname: String,
-    /// `[delivery] concurrency`, shared by every worker: programs running
-    /// at once, whether the queue or an inline session asked.
-    permits: Arc<tokio::sync::Semaphore>,
+    setup: DeliverySetup,
+    /// This worker's HTTP client (its pool of keep-alive connections lives
+    /// on this worker's runtime), made at its first HTTP delivery.
+    http_client: Option<Arc<HttpClient>>,
 }
 
 impl DeliveryWorker {
-    pub fn new(
-        spool: Spool,
-        run_as: Option<RunAs>,
-        spawner: ProgramSpawner,
-        timeout: Duration,
-        relay: Option<RelayTarget>,
-        hostname: String,
-        permits: Arc<tokio::sync::Semaphore>,
-    ) -> Self {
+    pub fn new(setup: DeliverySetup) -> Self {
         DeliveryWorker {
-            spool,
-            run_as,
-            spawner,
-            timeout,
-            relay,
-            hostname,
-            permits,
+            setup,
+            http_client: None,
         }
+    }
+
+    fn http_client(&mut self) -> Result<Arc<HttpClient>, String> {
+        if let Some(client) = &self.http_client {
+            return Ok(Arc::clone(client));
+        }
+        let client = Arc::new(HttpClient::new(Arc::clone(&self.setup.http))?);
+        self.http_client = Some(Arc::clone(&client));
+        Ok(client)
     }
 }
 
@@ -84,14 +97,12 @@ impl Handler<Deliver> for DeliveryWorker {
         let index = msg.index;
         let body_path = msg.body;
         let in_flight = msg.in_flight;
-        let run_as = self.run_as.clone();
-        let spawner = self.spawner;
-        let timeout = self.timeout;
-        let relay = self.relay.clone();
-        let permits = Arc::clone(&self.permits);
+        let http_client = match env.deliveries.get(index).map(|d| &d.target) {
+            Some(Target::Http { .. }) => Some(self.http_client()),
+            _ => None,
+        };
+        let setup = self.setup.clone();
         Box::pin(async move {
-            // Never closed, so acquiring only waits.
-            let _permit = permits.acquire_owned().await.ok();
             let started = Instant::now();
             let Some(delivery) = env.deliveries.get(index) else {
                 return DeliveryReport {
@@ -100,16 +111,20 @@ impl Handler<Deliver> for DeliveryWorker {
                         "no such delivery".into(),
                     ),
                     attempted: true,
+                    retry_after: None,
                 };
             };
+            let mut retry_after = None;
             let (status, output) = match &delivery.target {
                 Target::Pipe { command } => {
+                    // Never closed, so acquiring only waits.
+                    let _permit = setup.permits.acquire_owned().await.ok();
                     let request = ProgramRequest {
                         command: command.clone(),
                         env: program_env(&env, index),
-                        run_as,
-                        spawner,
-                        timeout,
+                        run_as: setup.run_as,
+                        spawner: setup.spawner,
+                        timeout: setup.timeout,
                         stdin_prefix: stdin_prefix(&env, index),
                         body_path,
                         body_len: env.body_len(),
@@ -119,7 +134,37 @@ impl Handler<Deliver> for DeliveryWorker {
                     (outcome.status(), output)
                 }
                 Target::Forward { address } => {
-                    let status = forward(relay.as_ref(), &env, address, &body_path).await;
+                    let _permit = setup.permits.acquire_owned().await.ok();
+                    let status = forward(setup.relay.as_ref(), &env, address, &body_path).await;
+                    (status, String::new())
+                }
+                Target::Http { url } => match http_client {
+                    Some(Ok(client)) => {
+                        let sent = Instant::now();
+                        let outcome = client.post(url, &env, index, &body_path).await;
+                        crate::telemetry::http_response(
+                            http_class(&outcome.status),
+                            sent.elapsed(),
+                        );
+                        retry_after = outcome.retry_after;
+                        (outcome.status, String::new())
+                    }
+                    Some(Err(why)) => (DeliveryStatus::system_temporary(why), String::new()),
+                    // Made above for every HTTP target.
+                    None => (
+                        DeliveryStatus::system_temporary("no HTTP client"),
+                        String::new(),
+                    ),
+                },
+                Target::Handler { name } => {
+                    let _permit = setup.permits.acquire_owned().await.ok();
+                    let status = match crate::delivery::open_message(&body_path, env.body_len()) {
+                        Ok(file) => {
+                            let message = handed_message(&env, index, file);
+                            setup.handlers.deliver(name, message, setup.timeout).await
+                        }
+                        Err(e) => DeliveryStatus::system_temporary(e.to_string()),
+                    };
                     (status, String::new())
                 }
             };
@@ -131,9 +176,11 @@ impl Handler<Deliver> for DeliveryWorker {
             };
             // Here, so inline deliveries count too.
             crate::telemetry::delivery(outcome, duration);
+            crate::telemetry::delivery_by_target(delivery.target.kind(), outcome);
             tracing::info!(
                 queue_id = %env.id,
                 recipient = %delivery.recipient,
+                target = delivery.target.kind(),
                 attempt = delivery.attempts + 1,
                 result = ?status,
                 status = %status.code(),
@@ -146,8 +193,36 @@ impl Handler<Deliver> for DeliveryWorker {
             DeliveryReport {
                 status,
                 attempted: true,
+                retry_after,
             }
         })
+    }
+}
+
+/// The `class` label of `mailnode_http_responses_total`.
+fn http_class(status: &DeliveryStatus) -> &'static str {
+    let diagnostic = status.diagnostic();
+    match status {
+        DeliveryStatus::Delivered(_) => "2xx",
+        _ if diagnostic.starts_with("HTTP 3") => "3xx",
+        _ if diagnostic.starts_with("HTTP 4") => "4xx",
+        _ if diagnostic.starts_with("HTTP 5") => "5xx",
+        _ => "failed",
+    }
+}
+
+/// Delivery `index` of `env` as a handler gets it.
+fn handed_message(env: &Envelope, index: usize, file: std::fs::File) -> HandedMessage {
+    let d = &env.deliveries[index];
+    HandedMessage {
+        sender: env.sender.clone(),
+        recipient: d.recipient.clone(),
+        original_recipient: d.original_recipient.clone(),
+        queue_id: env.id.clone(),
+        delivery_id: env.delivery_id(index),
+        attempt: d.attempts + 1,
+        variables: program_env(env, index),
+        message: MessageReader::new(stdin_prefix(env, index), file, env.body_len()),
     }
 }
 
@@ -183,9 +258,9 @@ impl Handler<Bounce> for DeliveryWorker {
     type Result = ResponseFuture<DeliveryStatus>;
 
     fn handle(&mut self, msg: Bounce, _: &mut Self::Context) -> Self::Result {
-        let relay = self.relay.clone();
-        let hostname = self.hostname.clone();
-        let body_path = self.spool.body_path(&msg.envelope.id);
+        let relay = self.setup.relay.clone();
+        let hostname = self.setup.hostname.clone();
+        let body_path = self.setup.spool.body_path(&msg.envelope.id);
         Box::pin(async move {
             return_to_sender(
                 relay.as_ref(),

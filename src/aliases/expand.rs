@@ -120,6 +120,33 @@ fn classify(
         }
         RawKind::Word(word) => word,
     };
+    if is_url(word) {
+        return match http_target(word) {
+            Ok(target) => Item::Direct(target),
+            Err(why) => {
+                diag.error(raw.line, format!("alias '{}': {why}", entry.name));
+                Item::Unsupported
+            }
+        };
+    }
+    if let Some(name) = word.strip_prefix('@') {
+        if !diag.handlers.iter().any(|known| known == name) {
+            let known = if diag.handlers.is_empty() {
+                "none is registered (handlers exist only in a program that embeds mailnode)"
+                    .to_string()
+            } else {
+                format!("registered: {}", diag.handlers.join(", "))
+            };
+            diag.error(
+                raw.line,
+                format!("alias '{}': unknown handler '@{name}'; {known}", entry.name),
+            );
+            return Item::Unsupported;
+        }
+        return Item::Direct(Target::Handler {
+            name: name.to_string(),
+        });
+    }
     let problem = if word
         .get(..9)
         .is_some_and(|prefix| prefix.eq_ignore_ascii_case(":include:"))
@@ -155,6 +182,30 @@ fn classify(
         ),
     );
     Item::Unsupported
+}
+
+fn is_url(word: &str) -> bool {
+    ["http://", "https://"].iter().any(|scheme| {
+        word.get(..scheme.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(scheme))
+    })
+}
+
+/// An HTTP target's URL, checked once here so that a delivery never meets
+/// a URL it cannot send to.
+fn http_target(word: &str) -> Result<Target, String> {
+    let url = url::Url::parse(word).map_err(|e| format!("invalid URL '{word}': {e}"))?;
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(format!("invalid URL '{word}': it names no host"));
+    }
+    if url.fragment().is_some() {
+        return Err(format!(
+            "invalid URL '{word}': a #fragment is never sent to the server"
+        ));
+    }
+    Ok(Target::Http {
+        url: url.to_string(),
+    })
 }
 
 /// A plain `local@domain`; anything fancier (quoted local parts, address

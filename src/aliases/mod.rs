@@ -7,7 +7,9 @@
 //! alias into its final list of targets at load time, so the SMTP session
 //! only does a hash lookup per `RCPT TO`.
 //!
-//! Only pipes and `user@domain` forwards are deliverable. Other classic
+//! Pipes, `http(s)://` URLs, the embedder's `@NAME` handlers and
+//! `user@domain` forwards are deliverable; a URL that does not parse and a
+//! handler nobody registered are errors. Other classic
 //! aliases targets (files, `:include:`, local users) are accepted in the file
 //! but make the alias resolve to `Resolution::Unsupported`: rejecting the
 //! recipient is safer than delivering to only part of a list.
@@ -148,6 +150,35 @@ pub enum Target {
     Pipe { command: String },
     /// Forward to this address; the caller decides whether that is allowed.
     Forward { address: String },
+    /// POST the message to this `http://` or `https://` URL.
+    Http { url: String },
+    /// Hand the message to the embedding program's handler of this name
+    /// (`Hooks::handler`).
+    Handler { name: String },
+}
+
+impl Target {
+    /// The kind, as the `kind` label of `mailnode_deliveries_by_target_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Pipe { .. } => "program",
+            Target::Forward { .. } => "forward",
+            Target::Http { .. } => "http",
+            Target::Handler { .. } => "handler",
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    /// As the aliases file writes it.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::Pipe { command } => write!(f, "|{command}"),
+            Target::Forward { address } => f.write_str(address),
+            Target::Http { url } => f.write_str(url),
+            Target::Handler { name } => write!(f, "@{name}"),
+        }
+    }
 }
 
 impl AliasTable {
@@ -196,19 +227,36 @@ impl TableEntry {
     }
 }
 
-/// Reads and parses the aliases file at `path`.
+/// Reads and parses the aliases file at `path`, for a node without
+/// handlers (the `mailnode` program): every `@NAME` target is an error.
 pub fn load(path: &Path) -> Result<Loaded, LoadError> {
+    load_with_handlers(path, &[])
+}
+
+/// Reads and parses the aliases file at `path`; `handlers` are the names
+/// `@NAME` targets may use.
+pub fn load_with_handlers(path: &Path, handlers: &[String]) -> Result<Loaded, LoadError> {
     let bytes = std::fs::read(path).map_err(|source| LoadError::Read {
         path: path.to_path_buf(),
         source,
     })?;
-    parse(&bytes, path)
+    parse_with_handlers(&bytes, path, handlers)
 }
 
 /// Parses aliases file contents; `file` is only used in messages.
 pub fn parse(bytes: &[u8], file: &Path) -> Result<Loaded, LoadError> {
+    parse_with_handlers(bytes, file, &[])
+}
+
+/// [`parse()`], with the names of the handlers `@NAME` targets may use.
+pub fn parse_with_handlers(
+    bytes: &[u8],
+    file: &Path,
+    handlers: &[String],
+) -> Result<Loaded, LoadError> {
     let mut diag = Diag {
         file,
+        handlers,
         errors: Vec::new(),
         warnings: Vec::new(),
     };
@@ -228,6 +276,8 @@ pub fn parse(bytes: &[u8], file: &Path) -> Result<Loaded, LoadError> {
 /// Collects problems so that parsing can go on past the first one.
 struct Diag<'a> {
     file: &'a Path,
+    /// Registered handler names.
+    handlers: &'a [String],
     errors: Vec<AliasError>,
     warnings: Vec<AliasWarning>,
 }
@@ -714,7 +764,7 @@ long:     "|/usr/local/bin/x",
 
     #[test]
     fn invalid_forward_is_a_warning() {
-        let loaded = load_ok("a: user@\nb: @example.com\nc: x@bad..example\n");
+        let loaded = load_ok("a: user@\nb: user@@example.com\nc: x@bad..example\n");
         assert_eq!(loaded.warnings.len(), 3);
         assert!(loaded.warnings[0]
             .message
@@ -727,6 +777,71 @@ long:     "|/usr/local/bin/x",
             loaded.table.resolve("c"),
             Resolution::Unsupported { .. }
         ));
+    }
+
+    #[test]
+    fn urls_are_http_targets_and_a_bad_one_is_an_error_at_its_line() {
+        let loaded = load_ok(
+            "hook: https://App.example/mail/in?queue=1, \"http://127.0.0.1:8080/x\"\nteam: \"|/bin/t\", hook\n",
+        );
+        let http = |via: &str, url: &str| Expanded {
+            via_alias: via.into(),
+            target: Target::Http { url: url.into() },
+        };
+        assert_eq!(
+            targets(&loaded.table, "team"),
+            vec![
+                pipe("team", "/bin/t"),
+                http("hook", "https://app.example/mail/in?queue=1"),
+                http("hook", "http://127.0.0.1:8080/x"),
+            ]
+        );
+        let errors = error_lines(
+            "a: https://\nb: |/bin/b\nc: http://exa mple.org/\nd: https://h.example/#frag\n",
+        );
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(
+            errors[0].starts_with("/etc/mailnode/aliases:1: alias 'a': invalid URL 'https://'"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("/etc/mailnode/aliases:3: alias 'c': invalid URL"),
+            "{errors:?}"
+        );
+        assert!(
+            errors[2].contains(":4: alias 'd': invalid URL 'https://h.example/#frag': a #fragment"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn handlers_are_known_by_name_and_an_unknown_one_is_an_error_at_its_line() {
+        let known = vec!["store".to_string()];
+        let loaded =
+            parse_with_handlers(b"archive: @store, |/bin/a\n", Path::new(FILE), &known).unwrap();
+        assert_eq!(
+            targets(&loaded.table, "archive")[0].target,
+            Target::Handler {
+                name: "store".into()
+            }
+        );
+        assert_eq!(
+            targets(&loaded.table, "archive")[0].target.to_string(),
+            "@store"
+        );
+        let errors = match parse_with_handlers(b"x: |/bin/x\na: @stor\n", Path::new(FILE), &known) {
+            Err(LoadError::Invalid(errors)) => errors,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            errors[0].to_string(),
+            "/etc/mailnode/aliases:2: alias 'a': unknown handler '@stor'; registered: store"
+        );
+        // The mailnode program registers none.
+        assert_eq!(
+            error_lines("a: @store\n"),
+            vec!["/etc/mailnode/aliases:1: alias 'a': unknown handler '@store'; none is registered (handlers exist only in a program that embeds mailnode)"]
+        );
     }
 
     #[test]

@@ -108,6 +108,7 @@ impl Checker<'_> {
             log: self.log(raw.log),
             tls,
             auth: self.auth(raw.auth),
+            http: self.http(raw.http),
         }
     }
 
@@ -232,6 +233,31 @@ impl Checker<'_> {
             },
             dns_timeout: key!(self.duration, "auth", raw.dns_timeout, d),
         }
+    }
+
+    fn http(&mut self, raw: RawHttp) -> HttpConfig {
+        let d = HttpConfig::default();
+        HttpConfig {
+            timeout: key!(self.duration, "http", raw.timeout, d),
+            secret_file: self.file_setting(raw.secret_file),
+            ca_file: self.file_setting(raw.ca_file),
+            max_per_host: key!(self.count, "http", raw.max_per_host, d),
+        }
+    }
+
+    /// A file read at start-up; `""` (or no key) means none.
+    fn file_setting(&mut self, raw: Text) -> Option<FileSetting> {
+        let value = raw?;
+        let at = format!(
+            "{}:{}",
+            self.file.display(),
+            line_of(self.text, value.span().start)
+        );
+        let path = value.into_inner();
+        (!path.is_empty()).then(|| FileSetting {
+            path: PathBuf::from(path),
+            at,
+        })
     }
 
     fn listen(&mut self, raw: TextList, default: Vec<SocketAddr>) -> Vec<SocketAddr> {

@@ -245,6 +245,10 @@ mod tests {
             "mode = \"0600\"",
             "[metrics]",
             "listen = \"",
+            "[http]",
+            "secret_file = ",
+            "ca_file = ",
+            "max_per_host = ",
             "[log]",
             "format = ",
             "level = ",
@@ -803,6 +807,29 @@ deny = [\"10.0.0.0/33\"]
             msg.starts_with("mailnode.toml:2: auth.dns_timeout: duration \"0s\" is zero"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn http_defaults_and_files_named_with_their_line() {
+        assert_eq!(ok("").http, HttpConfig::default());
+        let c = ok("[http]\ntimeout = \"5s\"\nsecret_file = \"/etc/mailnode/hook.key\"\nca_file = \"\"\nmax_per_host = 2\n");
+        assert_eq!(c.http.timeout, Duration::from_secs(5));
+        assert_eq!(c.http.max_per_host, 2);
+        assert_eq!(c.http.ca_file, None);
+        assert_eq!(
+            c.http.secret_file,
+            Some(FileSetting {
+                path: PathBuf::from("/etc/mailnode/hook.key"),
+                at: "mailnode.toml:3".into(),
+            })
+        );
+        let msg = one_err("[http]\nmax_per_host = 0\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: http.max_per_host: invalid value 0"),
+            "{msg}"
+        );
+        let msg = one_err("[http]\nproxy = \"x\"\n");
+        assert!(msg.contains("unknown field `proxy`"), "{msg}");
     }
 
     #[test]

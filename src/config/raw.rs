@@ -26,6 +26,7 @@ pub(super) struct RawConfig {
     pub(super) log: RawLog,
     pub(super) tls: RawTls,
     pub(super) auth: RawAuth,
+    pub(super) http: RawHttp,
 }
 
 #[derive(Deserialize, Default)]
@@ -144,4 +145,13 @@ pub(super) struct RawAuth {
     pub(super) dmarc_policy: Text,
     pub(super) nameservers: TextList,
     pub(super) dns_timeout: Text,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub(super) struct RawHttp {
+    pub(super) timeout: Text,
+    pub(super) secret_file: Text,
+    pub(super) ca_file: Text,
+    pub(super) max_per_host: Int,
 }

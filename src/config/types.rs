@@ -41,6 +41,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// Sender authentication (SPF, DKIM, DMARC).
     pub auth: AuthConfig,
+    /// Delivery to `https://` and `http://` alias targets.
+    pub http: HttpConfig,
 }
 
 impl Default for Config {
@@ -60,6 +62,7 @@ impl Default for Config {
             log: LogConfig::default(),
             tls: None,
             auth: AuthConfig::default(),
+            http: HttpConfig::default(),
         }
     }
 }
@@ -514,6 +517,40 @@ impl Default for AuthConfig {
             dns_timeout: Duration::from_secs(5),
         }
     }
+}
+
+/// `[http]`: how messages are POSTed to HTTP targets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpConfig {
+    /// One request, from connecting to the end of the response; past it
+    /// the attempt is a temporary failure.
+    pub timeout: Duration,
+    /// The HMAC-SHA256 key behind `Mailnode-Signature`; `None`: unsigned.
+    pub secret_file: Option<FileSetting>,
+    /// Roots trusted beside the system's.
+    pub ca_file: Option<FileSetting>,
+    /// Requests in flight to one host (and port) at once.
+    pub max_per_host: usize,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            timeout: Duration::from_secs(30),
+            secret_file: None,
+            ca_file: None,
+            max_per_host: 8,
+        }
+    }
+}
+
+/// A file the configuration names and that is read when the node starts:
+/// `at` says where it was named (`FILE:LINE`), for the error if it cannot
+/// be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSetting {
+    pub path: PathBuf,
+    pub at: String,
 }
 
 /// `[auth] dmarc_policy`.

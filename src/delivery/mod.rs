@@ -2,6 +2,8 @@
 //! and how it is run ([`program`]).
 
 pub mod dsn;
+pub mod handler;
+pub mod http;
 pub mod program;
 pub mod relay;
 pub mod spawn;
@@ -20,6 +22,8 @@ pub struct DeliveryReport {
     /// False when no attempt was made (the worker was lost): it does not
     /// count towards `ATTEMPT` or the backoff.
     pub attempted: bool,
+    /// How long the target asked to be left alone (an HTTP `Retry-After`).
+    pub retry_after: Option<std::time::Duration>,
 }
 
 impl DeliveryReport {
@@ -28,6 +32,7 @@ impl DeliveryReport {
         DeliveryReport {
             status: DeliveryStatus::system_temporary(format!("delivery worker lost: {why}")),
             attempted: false,
+            retry_after: None,
         }
     }
 }

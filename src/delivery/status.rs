@@ -88,6 +88,16 @@ impl DeliveryStatus {
         DeliveryStatus::Temporary(EnhancedCode::SYSTEM_TEMPORARY, why.into())
     }
 
+    /// Try again later (4.0.0); `why` is logged and shown by `ctl`.
+    pub fn temporary(why: impl Into<String>) -> Self {
+        DeliveryStatus::Temporary(EnhancedCode::TEMPORARY, why.into())
+    }
+
+    /// Failed for good (5.0.0): returned to the sender with `why`.
+    pub fn permanent(why: impl Into<String>) -> Self {
+        DeliveryStatus::Permanent(EnhancedCode::PERMANENT, why.into())
+    }
+
     pub fn code(&self) -> EnhancedCode {
         match self {
             DeliveryStatus::Delivered(code)

@@ -28,6 +28,24 @@ impl QueuePolicy {
             .min(self.retry_max)
     }
 
+    /// The retry time `backoff` gave, pushed back to what a target asked
+    /// (`not_before`, an HTTP `Retry-After`), but never past `retry_max`
+    /// from `now`: a server cannot park mail for longer than the operator
+    /// allows.
+    pub fn not_before(
+        &self,
+        backoff: SystemTime,
+        not_before: Option<SystemTime>,
+        now: SystemTime,
+    ) -> SystemTime {
+        match not_before {
+            Some(asked) if asked > backoff => {
+                asked.min(self.later(now, self.retry_max)).max(backoff)
+            }
+            _ => backoff,
+        }
+    }
+
     /// `now + delay`, saturating far in the future instead of overflowing.
     pub fn later(&self, now: SystemTime, delay: Duration) -> SystemTime {
         now.checked_add(delay)
@@ -170,6 +188,25 @@ mod tests {
 
     fn envelope(sender: &str, n: usize, arrival: SystemTime) -> Envelope {
         Envelope::for_test_piped("ID", sender, n, arrival)
+    }
+
+    #[test]
+    fn a_retry_after_delays_the_retry_up_to_retry_max_and_never_hastens_it() {
+        let p = policy();
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let backoff = now + Duration::from_secs(60);
+        let at = |s: u64| Some(now + Duration::from_secs(s));
+        assert_eq!(p.not_before(backoff, None, now), backoff);
+        assert_eq!(p.not_before(backoff, at(10), now), backoff);
+        assert_eq!(
+            p.not_before(backoff, at(120), now),
+            now + Duration::from_secs(120)
+        );
+        assert_eq!(
+            p.not_before(backoff, at(86_400), now),
+            now + p.retry_max,
+            "capped at retry_max"
+        );
     }
 
     #[test]

@@ -15,10 +15,10 @@ use crate::delivery::status::EnhancedCode;
 
 const MAGIC: &[u8; 4] = b"MNQE";
 /// 2 added each delivery's status and history, and the Bounced state; 3 the
-/// body check; 4 the TLS version and cipher; 5 the `[auth]` verdict. Every
-/// older version is still read, and each message is written in the oldest
-/// version that holds it (see [`encode`]).
-const VERSION: u16 = 5;
+/// body check; 4 the TLS version and cipher; 5 the `[auth]` verdict; 6 the
+/// HTTP and handler targets. Every older version is still read, and each
+/// message is written in the oldest version that holds it (see [`encode`]).
+const VERSION: u16 = 6;
 /// No field of a sane envelope comes near this; a larger length is damage.
 const MAX_FIELD: usize = 1 << 20;
 
@@ -276,10 +276,15 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
     // going back to a version before TLS or before [auth] still reads
     // what that version could have received.
     let in_clear = env.tls_version.is_empty() && env.tls_cipher.is_empty();
-    let version: u16 = match (in_clear, env.auth.is_empty()) {
-        (true, true) => 3,
-        (false, true) => 4,
-        (_, false) => VERSION,
+    let new_kinds = env
+        .deliveries
+        .iter()
+        .any(|d| matches!(d.target, Target::Http { .. } | Target::Handler { .. }));
+    let version: u16 = match (in_clear, env.auth.is_empty(), new_kinds) {
+        (_, _, true) => VERSION,
+        (true, true, false) => 3,
+        (false, true, false) => 4,
+        (_, false, false) => 5,
     };
     let mut w = Writer(Vec::with_capacity(256));
     w.0.extend_from_slice(MAGIC);
@@ -311,6 +316,14 @@ pub(crate) fn encode(env: &Envelope) -> Vec<u8> {
             Target::Forward { address } => {
                 w.u8(2);
                 w.str(address);
+            }
+            Target::Http { url } => {
+                w.u8(3);
+                w.str(url);
+            }
+            Target::Handler { name } => {
+                w.u8(4);
+                w.str(name);
             }
         }
         w.u8(match d.state {
@@ -420,6 +433,8 @@ pub fn decode(bytes: &[u8]) -> Result<Envelope, EnvelopeError> {
         let target = match r.u8()? {
             1 => Target::Pipe { command: r.str()? },
             2 => Target::Forward { address: r.str()? },
+            3 if version >= 6 => Target::Http { url: r.str()? },
+            4 if version >= 6 => Target::Handler { name: r.str()? },
             _ => return Err(EnvelopeError::BadTag("target")),
         };
         let state = match r.u8()? {

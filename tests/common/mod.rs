@@ -581,3 +581,132 @@ pub fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
 }
+
+/// One control request on a fresh connection; the reply line, parsed.
+pub fn control_request(socket: &Path, request: &str) -> serde_json::Value {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket).expect("control socket");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("timeout");
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .expect("request");
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line).expect("reply");
+    serde_json::from_str(&line).expect("a JSON reply")
+}
+
+const SERVER: &str = include_str!("http_target.py");
+
+/// A scripted HTTP(S) server (tests/common/http_target.py) on 127.0.0.1.
+pub struct HttpTarget {
+    child: std::process::Child,
+    pub port: u16,
+    records: tempfile::TempDir,
+}
+
+/// One request the server received.
+#[derive(Debug)]
+pub struct Request {
+    pub path: String,
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub received_at: f64,
+    /// `None` while the body is still coming (or was never read).
+    pub body: Option<Vec<u8>>,
+    pub body_file: PathBuf,
+}
+
+impl Request {
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .map(String::as_str)
+            .unwrap_or_else(|| panic!("no {name} header in {:?}", self.headers))
+    }
+}
+
+impl HttpTarget {
+    pub fn start(plan: serde_json::Value) -> HttpTarget {
+        Self::start_tls(plan, None)
+    }
+
+    pub fn start_tls(plan: serde_json::Value, tls: Option<&(PathBuf, PathBuf)>) -> HttpTarget {
+        let records = tempfile::tempdir().expect("tempdir");
+        let mut command = std::process::Command::new("python3");
+        command
+            .arg("-c")
+            .arg(SERVER)
+            .arg(records.path())
+            .arg(plan.to_string());
+        if let Some((cert, key)) = tls {
+            command.arg(cert).arg(key);
+        }
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("the server's port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("server said {line:?}"));
+        HttpTarget {
+            child,
+            port,
+            records,
+        }
+    }
+
+    pub fn url(&self, scheme: &str, path: &str) -> String {
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<Request> {
+        let mut found = Vec::new();
+        for n in 0.. {
+            let meta = self.records.path().join(format!("{n}.json"));
+            let Ok(text) = std::fs::read(&meta) else {
+                break;
+            };
+            let meta: serde_json::Value = serde_json::from_slice(&text).expect("record");
+            let body_file = self.records.path().join(format!("{n}.body"));
+            found.push(Request {
+                path: meta["path"].as_str().unwrap_or_default().to_string(),
+                headers: meta["headers"]
+                    .as_object()
+                    .expect("headers")
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect(),
+                received_at: meta["received_at"].as_f64().unwrap_or_default(),
+                body: std::fs::read(&body_file).ok(),
+                body_file,
+            });
+        }
+        found
+    }
+
+    /// Waits for `n` requests whose bodies are all in.
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<Request> {
+        wait_for(limit, || {
+            let found = self.requests();
+            (found.len() >= n && found.iter().all(|r| r.body.is_some())).then_some(found)
+        })
+        .unwrap_or_else(|| panic!("{n} requests never came: {:?}", self.requests()))
+    }
+}
+
+impl Drop for HttpTarget {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn answer_200() -> serde_json::Value {
+    serde_json::json!([{"status": 200}])
+}

@@ -13,10 +13,12 @@
 //! spool ([`Command::Record`]) before anything else is decided about its
 //! message, so a crash means a second delivery, never a lost one.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::aliases::Target;
+use crate::delivery::http::host_of;
 use crate::delivery::status::DeliveryStatus;
 use crate::delivery::DeliveryReport;
 use crate::queue::reexpand::{reexpand, Change};
@@ -24,6 +26,9 @@ use crate::queue::{next_step, record_result, Aliases, InFlight, QueuePolicy, Ste
 use crate::spool::{DeliveryState, Disposal, Envelope, SpoolError};
 
 mod operator;
+mod ready;
+
+use ready::Ready;
 
 /// How soon a message whose delivery another (dead) runner started is
 /// looked at again.
@@ -238,6 +243,9 @@ struct Tracked {
     /// Its deliveries wait for the envelope a retry's alias expansion
     /// changed to be written (see [`Command::Persist`]).
     recording_expansion: bool,
+    /// The latest time a target of this round asked not to be tried
+    /// before (an HTTP `Retry-After`).
+    not_before: Option<SystemTime>,
 }
 
 impl Tracked {
@@ -275,7 +283,13 @@ pub(crate) struct Scheduler {
     /// retries keep the targets a message was accepted with.
     aliases: Option<Aliases>,
     messages: HashMap<String, Tracked>,
-    ready: VecDeque<(String, usize)>,
+    ready: Ready,
+    /// `[http] max_per_host`: HTTP deliveries to one host at once.
+    max_per_host: usize,
+    /// Running HTTP deliveries, with their host; the others hold one of
+    /// `concurrency`'s slots.
+    running_http: HashMap<(String, usize), String>,
+    running_slots: usize,
     /// May hold stale entries: an entry counts only while it matches its
     /// message's `deferred_until`.
     deferred: BTreeSet<(SystemTime, String)>,
@@ -313,7 +327,10 @@ impl Scheduler {
             in_flight,
             aliases: None,
             messages: HashMap::new(),
-            ready: VecDeque::new(),
+            ready: Ready::default(),
+            max_per_host: 8,
+            running_http: HashMap::new(),
+            running_slots: 0,
             deferred: BTreeSet::new(),
             removing: HashSet::new(),
             running: 0,
@@ -324,6 +341,12 @@ impl Scheduler {
             armed: None,
             commands: Vec::new(),
         }
+    }
+
+    /// At most `max_per_host` HTTP deliveries to one host at once.
+    pub(crate) fn with_max_per_host(mut self, max_per_host: usize) -> Self {
+        self.max_per_host = max_per_host.max(1);
+        self
     }
 
     /// Retries expand their recipients' aliases again with `aliases`.
@@ -397,8 +420,16 @@ impl Scheduler {
         now: SystemTime,
     ) {
         self.running -= 1;
+        match self.running_http.remove(&(id.clone(), index)) {
+            Some(host) => self.ready.http_done(&host),
+            None => self.running_slots -= 1,
+        }
         if let Some(t) = self.messages.get_mut(&id) {
             t.running -= 1;
+            if let Some(wait) = report.retry_after {
+                let asked = self.policy.later(now, wait);
+                t.not_before = t.not_before.max(Some(asked));
+            }
             record_result(
                 Arc::make_mut(&mut t.envelope),
                 index,
@@ -632,6 +663,7 @@ impl Scheduler {
                 bouncing: false,
                 bounce_attempts: 0,
                 recording_expansion: false,
+                not_before: None,
             },
         );
     }
@@ -679,13 +711,14 @@ impl Scheduler {
                 return;
             }
         }
-        let before = self.ready.len();
-        self.ready.extend(
-            t.envelope
-                .pending()
-                .map(|(index, _)| (id.to_string(), index)),
-        );
-        t.waiting += self.ready.len() - before;
+        for (index, d) in t.envelope.pending() {
+            let host = match &d.target {
+                Target::Http { url } => Some(host_of(url).unwrap_or_else(|| url.clone())),
+                _ => None,
+            };
+            self.ready.push(host, (id.to_string(), index));
+            t.waiting += 1;
+        }
     }
 
     fn defer(&mut self, id: &str, until: SystemTime) {
@@ -696,16 +729,34 @@ impl Scheduler {
     }
 
     fn dispatch(&mut self) {
-        while self.running < self.concurrency && !self.draining {
-            let Some((id, index)) = self.ready.pop_front() else {
+        while !self.draining {
+            let slot = if self.running_slots < self.concurrency {
+                self.ready.next_slot().map(|item| (None, item))
+            } else {
+                None
+            };
+            let Some((host, (id, index))) = slot.or_else(|| {
+                self.ready
+                    .next_http(self.max_per_host)
+                    .map(|(host, item)| (Some(host), item))
+            }) else {
                 break;
             };
             let Some(t) = self.messages.get_mut(&id) else {
+                if let Some(host) = host {
+                    self.ready.http_done(&host);
+                }
                 continue;
             };
             t.waiting -= 1;
             t.running += 1;
             self.running += 1;
+            match host {
+                Some(host) => {
+                    self.running_http.insert((id.clone(), index), host);
+                }
+                None => self.running_slots += 1,
+            }
             let envelope = Arc::clone(&t.envelope);
             self.commands.push(Command::Dispatch {
                 id,
@@ -759,12 +810,17 @@ impl Scheduler {
         if t.is_busy() || t.deferred_until.is_some() || (t.envelope.held && !finished) {
             return;
         }
+        let not_before = t.not_before.take();
         let step = next_step(
             Arc::make_mut(&mut t.envelope),
             now,
             &self.policy,
             self.can_bounce,
         );
+        let step = match step {
+            Step::Defer(until) => Step::Defer(self.policy.not_before(until, not_before, now)),
+            other => other,
+        };
         match step {
             Step::Remove => {
                 let returned = t
@@ -890,6 +946,7 @@ mod tests {
         DeliveryReport {
             status,
             attempted: true,
+            retry_after: None,
         }
     }
 

@@ -50,7 +50,7 @@ impl Scheduler {
         if t.running > 0 || t.bouncing {
             return Err(OperatorError::Busy(id.to_string()));
         }
-        self.ready.retain(|(r, _)| r != id);
+        self.ready.remove_message(id);
         // Logged by the runner once the removal is durable.
         self.remove(id, Removal::Deleted);
         self.after_event();
@@ -59,7 +59,7 @@ impl Scheduler {
 
     pub(crate) fn hold(&mut self, id: &str) -> Result<(), OperatorError> {
         self.tracked(id)?;
-        self.ready.retain(|(r, _)| r != id);
+        self.ready.remove_message(id);
         if let Some(t) = self.messages.get_mut(id) {
             t.waiting = 0;
             Arc::make_mut(&mut t.envelope).held = true;
@@ -98,7 +98,7 @@ impl Scheduler {
         if !self.can_bounce {
             return Err(OperatorError::NoRelay(id.to_string()));
         }
-        self.ready.retain(|(r, _)| r != id);
+        self.ready.remove_message(id);
         if let Some(t) = self.messages.get_mut(id) {
             t.waiting = 0;
             t.deferred_until = None;

@@ -1,0 +1,499 @@
+//! HTTP targets and in-process handlers against real servers: Python's
+//! http.server (and ssl, with a certificate authority made by openssl)
+//! started by each test on 127.0.0.1 and a free port.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use mailnode::config::{Config, FileSetting, RelayHost};
+use mailnode::hooks::Hooks;
+use mailnode::{DeliveryStatus, HandedMessage};
+use serde_json::{json, Value};
+use tokio::io::AsyncReadExt;
+
+fn relay_to(sink: &Sink) -> impl FnOnce(&mut Config) + '_ {
+    move |c: &mut Config| {
+        c.relay.host = Some(RelayHost {
+            host: "127.0.0.1".into(),
+            port: sink.addr.port(),
+        });
+    }
+}
+
+fn send(node: &TestNode, rcpt: &str, body: &str) -> String {
+    node.client()
+        .send_message("client.example", "alice@example.org", rcpt, body)
+}
+
+fn queue_show(node: &TestNode, id: &str) -> Value {
+    control_request(
+        &node.dir.path().join("ctl.sock"),
+        &json!({"cmd": "queue.show", "id": id}).to_string(),
+    )
+}
+
+/// The message's first recipient's `last_error` once it has one that
+/// passes `check`.
+fn last_error_of(node: &TestNode, id: &str, check: impl Fn(&str) -> bool) -> String {
+    wait_for(Duration::from_secs(20), || {
+        let shown = queue_show(node, id);
+        let error = shown["data"]["recipients"][0]["last_error"]
+            .as_str()?
+            .to_string();
+        check(&error).then_some(error)
+    })
+    .unwrap_or_else(|| panic!("{id}: no such error: {}", queue_show(node, id)))
+}
+
+fn queue_empties(node: &TestNode) {
+    assert!(
+        wait_for(Duration::from_secs(20), || (node.queue_files() == 0)
+            .then_some(()))
+        .is_some(),
+        "the queue never emptied"
+    );
+}
+
+fn crlf(lf: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(lf.len() + lf.len() / 40);
+    for &b in lf {
+        if b == b'\n' {
+            out.push(b'\r');
+        }
+        out.push(b);
+    }
+    out
+}
+
+/// docs/http.md's Python recipe for checking `Mailnode-Signature`, as a
+/// reader would copy it, run on a recorded request: prints True or False.
+fn documented_check(key: &Path, request: &Request, body: &[u8]) -> String {
+    let doc = include_str!("../docs/http.md");
+    let start = doc.find("```python\n").expect("a Python recipe") + "```python\n".len();
+    let end = start + doc[start..].find("```").expect("its end");
+    let recipe = doc[start..end].replace(
+        "\"/etc/helpdesk/mailnode.key\"",
+        &format!("{:?}", key.display().to_string()),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("body"), body).unwrap();
+    std::fs::write(
+        dir.path().join("headers.json"),
+        serde_json::to_vec(&request.headers).unwrap(),
+    )
+    .unwrap();
+    let script = format!(
+        "{recipe}\nimport json, sys\nclass Headers(dict):\n    def get(self, name, default=None):\n        return dict.get(self, name.lower(), default)\nheaders = Headers(json.load(open(sys.argv[1])))\nprint(signed_by_mailnode(headers, open(sys.argv[2], 'rb').read()))\n"
+    );
+    python(
+        &script,
+        &[
+            dir.path().join("headers.json").to_str().unwrap(),
+            dir.path().join("body").to_str().unwrap(),
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+#[test]
+fn a_post_carries_what_a_program_reads_with_every_header_and_a_signature_python_verifies() {
+    let (dir, _) = shared_tempdir();
+    let pki = Pki::new(dir.path());
+    let cert = pki.server("localhost", 30);
+    let plain = HttpTarget::start(answer_200());
+    let secure = HttpTarget::start_tls(answer_200(), Some(&cert));
+    let secret = dir.path().join("hook.key");
+    std::fs::write(&secret, "0f1e2d3c4b5a69788796a5b4c3d2e1f0\n").unwrap();
+    let aliases = format!(
+        "both: \"|cat > OUTBOX/program.msg\", {}, {}\n",
+        plain.url("http", "/mail/in?queue=support"),
+        secure.url("https", "/secure")
+    );
+    let node = TestNode::start_with(&aliases, |c| {
+        c.http.secret_file = Some(FileSetting {
+            path: secret.clone(),
+            at: "test".into(),
+        });
+        c.http.ca_file = Some(FileSetting {
+            path: pki.ca.clone(),
+            at: "test".into(),
+        });
+    });
+    let body = "Subject: over HTTP\r\nFrom: alice@example.org\r\n\r\nline one\r\n..dot\r\nlast\r\n";
+    let id = send(&node, "Both+Ext@Example.ORG", body);
+    let stdin = wait_for_file(&node.outbox.join("program.msg"));
+    for (target, path) in [(&plain, "/mail/in?queue=support"), (&secure, "/secure")] {
+        let requests = target.wait_for(1, Duration::from_secs(20));
+        assert_eq!(requests.len(), 1);
+        let r = &requests[0];
+        assert_eq!(r.path, path);
+        assert_eq!(r.body.as_deref(), Some(&crlf(&stdin)[..]), "{path}");
+        assert_eq!(r.header("content-type"), "message/rfc822");
+        assert_eq!(r.header("mailnode-sender"), "alice@example.org");
+        assert_eq!(r.header("mailnode-recipient"), "both+Ext@example.org");
+        assert_eq!(
+            r.header("mailnode-original-recipient"),
+            "Both+Ext@Example.ORG"
+        );
+        assert_eq!(r.header("mailnode-queue-id"), id);
+        assert!(r
+            .header("mailnode-delivery-id")
+            .starts_with(&format!("{id}.")));
+        assert_eq!(r.header("mailnode-attempt"), "1");
+        assert_eq!(r.header("mailnode-client-address"), "127.0.0.1");
+        assert_eq!(r.header("mailnode-channel"), "local");
+        let timestamp: u64 = r.header("mailnode-timestamp").parse().unwrap();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        assert!(timestamp <= now && now - timestamp < 60, "{timestamp}");
+        let body = r.body.clone().unwrap_or_default();
+        assert_eq!(
+            documented_check(&secret, r, &body),
+            "True",
+            "{path}: the signature does not verify"
+        );
+        let mut changed = body.clone();
+        changed.extend_from_slice(b"one more line\r\n");
+        assert_eq!(documented_check(&secret, r, &changed), "False", "{path}");
+    }
+    queue_empties(&node);
+}
+
+#[test]
+fn a_500_then_a_503_with_retry_after_then_a_200_is_delivered_once_after_the_wait() {
+    let target = HttpTarget::start(json!([
+        {"status": 500, "body": "database is down"},
+        {"status": 503, "headers": {"Retry-After": "2"}},
+        {"status": 200}
+    ]));
+    let node = TestNode::start_with(&format!("hook: {}\n", target.url("http", "/")), |c| {
+        c.queue.retry_max = Duration::from_secs(30);
+    });
+    let id = send(&node, "hook@example.org", "Subject: retried\r\n\r\nx\r\n");
+    let requests = target.wait_for(3, Duration::from_secs(30));
+    queue_empties(&node);
+    std::thread::sleep(Duration::from_millis(300));
+    let requests_after = target.requests();
+    assert_eq!(requests_after.len(), 3, "posted again after a 200");
+    let ids: Vec<&str> = requests
+        .iter()
+        .map(|r| r.header("mailnode-delivery-id"))
+        .collect();
+    let expected = format!("{id}.0");
+    assert_eq!(ids, [expected.as_str(); 3]);
+    let attempts: Vec<&str> = requests
+        .iter()
+        .map(|r| r.header("mailnode-attempt"))
+        .collect();
+    assert_eq!(attempts, ["1", "2", "3"]);
+    let waited = requests[2].received_at - requests[1].received_at;
+    assert!(
+        waited >= 2.0,
+        "Retry-After: 2 but retried after {waited:.2} s"
+    );
+}
+
+#[test]
+fn a_429_and_a_408_are_retried() {
+    let target = HttpTarget::start(json!([{"status": 429}, {"status": 408}, {"status": 204}]));
+    let node = TestNode::start(&format!("hook: {}\n", target.url("http", "/")));
+    send(&node, "hook@example.org", "Subject: busy\r\n\r\nx\r\n");
+    target.wait_for(3, Duration::from_secs(20));
+    queue_empties(&node);
+}
+
+#[test]
+fn a_404_a_410_and_a_301_are_returned_to_the_sender_with_the_status_line_and_the_body() {
+    let sink = Sink::start(|_| None);
+    let gone = HttpTarget::start(json!([{"status": 404, "body": "no such queue\nsupport"}]));
+    let removed = HttpTarget::start(json!([{"status": 410, "body": "retired"}]));
+    let moved = HttpTarget::start(json!([
+        {"status": 301, "headers": {"Location": "/elsewhere"}, "body": "moved"},
+        {"status": 200}
+    ]));
+    let aliases = format!(
+        "gone: {}\nremoved: {}\nmoved: {}\n",
+        gone.url("http", "/in"),
+        removed.url("http", "/in"),
+        moved.url("http", "/in")
+    );
+    let node = TestNode::start_with(&aliases, relay_to(&sink));
+    for rcpt in ["gone", "removed", "moved"] {
+        send(
+            &node,
+            &format!("{rcpt}@example.org"),
+            &format!("Subject: to {rcpt}\r\n\r\nx\r\n"),
+        );
+    }
+    let bounces = sink.wait_for(3);
+    let text: Vec<String> = bounces
+        .iter()
+        .map(|m| String::from_utf8_lossy(&m.data).into_owned())
+        .collect();
+    let find = |what: &str| {
+        text.iter()
+            .find(|t| t.contains(what))
+            .unwrap_or_else(|| panic!("no bounce mentions {what:?}: {text:#?}"))
+    };
+    assert!(find("Subject: to gone").contains("HTTP 404 Not Found: no such queue support"));
+    assert!(find("Subject: to removed").contains("HTTP 410 Gone: retired"));
+    let moved_bounce = find("Subject: to moved");
+    assert!(
+        moved_bounce.contains(
+            "HTTP 301 Moved Permanently (redirects are not followed; Location: /elsewhere): moved"
+        ),
+        "{moved_bounce}"
+    );
+    for b in &bounces {
+        assert_eq!(b.from, "");
+        assert_eq!(b.rcpts, ["alice@example.org"]);
+    }
+    queue_empties(&node);
+    // Each was asked once; the redirect was not followed.
+    assert_eq!(gone.requests().len(), 1);
+    assert_eq!(removed.requests().len(), 1);
+    assert_eq!(moved.requests().len(), 1);
+}
+
+#[test]
+fn no_connection_no_answer_and_an_untrusted_certificate_are_retried_and_shown() {
+    let (dir, _) = shared_tempdir();
+    let stranger = Pki::new(&dir.path().join("stranger"));
+    let ours = Pki::new(&dir.path().join("ours"));
+    let untrusted = HttpTarget::start_tls(answer_200(), Some(&stranger.server("localhost", 30)));
+    let silent = HttpTarget::start(json!([{"hang": true}]));
+    let nobody = free_port();
+    let aliases = format!(
+        "refused: http://127.0.0.1:{nobody}/in\nsilent: {}\nuntrusted: {}\n",
+        silent.url("http", "/in"),
+        untrusted.url("https", "/in")
+    );
+    let node = TestNode::start_with(&aliases, |c| {
+        c.http.timeout = Duration::from_secs(1);
+        c.http.ca_file = Some(FileSetting {
+            path: ours.ca.clone(),
+            at: "test".into(),
+        });
+    });
+    let refused = send(&node, "refused@example.org", "Subject: a\r\n\r\nx\r\n");
+    let no_answer = send(&node, "silent@example.org", "Subject: b\r\n\r\nx\r\n");
+    let bad_tls = send(&node, "untrusted@example.org", "Subject: c\r\n\r\nx\r\n");
+    let attempted_twice = |node: &TestNode, id: &str| {
+        wait_for(Duration::from_secs(20), || {
+            let shown = queue_show(node, id);
+            (shown["data"]["recipients"][0]["attempts"].as_u64()? >= 2).then_some(())
+        })
+        .unwrap_or_else(|| panic!("{id} was not retried: {}", queue_show(node, id)))
+    };
+    for id in [&refused, &no_answer, &bad_tls] {
+        attempted_twice(&node, id);
+    }
+    let e = last_error_of(&node, &refused, |e| e.contains("cannot connect"));
+    assert!(
+        e.contains("Connection refused") || e.contains("connect"),
+        "{e}"
+    );
+    last_error_of(&node, &no_answer, |e| {
+        e.starts_with("no response within 1s ([http] timeout)")
+    });
+    let e = last_error_of(&node, &bad_tls, |e| e.starts_with("TLS: "));
+    // Both test authorities have one name: rustls finds ours and its
+    // signature does not match (BadSignature); a stranger would be
+    // UnknownIssuer.
+    assert!(e.contains("invalid peer certificate"), "{e}");
+    // Still queued, not returned.
+    assert!(node.queue_files() >= 6);
+}
+
+#[test]
+fn each_target_of_a_mixed_alias_is_tracked_on_its_own() {
+    let steady = HttpTarget::start(answer_200());
+    let flaky = HttpTarget::start(json!([{"status": 502}, {"status": 502}, {"status": 200}]));
+    let aliases = format!(
+        "team: \"|echo run >> OUTBOX/runs\", {}, other\nother: {}\n",
+        steady.url("http", "/steady"),
+        flaky.url("http", "/flaky")
+    );
+    let node = TestNode::start(&aliases);
+    let id = send(&node, "team@example.org", "Subject: team\r\n\r\nx\r\n");
+    flaky.wait_for(3, Duration::from_secs(20));
+    queue_empties(&node);
+    assert_eq!(
+        steady.requests().len(),
+        1,
+        "a target that got a 2xx was posted again"
+    );
+    let runs = std::fs::read_to_string(node.outbox.join("runs")).unwrap();
+    assert_eq!(runs.lines().count(), 1, "the program ran again");
+    let flaky_ids: Vec<String> = flaky
+        .requests()
+        .iter()
+        .map(|r| r.header("mailnode-delivery-id").to_string())
+        .collect();
+    assert_eq!(flaky_ids.len(), 3);
+    assert!(flaky_ids.iter().all(|d| d == &flaky_ids[0]));
+    assert_ne!(
+        steady.requests()[0].header("mailnode-delivery-id"),
+        flaky_ids[0]
+    );
+    assert!(flaky_ids[0].starts_with(&id));
+}
+
+#[test]
+fn handlers_are_tracked_like_programs_through_failures_panics_and_refusals() {
+    let sink = Sink::start(|_| None);
+    let calls = Arc::new(AtomicU32::new(0));
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<(u32, String, String)>::new()));
+    let hooks = {
+        let (calls, seen) = (Arc::clone(&calls), Arc::clone(&seen));
+        Hooks::default()
+            .handler("store", move |mut m: HandedMessage| {
+                let (calls, seen) = (Arc::clone(&calls), Arc::clone(&seen));
+                async move {
+                    let mut text = String::new();
+                    let read = m.message.read_to_string(&mut text).await;
+                    let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+                    seen.lock()
+                        .unwrap()
+                        .push((m.attempt, m.delivery_id.clone(), text));
+                    match n {
+                        1 => DeliveryStatus::temporary("database busy"),
+                        2 => panic!("handler bug"),
+                        _ if read.is_ok() => DeliveryStatus::DELIVERED,
+                        _ => DeliveryStatus::temporary("unreadable"),
+                    }
+                }
+            })
+            .handler("refuse", |m: HandedMessage| async move {
+                DeliveryStatus::permanent(format!("no ticket queue for {}", m.recipient))
+            })
+    };
+    let node = TestNode::start_hooked(
+        "tickets: @store\nnowhere: @refuse\n",
+        relay_to(&sink),
+        hooks,
+    );
+    let id = send(
+        &node,
+        "tickets@example.org",
+        "Subject: kept\r\n\r\nbody\r\n",
+    );
+    queue_empties(&node);
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!(
+        seen.iter().map(|s| s.0).collect::<Vec<_>>(),
+        [1, 2, 3],
+        "ATTEMPT"
+    );
+    assert!(seen.iter().all(|s| s.1 == format!("{id}.0")));
+    let message = &seen[2].2;
+    assert!(
+        message.starts_with(
+            "Return-Path: <alice@example.org>\nDelivered-To: tickets@example.org\nReceived: "
+        ),
+        "{message}"
+    );
+    assert!(message.contains("Subject: kept\n\nbody\n"), "{message}");
+
+    send(
+        &node,
+        "nowhere@example.org",
+        "Subject: refused\r\n\r\nx\r\n",
+    );
+    let bounce = sink.wait_for(1);
+    let text = String::from_utf8_lossy(&bounce[0].data);
+    assert!(
+        text.contains("no ticket queue for nowhere@example.org"),
+        "{text}"
+    );
+    queue_empties(&node);
+    // The node serves on after the panic.
+    send(&node, "tickets@example.org", "Subject: again\r\n\r\nx\r\n");
+    queue_empties(&node);
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+}
+
+#[test]
+fn an_unknown_handler_stops_the_node_from_starting_with_its_line() {
+    let (dir, _) = shared_tempdir();
+    let config = test_config(dir.path());
+    std::fs::write(&config.aliases.path, "ok: |true\nx: @missing\n").unwrap();
+    let e = mailnode::Node::start_with(
+        config,
+        Hooks::default().handler("store", |_m: HandedMessage| async {
+            DeliveryStatus::DELIVERED
+        }),
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        e.ends_with("aliases:2: alias 'x': unknown handler '@missing'; registered: store"),
+        "{e}"
+    );
+}
+
+fn check(config: &Path) -> (i32, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_mailnode"))
+        .args(["check", "-c"])
+        .arg(config)
+        .output()
+        .expect("mailnode runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn check_refuses_a_bad_url_and_an_unreadable_secret_at_their_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = dir.path().join("aliases");
+    let config = dir.path().join("mailnode.toml");
+    std::fs::write(
+        &aliases,
+        "ok: https://app.example/in\nbad: https://exa mple/in\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "[aliases]\npath = {:?}\n\n[http]\nsecret_file = {:?}\n",
+            aliases,
+            dir.path().join("missing.key")
+        ),
+    )
+    .unwrap();
+    let (code, said) = check(&config);
+    assert_eq!(code, 78, "{said}");
+    assert!(
+        said.contains(&format!(
+            "{}:2: alias 'bad': invalid URL",
+            aliases.display()
+        )),
+        "{said}"
+    );
+    std::fs::write(&aliases, "ok: https://app.example/in\n").unwrap();
+    let (code, said) = check(&config);
+    assert_eq!(code, 78, "{said}");
+    assert!(
+        said.contains(&format!(
+            "{}:5: http.secret_file: cannot read",
+            config.display()
+        )),
+        "{said}"
+    );
+    std::fs::write(dir.path().join("missing.key"), "k\n").unwrap();
+    let (code, said) = check(&config);
+    assert_eq!(code, 0, "{said}");
+}
