@@ -7,7 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -160,58 +160,6 @@ fn unsupported_alias_kinds_are_warnings_not_errors() {
         stderr.contains(&format!("{aliases}:3: warning: ")),
         "{stderr}"
     );
-}
-
-/// A `mailnode serve` child, the address it reported and its log lines.
-struct Served {
-    child: Child,
-    addr: SocketAddr,
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-}
-
-impl Served {
-    fn signal(&self, signal: nix::sys::signal::Signal) {
-        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
-            .expect("signal");
-    }
-
-    fn logged(&self, needle: &str) -> bool {
-        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
-    }
-}
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
-    serve_from(serve_command(args, cwd, env))
-}
-
-/// The `mailnode serve` command [`serve`] runs.
-fn serve_command(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Command {
-    let mut command = Command::new(BIN);
-    command
-        .arg("serve")
-        .args(args)
-        // Never the fixed default metrics port: tests run side by side.
-        .args(["--metrics", "127.0.0.1:0"])
-        .current_dir(cwd)
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    command
-}
-
-/// Starts `command` (a [`serve_command`]) and waits for its address.
-fn serve_from(mut command: Command) -> Served {
-    let mut child = command.spawn().expect("serve starts");
-    let (addr, log) = listening_address(&mut child);
-    Served { child, addr, log }
 }
 
 fn send_one(addr: SocketAddr, rcpt: &str, body: &str) -> String {

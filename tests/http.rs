@@ -497,3 +497,174 @@ fn check_refuses_a_bad_url_and_an_unreadable_secret_at_their_lines() {
     let (code, said) = check(&config);
     assert_eq!(code, 0, "{said}");
 }
+
+/// A config file for `mailnode serve` in `dir` with `aliases`, and more
+/// settings.
+fn serve_config(dir: &Path, aliases: &str, more: &str) -> String {
+    let aliases_path = dir.join("aliases");
+    std::fs::write(&aliases_path, aliases).unwrap();
+    let config = dir.join("mailnode.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\nmax_message_size = 41943040\n[aliases]\npath = {:?}\n[spool]\npath = {:?}\n[control]\nsocket = {:?}\n[queue]\nretry_min = \"200ms\"\nretry_max = \"1s\"\n{more}",
+            aliases_path,
+            dir.join("spool"),
+            dir.join("ctl.sock")
+        ),
+    )
+    .unwrap();
+    config.display().to_string()
+}
+
+fn queue_is_empty(spool: &Path) -> bool {
+    std::fs::read_dir(spool.join("queue")).is_ok_and(|d| d.count() == 0)
+}
+
+#[test]
+fn a_post_cut_off_by_kill_9_is_made_again_after_a_restart_with_the_same_delivery_id() {
+    let target = HttpTarget::start(json!([{"hang": true}, {"status": 200}]));
+    let dir = tempfile::tempdir().unwrap();
+    let config = serve_config(
+        dir.path(),
+        &format!("hook: {}\n", target.url("http", "/in")),
+        "[http]\ntimeout = \"5m\"\n",
+    );
+    let first = serve(&["-c", &config], dir.path(), &[]);
+    let id = Client::connect(first.addr).send_message(
+        "client",
+        "alice@example.org",
+        "hook@example.org",
+        "Subject: at least once\r\n\r\nx\r\n",
+    );
+    // The POST is under way: the server has its headers and says nothing.
+    wait_for(Duration::from_secs(20), || {
+        (target.requests().len() == 1).then_some(())
+    })
+    .expect("the first POST never came");
+    let mut first = first;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    drop(first);
+
+    let _second = serve(&["-c", &config], dir.path(), &[]);
+    // The first one's body never came: the server was waiting to read it.
+    let requests = wait_for(Duration::from_secs(30), || {
+        let found = target.requests();
+        (found.len() == 2 && found[1].body.is_some()).then_some(found)
+    })
+    .unwrap_or_else(|| panic!("not posted again: {:?}", target.requests()));
+    let expected = format!("{id}.0");
+    assert_eq!(requests[0].header("mailnode-delivery-id"), expected);
+    assert_eq!(requests[1].header("mailnode-delivery-id"), expected);
+    assert!(
+        wait_for(Duration::from_secs(20), || queue_is_empty(
+            &dir.path().join("spool")
+        )
+        .then_some(()))
+        .is_some(),
+        "not removed after the 200"
+    );
+    assert_eq!(target.requests().len(), 2, "posted a third time");
+}
+
+/// Peak resident memory of a process, from /proc (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Sends a message of about `size` bytes to `hook@` through a fresh
+/// `serve`, waits for the POST to end, and says the node's peak RSS.
+fn peak_rss_posting(size: usize) -> u64 {
+    let target = HttpTarget::start(answer_200());
+    let dir = tempfile::tempdir().unwrap();
+    let config = serve_config(
+        dir.path(),
+        &format!("hook: {}\n", target.url("http", "/in")),
+        "",
+    );
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    let line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789ab\r\n";
+    let mut client = Client::connect(served.addr);
+    client.open_data("client", "alice@example.org", "hook@example.org");
+    client.send(b"Subject: big\r\n\r\n");
+    let mut sent = 0;
+    let block = line.repeat(1000);
+    while sent < size {
+        client.send(block.as_bytes());
+        sent += block.len();
+    }
+    client.send(b".\r\n");
+    queued_id(&client.reply());
+    let requests = target.wait_for(1, Duration::from_secs(120));
+    let received = requests[0].body.as_ref().map_or(0, Vec::len);
+    assert!(received > sent, "{received} bytes posted of {sent}");
+    peak_rss_kib(served.child.id())
+}
+
+#[test]
+fn a_25_mb_message_is_posted_in_the_memory_of_a_4_kb_one() {
+    let small = peak_rss_posting(4 * 1024);
+    let big = peak_rss_posting(25 * 1024 * 1024);
+    eprintln!("peak RSS of the node: {small} KiB posting 4 KB, {big} KiB posting 25 MB");
+    // The bound is 2x; flat memory is tighter than that on a
+    // debug build's 28 MiB: a copy of the message would not fit in 8 MiB.
+    assert!(
+        big <= 2 * small && big <= small + 8 * 1024,
+        "posting 25 MB peaked at {big} KiB, 4 KB at {small} KiB"
+    );
+}
+
+#[test]
+fn a_server_reading_a_byte_a_second_holds_back_only_its_own_deliveries() {
+    let slow = HttpTarget::start(json!([{"slow_read": true}]));
+    let quick = HttpTarget::start(answer_200());
+    let aliases = format!(
+        "slow: {}\nquick: {}\nlocal: \"|cat > OUTBOX/$QUEUE_ID\"\n",
+        slow.url("http", "/in"),
+        quick.url("http", "/in")
+    );
+    let node = TestNode::start_with(&aliases, |c| {
+        c.http.max_per_host = 2;
+        c.delivery.concurrency = 2;
+    });
+    // More than the slow host may have in flight, and more than the
+    // program slots: the rest of its mail waits in its own lane.
+    for n in 0..4 {
+        send(
+            &node,
+            "slow@example.org",
+            &format!("Subject: slow {n}\r\n\r\nx\r\n"),
+        );
+    }
+    wait_for(Duration::from_secs(20), || {
+        (slow.requests().len() == 2).then_some(())
+    })
+    .expect("the slow server never got its two POSTs");
+    let mut programs = Vec::new();
+    for n in 0..6 {
+        send(
+            &node,
+            "quick@example.org",
+            &format!("Subject: quick {n}\r\n\r\nx\r\n"),
+        );
+        programs.push(send(
+            &node,
+            "local@example.org",
+            &format!("Subject: local {n}\r\n\r\nx\r\n"),
+        ));
+    }
+    quick.wait_for(6, Duration::from_secs(20));
+    for id in &programs {
+        wait_for_file(&node.outbox.join(id));
+    }
+    // Still reading the first two, and never more than two at once.
+    let at_the_slow_host = slow.requests();
+    assert_eq!(at_the_slow_host.len(), 2, "{at_the_slow_host:?}");
+    assert!(at_the_slow_host.iter().all(|r| r.body.is_none()));
+}

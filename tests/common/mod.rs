@@ -710,3 +710,55 @@ impl Drop for HttpTarget {
 pub fn answer_200() -> serde_json::Value {
     serde_json::json!([{"status": 200}])
 }
+
+/// A `mailnode serve` child, the address it reported and its log lines.
+pub struct Served {
+    pub child: std::process::Child,
+    pub addr: SocketAddr,
+    pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Served {
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal)
+            .expect("signal");
+    }
+
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn serve(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> Served {
+    serve_from(serve_command(args, cwd, env))
+}
+
+/// The `mailnode serve` command [`serve`] runs.
+pub fn serve_command(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_mailnode"));
+    command
+        .arg("serve")
+        .args(args)
+        // Never the fixed default metrics port: tests run side by side.
+        .args(["--metrics", "127.0.0.1:0"])
+        .current_dir(cwd)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    command
+}
+
+/// Starts `command` (a [`serve_command`]) and waits for its address.
+pub fn serve_from(mut command: std::process::Command) -> Served {
+    let mut child = command.spawn().expect("serve starts");
+    let (addr, log) = listening_address(&mut child);
+    Served { child, addr, log }
+}
