@@ -15,6 +15,10 @@ Parts (BENCH_ONLY, comma-separated; default all):
            20 sessions, a full STARTTLS handshake per message; CPU per handshake
   auth     mailnode with [auth] off, then on against a local dnsmasq, 20 sessions of
            DKIM-signed 4 KB messages whose SPF, DKIM and DMARC all pass
+  http     mailnode delivering to a program, then to an HTTP target on a local
+           keep-alive sink (ops/bench/http_sink.rs), then Postfix piping into
+           `curl --data-binary @-` to the same sink: 20 sessions of 4 KB, and the
+           delivery of a queue alone (a drain), with the CPU per delivery
 
 Load is Postfix's smtp-source, one connection per message; for TLS, which
 smtp-source cannot speak, ops/bench/smtp_load.rs (the same for both servers). Each server
@@ -49,6 +53,7 @@ HOST = "127.0.0.1"
 PORT_POSTFIX = 10025
 PORT_MAILNODE = 10026
 PORT_PEER = 10027
+PORT_HTTP_SINK = 10028
 SENDER = "bench@bench.test"
 RCPT = "sink@bench.test"
 PROBE_RCPT = "probe@bench.test"
@@ -788,9 +793,9 @@ class Bench:
         self.idle_n = env_int("BENCH_IDLE", 500 if self.quick else 10_000)
         only = os.environ.get("BENCH_ONLY", "").strip()
         self.parts = [p.strip() for p in only.split(",") if p.strip()] if only else \
-            ["compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"]
+            ["compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth", "http"]
         for p in self.parts:
-            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"):
+            if p not in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth", "http"):
                 raise BenchError(f"BENCH_ONLY: unknown part {p!r}")
         self.workdir = args.workdir
         self.dlog = DeliveryLog(os.path.join(self.workdir, "out", "delivered.log"))
@@ -1090,6 +1095,108 @@ class Bench:
         finally:
             dns.stop()
 
+    def part_http(self):
+        sink = HttpSink(self.args.http_sink, PORT_HTTP_SINK, self.dlog.path)
+        url = f"http://{HOST}:{PORT_HTTP_SINK}/mail"
+        # The drains fill the queue with deliveries that fail at once and
+        # are not retried for an hour: the program's log refuses it, the
+        # HTTP sink is not running, Postfix defers its transport.
+        program = self.mailnode.write_config("http-program", extra='[queue]\nretry_min = "1h"\nretry_max = "1h"\n')
+        http = self.mailnode.write_config("http-http", alias_lines=[f"sink: {url}"],
+                                          extra='[queue]\nretry_min = "1h"\nretry_max = "1h"\n')
+        drain_n = self.fixed_n or env_int("BENCH_DRAIN", 20_000)
+        load, drains = [], []
+        try:
+            for conf, label in ((program, "mailnode program"), (http, "mailnode http")):
+                log(f"http: {label}")
+                if "http" in label:
+                    sink.start()
+                self.mailnode.start(conf, label.replace(" ", "-"))
+                try:
+                    load.append(self.load(self.mailnode, 20, 4 * KB, f"{label} 20 sess 4 KB"))
+                    drains.append(self.drain(self.mailnode, sink, label, drain_n))
+                finally:
+                    self.mailnode.stop()
+                    sink.stop()
+            log("http: postfix pipe to curl")
+            self.postfix_transport("curlpipe")
+            self.postfix.start()
+            try:
+                sink.start()
+                load.append(self.load(self.postfix, 20, 4 * KB, "postfix curl 20 sess 4 KB"))
+                sink.stop()
+                drains.append(self.drain(self.postfix, sink, "postfix curl", max(200, drain_n // 20)))
+            finally:
+                self.postfix.stop()
+                sink.stop()
+                self.postfix_transport("sinkpipe")
+        finally:
+            sink.stop()
+        self.results["http"] = {"load": load, "drains": drains}
+
+    def postfix_transport(self, transport, deferred=False):
+        settings = [f"transport_maps = inline:{{ {RCPT}={transport}: }}",
+                    f"defer_transports = {transport if deferred else ''}"]
+        subprocess.run(["postconf", "-c", self.postfix.confdir, "-e", *settings], check=True,
+                       capture_output=True)
+        if self.postfix.running:
+            subprocess.run(["postfix", "-c", self.postfix.confdir, "reload"], check=True, capture_output=True)
+
+    def drain(self, server, sink, label, n):
+        """Queues n messages (20 sessions, 4 KB) whose delivery fails at once
+        and waits an hour, then makes the target take mail and flushes the
+        queue: the rate and CPU of delivery alone, intake out of the way."""
+        http = "http" in label or "curl" in label
+        # Filled while the HTTP sink is down: each first POST is refused.
+        sink.stop()
+        server.wait_queue_empty()
+        self.dlog.reset()
+        if server is self.postfix:
+            self.postfix_transport("curlpipe", deferred=True)
+        elif not http:
+            os.chmod(self.dlog.path, 0o444)
+            os.chown(self.dlog.path, 0, 0)
+        cmd = smtp_source_cmd(server.port, 20, 4 * KB, n)
+        log(f"  {label} drain: queueing {n}")
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                           timeout=load_timeout(n, 4 * KB))
+        if r.returncode != 0:
+            raise BenchError(f"{label} drain: smtp-source exited {r.returncode}: {r.stderr.strip()[-500:]}")
+        deadline = time.monotonic() + 120
+        while self.dlog.count() == 0 and server.queue_count() < n:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{label} drain: {server.queue_count()} of {n} queued")
+            time.sleep(0.1)
+        # Every first attempt made and failed before the clock starts.
+        time.sleep(2.0)
+        self.dlog.reset()
+        if http:
+            sink.start()
+        settle_disk()
+        root = server.root_pid()
+        cpu0 = tree_cpu_seconds(root)
+        sink_cpu0 = sink.cpu_seconds() if http else 0.0
+        t0 = time.monotonic()
+        if server is self.postfix:
+            self.postfix_transport("curlpipe")
+            subprocess.run(["postqueue", "-c", self.postfix.confdir, "-f"], check=True, capture_output=True)
+        else:
+            subprocess.run([self.mailnode.binary, "ctl", "-c", self.mailnode.conf, "queue", "flush"],
+                           check=True, capture_output=True)
+        t1 = wait_lines(self.dlog, n, t0 + 60 + n * 0.1, f"{label} drain")
+        cpu = tree_cpu_seconds(root) - cpu0
+        sink_cpu = (sink.cpu_seconds() - sink_cpu0) if http else 0.0
+        time.sleep(1.0)
+        lines, ids = self.dlog.count(), self.dlog.ids()
+        res = {"label": label, "n": n, "drain_s": t1 - t0, "rate": n / (t1 - t0),
+               "cpu_ms": 1000 * cpu / n, "sink_cpu_ms": 1000 * sink_cpu / n,
+               "exactly_once": lines == n and len(set(ids)) == n}
+        log(f"  {label} drain: {n} in {res['drain_s']:.1f} s ({res['rate']:.0f}/s), "
+            f"{res['cpu_ms']:.2f} ms of server CPU per delivery, sink {res['sink_cpu_ms']:.2f} ms"
+            + ("" if res["exactly_once"] else f"  EXACTLY-ONCE FAILED: {lines} lines"))
+        server.wait_queue_empty()
+        return res
+
     def handshakes(self, server, client, n):
         """The server's CPU time (its whole process tree) per session of n
         STARTTLS sessions without mail (EHLO, STARTTLS, handshake, QUIT),
@@ -1119,7 +1226,7 @@ class Bench:
         return h
 
     def run(self):
-        for part in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth"):
+        for part in ("compare", "sizes", "inline", "backlog", "idle", "window", "tls", "auth", "http"):
             if part in self.parts:
                 getattr(self, f"part_{part}")()
 
@@ -1142,6 +1249,35 @@ def still_open(s):
         return False
     finally:
         s.setblocking(True)
+
+
+class HttpSink:
+    """ops/bench/http_sink.rs: answers POSTs 200 on kept-open connections and
+    logs each message's Message-Id, as the sink program does."""
+
+    def __init__(self, binary, port, log_path):
+        self.binary, self.port, self.log_path = binary, port, log_path
+        self.proc = None
+
+    def start(self):
+        if self.proc is not None:
+            return
+        if not port_free(self.port):
+            raise BenchError(f"port {self.port} is in use: stop what listens there")
+        self.proc = subprocess.Popen([self.binary, str(self.port), self.log_path],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        if self.proc.stdout.readline().strip() != b"listening":
+            raise BenchError("http-sink did not start")
+
+    def cpu_seconds(self):
+        return tree_cpu_seconds(self.proc.pid)
+
+    def stop(self):
+        if self.proc is None:
+            return
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
 
 
 def kill_gated(gate):
@@ -1410,6 +1546,39 @@ def report(b, machine, error=None):
               f"delivered {ratio(auth[1]['delivered_rate'], auth[0]['delivered_rate'])}.")
         w("")
 
+    http = b.results.get("http")
+    if http:
+        w("### Delivery to an HTTP target (20 sessions, 4 KB)")
+        w("")
+        w("mailnode delivering to the sink program, then POSTing to an HTTP target on a local keep-alive "
+          f"sink (`ops/bench/http_sink.rs`, one thread, port {PORT_HTTP_SINK}), then Postfix piping each "
+          "message into `curl -sS --fail -H Expect: -H Content-Type:message/rfc822 --data-binary @-` to the "
+          "same sink. *Load*: the usual 20 sessions of smtp-source; *drain*: N messages queued while their "
+          "target fails at once (retried an hour later), then the target mended and the queue flushed: "
+          "delivery alone. *CPU per delivery*: the server's process tree (programs, curl), and the HTTP "
+          "sink's apart.")
+        w("")
+        w("| load | N | accepted/s | delivered/s | peak PSS MiB | exactly-once |")
+        w("|---|---:|---:|---:|---:|---|")
+        for r in http["load"]:
+            w(f"| {r['label'].split(' 20 sess')[0]} | {r['n']} | {r['accepted_rate']:.0f} | "
+              f"{r['delivered_rate']:.0f} | {mib(r['peak_pss_kib']):.1f} | {eo(r)} |")
+        w("")
+        w("| drain | N | delivered/s | server CPU per delivery | sink CPU per delivery | exactly-once |")
+        w("|---|---:|---:|---:|---:|---|")
+        for d in http["drains"]:
+            w(f"| {d['label']} | {d['n']} | {d['rate']:.0f} | {d['cpu_ms']:.3f} ms | {d['sink_cpu_ms']:.3f} ms | "
+              f"{'yes' if d['exactly_once'] else 'NO'} |")
+        drains = {d["label"]: d for d in http["drains"]}
+        loads = {r["label"].split(" 20 sess")[0]: r for r in http["load"]}
+        if len(drains) == 3 and len(loads) == 3:
+            w("")
+            w(f"HTTP / program: load delivered {ratio(loads['mailnode http']['delivered_rate'], loads['mailnode program']['delivered_rate'])}, "
+              f"drain {ratio(drains['mailnode http']['rate'], drains['mailnode program']['rate'])}. "
+              f"mailnode HTTP / Postfix curl: load delivered {ratio(loads['mailnode http']['delivered_rate'], loads['postfix curl']['delivered_rate'])}, "
+              f"drain {ratio(drains['mailnode http']['rate'], drains['postfix curl']['rate'])}.")
+        w("")
+
     w("### How it was run")
     w("")
     w("```sh")
@@ -1522,6 +1691,7 @@ def main():
                     help="how ops/bench/run built the sink (for the report)")
     ap.add_argument("--postfix-config", required=True)
     ap.add_argument("--load-client", required=True, help="the SMTP load client for TLS and [auth] (ops/bench/smtp_load.rs)")
+    ap.add_argument("--http-sink", required=True, help="the HTTP sink of part http (ops/bench/http_sink.rs)")
     args = ap.parse_args()
     args.workdir = os.path.abspath(args.workdir)
     args.mailnode = os.path.abspath(args.mailnode)

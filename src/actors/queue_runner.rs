@@ -44,6 +44,16 @@ pub(crate) struct Drain(pub std::sync::mpsc::Sender<()>);
 #[rtype(result = "QueueCounts")]
 pub(crate) struct Counts;
 
+/// What to do once a piece of work the runner started (a delivery, a
+/// spool write) has ended; see [`QueueRunner::when_done`].
+struct Then(Box<Continuation>);
+
+type Continuation = dyn FnOnce(&mut QueueRunner, &mut Context<QueueRunner>) + Send;
+
+impl Message for Then {
+    type Result = ();
+}
+
 /// `queue.list`: the messages after `after`, at most `limit`.
 #[derive(Message)]
 #[rtype(result = "Listing")]
@@ -98,6 +108,26 @@ impl QueueRunner {
         }
     }
 
+    /// Runs `then` on the runner with the output of `work` once it is done.
+    /// The wait is a task of its own that reports back by message, not a
+    /// future spawned in the actor's context: actix polls every future of a
+    /// context each time the context wakes, so thousands of waiting
+    /// removals made every event cost as much as their number.
+    fn when_done<T: Send + 'static>(
+        ctx: &mut Context<Self>,
+        work: impl std::future::Future<Output = T> + 'static,
+        then: impl FnOnce(&mut Self, &mut Context<Self>, T) + Send + 'static,
+    ) {
+        let runner = ctx.address();
+        actix::spawn(async move {
+            let output = work.await;
+            // A runner that is gone takes its results with it, as it
+            // would take the futures of its context; the spool and the
+            // in-flight registry keep what matters.
+            runner.do_send(Then(Box::new(move |act, ctx| then(act, ctx, output))));
+        });
+    }
+
     fn worker(&mut self) -> Addr<DeliveryWorker> {
         let worker = self.workers[self.next_worker % self.workers.len()].get();
         self.next_worker = self.next_worker.wrapping_add(1);
@@ -119,19 +149,19 @@ impl QueueRunner {
                         body: self.spool.body_path(&id),
                         in_flight: Some(self.in_flight.start(&id, index)),
                     });
-                    ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
+                    Self::when_done(ctx, request, move |act, ctx, result| {
                         let report = result.unwrap_or_else(DeliveryReport::worker_lost);
                         act.scheduler
                             .delivered(id, index, report, SystemTime::now());
                         act.execute(ctx);
-                    }));
+                    });
                 }
                 Command::Record { id, envelope } => {
                     let written = self.spool.update(envelope).wait();
-                    ctx.spawn(written.into_actor(self).map(move |result, act, ctx| {
+                    Self::when_done(ctx, written, move |act, ctx, result| {
                         act.scheduler.recorded(id, result, SystemTime::now());
                         act.execute(ctx);
-                    }));
+                    });
                 }
                 Command::RecordLater { id } => {
                     ctx.run_later(RECORD_RETRY, move |act, ctx| {
@@ -145,24 +175,24 @@ impl QueueRunner {
                     expansion,
                 } => {
                     let written = self.spool.update(envelope).wait();
-                    ctx.spawn(written.into_actor(self).map(move |result, act, ctx| {
+                    Self::when_done(ctx, written, move |act, ctx, result| {
                         let now = SystemTime::now();
                         act.scheduler.persisted(&id, result, expansion, now);
                         act.execute(ctx);
-                    }));
+                    });
                 }
                 Command::Remove { id, why } => {
                     let removal = self.spool.remove(&id, why.disposal()).wait();
                     // Answered once durable: "removed" is logged only when
                     // a power cut can no longer bring the message back.
-                    ctx.spawn(removal.into_actor(self).map(move |result, act, ctx| {
+                    Self::when_done(ctx, removal, move |act, ctx, result| {
                         match result {
                             Ok(()) => tracing::info!(queue_id = %id, "{}", why.done()),
                             Err(e) => tracing::error!(queue_id = %id, "{}: {e}", why.failed()),
                         }
                         act.scheduler.removed(&id);
                         act.execute(ctx);
-                    }));
+                    });
                 }
                 Command::Bounce {
                     id,
@@ -173,13 +203,13 @@ impl QueueRunner {
                         envelope,
                         failed: failed.clone(),
                     });
-                    ctx.spawn(request.into_actor(self).map(move |result, act, ctx| {
+                    Self::when_done(ctx, request, move |act, ctx, result| {
                         let status = result.unwrap_or_else(|e| {
                             DeliveryStatus::system_temporary(format!("delivery worker lost: {e}"))
                         });
                         act.scheduler.bounced(id, failed, status, SystemTime::now());
                         act.execute(ctx);
-                    }));
+                    });
                 }
                 Command::WakeAt(at) => {
                     if let Some(handle) = self.wakeup.take() {
@@ -295,5 +325,13 @@ impl Handler<Control> for QueueRunner {
         let reply = answer(msg.0, &mut self.scheduler, SystemTime::now());
         self.execute(ctx);
         reply
+    }
+}
+
+impl Handler<Then> for QueueRunner {
+    type Result = ();
+
+    fn handle(&mut self, msg: Then, ctx: &mut Context<Self>) {
+        (msg.0)(self, ctx);
     }
 }
