@@ -208,9 +208,16 @@ fn print_queue(entries: &[QueueEntry]) {
             } else {
                 format!(": {said}")
             };
+            // The target too when it is not a program: which of an
+            // alias's URLs or handlers failed is what the operator needs.
+            let target = if r.target.is_empty() || r.target.starts_with('|') {
+                String::new()
+            } else {
+                format!(" via {}", r.target)
+            };
             println!(
-                "{:>18} {} ({}, {} attempts{})",
-                "->", r.address, r.state, r.attempts, why
+                "{:>18} {}{} ({}, {} attempts{})",
+                "->", r.address, target, r.state, r.attempts, why
             );
         }
     }

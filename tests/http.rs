@@ -315,6 +315,37 @@ fn no_connection_no_answer_and_an_untrusted_certificate_are_retried_and_shown() 
 }
 
 #[test]
+fn inline_mode_says_250_only_once_every_target_answered_2xx() {
+    let good = HttpTarget::start(answer_200());
+    let busy = HttpTarget::start(json!([{"status": 503}]));
+    let aliases = format!(
+        "good: {}\nmixed: {}, {}\n",
+        good.url("http", "/one"),
+        good.url("http", "/two"),
+        busy.url("http", "/in")
+    );
+    let node = TestNode::start_with(&aliases, |c| {
+        c.delivery.mode = mailnode::config::DeliveryMode::Inline;
+    });
+    let answer = |rcpt: &str| {
+        let mut client = node.client();
+        client.open_data("client.example", "alice@example.org", rcpt);
+        client.send(b"Subject: inline\r\n\r\nx\r\n.\r\n");
+        client.reply()
+    };
+    let r = answer("good@example.org");
+    assert!(
+        r.is(250, "2.0.0") && r.text.contains("delivered as"),
+        "{r:?}"
+    );
+    assert_eq!(good.wait_for(1, Duration::from_secs(5)).len(), 1);
+    let r = answer("mixed@example.org");
+    assert!(r.is(451, "4.3.0"), "{r:?}");
+    assert_eq!(busy.requests().len(), 1);
+    assert_eq!(node.queue_files(), 0, "inline mode keeps nothing");
+}
+
+#[test]
 fn each_target_of_a_mixed_alias_is_tracked_on_its_own() {
     let steady = HttpTarget::start(answer_200());
     let flaky = HttpTarget::start(json!([{"status": 502}, {"status": 502}, {"status": 200}]));

@@ -103,6 +103,10 @@ pub struct QueueEntry {
 pub struct RecipientEntry {
     pub address: String,
     pub original: String,
+    /// The target as the aliases file writes it: `|command`, a URL,
+    /// `@handler` or an address.
+    #[serde(default)]
+    pub target: String,
     /// `pending`, `delivered`, `failed` or `bounced`.
     pub state: String,
     pub attempts: u32,

@@ -93,6 +93,7 @@ pub(crate) fn entry(view: &MessageView<'_>, with_history: bool, now: SystemTime)
         .map(|d| RecipientEntry {
             address: d.recipient.clone(),
             original: d.original_recipient.clone(),
+            target: d.target.to_string(),
             state: delivery_state(d.state).into(),
             attempts: d.attempts,
             last_error: d.last_error.clone(),

@@ -986,6 +986,67 @@ mod tests {
             .collect()
     }
 
+    /// A message whose deliveries go to `urls` (HTTP targets).
+    fn posted(id: &str, urls: &[&str], now: SystemTime) -> Envelope {
+        let mut env = envelope(id, "a@x", urls.len(), now);
+        for (d, url) in env.deliveries.iter_mut().zip(urls) {
+            d.target = Target::Http {
+                url: url.to_string(),
+            };
+        }
+        env
+    }
+
+    #[test]
+    fn http_deliveries_wait_by_host_and_leave_the_program_slots_alone() {
+        let now = start_of_time();
+        let mut s = scheduler(1, true, Mode::Daemon).with_max_per_host(1);
+        s.enqueued(
+            posted(
+                "H",
+                &["http://slow/a", "http://slow/b", "http://fast/"],
+                now,
+            ),
+            now,
+        );
+        s.enqueued(envelope("P", "a@x", 1, now), now);
+        // The one program slot, one POST to each host.
+        let mut first = dispatched(&s.take_commands());
+        first.sort();
+        assert_eq!(
+            first,
+            vec![
+                ("H".to_string(), 0),
+                ("H".to_string(), 2),
+                ("P".to_string(), 0)
+            ]
+        );
+        // The second POST to slow waits for the first, not for the others.
+        s.delivered("H".into(), 2, report(DeliveryStatus::DELIVERED), now);
+        s.delivered("P".into(), 0, report(DeliveryStatus::DELIVERED), now);
+        assert!(dispatched(&s.take_commands()).is_empty());
+        s.delivered("H".into(), 0, report(DeliveryStatus::DELIVERED), now);
+        assert_eq!(dispatched(&s.take_commands()), vec![("H".to_string(), 1)]);
+    }
+
+    #[test]
+    fn a_retry_after_defers_the_message_at_least_that_long() {
+        let now = start_of_time();
+        let mut s = scheduler(4, true, Mode::Daemon);
+        s.enqueued(posted("H", &["http://app/"], now), now);
+        let _ = s.take_commands();
+        let mut busy = report(temporary());
+        busy.retry_after = Some(Duration::from_secs(600));
+        s.delivered("H".into(), 0, busy, now);
+        s.recorded("H".into(), Ok(()), now);
+        let wake = s.take_commands().into_iter().find_map(|c| match c {
+            Command::WakeAt(at) => Some(at),
+            _ => None,
+        });
+        // retry_min is a minute; the server asked for ten.
+        assert_eq!(wake, Some(now + Duration::from_secs(600)));
+    }
+
     #[test]
     fn a_message_delivered_everywhere_is_removed_without_a_rewrite() {
         let now = start_of_time();
