@@ -4,7 +4,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use mailnode::config::{self, Config};
@@ -22,10 +22,10 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
         );
         return EX_USAGE;
     };
-    let path = match control {
-        Some(p) => p,
+    let (path, from) = match control {
+        Some(p) => (p, "--control".to_string()),
         None => match socket_from_config(config) {
-            Ok(p) => p,
+            Ok(found) => found,
             Err(problems) => {
                 for p in problems {
                     eprintln!("{p}");
@@ -44,7 +44,10 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
             return 1;
         }
         Err(e) => {
-            eprintln!("mailnode ctl: no server answers at {}: {e}", path.display());
+            eprintln!(
+                "mailnode ctl: no server answers at {} ({e}); that socket comes from {from}: name the server's config file with -c FILE, or its socket with --control PATH",
+                path.display()
+            );
             return EX_UNAVAILABLE;
         }
     };
@@ -79,17 +82,33 @@ pub fn run(config: Option<PathBuf>, control: Option<PathBuf>, json: bool, words:
     0
 }
 
-fn socket_from_config(config: Option<PathBuf>) -> Result<PathBuf, Vec<String>> {
-    let path = config.or_else(|| {
-        let p = PathBuf::from(DEFAULT_CONFIG);
-        p.exists().then_some(p)
-    });
-    let config = match path {
-        Some(p) => config::load_files_only(&p)
-            .map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())?,
-        None => Config::default(),
-    };
-    Ok(config.control.socket)
+/// The config file of an installed node, which `ctl` falls back to.
+const SYSTEM_CONFIG: &str = "/etc/mailnode/mailnode.toml";
+
+/// The control socket, and in words where it came from.
+fn socket_from_config(config: Option<PathBuf>) -> Result<(PathBuf, String), Vec<String>> {
+    let path =
+        config.or_else(|| default_config(Path::new(DEFAULT_CONFIG), Path::new(SYSTEM_CONFIG)));
+    match path {
+        Some(p) => {
+            let config = config::load_files_only(&p)
+                .map_err(|e| e.iter().map(ToString::to_string).collect::<Vec<_>>())?;
+            Ok((config.control.socket, p.display().to_string()))
+        }
+        None => Ok((
+            Config::default().control.socket,
+            format!("the built-in default (neither {DEFAULT_CONFIG} nor {SYSTEM_CONFIG} exists)"),
+        )),
+    }
+}
+
+/// Without `-c`: the working directory's config (a development checkout),
+/// else the installed one.
+fn default_config(local: &Path, system: &Path) -> Option<PathBuf> {
+    [local, system]
+        .into_iter()
+        .find(|p| p.exists())
+        .map(Path::to_path_buf)
 }
 
 /// The words of the command line as a request.
@@ -229,32 +248,58 @@ fn print_queue(entries: &[QueueEntry]) {
 }
 
 fn print_value(v: &Value, indent: usize) {
+    print!("{}", render_value(v, indent));
+}
+
+/// A reply's data as indented `key: value` lines; an empty table or list
+/// says `none` rather than leaving its key hanging.
+fn render_value(v: &Value, indent: usize) -> String {
+    use std::fmt::Write;
     let pad = " ".repeat(indent);
+    let empty = |v: &Value| match v {
+        Value::Object(map) => map.is_empty(),
+        Value::Array(items) => items.is_empty(),
+        _ => false,
+    };
+    let mut out = String::new();
     match v {
         Value::Object(map) => {
             for (k, v) in map {
                 match v {
-                    Value::Object(_) | Value::Array(_) => {
-                        println!("{pad}{k}:");
-                        print_value(v, indent + 2);
+                    _ if empty(v) => {
+                        let _ = writeln!(out, "{pad}{k}: none");
                     }
-                    _ => println!("{pad}{k}: {}", scalar(v)),
+                    Value::Object(_) | Value::Array(_) => {
+                        let _ = writeln!(out, "{pad}{k}:");
+                        out.push_str(&render_value(v, indent + 2));
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{pad}{k}: {}", scalar(v));
+                    }
                 }
             }
         }
         Value::Array(items) => {
             for item in items {
                 match item {
-                    Value::Object(_) | Value::Array(_) => {
-                        println!("{pad}-");
-                        print_value(item, indent + 2);
+                    Value::Object(_) | Value::Array(_) if !empty(item) => {
+                        let _ = writeln!(out, "{pad}-");
+                        out.push_str(&render_value(item, indent + 2));
                     }
-                    _ => println!("{pad}- {}", scalar(item)),
+                    _ if empty(item) => {
+                        let _ = writeln!(out, "{pad}- none");
+                    }
+                    _ => {
+                        let _ = writeln!(out, "{pad}- {}", scalar(item));
+                    }
                 }
             }
         }
-        other => println!("{pad}{}", scalar(other)),
+        other => {
+            let _ = writeln!(out, "{pad}{}", scalar(other));
+        }
     }
+    out
 }
 
 fn scalar(v: &Value) -> String {
@@ -302,5 +347,32 @@ mod tests {
             words("queue show X"),
             Some(Request::QueueShow { id: "X".into() })
         );
+    }
+
+    #[test]
+    fn status_text_says_none_for_an_empty_table_instead_of_a_bare_key() {
+        let data = serde_json::json!({
+            "actor_restarts": {},
+            "queue": {"active": 1, "held": 0},
+            "listening": [],
+        });
+        assert_eq!(
+            render_value(&data, 0),
+            "actor_restarts: none\nlistening: none\nqueue:\n  active: 1\n  held: 0\n"
+        );
+    }
+
+    #[test]
+    fn without_c_the_local_config_wins_then_the_installed_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (local, system) = (
+            dir.path().join("local.toml"),
+            dir.path().join("system.toml"),
+        );
+        assert_eq!(default_config(&local, &system), None);
+        std::fs::write(&system, "").unwrap();
+        assert_eq!(default_config(&local, &system), Some(system.clone()));
+        std::fs::write(&local, "").unwrap();
+        assert_eq!(default_config(&local, &system), Some(local));
     }
 }

@@ -47,6 +47,10 @@ pub use delivery::status::{DeliveryStatus, EnhancedCode};
 pub use node::{Node, NodeHandle, StartError};
 pub use queue::QueueCounts;
 
+/// The version, with the git commit when the build had one:
+/// `0.1.0 (git 1a2b3c4d5e6f)`.
+pub const VERSION: &str = env!("MAILNODE_VERSION");
+
 /// Reads `[http] secret_file` and `ca_file` as a starting node would, for
 /// `mailnode check`.
 pub fn check_http(config: &config::HttpConfig) -> Result<(), delivery::http::HttpSetupError> {

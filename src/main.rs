@@ -5,13 +5,57 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use mailnode::config::{self, Config, LogFormat};
 use mailnode::sysexits::{EX_CONFIG, EX_NOINPUT, EX_SOFTWARE, EX_TEMPFAIL, EX_USAGE};
 use mailnode::{aliases, Node};
 
 mod ctl;
+mod manual;
+
+/// `mailnode ctl`'s commands. Everything after the command is its own,
+/// `--limit` included: ctl's options go before it.
+#[derive(Subcommand)]
+enum CtlCmd {
+    /// The node's state: version, listeners, queue counts, restarts
+    Status,
+    /// The queue: a listing ([--limit N] [--after ID]), or
+    /// show|flush|delete|hold|release|bounce ID (flush alone: every message)
+    Queue {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// reload (the aliases file), or lookup ADDRESS (as RCPT would)
+    Aliases {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// reload: read the certificate and key again
+    Tls {
+        #[arg(num_args = 0.., trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// New sessions get 421 4.3.2 until resume
+    Pause,
+    /// Take mail again after pause
+    Resume,
+}
+
+impl CtlCmd {
+    /// The command as the words ctl's parser reads.
+    fn words(self) -> Vec<String> {
+        let (head, rest) = match self {
+            CtlCmd::Status => ("status", Vec::new()),
+            CtlCmd::Queue { args } => ("queue", args),
+            CtlCmd::Aliases { args } => ("aliases", args),
+            CtlCmd::Tls { args } => ("tls", args),
+            CtlCmd::Pause => ("pause", Vec::new()),
+            CtlCmd::Resume => ("resume", Vec::new()),
+        };
+        std::iter::once(head.to_string()).chain(rest).collect()
+    }
+}
 
 /// The config file used without `-c`, when it exists (the repository's).
 pub(crate) const DEFAULT_CONFIG: &str = "config/mailnode.toml";
@@ -19,7 +63,7 @@ pub(crate) const DEFAULT_CONFIG: &str = "config/mailnode.toml";
 #[derive(Parser)]
 #[command(
     name = "mailnode",
-    version,
+    version = mailnode::VERSION,
     about = "An SMTP mail node that pipes mail into programs"
 )]
 struct Cli {
@@ -82,18 +126,20 @@ enum Cmd {
         /// Print the reply's data as JSON
         #[arg(long)]
         json: bool,
-        /// status | queue [--limit N] [--after ID] |
-        /// queue show|flush|delete|hold|release|bounce ID |
-        /// aliases reload | aliases lookup ADDRESS | tls reload | pause | resume
-        // Everything from the command on is the command's, `--limit`
-        // included: ctl's own options go before it.
-        #[arg(
-            required = true,
-            num_args = 1..,
-            trailing_var_arg = true,
-            allow_hyphen_values = true
-        )]
-        command: Vec<String>,
+        #[command(subcommand)]
+        command: CtlCmd,
+    },
+    /// Write the manual pages into DIR: mailnode(8), one page per
+    /// subcommand, mailnode.toml(5) and mailnode-aliases(5)
+    Man {
+        /// Where to write them (created if missing)
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+    },
+    /// Print the completion script of SHELL (bash, zsh or fish)
+    Completions {
+        #[arg(value_parser = ["bash", "zsh", "fish"])]
+        shell: String,
     },
     /// Send the message on stdin to an SMTP server; exit with sysexits codes
     #[command(disable_help_flag = true)]
@@ -169,7 +215,23 @@ fn main() -> ExitCode {
             control,
             json,
             command,
-        } => ExitCode::from(ctl::run(config, control, json, &command)),
+        } => ExitCode::from(ctl::run(config, control, json, &command.words())),
+        Cmd::Man { dir } => match manual::write_pages(Cli::command(), &dir) {
+            Ok(written) => {
+                for page in written {
+                    println!("{}", page.display());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("mailnode man: {e}");
+                ExitCode::from(mailnode::sysexits::EX_CANTCREAT)
+            }
+        },
+        Cmd::Completions { shell } => {
+            manual::completions(Cli::command(), &shell);
+            ExitCode::SUCCESS
+        }
         Cmd::Send {
             helo,
             help: _,
@@ -222,11 +284,13 @@ fn main() -> ExitCode {
             for w in warnings {
                 tracing::warn!("{w}");
             }
-            match serve(config) {
+            let config_file = config_file(&files);
+            match serve(config, config_file) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!("{e:#}");
-                    eprintln!("mailnode: {e:#}");
+                    let said = said_once(&e);
+                    tracing::error!("{said}");
+                    eprintln!("mailnode: {said}");
                     let code = if e.is::<SupervisorGaveUp>() {
                         EX_SOFTWARE
                     } else {
@@ -238,6 +302,24 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// An error and its causes on one line, each said once: most of our
+/// errors already name their cause (`cannot create control socket X: Not
+/// a directory`), and anyhow's `{:#}` would say it a second time.
+fn said_once(e: &anyhow::Error) -> String {
+    let mut said = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if said.contains(&text) {
+            continue;
+        }
+        if !said.is_empty() {
+            said.push_str(": ");
+        }
+        said.push_str(&text);
+    }
+    said
 }
 
 /// The exit status of a run that ends: 0, EX_CONFIG for what an operator
@@ -309,13 +391,19 @@ fn report(problems: Vec<String>) -> ExitCode {
     ExitCode::from(EX_CONFIG)
 }
 
+/// The config file in force: `-c`, else the default one when it exists;
+/// `None`: the built-in defaults.
+fn config_file(files: &Files) -> Option<PathBuf> {
+    files.config.clone().or_else(|| {
+        let default = Path::new(DEFAULT_CONFIG);
+        default.exists().then(|| default.to_path_buf())
+    })
+}
+
 /// The configuration and the aliases file, checked; or every problem as a
 /// `FILE:LINE: message` line. Warnings come back with the config.
 fn load(files: &Files) -> Result<(Config, Vec<String>), Vec<String>> {
-    let config_path = files.config.clone().or_else(|| {
-        let default = Path::new(DEFAULT_CONFIG);
-        default.exists().then(|| default.to_path_buf())
-    });
+    let config_path = config_file(files);
     let mut config = match &config_path {
         Some(path) => config::load(path)
             .map_err(|errors| errors.iter().map(ToString::to_string).collect::<Vec<_>>())?,
@@ -325,15 +413,36 @@ fn load(files: &Files) -> Result<(Config, Vec<String>), Vec<String>> {
         config.aliases.path = aliases.clone();
     }
     match aliases::load(&config.aliases.path) {
-        Ok(loaded) => Ok((
-            config,
-            loaded.warnings.iter().map(ToString::to_string).collect(),
-        )),
+        Ok(loaded) => {
+            let mut warnings: Vec<String> =
+                loaded.warnings.iter().map(ToString::to_string).collect();
+            if config.relay.host.is_none() {
+                for (line, alias, addresses) in loaded.table.forwarding() {
+                    warnings.push(format!(
+                        "{}:{line}: warning: alias '{alias}' forwards to {}, but no [relay] host is configured: mail to it will be refused (550)",
+                        config.aliases.path.display(),
+                        addresses.join(", ")
+                    ));
+                }
+            }
+            warnings.sort_by_key(|w| alias_line(w));
+            Ok((config, warnings))
+        }
         Err(aliases::LoadError::Invalid(errors)) => {
             Err(errors.iter().map(ToString::to_string).collect())
         }
         Err(e) => Err(vec![e.to_string()]),
     }
+}
+
+/// The line number of a `FILE:LINE: warning` (0 for another warning),
+/// so the file's warnings come in line order.
+fn alias_line(warning: &str) -> usize {
+    warning
+        .split(':')
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `[tls]` and `[http]` as `serve` would load them: a key that does not
@@ -397,7 +506,7 @@ fn raise_open_file_limit(max_connections: usize) {
 
 /// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases and
 /// the TLS certificate.
-fn serve(config: Config) -> anyhow::Result<()> {
+fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -412,8 +521,22 @@ fn serve(config: Config) -> anyhow::Result<()> {
         ))
     })?;
     raise_open_file_limit(config.smtp.max_connections);
+    // Where everything is, for whoever reads the log of a first start.
+    let (spool, control, aliases) = (
+        config.spool.path.clone(),
+        config.control.socket.clone(),
+        config.aliases.path.clone(),
+    );
     let node = Node::start_on(config, Default::default(), inherited_listeners())
         .context("cannot start")?;
+    tracing::info!(
+        config = %config_file.as_deref().map_or("(built-in defaults)".into(), |p| p.display().to_string()),
+        aliases = %aliases.display(),
+        spool = %spool.display(),
+        control = %control.display(),
+        metrics = %node.metrics_addr().map_or("off".into(), |a| format!("http://{a}/metrics")),
+        "started"
+    );
     for addr in node.local_addrs() {
         tracing::info!(%addr, "listening for SMTP");
     }

@@ -19,5 +19,7 @@ pub const EX_SOFTWARE: u8 = 70;
 pub const EX_OSERR: u8 = 71;
 /// A temporary failure: the user is invited to retry.
 pub const EX_TEMPFAIL: u8 = 75;
+/// A file to write could not be created.
+pub const EX_CANTCREAT: u8 = 73;
 /// Something was found in an unconfigured or misconfigured state.
 pub const EX_CONFIG: u8 = 78;

@@ -231,7 +231,7 @@ fn register() {
         counter!(ACTOR_RESTARTS_TOTAL, "actor" => a).increment(0);
     }
     gauge!(SMTP_SESSIONS_ACTIVE).set(0.0);
-    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    gauge!(BUILD_INFO, "version" => crate::VERSION).set(1.0);
 }
 
 /// The Prometheus text exposition of every metric; `None` when another

@@ -41,6 +41,34 @@ fn check_is_silent_when_all_is_well() {
 }
 
 #[test]
+fn check_warns_of_a_forward_that_has_no_relay_at_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = write(
+        &dir.path().join("aliases"),
+        "support: |cat\nops: oncall@partner.example, support\n",
+    );
+    let config = write(
+        &dir.path().join("mailnode.toml"),
+        &format!("[aliases]\npath = \"{aliases}\"\n"),
+    );
+    let out = mailnode(&["check", "-c", &config]);
+    assert_eq!(out.status.code(), Some(0));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        said.trim_end(),
+        format!("{aliases}:2: warning: alias 'ops' forwards to oncall@partner.example, but no [relay] host is configured: mail to it will be refused (550)")
+    );
+    // With a relay there is nothing to say.
+    let config = write(
+        &dir.path().join("mailnode.toml"),
+        &format!("[aliases]\npath = \"{aliases}\"\n[relay]\nhost = \"smtp.example.org:25\"\n"),
+    );
+    let out = mailnode(&["check", "-c", &config]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stderr.is_empty(), "{out:?}");
+}
+
+#[test]
 fn check_reports_bad_alias_lines_with_file_and_line_and_exits_78() {
     let dir = tempfile::tempdir().unwrap();
     let aliases = write(
@@ -168,32 +196,47 @@ fn send_one(addr: SocketAddr, rcpt: &str, body: &str) -> String {
 
 #[test]
 fn readme_demo_runs_from_the_repository_root() {
-    let dir = tempfile::tempdir().unwrap();
-    let spool = dir.path().join("spool");
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let served = serve(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--spool",
-            spool.to_str().unwrap(),
-        ],
-        root,
-        &[],
-    );
+    // The repository's config/ as it is, in a directory of the test's own:
+    // the demo's state (var/, /tmp/mailnode-demo.mbox) is the README
+    // reader's, and a demo server of theirs may be running.
+    let root = tempfile::tempdir().unwrap();
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    std::fs::create_dir(root.path().join("config")).unwrap();
+    std::fs::copy(
+        repo.join("config/mailnode.toml"),
+        root.path().join("config/mailnode.toml"),
+    )
+    .unwrap();
+    let mbox = root.path().join("demo.mbox");
+    let aliases = std::fs::read_to_string(repo.join("config/aliases")).unwrap();
+    assert!(aliases.contains("/tmp/mailnode-demo.mbox"));
+    std::fs::write(
+        root.path().join("config/aliases"),
+        aliases.replace("/tmp/mailnode-demo.mbox", mbox.to_str().unwrap()),
+    )
+    .unwrap();
+    // Programs run as nobody when the tests run as root.
+    std::fs::set_permissions(
+        root.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let served = serve(&["--listen", "127.0.0.1:0"], root.path(), &[]);
     let marker = format!("demo-{}-{}", std::process::id(), served.addr.port());
     let id = send_one(
         served.addr,
         "demo@example.org",
         &format!("Subject: {marker}\r\n\r\nhello\r\n"),
     );
-    let mbox = Path::new("/tmp/mailnode-demo.mbox");
     let found = wait_for(Duration::from_secs(20), || {
-        let text = std::fs::read_to_string(mbox).ok()?;
+        let text = std::fs::read_to_string(&mbox).ok()?;
         text.contains(&format!("Subject: {marker}")).then_some(text)
     })
     .expect("the demo alias appended the message");
     assert!(found.contains(&format!(" id {id}")));
+    // The default config's relative paths, under the directory it runs in.
+    assert!(root.path().join("var/spool").is_dir());
+    assert!(root.path().join("var/run/mailnode.sock").exists());
 }
 
 /// Makes `pidfd_open` fail with EPERM in `command`'s process, as the
@@ -896,16 +939,6 @@ fn json_logs_are_one_json_object_per_line() {
     );
 }
 
-/// The resident memory of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[test]
 fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     use std::io::{Read, Write};
@@ -1024,7 +1057,7 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     // Clients that pipeline listings and never read: each holds one reply
     // being written, never one per request, and past the bound a client is
     // told to try again.
-    let before = rss_kib(served.child.id());
+    let before = proc_status_kib(served.child.id(), "VmRSS");
     let mut clients = Vec::new();
     for _ in 0..20 {
         let mut stream = std::os::unix::net::UnixStream::connect(&socket).unwrap();
@@ -1052,7 +1085,7 @@ fn control_replies_stay_bounded_and_paging_lists_every_message_once() {
     assert_eq!(refused, 4, "16 clients at once, the rest refused");
     let mut most = before;
     for _ in 0..20 {
-        most = most.max(rss_kib(served.child.id()));
+        most = most.max(proc_status_kib(served.child.id(), "VmRSS"));
         std::thread::sleep(Duration::from_millis(100));
     }
     let grew_mib = (most.saturating_sub(before)) / 1024;
@@ -1144,7 +1177,7 @@ fn memory_stays_bounded_when_fsync_is_slow() {
         &[("LD_PRELOAD", &library), ("SLOW_FSYNC_MS", "20")],
     );
     let pid = served.child.id();
-    let start = rss_kib(pid);
+    let start = proc_status_kib(pid, "VmRSS");
     let (messages, recipients) = (40, 100);
     let mut peak = start;
     for _ in 0..messages {
@@ -1163,11 +1196,11 @@ fn memory_stays_bounded_when_fsync_is_slow() {
         client.send(b"Subject: burst\r\n\r\nx\r\n.\r\n");
         assert_eq!(client.reply().code, 250);
         client.cmd("QUIT");
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(proc_status_kib(pid, "VmRSS"));
     }
     // Until every first attempt is recorded.
     let deferred = wait_for(Duration::from_secs(120), || {
-        peak = peak.max(rss_kib(pid));
+        peak = peak.max(proc_status_kib(pid, "VmRSS"));
         let status = control_request(&socket, r#"{"cmd":"status"}"#);
         (status["data"]["queue"]["deferred"] == messages).then_some(())
     });
@@ -1194,6 +1227,203 @@ fn memory_stays_bounded_when_fsync_is_slow() {
     assert!(drained.is_some(), "the queue never drained");
     eprintln!(
         "RSS: {start} KiB at start, {peak} KiB at most, {} KiB drained",
-        rss_kib(pid)
+        proc_status_kib(pid, "VmRSS")
     );
+}
+
+#[test]
+fn the_start_up_line_says_where_everything_is_and_a_refused_recipient_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = write(&dir.path().join("aliases"), "known: |cat > /dev/null\n");
+    let config = write(
+        &dir.path().join("mailnode.toml"),
+        &format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{}\"\n",
+            dir.path().join("spool").display(),
+            dir.path().join("ctl.sock").display()
+        ),
+    );
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    // The first line says where everything is.
+    let started = served
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|l| l.contains(" started"))
+        .cloned()
+        .expect("a start-up line");
+    for (what, path) in [
+        ("config", config.clone()),
+        ("aliases", aliases.clone()),
+        ("spool", dir.path().join("spool").display().to_string()),
+        ("control", dir.path().join("ctl.sock").display().to_string()),
+    ] {
+        assert!(
+            started.contains(&format!("{what}={path}")),
+            "{what}: {started}"
+        );
+    }
+    assert!(started.contains("metrics=http://127.0.0.1:"), "{started}");
+    let mut client = Client::connect(served.addr);
+    client.reply();
+    client.cmd("EHLO client.example");
+    client.cmd("MAIL FROM:<alice@example.org>");
+    let r = client.cmd("RCPT TO:<Nobody@example.org>");
+    assert!(r.is(550, "5.1.1"), "{r:?}");
+    client.cmd("QUIT");
+    let line = wait_for(Duration::from_secs(10), || {
+        served
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|l| l.contains("recipient refused"))
+            .cloned()
+    })
+    .expect("no log line for the refused recipient");
+    assert!(
+        line.contains("Nobody@example.org")
+            && line.contains("550 5.1.1")
+            && line.contains("127.0.0.1"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_start_up_error_names_the_os_error_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let aliases = write(&dir.path().join("aliases"), "known: |cat > /dev/null\n");
+    // The control socket's directory is a regular file.
+    let not_a_directory = write(&dir.path().join("plain-file"), "");
+    let config = write(
+        &dir.path().join("mailnode.toml"),
+        &format!(
+            "hostname = \"mx.test\"\n[smtp]\nlisten = [\"127.0.0.1:0\"]\n[aliases]\npath = \"{aliases}\"\n[spool]\npath = \"{}\"\n[control]\nsocket = \"{not_a_directory}/ctl.sock\"\n[metrics]\nlisten = \"off\"\n",
+            dir.path().join("spool").display()
+        ),
+    );
+    let out = Command::new(BIN)
+        .args(["serve", "-c", &config])
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let said = String::from_utf8_lossy(&out.stderr);
+    let line = said
+        .lines()
+        .find(|l| l.starts_with("mailnode: "))
+        .unwrap_or_else(|| panic!("{said}"));
+    assert!(line.contains("cannot create control socket"), "{line}");
+    assert_eq!(line.matches("(os error ").count(), 1, "{line}");
+}
+
+#[test]
+fn ctl_with_no_server_says_which_socket_it_tried_and_how_to_name_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args(["ctl", "status"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(69));
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("no server answers at ")
+            && said.contains("that socket comes from ")
+            && said.contains("-c FILE")
+            && said.contains("--control PATH"),
+        "{said}"
+    );
+    if !Path::new("/etc/mailnode/mailnode.toml").exists() {
+        assert!(said.contains("at var/run/mailnode.sock"), "{said}");
+        assert!(said.contains("the built-in default"), "{said}");
+    }
+}
+
+#[test]
+fn every_manual_page_renders_without_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = mailnode(&["man", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let mut pages: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    pages.sort();
+    for expected in [
+        "mailnode.8",
+        "mailnode-serve.8",
+        "mailnode-check.8",
+        "mailnode-inetd.8",
+        "mailnode-runq.8",
+        "mailnode-ctl.8",
+        "mailnode-send.8",
+        "mailnode-man.8",
+        "mailnode-completions.8",
+        "mailnode.toml.5",
+        "mailnode-aliases.5",
+    ] {
+        assert!(
+            pages.iter().any(|p| p == expected),
+            "{expected} not in {pages:?}"
+        );
+    }
+    for page in &pages {
+        // `MANWIDTH=80 man -l PAGE 2>&1 >/dev/null`: every warning of
+        // groff and man, and nothing else.
+        let out = Command::new("man")
+            .arg("-l")
+            .arg(dir.path().join(page))
+            .env("MANWIDTH", "80")
+            .env("MAN_KEEP_FORMATTING", "")
+            .stdout(Stdio::null())
+            .output()
+            .expect("man runs (Debian's man-db)");
+        assert!(out.status.success(), "{page}: {out:?}");
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(said.trim().is_empty(), "{page}:\n{said}");
+    }
+    // The file formats are the docs' text.
+    let aliases = std::fs::read_to_string(dir.path().join("mailnode-aliases.5")).unwrap();
+    assert!(aliases.contains(".SH KINDS OF TARGET"), "{aliases}");
+}
+
+#[test]
+fn bash_completes_ctl_qu_to_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("mailnode.bash");
+    let out = mailnode(&["completions", "bash"]);
+    assert_eq!(out.status.code(), Some(0));
+    std::fs::write(&script, &out.stdout).unwrap();
+    let complete = |line: &str| {
+        let words: Vec<&str> = line.split(' ').collect();
+        let out = Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "source {}; COMP_WORDS=({}); COMP_CWORD={}; COMP_LINE='{line}'; COMP_POINT=${{#COMP_LINE}}; _mailnode mailnode '{}' '{}'; printf '%s\\n' \"${{COMPREPLY[@]}}\"",
+                script.display(),
+                words.join(" "),
+                words.len() - 1,
+                words[words.len() - 1],
+                words[words.len() - 2],
+            ))
+            .output()
+            .expect("bash runs");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert_eq!(complete("mailnode ctl qu").trim(), "queue");
+    let top = complete("mailnode se");
+    assert!(
+        top.lines().any(|l| l == "serve") && top.lines().any(|l| l == "send"),
+        "{top}"
+    );
+    // zsh and fish get scripts too.
+    for shell in ["zsh", "fish"] {
+        let out = mailnode(&["completions", shell]);
+        assert_eq!(out.status.code(), Some(0));
+        assert!(String::from_utf8_lossy(&out.stdout).contains("mailnode"));
+    }
 }

@@ -91,7 +91,19 @@ fn every_control_command_end_to_end() {
     assert_eq!(mode, 0o600);
 
     let status = ctl.json(&["status"]);
-    assert_eq!(status["version"], env!("CARGO_PKG_VERSION"));
+    // The version, and the commit of this checkout (tests run in one).
+    assert_eq!(status["version"], mailnode::VERSION);
+    let version = status["version"].as_str().unwrap();
+    assert!(version.starts_with(env!("CARGO_PKG_VERSION")), "{version}");
+    let head = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    if head.status.success() {
+        let commit = String::from_utf8_lossy(&head.stdout).trim().to_string();
+        assert!(version.ends_with(&format!("(git {commit})")), "{version}");
+    }
     assert_eq!(status["intake"], "accepting");
     assert!(ctl.human(&["status"]).contains("intake: accepting"));
 

@@ -599,16 +599,6 @@ fn a_post_cut_off_by_kill_9_is_made_again_after_a_restart_with_the_same_delivery
     assert_eq!(target.requests().len(), 2, "posted a third time");
 }
 
-/// Peak resident memory of a process, from /proc (VmHWM), in KiB.
-fn peak_rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// Sends a message of about `size` bytes to `hook@` through a fresh
 /// `serve`, waits for the POST to end, and says the node's peak RSS.
 fn peak_rss_posting(size: usize) -> u64 {
@@ -635,7 +625,7 @@ fn peak_rss_posting(size: usize) -> u64 {
     let requests = target.wait_for(1, Duration::from_secs(120));
     let received = requests[0].body.as_ref().map_or(0, Vec::len);
     assert!(received > sent, "{received} bytes posted of {sent}");
-    peak_rss_kib(served.child.id())
+    proc_status_kib(served.child.id(), "VmHWM")
 }
 
 #[test]

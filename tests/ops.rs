@@ -53,7 +53,7 @@ fn the_systemd_unit_verifies_and_rates_ok() {
     // verify checks that ExecStart exists: point it at the binary we built.
     let unit =
         std::fs::read_to_string(Path::new(ROOT).join("ops/systemd/mailnode.service")).unwrap();
-    let unit = unit.replace("/usr/local/bin/mailnode", env!("CARGO_BIN_EXE_mailnode"));
+    let unit = unit.replace("/usr/sbin/mailnode", env!("CARGO_BIN_EXE_mailnode"));
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("mailnode.service");
     std::fs::write(&path, unit).unwrap();
@@ -65,7 +65,11 @@ fn the_systemd_unit_verifies_and_rates_ok() {
     );
     // The socket unit, beside the service it activates.
     let socket = dir.path().join("mailnode.socket");
-    std::fs::copy(Path::new(ROOT).join("ops/systemd/mailnode.socket"), &socket).unwrap();
+    std::fs::copy(
+        Path::new(ROOT).join("ops/systemd/socket/mailnode.socket"),
+        &socket,
+    )
+    .unwrap();
     let (ok, said) = run(
         "systemd-analyze",
         &["verify", socket.to_str().unwrap()],

@@ -113,8 +113,15 @@ pub fn decide(
             let extension = extension.unwrap_or_default();
             let mut deliveries = Vec::with_capacity(targets.len());
             for expanded in targets {
-                if matches!(expanded.target, Target::Forward { .. }) && !can_forward {
-                    return RcptDecision::Refuse(reply::UNSUPPORTED_RECIPIENT);
+                if let Target::Forward { address: to } = &expanded.target {
+                    if !can_forward {
+                        tracing::warn!(
+                            alias = %expanded.via_alias,
+                            forward = %to,
+                            "recipient refused: the alias forwards to another address and no [relay] host is configured"
+                        );
+                        return RcptDecision::Refuse(reply::FORWARD_WITHOUT_RELAY);
+                    }
                 }
                 let local = expanded.via_alias;
                 let recipient = if extension.is_empty() {
@@ -187,6 +194,11 @@ mod tests {
                 }
                 other => panic!("{local}: {other:?}"),
             }
+        }
+        // The forward's refusal says what is missing.
+        match decide(&t, &addr("ops", "example.org"), "mx", false) {
+            RcptDecision::Refuse(r) => assert_eq!(r, reply::FORWARD_WITHOUT_RELAY),
+            other => panic!("{other:?}"),
         }
     }
 

@@ -291,7 +291,7 @@ async fn execute(
             };
             let restarts = deps.restarts.lock().map(|r| r.clone()).unwrap_or_default();
             Response::ok(serde_json::json!({
-                "version": env!("CARGO_PKG_VERSION"),
+                "version": crate::VERSION,
                 "uptime_seconds": deps.started.elapsed().as_secs(),
                 "sessions": deps.tracker.open(),
                 "queue": {

@@ -241,6 +241,15 @@ impl Session {
             }
         }
         out.tallies = self.machine.take_tallies();
+        for refused in self.machine.take_refused_recipients() {
+            tracing::info!(
+                client = %self.client.address,
+                // Debug form: what a client wrote cannot forge log lines.
+                recipient = ?refused.recipient,
+                reply = %refused.reply,
+                "recipient refused"
+            );
+        }
         Box::pin(actix::fut::ready(out))
     }
 

@@ -201,6 +201,30 @@ impl AliasTable {
         Resolution::Unknown
     }
 
+    /// Every alias whose expansion forwards to another address, with its
+    /// line and the addresses, in line order: without `[relay]` mail to
+    /// them is refused, which `check` warns of.
+    pub fn forwarding(&self) -> Vec<(usize, &str, Vec<&str>)> {
+        let mut found: Vec<(usize, &str, Vec<&str>)> = self
+            .entries
+            .iter()
+            .filter_map(|(name, entry)| {
+                let addresses: Vec<&str> = entry
+                    .expansion
+                    .as_ref()?
+                    .iter()
+                    .filter_map(|e| match &e.target {
+                        Target::Forward { address } => Some(address.as_str()),
+                        _ => None,
+                    })
+                    .collect();
+                (!addresses.is_empty()).then_some((entry.line, name.as_str(), addresses))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
     /// Number of aliases, unsupported ones included.
     pub fn len(&self) -> usize {
         self.entries.len()

@@ -88,33 +88,99 @@ pub fn parse_files_only(text: &str, file: &Path) -> Result<Config, Vec<ConfigErr
 }
 
 fn parse_with(text: &str, file: &Path, look_up_users: bool) -> Result<Config, Vec<ConfigError>> {
-    let raw: RawConfig = toml::from_str(text).map_err(|e| {
+    let error_at = |e: &toml::de::Error, text: &str| {
         let message = e.message().lines().next().unwrap_or_default();
-        let message = if message.is_empty() {
+        let mut message = if message.is_empty() {
             "invalid TOML"
         } else {
             message
-        };
-        vec![ConfigError {
+        }
+        .to_string();
+        if let Some(hint) = e
+            .span()
+            .and_then(|span| type_hint(text, span.start, &message))
+        {
+            message.push_str(hint);
+        }
+        ConfigError {
             file: file.to_path_buf(),
             line: e.span().map(|span| line_of(text, span.start)),
-            message: message.to_string(),
-        }]
-    })?;
-    let mut checker = Checker {
-        text,
-        file,
-        errors: Vec::new(),
-        look_up_users,
+            message,
+        }
     };
-    let config = checker.config(raw);
-    if checker.errors.is_empty() {
-        Ok(config)
-    } else {
-        let mut errors = checker.errors;
-        errors.sort_by_key(|e| e.line);
-        Err(errors)
+    // A syntax error leaves nothing to read further.
+    if let Err(e) = text.parse::<toml::Table>() {
+        return Err(vec![error_at(&e, text)]);
     }
+    // A value of the wrong type, or an unknown key, stops serde at the
+    // first one: each is noted, its line blanked (spaces, so that every
+    // offset and line number stays), and the rest read again, so that one
+    // run of `check` reports every problem.
+    let mut errors = Vec::new();
+    let mut working = text.to_string();
+    let raw = loop {
+        match toml::from_str::<RawConfig>(&working) {
+            Ok(raw) => break Some(raw),
+            Err(e) => {
+                errors.push(error_at(&e, &working));
+                let Some(span) = e.span() else { break None };
+                let start = working[..span.start.min(working.len())]
+                    .rfind('\n')
+                    .map_or(0, |i| i + 1);
+                let end = working[start..]
+                    .find('\n')
+                    .map_or(working.len(), |i| start + i);
+                working.replace_range(start..end, &" ".repeat(end - start));
+                // A value over several lines cannot be blanked line by line.
+                if errors.len() >= 100 || working.parse::<toml::Table>().is_err() {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(raw) = raw {
+        let mut checker = Checker {
+            text,
+            file,
+            errors: Vec::new(),
+            look_up_users,
+        };
+        let config = checker.config(raw);
+        if errors.is_empty() && checker.errors.is_empty() {
+            return Ok(config);
+        }
+        errors.extend(checker.errors);
+    }
+    errors.sort_by_key(|e| e.line);
+    Err(errors)
+}
+
+/// Keys whose value is a duration written as a string.
+const DURATION_KEYS: [&str; 9] = [
+    "connect_limit",
+    "command_timeout",
+    "data_timeout",
+    "timeout",
+    "retry_min",
+    "retry_max",
+    "max_age",
+    "handshake_timeout",
+    "dns_timeout",
+];
+
+/// What to add to serde's "expected a string" when the key is a duration
+/// given as a bare number (`command_timeout = 300`): the form it takes.
+fn type_hint(text: &str, offset: usize, message: &str) -> Option<&'static str> {
+    if !message.contains("expected a string") {
+        return None;
+    }
+    let start = text[..offset.min(text.len())]
+        .rfind('\n')
+        .map_or(0, |i| i + 1);
+    let key = text[start..].split('=').next()?.trim();
+    DURATION_KEYS
+        .contains(&key)
+        .then_some(": durations are strings with a unit, such as \"300s\" or \"5m\"")
 }
 
 /// 1-based line holding byte `offset` of `text`.
@@ -445,7 +511,7 @@ level = "debug"
     #[test]
     fn integer_where_string_expected_rejected() {
         let errors = errs("[smtp]\nmax_recipients = 5\ncommand_timeout = 30\n");
-        assert_eq!(errors.len(), 1);
+        assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].line, Some(3));
         assert!(
             errors[0].message.contains("expected a string"),
@@ -807,6 +873,39 @@ deny = [\"10.0.0.0/33\"]
             msg.starts_with("mailnode.toml:2: auth.dns_timeout: duration \"0s\" is zero"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once_wrong_types_and_unknown_keys_included() {
+        let errors = errs(
+            "[smtp]\ncommand_timeout = 300\nmax_connections = \"many\"\nbogus = 1\nmax_recipients = 0\n\n[queue]\nretry_min = \"0s\"\n",
+        );
+        let lines: Vec<Option<usize>> = errors.iter().map(|e| e.line).collect();
+        assert_eq!(
+            lines,
+            vec![Some(2), Some(3), Some(4), Some(5), Some(8)],
+            "{errors:#?}"
+        );
+        assert!(
+            errors[2].message.contains("unknown field `bogus`"),
+            "{errors:#?}"
+        );
+        // A syntax error is still alone: nothing after it can be read.
+        assert_eq!(errs("[smtp\nmax_recipients = 0\n").len(), 1);
+    }
+
+    #[test]
+    fn a_duration_given_as_a_number_gets_a_hint_with_the_form() {
+        let msg = one_err("[smtp]\ncommand_timeout = 300\n");
+        assert!(
+            msg.starts_with("mailnode.toml:2: ")
+                && msg.contains("expected a string")
+                && msg.contains("durations are strings with a unit, such as \"300s\" or \"5m\""),
+            "{msg}"
+        );
+        // Other keys that want a string get no duration hint.
+        let msg = one_err("[smtp]\nbare_lf = 1\n");
+        assert!(!msg.contains("durations"), "{msg}");
     }
 
     #[test]

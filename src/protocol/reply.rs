@@ -135,6 +135,11 @@ pub const UNSUPPORTED_RECIPIENT: Reply = Reply::fixed(
     550,
     "5.1.1 Recipient address rejected: alias has no supported delivery",
 );
+/// An alias that forwards to another address, on a node without `[relay]`.
+pub const FORWARD_WITHOUT_RELAY: Reply = Reply::fixed(
+    550,
+    "5.1.1 Recipient address rejected: alias forwards elsewhere and this server has no relay configured",
+);
 /// Recipient domain is not one of `local_domains`.
 pub const DOMAIN_NOT_LOCAL: Reply =
     Reply::fixed(554, "5.7.1 Recipient address rejected: Relay access denied");

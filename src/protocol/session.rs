@@ -306,6 +306,18 @@ pub struct SessionMachine {
     /// The first reply still to come for an input that counts.
     counting: Option<Counting>,
     tallies: Vec<Tally>,
+    /// The recipient of the RCPT being answered, as the client wrote it.
+    rcpt_asked: Option<String>,
+    refused: Vec<RefusedRecipient>,
+}
+
+/// A RCPT the session refused, for the log: operators look for why a
+/// recipient bounced at the door.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedRecipient {
+    /// The address as given (the whole line for a RCPT that did not parse).
+    pub recipient: String,
+    pub reply: Reply,
 }
 
 impl SessionMachine {
@@ -320,6 +332,8 @@ impl SessionMachine {
             phase: Phase::Idle,
             counting: None,
             tallies: Vec::new(),
+            rcpt_asked: None,
+            refused: Vec::new(),
         }
     }
 
@@ -345,6 +359,11 @@ impl SessionMachine {
         std::mem::take(&mut self.tallies)
     }
 
+    /// The recipients refused since the last call, with their replies.
+    pub fn take_refused_recipients(&mut self) -> Vec<RefusedRecipient> {
+        std::mem::take(&mut self.refused)
+    }
+
     /// Feeds one event; returns what to do, in order.
     #[must_use]
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
@@ -355,8 +374,15 @@ impl SessionMachine {
             // A malformed RCPT is a refused recipient all the same.
             Event::Line(line) if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"RCPT") => {
                 self.counting = Some(Counting::Recipient);
+                self.rcpt_asked = Some(match command::parse(line) {
+                    Ok(Command::Rcpt { to }) => to.to_plain(),
+                    _ => String::from_utf8_lossy(line).into_owned(),
+                });
             }
-            Event::Command(Ok(Command::Rcpt { .. })) => self.counting = Some(Counting::Recipient),
+            Event::Command(Ok(Command::Rcpt { to })) => {
+                self.counting = Some(Counting::Recipient);
+                self.rcpt_asked = Some(to.to_plain());
+            }
             Event::DataEnd { .. } | Event::DataRejected => self.counting = Some(Counting::Message),
             _ => {}
         }
@@ -373,7 +399,20 @@ impl SessionMachine {
         });
         if let Some(code) = replies.clone().next() {
             match self.counting.take() {
-                Some(Counting::Recipient) => self.tallies.push(Tally::Recipient(code)),
+                Some(Counting::Recipient) => {
+                    self.tallies.push(Tally::Recipient(code));
+                    let asked = self.rcpt_asked.take().unwrap_or_default();
+                    let reply = actions.iter().find_map(|a| match a {
+                        Action::Reply(r) if r.code() >= 400 => Some(r.clone()),
+                        _ => None,
+                    });
+                    if let Some(reply) = reply {
+                        self.refused.push(RefusedRecipient {
+                            recipient: asked,
+                            reply,
+                        });
+                    }
+                }
                 Some(Counting::Message) => self.tallies.push(Tally::Message(code)),
                 None => {}
             }
@@ -1548,6 +1587,36 @@ mod tests {
         assert!(m.take_tallies().is_empty());
         assert_reply_and_close(&line(&mut m, "QUIT"), 221, "2.0.0");
         assert_eq!(m.take_tallies(), vec![Tally::Closed(CloseReason::Quit)]);
+    }
+
+    #[test]
+    fn each_refused_recipient_is_kept_for_the_log_with_its_reply() {
+        let mut m = machine();
+        let _ = m.handle(Event::Connected);
+        let _ = line(&mut m, "EHLO client.example");
+        let _ = line(&mut m, "MAIL FROM:<s@client.example>");
+        let _ = m.handle(Event::SenderChecked(Ok(())));
+        let _ = line(&mut m, "RCPT TO:<Nobody@example.org>");
+        let _ = m.handle(Event::Resolved(RcptDecision::Refuse(
+            reply::UNKNOWN_RECIPIENT,
+        )));
+        let _ = line(&mut m, "rcpt TO:<@>");
+        let _ = line(&mut m, "RCPT TO:<support@example.org>");
+        let _ = m.handle(Event::Resolved(RcptDecision::Accept(vec![pipe_target(
+            "support@example.org",
+        )])));
+        let refused = m.take_refused_recipients();
+        assert_eq!(refused.len(), 2, "{refused:?}");
+        assert_eq!(
+            refused[0],
+            RefusedRecipient {
+                recipient: "Nobody@example.org".into(),
+                reply: reply::UNKNOWN_RECIPIENT,
+            }
+        );
+        assert_eq!(refused[1].recipient, "rcpt TO:<@>");
+        assert_eq!(refused[1].reply.code(), 501);
+        assert!(m.take_refused_recipients().is_empty());
     }
 
     #[test]

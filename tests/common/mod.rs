@@ -762,3 +762,14 @@ pub fn serve_from(mut command: std::process::Command) -> Served {
     let (addr, log) = listening_address(&mut child);
     Served { child, addr, log }
 }
+
+/// A field of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM`
+/// (the peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .expect("/proc/PID/status")
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
