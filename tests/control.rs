@@ -239,6 +239,17 @@ fn every_control_command_end_to_end() {
     let missing = ctl.json(&["aliases", "lookup", "nobody@example.org"]);
     assert_eq!(missing["accepted"], false);
     assert!(missing["reply"].as_str().unwrap().starts_with("550 5.1.1"));
+    // `postmaster` without a domain is an address, as RCPT takes it
+    // (RFC 5321 4.1.1.3); this node has no such alias.
+    let postmaster = ctl.json(&["aliases", "lookup", "postmaster"]);
+    assert_eq!(postmaster["address"], "postmaster");
+    assert!(
+        postmaster["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.1.1"),
+        "{postmaster}"
+    );
     assert_eq!(ctl.json(&["aliases", "reload"])["aliases"], 1);
 
     // pause / resume.
