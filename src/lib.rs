@@ -51,6 +51,26 @@ pub use queue::QueueCounts;
 /// `0.1.0 (git 1a2b3c4d5e6f)`.
 pub const VERSION: &str = env!("MAILNODE_VERSION");
 
+/// An error and its causes on one line, each said once: most errors here
+/// already name their cause in their own text (`cannot create control
+/// socket X: Not a directory`), which a plain walk of the chain would say
+/// a second time.
+pub fn error_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut said = String::new();
+    let mut cause = Some(e);
+    while let Some(error) = cause {
+        let text = error.to_string();
+        if !said.contains(&text) {
+            if !said.is_empty() {
+                said.push_str(": ");
+            }
+            said.push_str(&text);
+        }
+        cause = error.source();
+    }
+    said
+}
+
 /// Reads `[http] secret_file` and `ca_file` as a starting node would, for
 /// `mailnode check`.
 pub fn check_http(config: &config::HttpConfig) -> Result<(), delivery::http::HttpSetupError> {

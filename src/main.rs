@@ -288,7 +288,7 @@ fn main() -> ExitCode {
             match serve(config, config_file) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    let said = said_once(&e);
+                    let said = mailnode::error_text(e.as_ref());
                     tracing::error!("{said}");
                     eprintln!("mailnode: {said}");
                     let code = if e.is::<SupervisorGaveUp>() {
@@ -302,24 +302,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// An error and its causes on one line, each said once: most of our
-/// errors already name their cause (`cannot create control socket X: Not
-/// a directory`), and anyhow's `{:#}` would say it a second time.
-fn said_once(e: &anyhow::Error) -> String {
-    let mut said = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if said.contains(&text) {
-            continue;
-        }
-        if !said.is_empty() {
-            said.push_str(": ");
-        }
-        said.push_str(&text);
-    }
-    said
 }
 
 /// The exit status of a run that ends: 0, EX_CONFIG for what an operator

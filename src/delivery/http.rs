@@ -222,7 +222,7 @@ impl HttpClient {
             .tcp_nodelay(true)
             .user_agent(concat!("mailnode/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| error_chain(&e))?;
+            .map_err(|e| crate::error_text(&e))?;
         Ok(HttpClient { client, shared })
     }
 
@@ -522,7 +522,7 @@ fn request_headers(
 /// What a request that got no response says: no connection, a TLS
 /// failure and the timeout are all retried.
 fn failed_request(e: &reqwest::Error, timeout: Duration) -> DeliveryStatus {
-    let chain = error_chain(e);
+    let chain = crate::error_text(e);
     if e.is_timeout() {
         return DeliveryStatus::Temporary(
             BAD_CONNECTION,
@@ -560,20 +560,6 @@ fn caused_by_tls(error: &(dyn std::error::Error + 'static)) -> bool {
         }
     }
     error.source().is_some_and(caused_by_tls)
-}
-
-/// An error and its causes on one line, each said once.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(error) = cause {
-        let text = error.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        cause = error.source();
-    }
-    parts.join(": ")
 }
 
 async fn read_excerpt(mut response: reqwest::Response) -> Vec<u8> {

@@ -306,8 +306,10 @@ pub struct SessionMachine {
     /// The first reply still to come for an input that counts.
     counting: Option<Counting>,
     tallies: Vec<Tally>,
-    /// The recipient of the RCPT being answered, as the client wrote it.
+    /// The recipient of the RCPT being answered, as the client wrote it;
+    /// the whole line of one that did not parse.
     rcpt_asked: Option<String>,
+    rcpt_line: Option<Bytes>,
     refused: Vec<RefusedRecipient>,
 }
 
@@ -333,6 +335,7 @@ impl SessionMachine {
             counting: None,
             tallies: Vec::new(),
             rcpt_asked: None,
+            rcpt_line: None,
             refused: Vec::new(),
         }
     }
@@ -374,15 +377,12 @@ impl SessionMachine {
             // A malformed RCPT is a refused recipient all the same.
             Event::Line(line) if line.len() >= 4 && line[..4].eq_ignore_ascii_case(b"RCPT") => {
                 self.counting = Some(Counting::Recipient);
-                self.rcpt_asked = Some(match command::parse(line) {
-                    Ok(Command::Rcpt { to }) => to.to_plain(),
-                    _ => String::from_utf8_lossy(line).into_owned(),
-                });
+                // Kept (a reference count, not a copy) for a RCPT that
+                // does not parse; one that does names its address in
+                // on_rcpt.
+                self.rcpt_line = Some(line.clone());
             }
-            Event::Command(Ok(Command::Rcpt { to })) => {
-                self.counting = Some(Counting::Recipient);
-                self.rcpt_asked = Some(to.to_plain());
-            }
+            Event::Command(Ok(Command::Rcpt { .. })) => self.counting = Some(Counting::Recipient),
             Event::DataEnd { .. } | Event::DataRejected => self.counting = Some(Counting::Message),
             _ => {}
         }
@@ -401,7 +401,11 @@ impl SessionMachine {
             match self.counting.take() {
                 Some(Counting::Recipient) => {
                     self.tallies.push(Tally::Recipient(code));
-                    let asked = self.rcpt_asked.take().unwrap_or_default();
+                    let line = self.rcpt_line.take();
+                    let asked = self.rcpt_asked.take().unwrap_or_else(|| {
+                        line.map(|l| String::from_utf8_lossy(&l).into_owned())
+                            .unwrap_or_default()
+                    });
                     let reply = actions.iter().find_map(|a| match a {
                         Action::Reply(r) if r.code() >= 400 => Some(r.clone()),
                         _ => None,
@@ -700,6 +704,7 @@ impl SessionMachine {
     }
 
     fn on_rcpt(&mut self, tx: Option<Transaction>, to: Address) -> Vec<Action> {
+        self.rcpt_asked = Some(to.to_plain());
         let Some(tx) = tx else {
             return vec![Action::Reply(reply::NEED_MAIL)];
         };
