@@ -380,6 +380,79 @@ fn each_target_of_a_mixed_alias_is_tracked_on_its_own() {
 }
 
 #[test]
+fn one_host_gets_kept_alive_connections_not_one_per_post() {
+    let target = HttpTarget::start(answer_200());
+    let node = TestNode::start(&format!("hook: {}\n", target.url("http", "/in")));
+    // Each delivery worker (one per core) keeps its own pool.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let messages = 2 * workers + 2;
+    for n in 0..messages {
+        send(
+            &node,
+            "hook@example.org",
+            &format!("Subject: {n}\r\n\r\nx\r\n"),
+        );
+        // Delivered and removed: its connection is back in the pool
+        // before the next message comes.
+        target.wait_for(n + 1, Duration::from_secs(20));
+        queue_empties(&node);
+    }
+    let connections: std::collections::BTreeSet<u16> =
+        target.requests().iter().map(|r| r.client_port).collect();
+    assert!(
+        connections.len() <= workers,
+        "{messages} POSTs one after another came on {} connections ({workers} workers)",
+        connections.len()
+    );
+}
+
+#[test]
+fn no_proxy_is_taken_from_the_environment() {
+    let target = HttpTarget::start(answer_200());
+    // Would record the POST (with the target's URL as its path) if the
+    // node went through it.
+    let proxy = HttpTarget::start(answer_200());
+    let dir = tempfile::tempdir().unwrap();
+    let config = serve_config(
+        dir.path(),
+        &format!("hook: {}\n", target.url("http", "/in")),
+        "",
+    );
+    let proxy_url = format!("http://127.0.0.1:{}", proxy.port);
+    let variables = [
+        "http_proxy",
+        "HTTP_PROXY",
+        "https_proxy",
+        "HTTPS_PROXY",
+        "all_proxy",
+        "ALL_PROXY",
+    ];
+    let env: Vec<(&str, &str)> = variables.iter().map(|v| (*v, proxy_url.as_str())).collect();
+    let served = serve(&["-c", &config], dir.path(), &env);
+    Client::connect(served.addr).send_message(
+        "client",
+        "alice@example.org",
+        "hook@example.org",
+        "Subject: direct\r\n\r\nx\r\n",
+    );
+    let requests = target.wait_for(1, Duration::from_secs(20));
+    assert_eq!(requests[0].path, "/in");
+    assert!(
+        wait_for(Duration::from_secs(20), || queue_is_empty(
+            &dir.path().join("spool")
+        )
+        .then_some(()))
+        .is_some(),
+        "not removed after the 200"
+    );
+    assert!(
+        proxy.requests().is_empty(),
+        "went through the proxy of the environment: {:?}",
+        proxy.requests()
+    );
+}
+
+#[test]
 fn handlers_are_tracked_like_programs_through_failures_panics_and_refusals() {
     let sink = Sink::start(|_| None);
     let calls = Arc::new(AtomicU32::new(0));

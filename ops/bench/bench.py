@@ -1102,8 +1102,11 @@ class Bench:
         # are not retried for an hour: the program's log refuses it, the
         # HTTP sink is not running, Postfix defers its transport.
         program = self.mailnode.write_config("http-program", extra='[queue]\nretry_min = "1h"\nretry_max = "1h"\n')
+        # As many deliveries in flight as the programs get ([delivery]
+        # concurrency, 16 by default; [http] max_per_host is 8).
         http = self.mailnode.write_config("http-http", alias_lines=[f"sink: {url}"],
-                                          extra='[queue]\nretry_min = "1h"\nretry_max = "1h"\n')
+                                          extra='[queue]\nretry_min = "1h"\nretry_max = "1h"\n'
+                                                '[http]\nmax_per_host = 16\n')
         drain_n = self.fixed_n or env_int("BENCH_DRAIN", 20_000)
         load, drains = [], []
         try:

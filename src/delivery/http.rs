@@ -28,7 +28,7 @@ use tokio::sync::Semaphore;
 
 use crate::config::{FileSetting, HttpConfig};
 use crate::delivery::status::{DeliveryStatus, EnhancedCode};
-use crate::delivery::{open_message, stdin_prefix};
+use crate::delivery::{open_message, open_message_sized, stdin_prefix};
 use crate::spool::Envelope;
 
 /// How much of a response's body the log, `ctl queue show` and the bounce
@@ -375,16 +375,14 @@ fn measure(
         }
         content_length += rest.len() as u64;
     };
-    let file = open_message(path, body_len).map_err(|e| e.to_string())?;
-    let file_len = file
-        .metadata()
-        .map_err(|e| format!("cannot read the message: {e}"))?
-        .len();
+    let (file, file_len) = open_message_sized(path, body_len).map_err(|e| e.to_string())?;
     let len = body_len.map_or(file_len, |wanted| wanted.min(file_len));
     let mut file = file.take(len);
     if prefix.len() as u64 + len <= WHOLE_LIMIT {
-        let mut message = Vec::with_capacity(len as usize);
-        file.read_to_end(&mut message)
+        // Exactly `len`: a read past it to find the end would cost a
+        // system call more per delivery.
+        let mut message = vec![0u8; len as usize];
+        file.read_exact(&mut message)
             .map_err(|e| format!("cannot read the message: {e}"))?;
         let mut whole = BytesMut::with_capacity(prefix.len() + message.len() + message.len() / 16);
         extend_crlf(&mut whole, prefix);

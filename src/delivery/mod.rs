@@ -45,11 +45,6 @@ pub enum UnreadableMessage {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot read {}: {source}", path.display())]
-    Metadata {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("queued message ends after {len} of its {expected} bytes")]
     Short { len: u64, expected: u64 },
 }
@@ -58,23 +53,25 @@ pub enum UnreadableMessage {
 /// envelope says (`body_len`, see [`Envelope::body_len`]): damage found
 /// before a program or a relay could take a cut message as whole.
 pub fn open_message(path: &Path, body_len: Option<u64>) -> Result<File, UnreadableMessage> {
-    let file = crate::spool::open_regular(path).map_err(|source| UnreadableMessage::Open {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    open_message_sized(path, body_len).map(|(file, _)| file)
+}
+
+/// [`open_message`], with the file's length when opened.
+pub fn open_message_sized(
+    path: &Path,
+    body_len: Option<u64>,
+) -> Result<(File, u64), UnreadableMessage> {
+    let (file, len) =
+        crate::spool::open_regular_sized(path).map_err(|source| UnreadableMessage::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if let Some(expected) = body_len {
-        let len = file
-            .metadata()
-            .map_err(|source| UnreadableMessage::Metadata {
-                path: path.to_path_buf(),
-                source,
-            })?
-            .len();
         if len < expected {
             return Err(UnreadableMessage::Short { len, expected });
         }
     }
-    Ok(file)
+    Ok((file, len))
 }
 
 /// The contract's environment for delivery `index` of `envelope`, on the

@@ -68,12 +68,19 @@ use writer::Backlog;
 /// for ever, and start-up with it. Anything but a regular file is refused
 /// (`InvalidInput`); symbolic links are not followed.
 pub(crate) fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
+    open_regular_sized(path).map(|(file, _)| file)
+}
+
+/// [`open_regular`], with the file's length as it was when opened (the
+/// check already asked the system for it: a delivery asks once, not twice).
+pub(crate) fn open_regular_sized(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
         .open(path)?;
-    if file.metadata()?.is_file() {
+    let metadata = file.metadata()?;
+    if metadata.is_file() {
         // Needed only to open without waiting: reads of a regular file
         // block as usual (some network and FUSE file systems would
         // otherwise answer EAGAIN).
@@ -86,7 +93,7 @@ pub(crate) fn open_regular(path: &Path) -> std::io::Result<std::fs::File> {
                 return Err(std::io::Error::last_os_error());
             }
         }
-        Ok(file)
+        Ok((file, metadata.len()))
     } else {
         Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,

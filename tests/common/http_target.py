@@ -4,8 +4,8 @@ argv: RECORD_DIR PLAN [CERT KEY]. PLAN is a JSON list of answers given in
 turn (the last one repeats): {"status": 200, "headers": {...}, "body": "..."}
 or {"hang": true} (never answers) or {"slow_read": true} (reads the request
 body a byte a second, then answers 200). Each request is recorded as
-RECORD_DIR/N.json (method, path, headers, time received) and N.body, the
-body streamed to disk. Prints "PORT n" once listening.
+RECORD_DIR/N.json (client's port, method, path, headers, time received)
+and N.body, the body streamed to disk. Prints "PORT n" once listening.
 """
 import json, os, socket, ssl, sys, threading, time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -27,6 +27,7 @@ class Handler(BaseHTTPRequestHandler):
             count[0] += 1
         answer = plan[min(n, len(plan) - 1)]
         meta = {
+            "client_port": self.client_address[1],
             "method": self.command,
             "path": self.path,
             "headers": {k.lower(): v for k, v in self.headers.items()},

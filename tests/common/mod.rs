@@ -608,6 +608,8 @@ pub struct HttpTarget {
 /// One request the server received.
 #[derive(Debug)]
 pub struct Request {
+    /// The port of the connection it came on: one port, one connection.
+    pub client_port: u16,
     pub path: String,
     pub headers: std::collections::BTreeMap<String, String>,
     pub received_at: f64,
@@ -675,6 +677,7 @@ impl HttpTarget {
             let meta: serde_json::Value = serde_json::from_slice(&text).expect("record");
             let body_file = self.records.path().join(format!("{n}.body"));
             found.push(Request {
+                client_port: meta["client_port"].as_u64().unwrap_or_default() as u16,
                 path: meta["path"].as_str().unwrap_or_default().to_string(),
                 headers: meta["headers"]
                     .as_object()
