@@ -486,8 +486,8 @@ fn raise_open_file_limit(max_connections: usize) {
     }
 }
 
-/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases and
-/// the TLS certificate.
+/// Runs the node until SIGTERM or SIGINT; SIGHUP reloads the aliases, the
+/// TLS certificate and `[http]`'s key and trusted roots.
 fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -550,6 +550,13 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
                         Err(mailnode::tls::TlsError::NotConfigured) => {}
                         Err(e) => tracing::error!(
                             "SIGHUP: TLS certificate not reloaded, the old one stays in force: {e}"
+                        ),
+                    }
+                    match node.reload_http() {
+                        Ok(true) => tracing::info!("SIGHUP: [http] secret_file and ca_file reloaded"),
+                        Ok(false) => {}
+                        Err(e) => tracing::error!(
+                            "SIGHUP: [http] files not reloaded, the old key and roots stay in force: {e}"
                         ),
                     }
                 }

@@ -213,7 +213,7 @@ impl Node {
             );
         }
 
-        let delivery = delivery_setup(&config, &spool, run_as, spawner, http, &hooks);
+        let delivery = delivery_setup(&config, &spool, run_as, spawner, Arc::clone(&http), &hooks);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let table = Arc::new(loaded.table);
         let tracker = ConnectionTracker::new(
@@ -275,6 +275,7 @@ impl Node {
             addrs,
             tls_addrs,
             tls,
+            http,
             metrics_addr,
             control_path,
             supervisor,
@@ -643,6 +644,7 @@ fn build_tree(
 pub struct NodeHandle {
     tls_addrs: Vec<SocketAddr>,
     tls: Option<Arc<ServerTls>>,
+    http: Arc<HttpShared>,
     addrs: Vec<SocketAddr>,
     metrics_addr: Option<SocketAddr>,
     control_path: std::path::PathBuf,
@@ -682,6 +684,14 @@ impl NodeHandle {
             Some(tls) => tls.reload(),
             None => Err(TlsError::NotConfigured),
         }
+    }
+
+    /// Re-reads `[http] secret_file` and `ca_file` (SIGHUP): the next
+    /// request is signed with the new key, the next connection trusts the
+    /// new roots. On failure the old ones stay in force. False when
+    /// neither file is set.
+    pub fn reload_http(&self) -> Result<bool, crate::delivery::http::HttpSetupError> {
+        self.http.reload()
     }
 
     /// The control socket.

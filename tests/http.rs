@@ -453,6 +453,79 @@ fn no_proxy_is_taken_from_the_environment() {
 }
 
 #[test]
+fn sighup_reads_a_rotated_secret_and_a_new_ca_file_and_a_bad_secret_keeps_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let target_pki = Pki::new(&dir.path().join("target"));
+    let other_pki = Pki::new(&dir.path().join("other"));
+    let target = HttpTarget::start_tls(answer_200(), Some(&target_pki.server("localhost", 30)));
+    let (secret, ca_file) = (dir.path().join("hook.key"), dir.path().join("ca.pem"));
+    std::fs::write(&secret, "first-key\n").unwrap();
+    // A good CA file, but not the one that signed the target's certificate.
+    std::fs::copy(&other_pki.ca, &ca_file).unwrap();
+    let config = serve_config(
+        dir.path(),
+        &format!("hook: {}\n", target.url("https", "/in")),
+        &format!("[http]\nsecret_file = {secret:?}\nca_file = {ca_file:?}\n"),
+    );
+    let served = serve(&["-c", &config], dir.path(), &[]);
+    let socket = dir.path().join("ctl.sock");
+    let submit = |subject: &str| {
+        Client::connect(served.addr).send_message(
+            "client",
+            "alice@example.org",
+            "hook@example.org",
+            &format!("Subject: {subject}\r\n\r\nx\r\n"),
+        )
+    };
+    let id = submit("untrusted at first");
+    // Attempts go to the delivery workers in turn: once each has tried,
+    // each has a client made with the old key and roots.
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let untrusted = wait_for(Duration::from_secs(30), || {
+        let shown = control_request(&socket, &json!({"cmd": "queue.show", "id": id}).to_string());
+        let recipient = &shown["data"]["recipients"][0];
+        let error = recipient["last_error"].as_str()?.to_string();
+        (error.contains("invalid peer certificate")
+            && recipient["attempts"].as_u64()? > workers as u64)
+            .then_some(error)
+    });
+    assert!(untrusted.is_some(), "never refused the certificate");
+    assert!(target.requests().is_empty());
+
+    let sighup_says = |needle: &str, times: usize| {
+        served.signal(nix::sys::signal::Signal::SIGHUP);
+        let said = wait_for(Duration::from_secs(10), || {
+            let log = served.log.lock().unwrap();
+            (log.iter().filter(|l| l.contains(needle)).count() == times).then_some(())
+        });
+        assert!(
+            said.is_some(),
+            "no {needle:?}: {:?}",
+            served.log.lock().unwrap()
+        );
+    };
+    std::fs::write(&secret, "second-key\n").unwrap();
+    std::fs::copy(&target_pki.ca, &ca_file).unwrap();
+    sighup_says("SIGHUP: [http] secret_file and ca_file reloaded", 1);
+    control_request(&socket, &json!({"cmd": "queue.flush"}).to_string());
+    let first = target.wait_for(1, Duration::from_secs(20));
+    let signed_with = |request: &Request, key: &str| {
+        let file = dir.path().join("check.key");
+        std::fs::write(&file, key).unwrap();
+        documented_check(&file, request, request.body.as_deref().unwrap_or_default())
+    };
+    assert_eq!(signed_with(&first[0], "second-key"), "True");
+    assert_eq!(signed_with(&first[0], "first-key"), "False");
+
+    // An empty key file is refused: the second key goes on signing.
+    std::fs::write(&secret, "").unwrap();
+    sighup_says("SIGHUP: [http] files not reloaded", 1);
+    submit("after a bad reload");
+    let both = target.wait_for(2, Duration::from_secs(20));
+    assert_eq!(signed_with(&both[1], "second-key"), "True");
+}
+
+#[test]
 fn handlers_are_tracked_like_programs_through_failures_panics_and_refusals() {
     let sink = Sink::start(|_| None);
     let calls = Arc::new(AtomicU32::new(0));

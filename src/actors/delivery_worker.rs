@@ -76,7 +76,7 @@ impl DeliveryWorker {
     }
 
     fn http_client(&mut self) -> Result<Arc<HttpClient>, String> {
-        if let Some(client) = &self.http_client {
+        if let Some(client) = self.http_client.as_ref().filter(|c| c.is_current()) {
             return Ok(Arc::clone(client));
         }
         let client = Arc::new(HttpClient::new(Arc::clone(&self.setup.http))?);

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
@@ -75,31 +75,79 @@ pub enum HttpSetupError {
 pub struct HttpShared {
     timeout: Duration,
     max_per_host: usize,
+    secret_file: Option<FileSetting>,
+    ca_file: Option<FileSetting>,
+    /// Replaced whole by [`HttpShared::reload`]; a worker's client is made
+    /// again when it finds a newer one here.
+    keys: RwLock<Arc<HttpKeys>>,
+    /// One semaphore of `max_per_host` permits per `scheme://host:port`.
+    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
+}
+
+/// What `secret_file` and `ca_file` held when last read, and the TLS
+/// settings made from them.
+struct HttpKeys {
     secret: Option<ring::hmac::Key>,
     extra_roots: Vec<CertificateDer<'static>>,
     /// Built at the first HTTPS delivery: reading the system's roots costs
     /// a `runq` or an `inetd` session that posts nothing.
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
-    /// One semaphore of `max_per_host` permits per `scheme://host:port`.
-    hosts: Mutex<HashMap<String, Arc<Semaphore>>>,
 }
 
 impl HttpShared {
     /// Reads `secret_file` and `ca_file`: a node that cannot sign or
     /// cannot trust what it was told to does not start.
     pub fn new(config: &HttpConfig) -> Result<Self, HttpSetupError> {
-        let secret = config.secret_file.as_ref().map(read_secret).transpose()?;
-        let extra_roots = match &config.ca_file {
-            Some(file) => read_roots(file)?,
-            None => Vec::new(),
-        };
+        let keys = HttpKeys::read(config.secret_file.as_ref(), config.ca_file.as_ref())?;
         Ok(HttpShared {
             timeout: config.timeout,
             max_per_host: config.max_per_host.max(1),
-            secret,
-            extra_roots,
-            tls: OnceLock::new(),
+            secret_file: config.secret_file.clone(),
+            ca_file: config.ca_file.clone(),
+            keys: RwLock::new(Arc::new(keys)),
             hosts: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Reads `secret_file` and `ca_file` again (SIGHUP), and the system's
+    /// trusted roots with them: a rotated key signs the next request, a
+    /// new root is trusted by the next connection. A file that cannot be
+    /// read leaves the old key and roots in force. False when `[http]` has
+    /// neither file (the system's roots are read again all the same).
+    pub fn reload(&self) -> Result<bool, HttpSetupError> {
+        let keys = HttpKeys::read(self.secret_file.as_ref(), self.ca_file.as_ref())?;
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
+        Ok(self.secret_file.is_some() || self.ca_file.is_some())
+    }
+
+    fn keys(&self) -> Arc<HttpKeys> {
+        // Only ever replaced whole: a panic elsewhere cannot leave it half
+        // written.
+        Arc::clone(&self.keys.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn host_permits(&self, host: &str) -> Arc<Semaphore> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(
+            hosts
+                .entry(host.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host))),
+        )
+    }
+}
+
+impl HttpKeys {
+    fn read(
+        secret_file: Option<&FileSetting>,
+        ca_file: Option<&FileSetting>,
+    ) -> Result<Self, HttpSetupError> {
+        Ok(HttpKeys {
+            secret: secret_file.map(read_secret).transpose()?,
+            extra_roots: match ca_file {
+                Some(file) => read_roots(file)?,
+                None => Vec::new(),
+            },
+            tls: OnceLock::new(),
         })
     }
 
@@ -127,15 +175,6 @@ impl HttpShared {
                     .map_err(|e| format!("cannot set up TLS for HTTPS targets: {e}"))
             })
             .clone()
-    }
-
-    fn host_permits(&self, host: &str) -> Arc<Semaphore> {
-        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        Arc::clone(
-            hosts
-                .entry(host.to_string())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.max_per_host))),
-        )
     }
 }
 
@@ -197,6 +236,8 @@ pub fn host_of(url: &str) -> Option<String> {
 pub struct HttpClient {
     client: reqwest::Client,
     shared: Arc<HttpShared>,
+    /// The keys it was made with.
+    keys: Arc<HttpKeys>,
 }
 
 /// The result of one POST.
@@ -209,8 +250,9 @@ pub struct HttpOutcome {
 
 impl HttpClient {
     pub fn new(shared: Arc<HttpShared>) -> Result<Self, String> {
+        let keys = shared.keys();
         let client = reqwest::Client::builder()
-            .use_preconfigured_tls((*shared.tls()?).clone())
+            .use_preconfigured_tls((*keys.tls()?).clone())
             .http1_only()
             .http1_title_case_headers()
             .redirect(reqwest::redirect::Policy::none())
@@ -223,7 +265,17 @@ impl HttpClient {
             .user_agent(concat!("mailnode/", env!("CARGO_PKG_VERSION")))
             .build()
             .map_err(|e| crate::error_text(&e))?;
-        Ok(HttpClient { client, shared })
+        Ok(HttpClient {
+            client,
+            shared,
+            keys,
+        })
+    }
+
+    /// False once the keys were read again: a client made now would trust
+    /// the new roots (its pool's connections were made with the old ones).
+    pub fn is_current(&self) -> bool {
+        Arc::ptr_eq(&self.keys, &self.shared.keys())
     }
 
     /// POSTs delivery `index` of `env`, whose message is at `body_path`.
@@ -258,12 +310,12 @@ impl HttpClient {
                 &prefix,
                 body_path,
                 body_len,
-                self.shared.secret.as_ref(),
+                self.keys.secret.as_ref(),
                 &signed_prefix,
             ))
         } else {
             let (prefix, path) = (prefix.clone(), body_path.to_path_buf());
-            let key = self.shared.secret.clone();
+            let key = self.keys.secret.clone();
             tokio::task::spawn_blocking(move || {
                 measure(&prefix, &path, body_len, key.as_ref(), &signed_prefix)
             })
@@ -792,5 +844,39 @@ mod tests {
         );
         std::fs::write(dir.path().join("key"), "s3cret\n").unwrap();
         assert!(HttpShared::new(&config(Some(setting("key")), None)).is_ok());
+    }
+
+    #[test]
+    fn a_reload_replaces_the_keys_and_a_failed_one_keeps_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key");
+        std::fs::write(&key, "one\n").unwrap();
+        let config = HttpConfig {
+            secret_file: Some(FileSetting {
+                path: key.clone(),
+                at: "mailnode.toml:3".into(),
+            }),
+            ..HttpConfig::default()
+        };
+        let shared = HttpShared::new(&config).unwrap();
+        let sign = |shared: &HttpShared| {
+            let keys = shared.keys();
+            let secret = keys.secret.as_ref().expect("a key");
+            hex(ring::hmac::sign(secret, b"m").as_ref())
+        };
+        let first = sign(&shared);
+        std::fs::write(&key, "two\n").unwrap();
+        assert!(shared.reload().unwrap());
+        let second = sign(&shared);
+        assert_ne!(first, second);
+        std::fs::write(&key, "").unwrap();
+        let e = shared.reload().err().unwrap().to_string();
+        assert!(e.starts_with("mailnode.toml:3: http.secret_file: "), "{e}");
+        assert_eq!(sign(&shared), second, "a failed reload kept the key");
+        // Nothing to read: the system's roots are read again all the same.
+        let bare = HttpShared::new(&HttpConfig::default()).unwrap();
+        let before = bare.keys();
+        assert!(!bare.reload().unwrap());
+        assert!(!Arc::ptr_eq(&before, &bare.keys()));
     }
 }
