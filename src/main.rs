@@ -553,7 +553,7 @@ fn serve(config: Config, config_file: Option<PathBuf>) -> anyhow::Result<()> {
                         ),
                     }
                     match node.reload_http() {
-                        Ok(true) => tracing::info!("SIGHUP: [http] secret_file and ca_file reloaded"),
+                        Ok(true) => tracing::info!("SIGHUP: [http] key and trusted roots reloaded"),
                         Ok(false) => {}
                         Err(e) => tracing::error!(
                             "SIGHUP: [http] files not reloaded, the old key and roots stay in force: {e}"

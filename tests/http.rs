@@ -427,7 +427,10 @@ fn no_proxy_is_taken_from_the_environment() {
         "all_proxy",
         "ALL_PROXY",
     ];
-    let env: Vec<(&str, &str)> = variables.iter().map(|v| (*v, proxy_url.as_str())).collect();
+    let mut env: Vec<(&str, &str)> = variables.iter().map(|v| (*v, proxy_url.as_str())).collect();
+    // A machine whose NO_PROXY names 127.0.0.1 would pass without the
+    // node's own refusal.
+    env.extend([("no_proxy", ""), ("NO_PROXY", "")]);
     let served = serve(&["-c", &config], dir.path(), &env);
     Client::connect(served.addr).send_message(
         "client",
@@ -481,7 +484,9 @@ fn sighup_reads_a_rotated_secret_and_a_new_ca_file_and_a_bad_secret_keeps_the_ol
     // Attempts go to the delivery workers in turn: once each has tried,
     // each has a client made with the old key and roots.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let untrusted = wait_for(Duration::from_secs(30), || {
+    // Retries come at most a second apart ([queue] retry_max).
+    let limit = Duration::from_secs(10 + 2 * workers as u64);
+    let untrusted = wait_for(limit, || {
         let shown = control_request(&socket, &json!({"cmd": "queue.show", "id": id}).to_string());
         let recipient = &shown["data"]["recipients"][0];
         let error = recipient["last_error"].as_str()?.to_string();
@@ -506,7 +511,7 @@ fn sighup_reads_a_rotated_secret_and_a_new_ca_file_and_a_bad_secret_keeps_the_ol
     };
     std::fs::write(&secret, "second-key\n").unwrap();
     std::fs::copy(&target_pki.ca, &ca_file).unwrap();
-    sighup_says("SIGHUP: [http] secret_file and ca_file reloaded", 1);
+    sighup_says("SIGHUP: [http] key and trusted roots reloaded", 1);
     control_request(&socket, &json!({"cmd": "queue.flush"}).to_string());
     let first = target.wait_for(1, Duration::from_secs(20));
     let signed_with = |request: &Request, key: &str| {

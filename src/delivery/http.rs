@@ -68,6 +68,8 @@ pub enum HttpSetupError {
         path: std::path::PathBuf,
         why: String,
     },
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// What every delivery worker's client shares: the settings, the key, the
@@ -89,8 +91,9 @@ pub struct HttpShared {
 struct HttpKeys {
     secret: Option<ring::hmac::Key>,
     extra_roots: Vec<CertificateDer<'static>>,
-    /// Built at the first HTTPS delivery: reading the system's roots costs
-    /// a `runq` or an `inetd` session that posts nothing.
+    /// Built at the first HTTP delivery (or by a reload), not at start:
+    /// reading the system's roots would cost a `runq` or an `inetd` session
+    /// that posts nothing.
     tls: OnceLock<Result<Arc<rustls::ClientConfig>, String>>,
 }
 
@@ -111,11 +114,15 @@ impl HttpShared {
 
     /// Reads `secret_file` and `ca_file` again (SIGHUP), and the system's
     /// trusted roots with them: a rotated key signs the next request, a
-    /// new root is trusted by the next connection. A file that cannot be
-    /// read leaves the old key and roots in force. False when `[http]` has
-    /// neither file (the system's roots are read again all the same).
+    /// new root is trusted by the next connection. If either file cannot
+    /// be read, both the old key and the old roots stay in force. False
+    /// when `[http]` has neither file (the system's roots are read again
+    /// all the same).
     pub fn reload(&self) -> Result<bool, HttpSetupError> {
         let keys = HttpKeys::read(self.secret_file.as_ref(), self.ca_file.as_ref())?;
+        // Now rather than at the next delivery: a failure keeps the old
+        // keys, and no delivery thread waits while the roots are read.
+        keys.tls().map_err(HttpSetupError::Tls)?;
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(keys);
         Ok(self.secret_file.is_some() || self.ca_file.is_some())
     }
@@ -236,7 +243,8 @@ pub fn host_of(url: &str) -> Option<String> {
 pub struct HttpClient {
     client: reqwest::Client,
     shared: Arc<HttpShared>,
-    /// The keys it was made with.
+    /// The keys it was made with: its pool's connections trust their
+    /// roots, so a reload that replaces them means a new client.
     keys: Arc<HttpKeys>,
 }
 
@@ -434,8 +442,12 @@ fn measure(
         // Exactly `len`: a read past it to find the end would cost a
         // system call more per delivery.
         let mut message = vec![0u8; len as usize];
-        file.read_exact(&mut message)
-            .map_err(|e| format!("cannot read the message: {e}"))?;
+        file.read_exact(&mut message).map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                format!("the queued message was cut short while being read (expected {len} bytes)")
+            }
+            _ => format!("cannot read the message: {e}"),
+        })?;
         let mut whole = BytesMut::with_capacity(prefix.len() + message.len() + message.len() / 16);
         extend_crlf(&mut whole, prefix);
         extend_crlf(&mut whole, &message);

@@ -677,7 +677,9 @@ impl HttpTarget {
             let meta: serde_json::Value = serde_json::from_slice(&text).expect("record");
             let body_file = self.records.path().join(format!("{n}.body"));
             found.push(Request {
-                client_port: meta["client_port"].as_u64().unwrap_or_default() as u16,
+                client_port: meta["client_port"]
+                    .as_u64()
+                    .expect("the client's port recorded") as u16,
                 path: meta["path"].as_str().unwrap_or_default().to_string(),
                 headers: meta["headers"]
                     .as_object()
