@@ -432,22 +432,10 @@ fn no_proxy_is_taken_from_the_environment() {
     // node's own refusal.
     env.extend([("no_proxy", ""), ("NO_PROXY", "")]);
     let served = serve(&["-c", &config], dir.path(), &env);
-    Client::connect(served.addr).send_message(
-        "client",
-        "alice@example.org",
-        "hook@example.org",
-        "Subject: direct\r\n\r\nx\r\n",
-    );
+    send_to_hook(served.addr, "direct");
     let requests = target.wait_for(1, Duration::from_secs(20));
     assert_eq!(requests[0].path, "/in");
-    assert!(
-        wait_for(Duration::from_secs(20), || queue_is_empty(
-            &dir.path().join("spool")
-        )
-        .then_some(()))
-        .is_some(),
-        "not removed after the 200"
-    );
+    spool_empties(dir.path(), "not removed after the 200");
     assert!(
         proxy.requests().is_empty(),
         "went through the proxy of the environment: {:?}",
@@ -472,15 +460,7 @@ fn sighup_reads_a_rotated_secret_and_a_new_ca_file_and_a_bad_secret_keeps_the_ol
     );
     let served = serve(&["-c", &config], dir.path(), &[]);
     let socket = dir.path().join("ctl.sock");
-    let submit = |subject: &str| {
-        Client::connect(served.addr).send_message(
-            "client",
-            "alice@example.org",
-            "hook@example.org",
-            &format!("Subject: {subject}\r\n\r\nx\r\n"),
-        )
-    };
-    let id = submit("untrusted at first");
+    let id = send_to_hook(served.addr, "untrusted at first");
     // Attempts go to the delivery workers in turn: once each has tried,
     // each has a client made with the old key and roots.
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -525,7 +505,7 @@ fn sighup_reads_a_rotated_secret_and_a_new_ca_file_and_a_bad_secret_keeps_the_ol
     // An empty key file is refused: the second key goes on signing.
     std::fs::write(&secret, "").unwrap();
     sighup_says("SIGHUP: [http] files not reloaded", 1);
-    submit("after a bad reload");
+    send_to_hook(served.addr, "after a bad reload");
     let both = target.wait_for(2, Duration::from_secs(20));
     assert_eq!(signed_with(&both[1], "second-key"), "True");
 }
@@ -703,6 +683,28 @@ fn queue_is_empty(spool: &Path) -> bool {
     std::fs::read_dir(spool.join("queue")).is_ok_and(|d| d.count() == 0)
 }
 
+/// Waits for the queue of a `serve` whose spool is under `dir` to empty.
+fn spool_empties(dir: &Path, why: &str) {
+    assert!(
+        wait_for(Duration::from_secs(20), || queue_is_empty(
+            &dir.join("spool")
+        )
+        .then_some(()))
+        .is_some(),
+        "{why}"
+    );
+}
+
+/// Sends a message with `subject` to `hook@` of the `serve` at `addr`.
+fn send_to_hook(addr: std::net::SocketAddr, subject: &str) -> String {
+    Client::connect(addr).send_message(
+        "client",
+        "alice@example.org",
+        "hook@example.org",
+        &format!("Subject: {subject}\r\n\r\nx\r\n"),
+    )
+}
+
 #[test]
 fn a_post_cut_off_by_kill_9_is_made_again_after_a_restart_with_the_same_delivery_id() {
     let target = HttpTarget::start(json!([{"hang": true}, {"status": 200}]));
@@ -713,12 +715,7 @@ fn a_post_cut_off_by_kill_9_is_made_again_after_a_restart_with_the_same_delivery
         "[http]\ntimeout = \"5m\"\n",
     );
     let first = serve(&["-c", &config], dir.path(), &[]);
-    let id = Client::connect(first.addr).send_message(
-        "client",
-        "alice@example.org",
-        "hook@example.org",
-        "Subject: at least once\r\n\r\nx\r\n",
-    );
+    let id = send_to_hook(first.addr, "at least once");
     // The POST is under way: the server has its headers and says nothing.
     wait_for(Duration::from_secs(20), || {
         (target.requests().len() == 1).then_some(())
@@ -739,14 +736,7 @@ fn a_post_cut_off_by_kill_9_is_made_again_after_a_restart_with_the_same_delivery
     let expected = format!("{id}.0");
     assert_eq!(requests[0].header("mailnode-delivery-id"), expected);
     assert_eq!(requests[1].header("mailnode-delivery-id"), expected);
-    assert!(
-        wait_for(Duration::from_secs(20), || queue_is_empty(
-            &dir.path().join("spool")
-        )
-        .then_some(()))
-        .is_some(),
-        "not removed after the 200"
-    );
+    spool_empties(dir.path(), "not removed after the 200");
     assert_eq!(target.requests().len(), 2, "posted a third time");
 }
 

@@ -283,7 +283,10 @@ impl HttpClient {
     /// False once the keys were read again: a client made now would trust
     /// the new roots (its pool's connections were made with the old ones).
     pub fn is_current(&self) -> bool {
-        Arc::ptr_eq(&self.keys, &self.shared.keys())
+        // Asked at every HTTP delivery: compared under the lock, without
+        // taking a reference of its own.
+        let keys = self.shared.keys.read().unwrap_or_else(|e| e.into_inner());
+        Arc::ptr_eq(&self.keys, &keys)
     }
 
     /// POSTs delivery `index` of `env`, whose message is at `body_path`.
